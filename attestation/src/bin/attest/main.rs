@@ -1,0 +1,3 @@
+//! `attest`: attestation diagnostics, like snpguest.
+
+fn main() {}

@@ -1,0 +1,296 @@
+//! The measurements policy: expected SHA-256 values per PCR index, each enforced or warn-only.
+//!
+//! JSON form: `{"<index>": {"expected": "<hex>", "warnOnly": bool}}`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A SHA-256 PCR value.
+pub type Digest = [u8; 32];
+
+/// Highest PCR index of a TPM 2.0 PCR bank.
+pub const MAX_PCR_INDEX: u32 = 23;
+
+/// One expected value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Measurement {
+    #[serde(with = "hex_digest")]
+    pub expected: Digest,
+    #[serde(rename = "warnOnly", default)]
+    pub warn_only: bool,
+}
+
+impl Measurement {
+    pub fn enforce(expected: Digest) -> Self {
+        Self {
+            expected,
+            warn_only: false,
+        }
+    }
+    pub fn warn_only(expected: Digest) -> Self {
+        Self {
+            expected,
+            warn_only: true,
+        }
+    }
+}
+
+/// Expected values by PCR index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Measurements(pub BTreeMap<u32, Measurement>);
+
+/// Why a measurements document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MeasurementsError {
+    #[error("measurements JSON is malformed: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("PCR index {index} is out of range (0..={MAX_PCR_INDEX})")]
+    IndexOutOfRange { index: u32 },
+    #[error("PCR index {0:?} is not a decimal number")]
+    BadIndex(String),
+    #[error("no measurements given: a policy with nothing to check would accept anything")]
+    Empty,
+    #[error("{} enforced PCR(s) differ: {}", .0.len(), MismatchList(.0))]
+    Mismatch(Vec<MeasurementMismatch>),
+}
+
+/// One PCR whose value differed from (or was missing against) the policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasurementMismatch {
+    pub index: u32,
+    pub expected: Digest,
+    /// `None` when the evidence did not contain this PCR at all.
+    pub found: Option<Digest>,
+    pub warn_only: bool,
+}
+
+impl fmt::Display for MeasurementMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.found {
+            Some(found) => write!(
+                f,
+                "PCR[{}]: expected {}, found {}",
+                self.index,
+                hex::encode(self.expected),
+                hex::encode(found)
+            ),
+            None => write!(
+                f,
+                "PCR[{}]: expected {}, not present in evidence",
+                self.index,
+                hex::encode(self.expected)
+            ),
+        }
+    }
+}
+
+struct MismatchList<'a>(&'a [MeasurementMismatch]);
+impl fmt::Display for MismatchList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, m) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{m}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The result of a comparison that did not fail: warn-only mismatches, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    pub warnings: Vec<MeasurementMismatch>,
+}
+
+impl Measurements {
+    /// Parses the JSON form and checks every index is a valid PCR index.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, MeasurementsError> {
+        let raw: BTreeMap<String, Measurement> = serde_json::from_slice(bytes)?;
+        let mut out = BTreeMap::new();
+        for (k, v) in raw {
+            let index: u32 = k
+                .parse()
+                .map_err(|_| MeasurementsError::BadIndex(k.clone()))?;
+            if index > MAX_PCR_INDEX {
+                return Err(MeasurementsError::IndexOutOfRange { index });
+            }
+            out.insert(index, v);
+        }
+        Ok(Self(out))
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("measurements always serialize")
+    }
+
+    /// Compares actual PCR values to the policy. Enforced mismatches (or enforced PCRs absent
+    /// from `actual`) fail; warn-only mismatches are returned as warnings. An empty policy is
+    /// rejected: it would accept any evidence.
+    pub fn check(
+        &self,
+        actual: &BTreeMap<u32, Digest>,
+    ) -> Result<PolicyOutcome, MeasurementsError> {
+        if self.0.is_empty() {
+            return Err(MeasurementsError::Empty);
+        }
+        let mut failures = Vec::new();
+        let mut warnings = Vec::new();
+        for (&index, m) in &self.0 {
+            let found = actual.get(&index).copied();
+            if found == Some(m.expected) {
+                continue;
+            }
+            let mismatch = MeasurementMismatch {
+                index,
+                expected: m.expected,
+                found,
+                warn_only: m.warn_only,
+            };
+            if m.warn_only {
+                warnings.push(mismatch);
+            } else {
+                failures.push(mismatch);
+            }
+        }
+        if failures.is_empty() {
+            Ok(PolicyOutcome { warnings })
+        } else {
+            Err(MeasurementsError::Mismatch(failures))
+        }
+    }
+
+    /// The PCR indices this policy looks at, for building a quote selection.
+    pub fn indices(&self) -> Vec<u32> {
+        self.0.keys().copied().collect()
+    }
+}
+
+impl Serialize for Measurements {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(&k.to_string(), v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Measurements {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw: BTreeMap<String, Measurement> = BTreeMap::deserialize(d)?;
+        let mut out = BTreeMap::new();
+        for (k, v) in raw {
+            let index: u32 = k.parse().map_err(|_| {
+                serde::de::Error::custom(format!("PCR index {k:?} is not a decimal number"))
+            })?;
+            if index > MAX_PCR_INDEX {
+                return Err(serde::de::Error::custom(format!(
+                    "PCR index {index} is out of range"
+                )));
+            }
+            out.insert(index, v);
+        }
+        Ok(Self(out))
+    }
+}
+
+/// Serde helper: a 32-byte digest as lowercase hex.
+pub mod hex_digest {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let v =
+            hex::decode(&s).map_err(|e| serde::de::Error::custom(format!("bad hex {s:?}: {e}")))?;
+        v.try_into().map_err(|v: Vec<u8>| {
+            serde::de::Error::custom(format!("expected 32 bytes, got {}", v.len()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(b: u8) -> Digest {
+        [b; 32]
+    }
+
+    #[test]
+    fn json_round_trip_and_index_checks() {
+        let json = format!(
+            r#"{{"4": {{"expected": "{}", "warnOnly": false}}, "9": {{"expected": "{}", "warnOnly": true}}}}"#,
+            hex::encode(d(4)),
+            hex::encode(d(9))
+        );
+        let m = Measurements::from_json(json.as_bytes()).unwrap();
+        assert_eq!(m.0[&4], Measurement::enforce(d(4)));
+        assert_eq!(m.0[&9], Measurement::warn_only(d(9)));
+        assert_eq!(Measurements::from_json(m.to_json().as_bytes()).unwrap(), m);
+
+        let bad = format!(r#"{{"24": {{"expected": "{}"}}}}"#, hex::encode(d(1)));
+        assert!(matches!(
+            Measurements::from_json(bad.as_bytes()),
+            Err(MeasurementsError::IndexOutOfRange { index: 24 })
+        ));
+        let bad = format!(r#"{{"x": {{"expected": "{}"}}}}"#, hex::encode(d(1)));
+        assert!(matches!(
+            Measurements::from_json(bad.as_bytes()),
+            Err(MeasurementsError::BadIndex(_))
+        ));
+        let short = r#"{"1": {"expected": "abcd"}}"#;
+        assert!(matches!(
+            Measurements::from_json(short.as_bytes()),
+            Err(MeasurementsError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn enforced_mismatch_fails_warn_only_warns() {
+        let mut m = Measurements::default();
+        m.0.insert(4, Measurement::enforce(d(4)));
+        m.0.insert(9, Measurement::warn_only(d(9)));
+        let mut actual = BTreeMap::from([(4, d(4)), (9, d(9))]);
+        assert_eq!(m.check(&actual).unwrap(), PolicyOutcome::default());
+
+        actual.insert(9, d(0));
+        let out = m.check(&actual).unwrap();
+        assert_eq!(out.warnings.len(), 1);
+        assert_eq!(out.warnings[0].index, 9);
+        assert_eq!(out.warnings[0].found, Some(d(0)));
+
+        actual.insert(4, d(1));
+        match m.check(&actual) {
+            Err(MeasurementsError::Mismatch(f)) => {
+                assert_eq!(f.len(), 1);
+                assert_eq!(
+                    (f[0].index, f[0].expected, f[0].found),
+                    (4, d(4), Some(d(1)))
+                );
+            }
+            other => panic!("expected mismatch, got {other:?}"),
+        }
+
+        actual.remove(&4);
+        match m.check(&actual) {
+            Err(MeasurementsError::Mismatch(f)) => assert_eq!(f[0].found, None),
+            other => panic!("expected missing PCR to fail, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_policy_rejects() {
+        assert!(matches!(
+            Measurements::default().check(&BTreeMap::new()),
+            Err(MeasurementsError::Empty)
+        ));
+    }
+}
