@@ -1,1 +1,26 @@
-//! Placeholder.
+//! Generated gRPC code, one module per protocol (see `proto/`).
+//! Every request carries a `version` so later changes stay compatible.
+
+/// The protocol version these messages describe.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[allow(clippy::all, missing_docs)]
+pub mod init {
+    tonic::include_proto!("constellation.init.v1");
+}
+#[allow(clippy::all, missing_docs)]
+pub mod join {
+    tonic::include_proto!("constellation.join.v1");
+}
+#[allow(clippy::all, missing_docs)]
+pub mod keyservice {
+    tonic::include_proto!("constellation.keyservice.v1");
+}
+#[allow(clippy::all, missing_docs)]
+pub mod verify {
+    tonic::include_proto!("constellation.verify.v1");
+}
+#[allow(clippy::all, missing_docs)]
+pub mod recover {
+    tonic::include_proto!("constellation.recover.v1");
+}
