@@ -1,6 +1,10 @@
 //! Attestation variants: one module per variant, each with its issuer (node side) and its
 //! validator (verifier side), selected by [`Variant`] with stable string names.
 
+pub mod aws_sev_snp;
+pub mod azure_sev_snp;
+pub mod qemu_vtpm;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;

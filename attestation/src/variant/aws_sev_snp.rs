@@ -1,0 +1,1 @@
+//! Variant `aws-sev-snp` (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Variant `azure-sev-snp` (placeholder: being written).

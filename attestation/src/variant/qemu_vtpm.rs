@@ -1,0 +1,1 @@
+//! Variant `qemu-vtpm` (placeholder: being written).
