@@ -72,7 +72,7 @@ build: install
 test: install build
 	$(CARGO) test --workspace --locked --no-fail-fast
 
-lint:
+lint: install
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
