@@ -216,6 +216,29 @@ pub mod hex_digest {
     }
 }
 
+/// A TPM PCR extend in the SHA-256 bank: `new = SHA-256(old || event_digest)`.
+pub fn pcr_extend(old: &Digest, event_digest: &Digest) -> Digest {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    h.update(old);
+    h.update(event_digest);
+    h.finalize().into()
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> Digest {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(data).into()
+}
+
+/// PCR 15 after one extend with the event "cluster ID": SHA-256(0^32 || SHA-256(cluster ID)).
+pub fn cluster_id_pcr(cluster_id: &[u8]) -> Digest {
+    pcr_extend(&[0u8; 32], &sha256(cluster_id))
+}
+
+/// The PCR that binds a node to its cluster (extended with the cluster ID at init/join).
+pub const CLUSTER_ID_PCR: u32 = 15;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,26 +317,3 @@ mod tests {
         ));
     }
 }
-
-/// A TPM PCR extend in the SHA-256 bank: `new = SHA-256(old || event_digest)`.
-pub fn pcr_extend(old: &Digest, event_digest: &Digest) -> Digest {
-    use sha2::{Digest as _, Sha256};
-    let mut h = Sha256::new();
-    h.update(old);
-    h.update(event_digest);
-    h.finalize().into()
-}
-
-/// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> Digest {
-    use sha2::{Digest as _, Sha256};
-    Sha256::digest(data).into()
-}
-
-/// PCR 15 after one extend with the event "cluster ID": SHA-256(0^32 || SHA-256(cluster ID)).
-pub fn cluster_id_pcr(cluster_id: &[u8]) -> Digest {
-    pcr_extend(&[0u8; 32], &sha256(cluster_id))
-}
-
-/// The PCR that binds a node to its cluster (extended with the cluster ID at init/join).
-pub const CLUSTER_ID_PCR: u32 = 15;

@@ -1,4 +1,9 @@
 //! The bootstrapper: the node daemon that initializes or joins a cluster.
 
+pub mod controlplane;
+pub mod init;
 pub mod kubernetes;
+pub mod node;
+pub mod policy;
+pub mod state;
 pub mod statedisk;

@@ -7,6 +7,10 @@ use crate::secret::SecretBytes;
 
 /// Key ID of the cluster ID, derived from the measurement secret and salt.
 pub const CLUSTER_ID_KEY_ID: &str = "clusterID";
+/// Key ID of the measurement secret, derived from the master secret and salt.
+pub const MEASUREMENT_SECRET_KEY_ID: &str = "measurementSecret";
+/// Key ID of the owner ID, derived from the measurement secret and salt.
+pub const OWNER_ID_KEY_ID: &str = "ownerID";
 /// Default length of a derived key.
 pub const DEFAULT_KEY_LEN: usize = 32;
 /// Largest key HKDF-SHA256 can produce (255 blocks of 32 bytes).
@@ -44,6 +48,21 @@ pub fn derive_key(
 /// The cluster ID: HKDF(measurement secret, measurement salt, "key-clusterID"), 32 bytes.
 pub fn cluster_id(measurement_secret: &[u8], measurement_salt: &[u8]) -> [u8; 32] {
     let k = derive_key(measurement_secret, measurement_salt, CLUSTER_ID_KEY_ID, 32)
+        .expect("32 is a valid length");
+    let mut out = [0u8; 32];
+    out.copy_from_slice(k.expose());
+    out
+}
+
+/// The measurement secret: HKDF(master secret, master salt, "key-measurementSecret").
+pub fn measurement_secret(master_secret: &[u8], master_salt: &[u8]) -> SecretBytes {
+    derive_key(master_secret, master_salt, MEASUREMENT_SECRET_KEY_ID, 32)
+        .expect("32 is a valid length")
+}
+
+/// The owner ID: HKDF(measurement secret, measurement salt, "key-ownerID"), 32 bytes.
+pub fn owner_id(measurement_secret: &[u8], measurement_salt: &[u8]) -> [u8; 32] {
+    let k = derive_key(measurement_secret, measurement_salt, OWNER_ID_KEY_ID, 32)
         .expect("32 is a valid length");
     let mut out = [0u8; 32];
     out.copy_from_slice(k.expose());

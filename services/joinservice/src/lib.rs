@@ -1,1 +1,15 @@
-//! Placeholder.
+//! The join service: admits attested nodes and issues their join tickets (disk key, bootstrap
+//! token, kubelet certificate and, for control-plane nodes, the shared CA material).
+//!
+//! Everything here is a library without network: the bootstrapper wires it behind aTLS and
+//! inserts the attested peer ([`ticket::AttestedPeer`]) into each request's extensions.
+
+pub mod collateral;
+pub mod pki;
+pub mod ticket;
+pub mod token;
+
+pub use collateral::{CollateralCache, CollateralFetcher};
+pub use pki::{ClusterPki, NodeIdentity, NodeRole};
+pub use ticket::{AttestedPeer, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory};
+pub use token::{BootstrapToken, TokenRegistry};

@@ -1,1 +1,21 @@
-//! Placeholder.
+//! The key service: data keys derived from the cluster's master secret.
+//!
+//! - [`master`]: the master secret and the [`MasterSecretBackend`] trait (where it comes from);
+//!   backends [`cluster::ClusterManagedBackend`] (a 0600 file on the state disk) and
+//!   [`kmip::KmipBackend`] (wrapped by a KEK in an external KMS reached over KMIP).
+//! - [`service`]: the gRPC `KeyService` (`GetDataKey` = HKDF as in `constellation_common::kdf`)
+//!   and [`serve`], reachable only over mutual TLS.
+//! - [`tls`]: reusable rustls plumbing for tonic (server incoming stream, client connector) and
+//!   the mutual-TLS config builders.
+//! - `testing` (feature `testing`): a small rcgen PKI and a real PyKMIP server launcher.
+
+pub mod cluster;
+pub mod kmip;
+pub mod master;
+pub mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod tls;
+
+pub use master::{BackendError, MasterSecret, MasterSecretBackend};
+pub use service::{serve, KeyService, ServeError};

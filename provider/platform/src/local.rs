@@ -1,0 +1,446 @@
+//! The local platform: every node is a detached bootstrapper process with its own detached
+//! swtpm, its own folder under the cluster folder, and its own loopback address (127.a.b.c), on
+//! which it serves the well-known node ports.
+//!
+//! Files under the cluster folder:
+//! - `platform.json`: what the launcher recorded (pids, TPM ports, addresses, pinned AKs);
+//! - `metadata.json`: what nodes read through the `Metadata` seam (no pids, no secrets: the init
+//!   secret appears only as its Argon2id hash);
+//! - `nodes/<name>/{tpm,state,bootstrapper.log}`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use constellation_attestation::tpm::{AkKind, Swtpm, SwtpmHandle, Tpm, TpmError};
+use constellation_common::metadata::{
+    ports, ClusterMetadata, FileMetadata, MetadataError, NodeInfo, Role,
+};
+use constellation_image::{boot_events, ImageError, LocalImage};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use crate::{process, Cloud};
+
+const STATE_FILE: &str = "platform.json";
+const METADATA_FILE: &str = "metadata.json";
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a platform operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: malformed platform state: {source}")]
+    State {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("node {node}: TPM: {source}")]
+    Tpm { node: String, source: TpmError },
+    #[error("image: {0}")]
+    Image(#[from] ImageError),
+    #[error("metadata: {0}")]
+    Metadata(#[from] MetadataError),
+    #[error("node {node}: the TPM's attestation key changed (pinned {pinned}, now {found}); refusing to boot it")]
+    AkChanged {
+        node: String,
+        pinned: String,
+        found: String,
+    },
+    #[error("node {node} did not come up within {timeout:?}; last log lines:\n{log}")]
+    NodeStart {
+        node: String,
+        timeout: Duration,
+        log: String,
+    },
+    #[error("no node named {0}")]
+    UnknownNode(String),
+    #[error("no free loopback address found for a new node")]
+    NoAddress,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PlatformError + '_ {
+    move |source| PlatformError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One node as the launcher recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub role: Role,
+    pub ip: IpAddr,
+    pub dir: PathBuf,
+    /// The bootstrapper's pid (0 when not running).
+    pub pid: u32,
+    pub swtpm: Option<SwtpmHandle>,
+    /// Pinned attestation key, SubjectPublicKeyInfo DER as hex.
+    pub ak_spki_hex: String,
+    /// The image this node booted (normally the cluster's; tests boot other images).
+    pub image_dir: PathBuf,
+}
+
+impl NodeRecord {
+    /// `host:port` of one of the node's well-known ports.
+    pub fn endpoint(&self, port: u16) -> String {
+        SocketAddr::new(self.ip, port).to_string()
+    }
+
+    fn marker(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// The bootstrapper process runs.
+    pub fn bootstrapper_alive(&self) -> bool {
+        self.pid != 0 && process::running(self.pid, &self.marker())
+    }
+
+    /// Both the bootstrapper and its TPM run.
+    pub fn is_alive(&self) -> bool {
+        self.bootstrapper_alive() && self.swtpm.as_ref().is_some_and(SwtpmHandle::is_alive)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("bootstrapper.log")
+    }
+
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.name.clone(),
+            role: self.role,
+            ip: self.ip,
+            ak_spki_hex: self.ak_spki_hex.clone(),
+        }
+    }
+}
+
+/// Cluster-wide settings the platform publishes to nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    pub cluster_name: String,
+    pub init_secret_hash: String,
+    pub attestation_variant: String,
+    pub measurements_json: String,
+    pub image_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PlatformState {
+    settings: ClusterSettings,
+    next_index: u32,
+    nodes: Vec<NodeRecord>,
+}
+
+/// The local platform for one cluster folder.
+#[derive(Debug)]
+pub struct LocalCloud {
+    root: PathBuf,
+    state: PlatformState,
+}
+
+impl LocalCloud {
+    /// Prepares a new cluster folder (no node started yet).
+    pub fn create(root: &Path, settings: ClusterSettings) -> Result<Self, PlatformError> {
+        std::fs::create_dir_all(root.join("nodes")).map_err(io_err(root))?;
+        let cloud = Self {
+            root: root.to_owned(),
+            state: PlatformState {
+                settings,
+                next_index: 0,
+                nodes: Vec::new(),
+            },
+        };
+        cloud.save()?;
+        Ok(cloud)
+    }
+
+    /// Opens an existing cluster folder.
+    pub fn open(root: &Path) -> Result<Self, PlatformError> {
+        let path = root.join(STATE_FILE);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let state = serde_json::from_slice(&bytes)
+            .map_err(|source| PlatformError::State { path, source })?;
+        Ok(Self {
+            root: root.to_owned(),
+            state,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.state.settings
+    }
+
+    pub fn metadata_path(&self) -> PathBuf {
+        self.root.join(METADATA_FILE)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeRecord> {
+        self.state.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Changes cluster-wide settings (e.g. new measurements) and republishes the metadata.
+    pub fn update_settings(
+        &mut self,
+        f: impl FnOnce(&mut ClusterSettings),
+    ) -> Result<(), PlatformError> {
+        f(&mut self.state.settings);
+        self.save()
+    }
+
+    fn save(&self) -> Result<(), PlatformError> {
+        let path = self.root.join(STATE_FILE);
+        let tmp = self.root.join(format!("{STATE_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(&self.state).expect("platform state serializes");
+        std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        let s = &self.state.settings;
+        let metadata = ClusterMetadata {
+            cluster_name: s.cluster_name.clone(),
+            init_secret_hash: s.init_secret_hash.clone(),
+            attestation_variant: s.attestation_variant.clone(),
+            measurements_json: s.measurements_json.clone(),
+            nodes: self.state.nodes.iter().map(NodeRecord::info).collect(),
+        };
+        FileMetadata::write(&self.metadata_path(), &metadata)?;
+        Ok(())
+    }
+
+    /// Adds a node record (not started) with a fresh name, folder and loopback address.
+    fn add_node(&mut self, role: Role, image_dir: &Path) -> Result<NodeRecord, PlatformError> {
+        let index = self.state.next_index;
+        self.state.next_index += 1;
+        let name = format!(
+            "{}-{}-{index}",
+            self.state.settings.cluster_name,
+            role.as_str()
+        );
+        let dir = self.root.join("nodes").join(&name);
+        std::fs::create_dir_all(dir.join("state")).map_err(io_err(&dir))?;
+        let taken: Vec<IpAddr> = self.state.nodes.iter().map(|n| n.ip).collect();
+        let ip = free_loopback_address(&taken)?;
+        let record = NodeRecord {
+            name,
+            role,
+            ip,
+            dir,
+            pid: 0,
+            swtpm: None,
+            ak_spki_hex: String::new(),
+            image_dir: image_dir.to_owned(),
+        };
+        self.state.nodes.push(record.clone());
+        Ok(record)
+    }
+
+    /// Creates and boots one node from `image_dir` (tests use other images than the cluster's).
+    pub fn create_node_from_image(
+        &mut self,
+        role: Role,
+        image_dir: &Path,
+    ) -> Result<NodeRecord, PlatformError> {
+        let record = self.add_node(role, image_dir)?;
+        self.boot(&record.name)
+    }
+
+    /// Boots (or reboots) a node: fresh TPM power cycle, measured boot, bootstrapper start.
+    /// The node keeps its folder, TPM state, address and pinned AK.
+    pub fn boot(&mut self, name: &str) -> Result<NodeRecord, PlatformError> {
+        self.halt(name)?;
+        let mut record = self
+            .node(name)
+            .cloned()
+            .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
+        let image = LocalImage::open(&record.image_dir)?;
+        let tpm_err = |source| PlatformError::Tpm {
+            node: record.name.clone(),
+            source,
+        };
+
+        let swtpm = Swtpm::spawn_detached(&record.dir.join("tpm")).map_err(tpm_err)?;
+        record.swtpm = Some(swtpm.clone());
+        self.replace(record.clone())?;
+
+        // Measured boot: what firmware and boot loader would extend before the OS runs.
+        let binary =
+            std::fs::read(image.bootstrapper_path()).map_err(io_err(&image.bootstrapper_path()))?;
+        let manifest =
+            std::fs::read(image.manifest_path()).map_err(io_err(&image.manifest_path()))?;
+        let ak_hex = {
+            let mut tpm = Tpm::open(&swtpm.tcti()).map_err(tpm_err)?;
+            let ak = tpm.attestation_key(AkKind::EcdsaP256).map_err(tpm_err)?;
+            for (index, event) in boot_events(&binary, &manifest) {
+                tpm.pcr_extend(index, &event).map_err(tpm_err)?;
+            }
+            hex::encode(ak.to_spki_der())
+        };
+        if record.ak_spki_hex.is_empty() {
+            record.ak_spki_hex = ak_hex;
+        } else if record.ak_spki_hex != ak_hex {
+            return Err(PlatformError::AkChanged {
+                node: record.name.clone(),
+                pinned: record.ak_spki_hex,
+                found: ak_hex,
+            });
+        }
+        self.replace(record.clone())?;
+
+        let args = vec![
+            "--name".to_owned(),
+            record.name.clone(),
+            "--node-dir".to_owned(),
+            record.dir.display().to_string(),
+            "--metadata".to_owned(),
+            self.metadata_path().display().to_string(),
+            "--tcti".to_owned(),
+            swtpm.tcti(),
+        ];
+        let log_filter =
+            std::env::var("CONSTELLATION_NODE_LOG").unwrap_or_else(|_| "info".to_owned());
+        record.pid = process::spawn_detached(
+            &image.bootstrapper_path(),
+            &args,
+            &record.log_path(),
+            &[("RUST_LOG", log_filter)],
+        )
+        .map_err(io_err(&image.bootstrapper_path()))?;
+        self.replace(record.clone())?;
+        tracing::info!(node = %record.name, ip = %record.ip, pid = record.pid, "node booted");
+
+        // The node is up once its verification service answers.
+        let deadline = Instant::now() + START_TIMEOUT;
+        let verify = SocketAddr::new(record.ip, ports::VERIFY);
+        while TcpStream::connect_timeout(&verify, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline || !record.bootstrapper_alive() {
+                return Err(PlatformError::NodeStart {
+                    node: record.name.clone(),
+                    timeout: START_TIMEOUT,
+                    log: process::log_tail(&record.log_path(), 20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(record)
+    }
+
+    /// Stops a node's bootstrapper and TPM (power off); keeps its folder and records.
+    pub fn halt(&mut self, name: &str) -> Result<(), PlatformError> {
+        let mut record = self
+            .node(name)
+            .cloned()
+            .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
+        if record.pid != 0 {
+            process::stop(record.pid, &record.marker(), Signal::SIGTERM, STOP_GRACE);
+        }
+        if let Some(swtpm) = &record.swtpm {
+            swtpm.stop().map_err(|source| PlatformError::Tpm {
+                node: record.name.clone(),
+                source,
+            })?;
+        }
+        record.pid = 0;
+        record.swtpm = None;
+        self.replace(record)
+    }
+
+    /// Kills a node's bootstrapper abruptly (SIGKILL), as a crash would; the TPM keeps running.
+    pub fn crash(&mut self, name: &str) -> Result<(), PlatformError> {
+        let record = self
+            .node(name)
+            .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
+        process::stop(
+            record.pid,
+            &record.marker(),
+            Signal::SIGKILL,
+            Duration::from_secs(1),
+        );
+        Ok(())
+    }
+
+    fn replace(&mut self, record: NodeRecord) -> Result<(), PlatformError> {
+        if let Some(slot) = self.state.nodes.iter_mut().find(|n| n.name == record.name) {
+            *slot = record;
+        }
+        self.save()
+    }
+
+    /// Stops every node and removes the cluster folder.
+    pub fn destroy(mut self) -> Result<(), PlatformError> {
+        let names: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
+        for name in names {
+            self.halt(&name)?;
+        }
+        std::fs::remove_dir_all(&self.root).map_err(io_err(&self.root))
+    }
+}
+
+impl Cloud for LocalCloud {
+    fn create_nodes(&mut self, role: Role, count: usize) -> Result<Vec<NodeRecord>, PlatformError> {
+        let image = self.state.settings.image_dir.clone();
+        (0..count)
+            .map(|_| self.create_node_from_image(role, &image))
+            .collect()
+    }
+
+    fn list_nodes(&self) -> Vec<NodeRecord> {
+        self.state.nodes.clone()
+    }
+
+    fn delete_node(&mut self, name: &str) -> Result<(), PlatformError> {
+        self.halt(name)?;
+        let record = self
+            .node(name)
+            .cloned()
+            .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
+        self.state.nodes.retain(|n| n.name != name);
+        self.save()?;
+        std::fs::remove_dir_all(&record.dir).map_err(io_err(&record.dir))
+    }
+
+    fn init_endpoint(&self) -> Option<String> {
+        self.state
+            .nodes
+            .iter()
+            .find(|n| n.role == Role::ControlPlane)
+            .map(|n| n.endpoint(ports::BOOTSTRAPPER))
+    }
+}
+
+/// A loopback address (127.a.b.c, outside 127.0.0.0/16) on which every node port is free.
+fn free_loopback_address(taken: &[IpAddr]) -> Result<IpAddr, PlatformError> {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..200 {
+        let ip = IpAddr::V4(Ipv4Addr::new(
+            127,
+            rng.gen_range(1..=254),
+            rng.gen_range(0..=255),
+            rng.gen_range(1..=254),
+        ));
+        if taken.contains(&ip) {
+            continue;
+        }
+        let all_free = [
+            ports::BOOTSTRAPPER,
+            ports::KEY_SERVICE,
+            ports::VERIFY,
+            ports::JOIN,
+        ]
+        .iter()
+        .all(|&p| TcpListener::bind(SocketAddr::new(ip, p)).is_ok());
+        if all_free {
+            return Ok(ip);
+        }
+    }
+    Err(PlatformError::NoAddress)
+}

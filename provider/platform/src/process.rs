@@ -1,0 +1,85 @@
+//! Detached node processes: started in their own process group so they outlive the launcher,
+//! identified later by pid *and* command line (a reused pid is not mistaken for the node).
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// True if `pid` runs (not a zombie) and its command line contains `marker`.
+pub fn running(pid: u32, marker: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    if !String::from_utf8_lossy(&cmdline).contains(marker) {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state letter follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// Starts `program args` detached (own process group, stdin closed, output appended to `log`)
+/// and returns its pid. A thread reaps it if it exits while the launcher still runs.
+pub fn spawn_detached(
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    env: &[(&str, String)],
+) -> std::io::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let out = OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(pid)
+}
+
+/// Sends `signal` to `pid` if it still is the process identified by `marker`, then waits (up to
+/// `grace`) for it to go; escalates to SIGKILL.
+pub fn stop(pid: u32, marker: &str, signal: Signal, grace: Duration) {
+    if !running(pid, marker) {
+        return;
+    }
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let _ = kill(Pid::from_raw(raw), signal);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !running(pid, marker) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running(pid, marker) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The last `n` lines of a log file, for error messages about a node that died at start.
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

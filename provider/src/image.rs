@@ -1,0 +1,572 @@
+//! Resource `constellation_image`: assembles a node image and exposes its expected
+//! measurements, which the cluster resource checks every node's attestation against.
+//!
+//! Read policy: a missing image folder removes the resource from state (the next plan
+//! recreates it); an image whose files disagree with its manifest is an error, because
+//! silently rebuilding over a tampered image would hide the tampering.
+
+use std::path::{Path, PathBuf};
+
+use constellation_attestation::measurements::{sha256, Measurements};
+use constellation_image::{ImageError, LocalImage, BOOTSTRAPPER_FILE, MANIFEST_FILE};
+
+use crate::decode::Decoder;
+use crate::diag::{AttrPath, Diagnostic, Diagnostics};
+use crate::plan::{self, Planned};
+use crate::resource::{ApplyRequest, BoxFuture, PlanRequest, Resource, StateOutcome};
+use crate::schema::{Attribute, Block, Type};
+use crate::value::Value;
+
+/// Environment variable naming the default bootstrapper binary.
+pub const BOOTSTRAPPER_ENV: &str = "CONSTELLATION_BOOTSTRAPPER";
+/// Default image folder, relative to Terraform's working directory: `<this>/<version>`.
+pub const DEFAULT_IMAGE_ROOT: &str = ".constellation/images";
+
+/// The platforms a `platform` attribute may name, and whether they work yet.
+pub fn check_platform(platform: &str) -> Result<(), String> {
+    match platform {
+        "local" => Ok(()),
+        "qemu" | "azure" | "gcp" => Err(format!(
+            "platform {platform:?} is not supported yet; supported: \"local\""
+        )),
+        other => Err(format!(
+            "unknown platform {other:?}; known platforms: \"local\" (supported), \"qemu\", \
+             \"azure\", \"gcp\" (not supported yet)"
+        )),
+    }
+}
+
+/// The cty type of a measurements map: PCR index → {expected, warn_only}.
+pub fn measurements_type() -> Type {
+    Type::Map(Box::new(Type::Object(vec![
+        ("expected", Type::String),
+        ("warn_only", Type::Bool),
+    ])))
+}
+
+pub fn measurements_to_value(m: &Measurements) -> Value {
+    Value::Map(
+        m.0.iter()
+            .map(|(index, m)| {
+                (
+                    index.to_string(),
+                    Value::object([
+                        ("expected", Value::string(hex::encode(m.expected))),
+                        ("warn_only", Value::Bool(m.warn_only)),
+                    ]),
+                )
+            })
+            .collect(),
+    )
+}
+
+pub struct ImageResource {
+    schema: Block,
+}
+
+impl Default for ImageResource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ImageResource {
+    pub fn new() -> Self {
+        let schema = Block {
+            version: 0,
+            description: "A Constellation node image and its expected measurements.",
+            attributes: vec![
+                Attribute::required(
+                    "platform",
+                    Type::String,
+                    "Platform the image is for. Only `local` is supported now.",
+                )
+                .forces_replacement(),
+                Attribute::required("version", Type::String, "Image version, e.g. `v0.1.0`.")
+                    .forces_replacement(),
+                Attribute::optional_computed(
+                    "bootstrapper_path",
+                    Type::String,
+                    "Bootstrapper binary to put into the image. Default: `$CONSTELLATION_BOOTSTRAPPER`, \
+                     else `constellation-bootstrapper` next to the provider binary. A change of the \
+                     binary's content forces replacement; a new path to identical content does not.",
+                ),
+                Attribute::optional_computed(
+                    "image_dir",
+                    Type::String,
+                    "Folder the image is assembled in. Default: `.constellation/images/<version>` \
+                     under the Terraform working directory.",
+                )
+                .forces_replacement(),
+                Attribute::computed("id", Type::String, "Same as `reference`."),
+                Attribute::computed(
+                    "reference",
+                    Type::String,
+                    "Absolute path of the image folder; pass it to `constellation_cluster.image.reference`.",
+                ),
+                Attribute::computed(
+                    "bootstrapper_sha256",
+                    Type::String,
+                    "SHA-256 (hex) of the bootstrapper inside the image.",
+                ),
+                Attribute::computed(
+                    "measurements",
+                    measurements_type(),
+                    "Expected measurements: PCR index → `{expected = hex, warn_only = bool}`.",
+                ),
+            ],
+        };
+        Self { schema }
+    }
+}
+
+fn path(name: &str) -> AttrPath {
+    AttrPath::attr(&[name])
+}
+
+/// The default bootstrapper: `$CONSTELLATION_BOOTSTRAPPER`, else the sibling binary.
+fn default_bootstrapper() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(BOOTSTRAPPER_ENV).filter(|p| !p.is_empty()) {
+        return Some(absolute(Path::new(&p)));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let sibling = exe.parent()?.join("constellation-bootstrapper");
+    sibling.is_file().then_some(sibling)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+fn default_image_dir(version: &str) -> PathBuf {
+    absolute(&Path::new(DEFAULT_IMAGE_ROOT).join(version))
+}
+
+fn check_version(v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v != "."
+        && v != ".."
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "version {v:?} must be non-empty and use only letters, digits, '.', '-', '_', '+' \
+             (it names the image folder)"
+        ))
+    }
+}
+
+fn hash_file(p: &str) -> Result<String, String> {
+    std::fs::read(p)
+        .map(|b| hex::encode(sha256(&b)))
+        .map_err(|e| format!("cannot read bootstrapper {p:?}: {e}"))
+}
+
+/// The inputs of an image, all known.
+struct ImageInputs {
+    version: String,
+    bootstrapper_path: String,
+    image_dir: String,
+}
+
+impl ImageResource {
+    /// Decodes and checks the inputs; `None` with no error when some are unknown.
+    fn decode(&self, v: &Value, d: &mut Decoder) -> Option<ImageInputs> {
+        let platform = d.req_string(v.get("platform"), &path("platform"));
+        if let Some(p) = &platform {
+            d.check(check_platform(p), &path("platform"), "Unsupported platform");
+        }
+        let version = d.req_string(v.get("version"), &path("version"));
+        if let Some(ver) = &version {
+            d.check(
+                check_version(ver),
+                &path("version"),
+                "Invalid image version",
+            );
+        }
+        let bootstrapper_path =
+            d.opt_string(v.get("bootstrapper_path"), &path("bootstrapper_path"));
+        let image_dir = d.opt_string(v.get("image_dir"), &path("image_dir"));
+        for (name, p) in [
+            ("bootstrapper_path", &bootstrapper_path),
+            ("image_dir", &image_dir),
+        ] {
+            if let Some(Some(p)) = p {
+                if p.is_empty() {
+                    d.error(
+                        &path(name),
+                        "Empty path",
+                        format!("{name} must not be empty"),
+                    );
+                }
+            }
+        }
+        let (version, bootstrapper_path, image_dir) = (version?, bootstrapper_path?, image_dir?);
+        platform?;
+        Some(ImageInputs {
+            bootstrapper_path: bootstrapper_path?,
+            image_dir: image_dir
+                .unwrap_or_else(|| default_image_dir(&version).display().to_string()),
+            version,
+        })
+    }
+
+    /// State of an assembled image; `image_dir` is kept as the user wrote it.
+    fn state_of(&self, image: &LocalImage, bootstrapper_path: Value, image_dir: Value) -> Value {
+        let reference = Value::string(absolute(&image.dir).display().to_string());
+        Value::object([
+            ("platform", Value::string(image.manifest.platform.clone())),
+            ("version", Value::string(image.manifest.version.clone())),
+            ("bootstrapper_path", bootstrapper_path),
+            ("image_dir", image_dir),
+            ("id", reference.clone()),
+            ("reference", reference),
+            (
+                "bootstrapper_sha256",
+                Value::string(image.manifest.bootstrapper_sha256.clone()),
+            ),
+            ("measurements", measurements_to_value(&image.measurements)),
+        ])
+    }
+}
+
+fn image_error(summary: &str, e: &ImageError) -> Diagnostic {
+    Diagnostic::error(summary, e.to_string())
+}
+
+/// Removes exactly the files an image consists of, then the folder if it is empty: a
+/// user-chosen `image_dir` may hold other files, which are never deleted.
+fn remove_image(dir: &Path) -> Result<Diagnostics, Diagnostic> {
+    let mut warnings = Diagnostics::default();
+    for name in [
+        BOOTSTRAPPER_FILE.to_owned(),
+        MANIFEST_FILE.to_owned(),
+        format!(".{BOOTSTRAPPER_FILE}.tmp"),
+    ] {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Diagnostic::error(
+                    "Cannot delete image",
+                    format!("{}: {e}", p.display()),
+                ))
+            }
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(Diagnostic::warning(
+            "Image folder left in place",
+            format!(
+                "{}: the image files were removed, but the folder is not empty or cannot be \
+                 removed ({e})",
+                dir.display()
+            ),
+        )),
+    }
+    Ok(warnings)
+}
+
+impl Resource for ImageResource {
+    fn type_name(&self) -> &'static str {
+        "constellation_image"
+    }
+
+    fn schema(&self) -> &Block {
+        &self.schema
+    }
+
+    fn validate(&self, config: &Value) -> Diagnostics {
+        let mut d = Decoder::new();
+        let _ = self.decode(config, &mut d);
+        d.diagnostics
+    }
+
+    fn plan(&self, req: PlanRequest<'_>) -> Result<Planned, Diagnostics> {
+        let mut planned = plan::plan(&self.schema, req.prior, req.proposed);
+        if req.proposed.is_null() {
+            return Ok(planned);
+        }
+        let mut diags = self.validate(req.config);
+        let state = &mut planned.state;
+        if req.prior.is_null() {
+            // Resolve defaults now so the plan shows them.
+            if state.get("bootstrapper_path").is_unknown()
+                && req.config.get("bootstrapper_path").is_null()
+            {
+                match default_bootstrapper() {
+                    Some(p) => {
+                        state.set("bootstrapper_path", Value::string(p.display().to_string()))
+                    }
+                    None => diags.push(
+                        Diagnostic::error(
+                            "No bootstrapper binary",
+                            format!(
+                                "bootstrapper_path is not set, ${BOOTSTRAPPER_ENV} is not set, and \
+                                 there is no constellation-bootstrapper next to the provider binary"
+                            ),
+                        )
+                        .at(path("bootstrapper_path")),
+                    ),
+                }
+            }
+            if state.get("image_dir").is_unknown() && req.config.get("image_dir").is_null() {
+                if let Some(v) = state.get("version").as_str() {
+                    let dir = default_image_dir(v).display().to_string();
+                    state.set("image_dir", Value::string(dir));
+                }
+            }
+            if let Some(p) = state.get("bootstrapper_path").as_str() {
+                if let Err(e) = hash_file(p) {
+                    diags.push(
+                        Diagnostic::error("Bootstrapper not readable", e)
+                            .at(path("bootstrapper_path")),
+                    );
+                }
+            }
+        } else if let (Some(p), Some(prior_sha)) = (
+            state.get("bootstrapper_path").as_str(),
+            req.prior.get("bootstrapper_sha256").as_str(),
+        ) {
+            // Replacement follows the binary's content, not its path.
+            match hash_file(p) {
+                Ok(sha) if sha == prior_sha => {}
+                Ok(_) => {
+                    planned.requires_replace.push(path("bootstrapper_path"));
+                    for computed in ["id", "reference", "bootstrapper_sha256", "measurements"] {
+                        planned.state.set(computed, Value::Unknown);
+                    }
+                }
+                Err(e) => diags.push(
+                    Diagnostic::error("Bootstrapper not readable", e).at(path("bootstrapper_path")),
+                ),
+            }
+        }
+        if diags.has_errors() {
+            return Err(diags);
+        }
+        Ok(planned)
+    }
+
+    fn apply<'a>(
+        &'a self,
+        req: ApplyRequest<'a>,
+    ) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>> {
+        Box::pin(async move {
+            if req.planned.is_null() {
+                let Some(dir) = req.prior.get("reference").as_str() else {
+                    return Ok(StateOutcome::default());
+                };
+                let warnings = remove_image(Path::new(dir))?;
+                return Ok(StateOutcome {
+                    state: Value::Null,
+                    private: Vec::new(),
+                    warnings,
+                });
+            }
+            if !req.prior.is_null() {
+                // In place: only the bootstrapper path changed, to identical content.
+                return Ok(StateOutcome {
+                    state: req.planned.clone(),
+                    ..Default::default()
+                });
+            }
+            let mut d = Decoder::new();
+            let decoded = self.decode(req.planned, &mut d);
+            let inputs = d.finish(decoded)?;
+            let (bootstrapper, dir) = (inputs.bootstrapper_path.clone(), inputs.image_dir.clone());
+            let image = tokio::task::spawn_blocking(move || {
+                LocalImage::assemble(
+                    &absolute(Path::new(&dir)),
+                    Path::new(&bootstrapper),
+                    &inputs.version,
+                )
+            })
+            .await
+            .map_err(|e| Diagnostic::error("Image assembly task failed", e.to_string()))?
+            .map_err(|e| image_error("Cannot assemble image", &e))?;
+            tracing::info!(dir = %image.dir.display(), version = %image.manifest.version, "assembled image");
+            Ok(StateOutcome {
+                state: self.state_of(
+                    &image,
+                    Value::string(inputs.bootstrapper_path),
+                    Value::string(inputs.image_dir),
+                ),
+                ..Default::default()
+            })
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        current: &'a Value,
+        _private: &'a [u8],
+    ) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>> {
+        Box::pin(async move {
+            let Some(dir) = current.get("reference").as_str() else {
+                return Ok(StateOutcome::default());
+            };
+            match LocalImage::open(Path::new(dir)) {
+                Ok(image) => Ok(StateOutcome {
+                    state: self.state_of(
+                        &image,
+                        current.get("bootstrapper_path").clone(),
+                        current.get("image_dir").clone(),
+                    ),
+                    ..Default::default()
+                }),
+                Err(ImageError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    tracing::warn!(dir, "image folder is gone; removing it from state");
+                    Ok(StateOutcome::default())
+                }
+                Err(e) => Err(image_error("Image is damaged or was modified", &e).into()),
+            }
+        })
+    }
+
+    fn import<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>> {
+        Box::pin(async move {
+            let dir = absolute(Path::new(id));
+            let image = LocalImage::open(&dir).map_err(|e| {
+                Diagnostics::from(Diagnostic::error(
+                    "Cannot import image",
+                    format!("import ID must be the image folder (the `reference` attribute): {e}"),
+                ))
+            })?;
+            let bootstrapper = default_bootstrapper()
+                .map(|p| Value::string(p.display().to_string()))
+                .unwrap_or(Value::Null);
+            Ok(StateOutcome {
+                state: self.state_of(
+                    &image,
+                    bootstrapper,
+                    Value::string(dir.display().to_string()),
+                ),
+                ..Default::default()
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(platform: &str, version: Value) -> Value {
+        Value::object([
+            ("platform", Value::string(platform)),
+            ("version", version),
+            ("bootstrapper_path", Value::string("/bin/true")),
+            ("image_dir", Value::Null),
+            ("id", Value::Null),
+            ("reference", Value::Null),
+            ("bootstrapper_sha256", Value::Null),
+            ("measurements", Value::Null),
+        ])
+    }
+
+    #[test]
+    fn platforms_other_than_local_are_refused_with_the_attribute() {
+        let r = ImageResource::new();
+        for p in ["azure", "gcp", "qemu"] {
+            let d = r.validate(&config(p, Value::string("v1")));
+            assert_eq!(d.0.len(), 1, "{p}");
+            assert!(d.0[0].detail.contains("not supported yet"));
+            assert_eq!(d.0[0].attribute, Some(AttrPath::attr(&["platform"])));
+        }
+        let d = r.validate(&config("aws", Value::string("v1")));
+        assert!(d.0[0].detail.contains("unknown platform"));
+        assert!(r
+            .validate(&config("local", Value::string("v1")))
+            .0
+            .is_empty());
+        // Unknown version (a variable during validate) is skipped.
+        assert!(r.validate(&config("local", Value::Unknown)).0.is_empty());
+        let d = r.validate(&config("local", Value::string("../x")));
+        assert_eq!(d.0[0].attribute, Some(AttrPath::attr(&["version"])));
+    }
+
+    #[tokio::test]
+    async fn create_read_import_delete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = tmp.path().join("boot");
+        std::fs::write(&bin, b"#!/bin/sh\n").unwrap();
+        let dir = tmp.path().join("img");
+        let r = ImageResource::new();
+        let mut cfg = config("local", Value::string("v1"));
+        cfg.set(
+            "bootstrapper_path",
+            Value::string(bin.display().to_string()),
+        );
+        cfg.set("image_dir", Value::string(dir.display().to_string()));
+        let planned = r
+            .plan(PlanRequest {
+                prior: &Value::Null,
+                proposed: &cfg,
+                config: &cfg,
+            })
+            .unwrap();
+        assert!(planned.state.get("measurements").is_unknown());
+        let created = r
+            .apply(ApplyRequest {
+                prior: &Value::Null,
+                planned: &planned.state,
+                config: &cfg,
+                private: &[],
+            })
+            .await
+            .unwrap();
+        let m = created.state.get("measurements");
+        assert_eq!(m.get("4").get("warn_only"), &Value::Bool(false));
+        assert_eq!(
+            created.state.get("reference").as_str(),
+            Some(dir.to_str().unwrap())
+        );
+
+        let read = r.read(&created.state, &[]).await.unwrap();
+        assert_eq!(read.state, created.state);
+        let imported = r.import(dir.to_str().unwrap()).await.unwrap();
+        assert_eq!(imported.state.get("measurements"), m);
+
+        // Same path, new content: replacement.
+        std::fs::write(&bin, b"#!/bin/sh\nexit 1\n").unwrap();
+        let p = r
+            .plan(PlanRequest {
+                prior: &created.state,
+                proposed: &created.state,
+                config: &cfg,
+            })
+            .unwrap();
+        assert_eq!(
+            p.requires_replace,
+            vec![AttrPath::attr(&["bootstrapper_path"])]
+        );
+
+        // Tampering is an error, a missing folder removes the resource.
+        std::fs::write(dir.join(BOOTSTRAPPER_FILE), b"evil").unwrap();
+        assert!(r.read(&created.state, &[]).await.is_err());
+        std::fs::write(dir.join("keep.txt"), b"user file").unwrap();
+        let deleted = r
+            .apply(ApplyRequest {
+                prior: &created.state,
+                planned: &Value::Null,
+                config: &Value::Null,
+                private: &[],
+            })
+            .await
+            .unwrap();
+        assert_eq!(deleted.warnings.0.len(), 1);
+        assert!(dir.join("keep.txt").exists());
+        assert!(!dir.join(MANIFEST_FILE).exists());
+        std::fs::remove_file(dir.join("keep.txt")).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        assert!(r.read(&created.state, &[]).await.unwrap().state.is_null());
+    }
+}

@@ -1,0 +1,428 @@
+//! The tfplugin6 `Provider` gRPC service and go-plugin's `GRPCController`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
+use tonic::{Request, Response, Status};
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::resource::{ApplyRequest, DataSource, PlanRequest, Resource, StateOutcome};
+use crate::schema::Block;
+use crate::tfplugin6 as pb;
+use crate::value::{conform, Value};
+
+impl fmt::Debug for pb::DynamicValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "DynamicValue(<msgpack {} bytes, json {} bytes>)",
+            self.msgpack.len(),
+            self.json.len()
+        )
+    }
+}
+
+pub struct ProviderService {
+    resources: BTreeMap<&'static str, Arc<dyn Resource>>,
+    data_sources: BTreeMap<&'static str, Arc<dyn DataSource>>,
+    /// Bumped by StopProvider; in-flight operations watch it and abort.
+    stop: watch::Sender<u64>,
+}
+
+impl ProviderService {
+    pub fn new(resources: Vec<Arc<dyn Resource>>, data_sources: Vec<Arc<dyn DataSource>>) -> Self {
+        Self {
+            resources: resources.into_iter().map(|r| (r.type_name(), r)).collect(),
+            data_sources: data_sources
+                .into_iter()
+                .map(|d| (d.type_name(), d))
+                .collect(),
+            stop: watch::channel(0).0,
+        }
+    }
+
+    fn resource(&self, name: &str) -> Result<&Arc<dyn Resource>, Diagnostics> {
+        self.resources.get(name).ok_or_else(|| {
+            Diagnostic::error(
+                "Unknown resource type",
+                format!("this provider has no resource {name:?}"),
+            )
+            .into()
+        })
+    }
+
+    fn data_source(&self, name: &str) -> Result<&Arc<dyn DataSource>, Diagnostics> {
+        self.data_sources.get(name).ok_or_else(|| {
+            Diagnostic::error(
+                "Unknown data source",
+                format!("this provider has no data source {name:?}"),
+            )
+            .into()
+        })
+    }
+
+    /// Runs `op` until it finishes or StopProvider arrives, whichever is first.
+    async fn cancellable<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, Diagnostics>>,
+    ) -> Result<T, Diagnostics> {
+        let mut stopped = self.stop.subscribe();
+        tokio::select! {
+            r = op => r,
+            _ = stopped.changed() => Err(Diagnostic::error(
+                "Operation cancelled",
+                "Terraform asked the provider to stop (interrupt); the operation was abandoned",
+            ).into()),
+        }
+    }
+}
+
+fn decode(dv: Option<&pb::DynamicValue>, schema: &Block) -> Result<Value, Diagnostics> {
+    let value = match dv {
+        Some(dv) if !dv.msgpack.is_empty() => Value::from_msgpack(&dv.msgpack),
+        Some(dv) if !dv.json.is_empty() => Value::from_json(&dv.json),
+        _ => Ok(Value::Null),
+    }
+    .and_then(|v| conform(v, &schema.value_type()));
+    value.map_err(|e| Diagnostic::error("Malformed value from Terraform", e.to_string()).into())
+}
+
+fn dynamic(v: &Value) -> Option<pb::DynamicValue> {
+    Some(pb::DynamicValue {
+        msgpack: v.to_msgpack(),
+        json: Vec::new(),
+    })
+}
+
+fn schema_map<T: ?Sized>(
+    items: &BTreeMap<&'static str, Arc<T>>,
+    schema: impl Fn(&T) -> &Block,
+) -> std::collections::HashMap<String, pb::Schema> {
+    items
+        .iter()
+        .map(|(name, r)| ((*name).to_owned(), schema(r).to_proto()))
+        .collect()
+}
+
+fn empty_schema() -> pb::Schema {
+    Block {
+        version: 0,
+        description: "",
+        attributes: Vec::new(),
+    }
+    .to_proto()
+}
+
+#[tonic::async_trait]
+impl pb::provider_server::Provider for ProviderService {
+    async fn get_metadata(
+        &self,
+        _: Request<pb::get_metadata::Request>,
+    ) -> Result<Response<pb::get_metadata::Response>, Status> {
+        Ok(Response::new(pb::get_metadata::Response {
+            server_capabilities: Some(capabilities()),
+            diagnostics: Vec::new(),
+            data_sources: self
+                .data_sources
+                .keys()
+                .map(|n| pb::get_metadata::DataSourceMetadata {
+                    type_name: (*n).to_owned(),
+                })
+                .collect(),
+            resources: self
+                .resources
+                .keys()
+                .map(|n| pb::get_metadata::ResourceMetadata {
+                    type_name: (*n).to_owned(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_provider_schema(
+        &self,
+        _: Request<pb::get_provider_schema::Request>,
+    ) -> Result<Response<pb::get_provider_schema::Response>, Status> {
+        Ok(Response::new(pb::get_provider_schema::Response {
+            provider: Some(empty_schema()),
+            resource_schemas: schema_map(&self.resources, |r| r.schema()),
+            data_source_schemas: schema_map(&self.data_sources, |d| d.schema()),
+            diagnostics: Vec::new(),
+            provider_meta: Some(empty_schema()),
+            server_capabilities: Some(capabilities()),
+        }))
+    }
+
+    async fn validate_provider_config(
+        &self,
+        _: Request<pb::validate_provider_config::Request>,
+    ) -> Result<Response<pb::validate_provider_config::Response>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+
+    async fn validate_resource_config(
+        &self,
+        req: Request<pb::validate_resource_config::Request>,
+    ) -> Result<Response<pb::validate_resource_config::Response>, Status> {
+        let req = req.into_inner();
+        let diags = self.resource(&req.type_name).and_then(|r| {
+            let config = decode(req.config.as_ref(), r.schema())?;
+            Ok(r.validate(&config))
+        });
+        Ok(Response::new(pb::validate_resource_config::Response {
+            diagnostics: diags.unwrap_or_else(|d| d).to_proto(),
+        }))
+    }
+
+    async fn validate_data_resource_config(
+        &self,
+        req: Request<pb::validate_data_resource_config::Request>,
+    ) -> Result<Response<pb::validate_data_resource_config::Response>, Status> {
+        let req = req.into_inner();
+        let diags = self.data_source(&req.type_name).and_then(|d| {
+            let config = decode(req.config.as_ref(), d.schema())?;
+            Ok(d.validate(&config))
+        });
+        Ok(Response::new(pb::validate_data_resource_config::Response {
+            diagnostics: diags.unwrap_or_else(|d| d).to_proto(),
+        }))
+    }
+
+    async fn upgrade_resource_state(
+        &self,
+        req: Request<pb::upgrade_resource_state::Request>,
+    ) -> Result<Response<pb::upgrade_resource_state::Response>, Status> {
+        // Called before every read with the stored JSON; schema version 0 needs no migration,
+        // only reshaping (attributes added since are null, removed ones dropped).
+        let req = req.into_inner();
+        let result = self.resource(&req.type_name).and_then(|r| {
+            if req.version > r.schema().version {
+                return Err(Diagnostic::error(
+                    "State is from a newer provider",
+                    format!(
+                        "state schema version {} is newer than this provider's {}",
+                        req.version,
+                        r.schema().version
+                    ),
+                )
+                .into());
+            }
+            let raw = req.raw_state.as_ref();
+            let json = raw.map(|s| s.json.as_slice()).unwrap_or_default();
+            if json.is_empty() {
+                if raw.is_some_and(|s| !s.flatmap.is_empty()) {
+                    return Err(Diagnostic::error(
+                        "Legacy state format",
+                        "flatmap state (Terraform < 0.12) is not supported",
+                    )
+                    .into());
+                }
+                return Ok(Value::Null);
+            }
+            Value::from_json(json)
+                .and_then(|v| conform(v, &r.schema().value_type()))
+                .map_err(|e| Diagnostic::error("Stored state is unreadable", e.to_string()).into())
+        });
+        Ok(Response::new(match result {
+            Ok(v) => pb::upgrade_resource_state::Response {
+                upgraded_state: dynamic(&v),
+                diagnostics: Vec::new(),
+            },
+            Err(d) => pb::upgrade_resource_state::Response {
+                upgraded_state: None,
+                diagnostics: d.to_proto(),
+            },
+        }))
+    }
+
+    async fn configure_provider(
+        &self,
+        _: Request<pb::configure_provider::Request>,
+    ) -> Result<Response<pb::configure_provider::Response>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+
+    async fn read_resource(
+        &self,
+        req: Request<pb::read_resource::Request>,
+    ) -> Result<Response<pb::read_resource::Response>, Status> {
+        let req = req.into_inner();
+        let result = async {
+            let r = self.resource(&req.type_name)?;
+            let current = decode(req.current_state.as_ref(), r.schema())?;
+            if current.is_null() {
+                return Ok(StateOutcome::default());
+            }
+            self.cancellable(r.read(&current, &req.private)).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(out) => pb::read_resource::Response {
+                new_state: dynamic(&out.state),
+                diagnostics: out.warnings.to_proto(),
+                private: out.private,
+            },
+            // Keep the state as it was: a failed refresh must not drop the resource.
+            Err(d) => pb::read_resource::Response {
+                new_state: req.current_state.clone(),
+                diagnostics: d.to_proto(),
+                private: req.private.clone(),
+            },
+        }))
+    }
+
+    async fn plan_resource_change(
+        &self,
+        req: Request<pb::plan_resource_change::Request>,
+    ) -> Result<Response<pb::plan_resource_change::Response>, Status> {
+        let req = req.into_inner();
+        let result = (|| {
+            let r = self.resource(&req.type_name)?;
+            let prior = decode(req.prior_state.as_ref(), r.schema())?;
+            let proposed = decode(req.proposed_new_state.as_ref(), r.schema())?;
+            let config = decode(req.config.as_ref(), r.schema())?;
+            r.plan(PlanRequest {
+                prior: &prior,
+                proposed: &proposed,
+                config: &config,
+            })
+        })();
+        Ok(Response::new(match result {
+            Ok(planned) => pb::plan_resource_change::Response {
+                planned_state: dynamic(&planned.state),
+                requires_replace: planned
+                    .requires_replace
+                    .iter()
+                    .map(|p| p.to_proto())
+                    .collect(),
+                planned_private: req.prior_private,
+                diagnostics: Vec::new(),
+                legacy_type_system: false,
+            },
+            Err(d) => pb::plan_resource_change::Response {
+                diagnostics: d.to_proto(),
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn apply_resource_change(
+        &self,
+        req: Request<pb::apply_resource_change::Request>,
+    ) -> Result<Response<pb::apply_resource_change::Response>, Status> {
+        let req = req.into_inner();
+        let result = async {
+            let r = self.resource(&req.type_name)?;
+            let prior = decode(req.prior_state.as_ref(), r.schema())?;
+            let planned = decode(req.planned_state.as_ref(), r.schema())?;
+            let config = decode(req.config.as_ref(), r.schema())?;
+            let out = self
+                .cancellable(r.apply(ApplyRequest {
+                    prior: &prior,
+                    planned: &planned,
+                    config: &config,
+                    private: &req.planned_private,
+                }))
+                .await;
+            Ok::<_, Diagnostics>(out)
+        }
+        .await
+        .and_then(|x| x);
+        Ok(Response::new(match result {
+            Ok(out) => pb::apply_resource_change::Response {
+                new_state: dynamic(&out.state),
+                private: out.private,
+                diagnostics: out.warnings.to_proto(),
+                legacy_type_system: false,
+            },
+            // On failure the object stays as it was: null for a create, the prior otherwise.
+            Err(d) => pb::apply_resource_change::Response {
+                new_state: req.prior_state.clone().or_else(|| dynamic(&Value::Null)),
+                private: req.planned_private.clone(),
+                diagnostics: d.to_proto(),
+                legacy_type_system: false,
+            },
+        }))
+    }
+
+    async fn import_resource_state(
+        &self,
+        req: Request<pb::import_resource_state::Request>,
+    ) -> Result<Response<pb::import_resource_state::Response>, Status> {
+        let req = req.into_inner();
+        let result = async {
+            let r = self.resource(&req.type_name)?;
+            self.cancellable(r.import(&req.id)).await
+        }
+        .await;
+        Ok(Response::new(match result {
+            Ok(out) => pb::import_resource_state::Response {
+                imported_resources: vec![pb::import_resource_state::ImportedResource {
+                    type_name: req.type_name,
+                    state: dynamic(&out.state),
+                    private: out.private,
+                }],
+                diagnostics: out.warnings.to_proto(),
+            },
+            Err(d) => pb::import_resource_state::Response {
+                imported_resources: Vec::new(),
+                diagnostics: d.to_proto(),
+            },
+        }))
+    }
+
+    async fn read_data_source(
+        &self,
+        req: Request<pb::read_data_source::Request>,
+    ) -> Result<Response<pb::read_data_source::Response>, Status> {
+        let req = req.into_inner();
+        let result = self.data_source(&req.type_name).and_then(|d| {
+            let config = decode(req.config.as_ref(), d.schema())?;
+            d.read(&config)
+        });
+        Ok(Response::new(match result {
+            Ok(state) => pb::read_data_source::Response {
+                state: dynamic(&state),
+                diagnostics: Vec::new(),
+            },
+            Err(d) => pb::read_data_source::Response {
+                state: None,
+                diagnostics: d.to_proto(),
+            },
+        }))
+    }
+
+    async fn stop_provider(
+        &self,
+        _: Request<pb::stop_provider::Request>,
+    ) -> Result<Response<pb::stop_provider::Response>, Status> {
+        tracing::info!("StopProvider: cancelling in-flight operations");
+        self.stop.send_modify(|generation| *generation += 1);
+        Ok(Response::new(Default::default()))
+    }
+}
+
+fn capabilities() -> pb::ServerCapabilities {
+    pb::ServerCapabilities {
+        plan_destroy: false,
+        get_provider_schema_optional: false,
+    }
+}
+
+/// go-plugin's controller: Shutdown makes the plugin exit at once.
+pub struct Controller {
+    pub shutdown: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl crate::go_plugin::grpc_controller_server::GrpcController for Controller {
+    async fn shutdown(
+        &self,
+        _: Request<crate::go_plugin::Empty>,
+    ) -> Result<Response<crate::go_plugin::Empty>, Status> {
+        self.shutdown.notify_one();
+        Ok(Response::new(crate::go_plugin::Empty {}))
+    }
+}

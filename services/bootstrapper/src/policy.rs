@@ -1,0 +1,85 @@
+//! The cluster's attestation policy as the nodes apply it, read from the platform's metadata on
+//! every check, so new measurements or new nodes apply to the next connection without restart.
+
+use std::sync::Arc;
+
+use constellation_attestation::measurements::{Digest, Measurements, CLUSTER_ID_PCR};
+use constellation_attestation::tpm::AkPublicKey;
+use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
+use constellation_attestation::{ValidationError, Validator, Variant, Verdict};
+use constellation_common::metadata::{ClusterMetadata, Metadata, Role};
+
+/// Which peers a validator accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// A node that is not part of the cluster yet (init target, joiner): every measurement,
+    /// including PCR 15 = zero, must match; any node of the cluster's metadata may attest.
+    FreshNode,
+    /// A control-plane member (the join service, as seen by a joiner): PCR 15 is not checked
+    /// here (it carries the cluster ID), only control-plane nodes' keys are accepted.
+    ControlPlaneMember,
+}
+
+/// A validator built from the current metadata at every call.
+pub struct ClusterValidator {
+    metadata: Arc<dyn Metadata>,
+    scope: Scope,
+}
+
+impl ClusterValidator {
+    pub fn new(metadata: Arc<dyn Metadata>, scope: Scope) -> Self {
+        Self { metadata, scope }
+    }
+
+    /// The name of the node whose pinned AK has this fingerprint.
+    pub fn node_for(&self, fingerprint: &Digest) -> Option<String> {
+        let cluster = self.metadata.cluster().ok()?;
+        cluster
+            .nodes
+            .iter()
+            .find(|n| {
+                hex::decode(&n.ak_spki_hex)
+                    .ok()
+                    .and_then(|der| AkPublicKey::from_spki_der(&der).ok())
+                    .is_some_and(|ak| &ak.fingerprint() == fingerprint)
+            })
+            .map(|n| n.name.clone())
+    }
+
+    fn current(&self) -> Result<QemuVtpmValidator, ValidationError> {
+        let cluster = self
+            .metadata
+            .cluster()
+            .map_err(|e| ValidationError::Malformed(format!("cluster metadata: {e}")))?;
+        policy_for(&cluster, self.scope)
+    }
+}
+
+/// The validator a scope implies for the given metadata.
+pub fn policy_for(
+    cluster: &ClusterMetadata,
+    scope: Scope,
+) -> Result<QemuVtpmValidator, ValidationError> {
+    let mut measurements = Measurements::from_json(cluster.measurements_json.as_bytes())?;
+    if scope == Scope::ControlPlaneMember {
+        measurements.0.remove(&CLUSTER_ID_PCR);
+    }
+    let pinned = cluster
+        .nodes
+        .iter()
+        .filter(|n| scope == Scope::FreshNode || n.role == Role::ControlPlane)
+        .filter_map(|n| hex::decode(&n.ak_spki_hex).ok())
+        .filter_map(|der| AkPublicKey::from_spki_der(&der).ok())
+        .collect();
+    Ok(QemuVtpmValidator::new(pinned, measurements))
+}
+
+impl Validator for ClusterValidator {
+    fn variant(&self) -> Variant {
+        Variant::QemuVtpm
+    }
+
+    fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
+        self.current()?.validate(evidence, binding)
+    }
+}

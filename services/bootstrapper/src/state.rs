@@ -1,0 +1,105 @@
+//! What a node remembers across restarts (in its state folder): whether it was initialized or
+//! joined, and which cluster. Secrets are not kept here.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const FILE: &str = "node-state.json";
+
+/// The node's lifecycle phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum Phase {
+    /// Fresh node: not part of any cluster yet.
+    Uninitialized,
+    /// This node ran Init and is the cluster's first control plane.
+    Initialized { cluster_id: String },
+    /// This node joined through a join service.
+    Joined { cluster_id: String },
+}
+
+/// Persisted node state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    #[serde(flatten)]
+    pub phase: Phase,
+}
+
+/// Why the node state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: malformed node state: {source}")]
+    Malformed {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+impl NodeState {
+    /// Loads the state, or `Uninitialized` when the node never saved one.
+    pub fn load(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join(FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| StateError::Malformed { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self {
+                phase: Phase::Uninitialized,
+            }),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Saves atomically (temp file + rename + fsync) so a crash never leaves half a file.
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        use std::io::Write;
+        let path = dir.join(FILE);
+        let tmp = dir.join(format!("{FILE}.tmp"));
+        let io = |source| StateError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("state serializes"))
+            .map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(|source| StateError::Io { path, source })
+    }
+
+    pub fn cluster_id(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Uninitialized => None,
+            Phase::Initialized { cluster_id } | Phase::Joined { cluster_id } => Some(cluster_id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_defaults_to_uninitialized() {
+        let dir = std::env::temp_dir().join(format!("node-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(NodeState::load(&dir).unwrap().phase, Phase::Uninitialized);
+        let s = NodeState {
+            phase: Phase::Joined {
+                cluster_id: "ab".into(),
+            },
+        };
+        s.save(&dir).unwrap();
+        assert_eq!(NodeState::load(&dir).unwrap(), s);
+        std::fs::write(dir.join(FILE), b"{").unwrap();
+        assert!(matches!(
+            NodeState::load(&dir),
+            Err(StateError::Malformed { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

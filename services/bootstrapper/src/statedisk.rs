@@ -1,0 +1,427 @@
+//! The node's state disk: a LUKS2 volume (aes-xts-plain64, 512-bit volume key) keyed by the
+//! node's disk key, which the node gets from the key service under the disk's LUKS UUID.
+//!
+//! Where the kernel has device-mapper ([`device_mapper_available`]), [`open`] activates the volume as
+//! `/dev/mapper/NAME`. Where it has none (this dev machine, CI containers), [`open`] only proves the
+//! key opens a keyslot and says so in the log; everything else (format, keyslots, UUID) works on a
+//! plain file either way.
+//!
+//! libcryptsetup-rs (without its `mutex` feature) panics when called from more than one thread, so
+//! every call runs on one dedicated worker thread. The functions here block until the worker is
+//! done; async callers should use `tokio::task::spawn_blocking` (argon2id takes seconds).
+
+use std::fs;
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::LazyLock;
+
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptPbkdf, CryptVolumeKey};
+use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat, LuksType};
+use libcryptsetup_rs::{
+    CryptDevice, CryptInit, CryptPbkdfType, CryptSettingsHandle, Either, LibcryptErr,
+};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+/// Cipher and mode of the state disk.
+pub const CIPHER: (&str, &str) = ("aes", "xts-plain64");
+/// Volume key length in bytes (512 bits: two AES-256 keys for XTS).
+pub const VOLUME_KEY_BYTES: usize = 64;
+/// Device-mapper control node.
+pub const DEVICE_MAPPER_CONTROL: &str = "/dev/mapper/control";
+/// The kernel's list of misc devices; it names "device-mapper" when dm is built in or loaded.
+const PROC_MISC: &str = "/proc/misc";
+/// errno EPERM on Linux: libcryptsetup's answer when no keyslot accepts the passphrase.
+const EPERM: i32 = 1;
+/// Setting this environment variable to `1` selects [`KdfSettings::fast_insecure_for_tests`]
+/// in [`KdfSettings::from_env`]. Never set it on a real node.
+pub const FAST_KDF_ENV: &str = "CONSTELLATION_STATEDISK_INSECURE_FAST_KDF";
+
+/// How keyslot passphrases (the disk key) are stretched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KdfSettings {
+    /// argon2id with libcryptsetup's benchmarked LUKS2 defaults (seconds per keyslot).
+    #[default]
+    Argon2id,
+    /// PBKDF2-SHA256 with a fixed iteration count and no benchmark. The disk key is a random
+    /// 32-byte key, not a password, but this is still only for tests.
+    Pbkdf2 { iterations: u32 },
+}
+
+impl KdfSettings {
+    /// PBKDF2 with 1000 iterations: formatting takes ~0.1 s instead of ~7 s.
+    pub fn fast_insecure_for_tests() -> Self {
+        Self::Pbkdf2 { iterations: 1000 }
+    }
+
+    /// argon2id unless [`FAST_KDF_ENV`] is `1` (explicit opt-in for test clusters).
+    pub fn from_env() -> Self {
+        match std::env::var(FAST_KDF_ENV) {
+            Ok(value) if value == "1" => {
+                tracing::warn!(
+                    env = FAST_KDF_ENV,
+                    "state disk uses fast PBKDF2 (1000 iterations): test setting, not for real nodes"
+                );
+                Self::fast_insecure_for_tests()
+            }
+            _ => Self::Argon2id,
+        }
+    }
+
+    fn pbkdf_type(self) -> Result<CryptPbkdfType, LibcryptErr> {
+        match self {
+            Self::Argon2id => {
+                let mut pbkdf = CryptSettingsHandle::get_pbkdf_default(&LuksType::Luks2)?;
+                pbkdf.type_ = CryptKdf::Argon2Id;
+                Ok(pbkdf)
+            }
+            Self::Pbkdf2 { iterations } => Ok(CryptPbkdfType {
+                type_: CryptKdf::Pbkdf2,
+                hash: Some("sha256".into()),
+                time_ms: 0,
+                iterations,
+                max_memory_kb: 0,
+                parallel_threads: 0,
+                flags: CryptPbkdf::NO_BENCHMARK,
+            }),
+        }
+    }
+}
+
+/// Why a state-disk operation failed. Never contains key material.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDiskError {
+    #[error("wrong disk key for {path}: no keyslot opens with it")]
+    WrongKey { path: PathBuf },
+    #[error("the disk key is empty")]
+    EmptyKey,
+    #[error("{path} is not a LUKS2 volume: {source}")]
+    NotLuks2 {
+        path: PathBuf,
+        #[source]
+        source: LibcryptErr,
+    },
+    #[error("{path} is already a LUKS2 volume; refusing to format it again")]
+    AlreadyFormatted { path: PathBuf },
+    #[error("device-mapper name {name:?} is invalid: {reason}")]
+    BadMapperName { name: String, reason: &'static str },
+    #[error("{operation} on {path} failed: {source}")]
+    Cryptsetup {
+        operation: &'static str,
+        path: PathBuf,
+        #[source]
+        source: LibcryptErr,
+    },
+    #[error("{operation} {path}: {source}")]
+    Io {
+        operation: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("libcryptsetup worker: {0}")]
+    Worker(&'static str),
+}
+
+/// What [`open`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenedVolume {
+    /// Activated through device-mapper; the plaintext volume is at `mapper_path`.
+    Activated { keyslot: u32, mapper_path: PathBuf },
+    /// No device-mapper here: the key was verified against `keyslot`, nothing was activated.
+    VerifiedOnly { keyslot: u32 },
+}
+
+impl OpenedVolume {
+    pub fn keyslot(&self) -> u32 {
+        match self {
+            Self::Activated { keyslot, .. } | Self::VerifiedOnly { keyslot } => *keyslot,
+        }
+    }
+}
+
+/// Formats `path` as LUKS2 (aes-xts-plain64, 512-bit random volume key) with `key` in keyslot 0
+/// and returns the new volume's UUID. A missing or empty regular file is created/grown to
+/// `size_bytes`. Refuses a device that is already LUKS2.
+pub fn format(
+    path: &Path,
+    size_bytes: u64,
+    key: &[u8],
+    kdf: KdfSettings,
+) -> Result<Uuid, StateDiskError> {
+    let key = owned_key(key)?;
+    prepare_backing_file(path, size_bytes)?;
+    let path = path.to_path_buf();
+    on_worker(move || {
+        if load_luks2(&path).is_ok() {
+            return Err(StateDiskError::AlreadyFormatted { path });
+        }
+        let mut device = init(&path)?;
+        let pbkdf = kdf
+            .pbkdf_type()
+            .map_err(cryptsetup_error("reading PBKDF defaults", &path))?;
+        device
+            .settings_handle()
+            .set_pbkdf_type(&pbkdf)
+            .map_err(cryptsetup_error("setting PBKDF", &path))?;
+        device
+            .context_handle()
+            .format::<()>(
+                EncryptionFormat::Luks2,
+                CIPHER,
+                None,
+                Either::Right(VOLUME_KEY_BYTES),
+                None,
+            )
+            .map_err(cryptsetup_error("formatting LUKS2", &path))?;
+        device
+            .keyslot_handle()
+            .add_by_key(None, None, &key, CryptVolumeKey::empty())
+            .map_err(cryptsetup_error("adding keyslot", &path))?;
+        let uuid = device
+            .status_handle()
+            .get_uuid()
+            .map_err(cryptsetup_error("reading UUID", &path))?;
+        tracing::info!(path = %path.display(), %uuid, ?kdf, "formatted LUKS2 state disk");
+        Ok(uuid)
+    })?
+}
+
+/// Checks that `key` opens a keyslot of the volume, without activating anything (works without
+/// device-mapper). Returns the keyslot; a wrong key is [`StateDiskError::WrongKey`].
+pub fn verify_key(path: &Path, key: &[u8]) -> Result<u32, StateDiskError> {
+    let key = owned_key(key)?;
+    let path = path.to_path_buf();
+    on_worker(move || {
+        let mut device = load_luks2(&path)?;
+        activate(&mut device, &path, None, &key)
+    })?
+}
+
+/// Opens the volume: activates it as `/dev/mapper/<name>` where device-mapper exists, otherwise
+/// only verifies the key (and logs that the volume is not mounted).
+pub fn open(path: &Path, key: &[u8], name: &str) -> Result<OpenedVolume, StateDiskError> {
+    validate_mapper_name(name)?;
+    if !device_mapper_available() {
+        let keyslot = verify_key(path, key)?;
+        tracing::info!(
+            path = %path.display(), keyslot,
+            "verified key without device-mapper (no dm here): volume not mounted"
+        );
+        return Ok(OpenedVolume::VerifiedOnly { keyslot });
+    }
+    let key = owned_key(key)?;
+    let path = path.to_path_buf();
+    let name = name.to_string();
+    on_worker(move || {
+        let mut device = load_luks2(&path)?;
+        let keyslot = activate(&mut device, &path, Some(&name), &key)?;
+        let mapper_path = Path::new("/dev/mapper").join(&name);
+        tracing::info!(path = %path.display(), keyslot, "activated {}", mapper_path.display());
+        Ok(OpenedVolume::Activated {
+            keyslot,
+            mapper_path,
+        })
+    })?
+}
+
+/// The volume's LUKS UUID (the node's disk key ID).
+pub fn uuid(path: &Path) -> Result<Uuid, StateDiskError> {
+    let path = path.to_path_buf();
+    on_worker(move || {
+        load_luks2(&path)?
+            .status_handle()
+            .get_uuid()
+            .map_err(cryptsetup_error("reading UUID", &path))
+    })?
+}
+
+/// Re-keying: adds a keyslot for `new_key`, authorized by `existing_key`; both keys work
+/// afterwards. Returns the new keyslot.
+pub fn add_key(
+    path: &Path,
+    existing_key: &[u8],
+    new_key: &[u8],
+    kdf: KdfSettings,
+) -> Result<u32, StateDiskError> {
+    let existing_key = owned_key(existing_key)?;
+    let new_key = owned_key(new_key)?;
+    let path = path.to_path_buf();
+    on_worker(move || {
+        let mut device = load_luks2(&path)?;
+        // Check the old key first so a wrong one is reported as such.
+        activate(&mut device, &path, None, &existing_key)?;
+        let pbkdf = kdf
+            .pbkdf_type()
+            .map_err(cryptsetup_error("reading PBKDF defaults", &path))?;
+        device
+            .settings_handle()
+            .set_pbkdf_type(&pbkdf)
+            .map_err(cryptsetup_error("setting PBKDF", &path))?;
+        let keyslot = device
+            .keyslot_handle()
+            .add_by_passphrase(None, &existing_key, &new_key)
+            .map_err(cryptsetup_error("adding keyslot", &path))?;
+        tracing::info!(path = %path.display(), keyslot, "added state disk keyslot");
+        Ok(keyslot)
+    })?
+}
+
+/// Whether this kernel offers device-mapper. The `/dev/mapper/control` node alone proves
+/// nothing: libdevmapper creates it with mknod on a failed activation attempt even when the kernel
+/// has no dm, so the kernel's own misc-device list must name "device-mapper" as well.
+pub fn device_mapper_available() -> bool {
+    let kernel_has_dm = fs::read_to_string(PROC_MISC)
+        .map(|misc| {
+            misc.lines()
+                .any(|line| line.split_whitespace().nth(1) == Some("device-mapper"))
+        })
+        .unwrap_or(false);
+    kernel_has_dm && Path::new(DEVICE_MAPPER_CONTROL).exists()
+}
+
+fn owned_key(key: &[u8]) -> Result<Zeroizing<Vec<u8>>, StateDiskError> {
+    if key.is_empty() {
+        return Err(StateDiskError::EmptyKey);
+    }
+    Ok(Zeroizing::new(key.to_vec()))
+}
+
+fn validate_mapper_name(name: &str) -> Result<(), StateDiskError> {
+    let reason = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > 127 {
+        Some("longer than 127 bytes")
+    } else if name == "." || name == ".." || name == "control" {
+        Some("reserved")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        Some("only ASCII letters, digits, '-', '_' and '.' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(StateDiskError::BadMapperName {
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn prepare_backing_file(path: &Path, size_bytes: u64) -> Result<(), StateDiskError> {
+    let io_error = |operation: &'static str| {
+        move |source| StateDiskError::Io {
+            operation,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_error("opening"))?;
+    let metadata = file.metadata().map_err(io_error("inspecting"))?;
+    // Only grow regular files; block devices have their own size.
+    if metadata.is_file() && metadata.len() < size_bytes {
+        file.set_len(size_bytes).map_err(io_error("resizing"))?;
+    }
+    Ok(())
+}
+
+fn init(path: &Path) -> Result<CryptDevice, StateDiskError> {
+    CryptInit::init(path).map_err(cryptsetup_error("opening device", path))
+}
+
+fn load_luks2(path: &Path) -> Result<CryptDevice, StateDiskError> {
+    let mut device = init(path)?;
+    device
+        .context_handle()
+        .load::<()>(Some(EncryptionFormat::Luks2), None)
+        .map_err(|source| StateDiskError::NotLuks2 {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(device)
+}
+
+fn activate(
+    device: &mut CryptDevice,
+    path: &Path,
+    name: Option<&str>,
+    key: &[u8],
+) -> Result<u32, StateDiskError> {
+    device
+        .activate_handle()
+        .activate_by_passphrase(name, None, key, CryptActivate::empty())
+        .map_err(|source| match &source {
+            // libcryptsetup answers EPERM when no keyslot accepts the passphrase.
+            LibcryptErr::IOError(e) if e.raw_os_error() == Some(EPERM) => {
+                StateDiskError::WrongKey {
+                    path: path.to_path_buf(),
+                }
+            }
+            _ => StateDiskError::Cryptsetup {
+                operation: if name.is_some() {
+                    "activating"
+                } else {
+                    "verifying key"
+                },
+                path: path.to_path_buf(),
+                source,
+            },
+        })
+}
+
+fn cryptsetup_error(
+    operation: &'static str,
+    path: &Path,
+) -> impl FnOnce(LibcryptErr) -> StateDiskError {
+    let path = path.to_path_buf();
+    move |source| StateDiskError::Cryptsetup {
+        operation,
+        path,
+        source,
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The one thread that calls libcryptsetup.
+static WORKER: LazyLock<Option<mpsc::Sender<Job>>> = LazyLock::new(|| {
+    let (sender, jobs) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("cryptsetup".into())
+        .spawn(move || {
+            for job in jobs {
+                // A panic inside the bindings must not take the worker (or the node) down; the
+                // caller sees it as a dropped result.
+                let _ = catch_unwind(AssertUnwindSafe(job));
+            }
+        })
+        .ok()
+        .map(|_| sender)
+});
+
+fn on_worker<T: Send + 'static>(
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StateDiskError> {
+    let sender = WORKER.as_ref().ok_or(StateDiskError::Worker(
+        "the worker thread could not be started",
+    ))?;
+    let (result_sender, result) = mpsc::sync_channel(1);
+    sender
+        .send(Box::new(move || {
+            let _ = result_sender.send(job());
+        }))
+        .map_err(|_| StateDiskError::Worker("the worker thread has stopped"))?;
+    result
+        .recv()
+        .map_err(|_| StateDiskError::Worker("a libcryptsetup call panicked"))
+}

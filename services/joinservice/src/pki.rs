@@ -1,0 +1,830 @@
+//! The cluster PKI, laid out the way kubeadm expects it: the cluster CA (`ca.crt`/`ca.key`), the
+//! front-proxy CA, the etcd CA and the service-account signing key pair. All keys are ECDSA P-256.
+//!
+//! The join service hands the kubelet of each admitted node a serving/client certificate, but only
+//! after checking the node's PKCS#10 request against what the platform's metadata says about that
+//! node (`CN=system:node:<name>`, `O=system:nodes`, SANs a subset of the node's addresses).
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use constellation_attestation::Clock;
+use constellation_common::secret::SecretBytes;
+use der::{Decode, Encode};
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use x509_cert::request::CertReq;
+use x509_cert::Certificate;
+
+/// Validity of the CAs kubeadm would create: ten years.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Validity of leaf certificates (admin client, kubelet): one year.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Certificates start this long before "now" so a node whose clock lags a little accepts them
+/// (the Kubernetes CSR signer backdates the same way).
+pub const CLOCK_SKEW_BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+/// Common name of the cluster admin's client certificate.
+pub const ADMIN_COMMON_NAME: &str = "kubernetes-admin";
+/// Group (organization) that Kubernetes maps to cluster-admin.
+pub const ADMIN_ORGANIZATION: &str = "system:masters";
+/// Prefix of a kubelet's common name; the node name follows.
+pub const NODE_COMMON_NAME_PREFIX: &str = "system:node:";
+/// Group (organization) of every kubelet.
+pub const NODES_ORGANIZATION: &str = "system:nodes";
+
+/// Paths of the shared PKI files relative to kubeadm's certificates directory.
+pub mod files {
+    pub const CA_CERT: &str = "ca.crt";
+    pub const CA_KEY: &str = "ca.key";
+    pub const FRONT_PROXY_CA_CERT: &str = "front-proxy-ca.crt";
+    pub const FRONT_PROXY_CA_KEY: &str = "front-proxy-ca.key";
+    pub const ETCD_CA_CERT: &str = "etcd/ca.crt";
+    pub const ETCD_CA_KEY: &str = "etcd/ca.key";
+    pub const SERVICE_ACCOUNT_KEY: &str = "sa.key";
+    pub const SERVICE_ACCOUNT_PUB: &str = "sa.pub";
+}
+
+const OID_COMMON_NAME: der::oid::ObjectIdentifier =
+    der::oid::ObjectIdentifier::new_unwrap("2.5.4.3");
+const OID_ORGANIZATION: der::oid::ObjectIdentifier =
+    der::oid::ObjectIdentifier::new_unwrap("2.5.4.10");
+const CSR_PEM_LABEL: &str = "CERTIFICATE REQUEST";
+
+/// What a node is in the cluster, as the platform's metadata says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRole {
+    ControlPlane,
+    Worker,
+}
+
+/// What the platform's metadata says about a node: the names its kubelet certificate may carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub role: NodeRole,
+    pub ips: Vec<IpAddr>,
+    pub dns_names: Vec<String>,
+}
+
+/// Why PKI material could not be created, stored or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("generating {what} failed: {reason}")]
+    Generate { what: &'static str, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid {what}: {reason}")]
+    BadFile {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("{key}: private key does not belong to the certificate {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("rendering the kubeconfig failed: {0}")]
+    Kubeconfig(#[from] serde_yaml::Error),
+}
+
+/// Why a kubelet certificate request was refused. Each variant names the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsrError {
+    #[error("CSR is not PEM-encoded {expected:?}: {reason}")]
+    NotPem {
+        expected: &'static str,
+        reason: String,
+    },
+    #[error("CSR is malformed: {0}")]
+    Malformed(String),
+    #[error("CSR signature does not verify with its own public key")]
+    BadSignature,
+    #[error("CSR requests an extension other than SAN, key usage, EKU or basic constraints")]
+    UnsupportedExtension,
+    #[error("CSR subject common name: expected exactly [{expected:?}], found {found:?}")]
+    CommonName {
+        expected: String,
+        found: Vec<String>,
+    },
+    #[error("CSR subject organization: expected exactly [{expected:?}], found {found:?}")]
+    Organization {
+        expected: &'static str,
+        found: Vec<String>,
+    },
+    #[error("CSR subject carries attribute {oid} = {value:?}; only CN and O are allowed")]
+    UnexpectedSubjectAttribute { oid: String, value: String },
+    #[error("CSR subject attribute {oid} is not a string")]
+    UnreadableSubjectAttribute { oid: String },
+    #[error("CSR SAN DNS name {found:?} is not one of the node's names {allowed:?}")]
+    DnsNameNotAllowed { found: String, allowed: Vec<String> },
+    #[error("CSR SAN IP {found} is not one of the node's addresses {allowed:?}")]
+    IpNotAllowed { found: IpAddr, allowed: Vec<IpAddr> },
+    #[error("CSR SAN of kind {kind} is not allowed for a kubelet")]
+    SanKindNotAllowed { kind: &'static str },
+    #[error("signing the kubelet certificate failed: {0}")]
+    Signing(String),
+}
+
+impl CsrError {
+    /// True when the request is well-formed but asks for names the node may not have: the
+    /// caller is asking for someone else's identity, not sending garbage.
+    pub fn is_identity_mismatch(&self) -> bool {
+        matches!(
+            self,
+            Self::CommonName { .. }
+                | Self::Organization { .. }
+                | Self::UnexpectedSubjectAttribute { .. }
+                | Self::DnsNameNotAllowed { .. }
+                | Self::IpNotAllowed { .. }
+                | Self::SanKindNotAllowed { .. }
+        )
+    }
+}
+
+/// A certificate and its private key (PKCS#8 PEM), e.g. the cluster admin's client credentials.
+#[derive(Debug, Clone)]
+pub struct ClientCredentials {
+    pub cert_pem: String,
+    pub key_pem: SecretBytes,
+}
+
+/// One file of the shared PKI, named by its path relative to kubeadm's certificates directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PkiFile {
+    pub relative_path: &'static str,
+    pub content: SecretBytes,
+    pub is_private_key: bool,
+}
+
+/// The shared files and whether each is a private key, in [`ClusterPki::shared_files`] order.
+const SHARED_FILES: [(&str, bool); 8] = [
+    (files::CA_CERT, false),
+    (files::CA_KEY, true),
+    (files::FRONT_PROXY_CA_CERT, false),
+    (files::FRONT_PROXY_CA_KEY, true),
+    (files::ETCD_CA_CERT, false),
+    (files::ETCD_CA_KEY, true),
+    (files::SERVICE_ACCOUNT_KEY, true),
+    (files::SERVICE_ACCOUNT_PUB, false),
+];
+
+impl PkiFile {
+    /// A shared file received by name (e.g. from a join ticket). `None` unless `name` is one of
+    /// the shared files, so a received name can never point outside the certificates directory.
+    pub fn known(name: &str, content: Vec<u8>) -> Option<Self> {
+        SHARED_FILES.iter().find(|(known, _)| *known == name).map(
+            |(relative_path, is_private_key)| Self {
+                relative_path,
+                content: SecretBytes::new(content),
+                is_private_key: *is_private_key,
+            },
+        )
+    }
+}
+
+/// A certificate authority: certificate plus signing key.
+struct CertificateAuthority {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key_pem: SecretBytes,
+    spki_sha256: [u8; 32],
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("spki_sha256", &hex::encode(self.spki_sha256))
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl CertificateAuthority {
+    fn generate(common_name: &str, clock: &dyn Clock) -> Result<Self, PkiError> {
+        let what = "CA";
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| generate_error(what, e))?;
+        let mut params = base_params(common_name, None, clock, CA_VALIDITY);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| generate_error(what, e))?;
+        let cert_der = cert.der().to_vec();
+        let spki_sha256 =
+            spki_sha256(&cert_der).map_err(|reason| PkiError::Generate { what, reason })?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der,
+            key_pem: SecretBytes::new(key.serialize_pem().into_bytes()),
+            spki_sha256,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    fn load(dir: &Path, cert_file: &str, key_file: &str) -> Result<Self, PkiError> {
+        let cert_path = dir.join(cert_file);
+        let key_path = dir.join(key_file);
+        let cert_pem = read_text(&cert_path)?;
+        let key_pem = SecretBytes::new(read_text(&key_path)?.into_bytes());
+        let bad = |path: &Path, what, reason: String| PkiError::BadFile {
+            path: path.to_path_buf(),
+            what,
+            reason,
+        };
+        let cert_der = pem_body(&cert_pem, "CERTIFICATE")
+            .map_err(|r| bad(&cert_path, "PEM certificate", r))?;
+        let key_text = std::str::from_utf8(key_pem.expose())
+            .map_err(|e| bad(&key_path, "PEM private key", e.to_string()))?;
+        let key = KeyPair::from_pem(key_text)
+            .map_err(|e| bad(&key_path, "PEM private key", e.to_string()))?;
+        let cert_spki = Certificate::from_der(&cert_der)
+            .and_then(|c| c.tbs_certificate.subject_public_key_info.to_der())
+            .map_err(|e| bad(&cert_path, "X.509 certificate", e.to_string()))?;
+        if cert_spki != key.subject_public_key_info() {
+            return Err(PkiError::KeyMismatch {
+                cert: cert_path,
+                key: key_path,
+            });
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
+            .map_err(|e| bad(&cert_path, "CA certificate", e.to_string()))?;
+        Ok(Self {
+            cert_pem,
+            spki_sha256: Sha256::digest(&cert_spki).into(),
+            cert_der,
+            key_pem,
+            issuer,
+        })
+    }
+
+    fn sign(
+        &self,
+        params: &CertificateParams,
+        public_key: &impl PublicKeyData,
+    ) -> Result<rcgen::Certificate, rcgen::Error> {
+        params.signed_by(public_key, &self.issuer)
+    }
+}
+
+/// The cluster's PKI. `Debug` never prints private keys.
+pub struct ClusterPki {
+    cluster_name: String,
+    ca: CertificateAuthority,
+    front_proxy_ca: CertificateAuthority,
+    etcd_ca: CertificateAuthority,
+    service_account_key: SecretBytes,
+    service_account_pub: String,
+}
+
+impl fmt::Debug for ClusterPki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterPki")
+            .field("cluster_name", &self.cluster_name)
+            .field("ca", &self.ca)
+            .field("front_proxy_ca", &self.front_proxy_ca)
+            .field("etcd_ca", &self.etcd_ca)
+            .field("service_account_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A kubelet CSR that passed every check for one node; only [`ClusterPki::check_kubelet_csr`]
+/// makes one.
+#[derive(Debug, Clone)]
+pub struct VerifiedKubeletCsr {
+    node_name: String,
+    subject_alt_names: Vec<SanType>,
+    public_key: rcgen::PublicKey,
+}
+
+impl VerifiedKubeletCsr {
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+}
+
+impl ClusterPki {
+    /// Generates fresh CAs (valid ten years from `clock`'s now) and a service-account key pair.
+    pub fn generate(cluster_name: &str, clock: &dyn Clock) -> Result<Self, PkiError> {
+        let service_account =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| generate_error("SA", e))?;
+        Ok(Self {
+            cluster_name: cluster_name.to_owned(),
+            // kubeadm's common names for its CAs
+            ca: CertificateAuthority::generate("kubernetes", clock)?,
+            front_proxy_ca: CertificateAuthority::generate("front-proxy-ca", clock)?,
+            etcd_ca: CertificateAuthority::generate("etcd-ca", clock)?,
+            service_account_key: SecretBytes::new(service_account.serialize_pem().into_bytes()),
+            service_account_pub: service_account.public_key_pem(),
+        })
+    }
+
+    pub fn cluster_name(&self) -> &str {
+        &self.cluster_name
+    }
+
+    /// The cluster CA certificate (PEM).
+    pub fn ca_cert_pem(&self) -> &str {
+        &self.ca.cert_pem
+    }
+
+    /// The cluster CA certificate (DER).
+    pub fn ca_cert_der(&self) -> &[u8] {
+        &self.ca.cert_der
+    }
+
+    /// kubeadm's `discovery-token-ca-cert-hash`: `sha256:<hex of SHA-256 of the CA's SPKI DER>`.
+    pub fn ca_cert_hash(&self) -> String {
+        format!("sha256:{}", hex::encode(self.ca.spki_sha256))
+    }
+
+    /// A fresh client certificate for the cluster admin (CN kubernetes-admin, O system:masters),
+    /// valid one year.
+    pub fn admin_client_cert(&self, clock: &dyn Clock) -> Result<ClientCredentials, PkiError> {
+        let what = "admin client certificate";
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| generate_error(what, e))?;
+        let mut params = base_params(
+            ADMIN_COMMON_NAME,
+            Some(ADMIN_ORGANIZATION),
+            clock,
+            LEAF_VALIDITY,
+        );
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = self
+            .ca
+            .sign(&params, &key)
+            .map_err(|e| generate_error(what, e))?;
+        Ok(ClientCredentials {
+            cert_pem: cert.pem(),
+            key_pem: SecretBytes::new(key.serialize_pem().into_bytes()),
+        })
+    }
+
+    /// Renders a kubeconfig for `client` against the API server at `endpoint` (`host:port` or a
+    /// full `https://` URL), with the CA and the client's certificate and key embedded.
+    pub fn kubeconfig(
+        &self,
+        endpoint: &str,
+        client: &ClientCredentials,
+    ) -> Result<String, PkiError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let server = if endpoint.starts_with("https://") {
+            endpoint.to_owned()
+        } else {
+            format!("https://{endpoint}")
+        };
+        let user = ADMIN_COMMON_NAME.to_owned();
+        let context = format!("{user}@{}", self.cluster_name);
+        let config = Kubeconfig {
+            api_version: "v1".into(),
+            kind: "Config".into(),
+            clusters: vec![Named {
+                name: self.cluster_name.clone(),
+                cluster: Some(KubeconfigCluster {
+                    server,
+                    certificate_authority_data: b64.encode(&self.ca.cert_pem),
+                }),
+                context: None,
+                user: None,
+            }],
+            contexts: vec![Named {
+                name: context.clone(),
+                cluster: None,
+                context: Some(KubeconfigContext {
+                    cluster: self.cluster_name.clone(),
+                    user: user.clone(),
+                }),
+                user: None,
+            }],
+            current_context: context,
+            users: vec![Named {
+                name: user,
+                cluster: None,
+                context: None,
+                user: Some(KubeconfigUser {
+                    client_certificate_data: b64.encode(&client.cert_pem),
+                    client_key_data: b64.encode(client.key_pem.expose()),
+                }),
+            }],
+            preferences: Preferences {},
+        };
+        Ok(serde_yaml::to_string(&config)?)
+    }
+
+    /// Parses a PEM PKCS#10 request, verifies its self-signature and checks that it asks for
+    /// exactly the kubelet identity of `expected` (CN `system:node:<name>`, O `system:nodes`, SAN
+    /// DNS names and IPs a subset of the node's).
+    pub fn check_kubelet_csr(
+        &self,
+        csr_pem: &[u8],
+        expected: &NodeIdentity,
+    ) -> Result<VerifiedKubeletCsr, CsrError> {
+        let (label, der) = der::pem::decode_vec(csr_pem).map_err(|e| CsrError::NotPem {
+            expected: CSR_PEM_LABEL,
+            reason: e.to_string(),
+        })?;
+        if label != CSR_PEM_LABEL {
+            return Err(CsrError::NotPem {
+                expected: CSR_PEM_LABEL,
+                reason: format!("label is {label:?}"),
+            });
+        }
+        // rcgen parses and verifies the signature; x509-cert gives the subject attribute by
+        // attribute (rcgen keeps one value per attribute type, which would hide duplicates).
+        let parsed = CertificateSigningRequestParams::from_der(&der.as_slice().into()).map_err(
+            |e| match e {
+                rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
+                rcgen::Error::UnsupportedExtension => CsrError::UnsupportedExtension,
+                other => CsrError::Malformed(other.to_string()),
+            },
+        )?;
+        let req = CertReq::from_der(&der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+
+        let mut common_names = Vec::new();
+        let mut organizations = Vec::new();
+        for atv in req.info.subject.0.iter().flat_map(|rdn| rdn.0.iter()) {
+            let value = attribute_string(&atv.value).ok_or_else(|| {
+                CsrError::UnreadableSubjectAttribute {
+                    oid: atv.oid.to_string(),
+                }
+            })?;
+            if atv.oid == OID_COMMON_NAME {
+                common_names.push(value);
+            } else if atv.oid == OID_ORGANIZATION {
+                organizations.push(value);
+            } else {
+                return Err(CsrError::UnexpectedSubjectAttribute {
+                    oid: atv.oid.to_string(),
+                    value,
+                });
+            }
+        }
+        let expected_cn = format!("{NODE_COMMON_NAME_PREFIX}{}", expected.name);
+        if common_names != [expected_cn.as_str()] {
+            return Err(CsrError::CommonName {
+                expected: expected_cn,
+                found: common_names,
+            });
+        }
+        if organizations != [NODES_ORGANIZATION] {
+            return Err(CsrError::Organization {
+                expected: NODES_ORGANIZATION,
+                found: organizations,
+            });
+        }
+
+        for san in &parsed.params.subject_alt_names {
+            match san {
+                SanType::DnsName(name) => {
+                    let name = name.as_str();
+                    if !expected
+                        .dns_names
+                        .iter()
+                        .any(|allowed| allowed.eq_ignore_ascii_case(name))
+                    {
+                        return Err(CsrError::DnsNameNotAllowed {
+                            found: name.to_owned(),
+                            allowed: expected.dns_names.clone(),
+                        });
+                    }
+                }
+                SanType::IpAddress(ip) => {
+                    if !expected.ips.contains(ip) {
+                        return Err(CsrError::IpNotAllowed {
+                            found: *ip,
+                            allowed: expected.ips.clone(),
+                        });
+                    }
+                }
+                SanType::Rfc822Name(_) => {
+                    return Err(CsrError::SanKindNotAllowed { kind: "email" })
+                }
+                SanType::URI(_) => return Err(CsrError::SanKindNotAllowed { kind: "URI" }),
+                SanType::OtherName(_) => {
+                    return Err(CsrError::SanKindNotAllowed { kind: "otherName" })
+                }
+                _ => return Err(CsrError::SanKindNotAllowed { kind: "unknown" }),
+            }
+        }
+        Ok(VerifiedKubeletCsr {
+            node_name: expected.name.clone(),
+            subject_alt_names: parsed.params.subject_alt_names,
+            public_key: parsed.public_key,
+        })
+    }
+
+    /// Signs the kubelet certificate (serving and client auth, one year) for a checked request.
+    /// The subject is rebuilt from the checked node name, never copied from the request.
+    pub fn sign_kubelet_cert(
+        &self,
+        csr: &VerifiedKubeletCsr,
+        clock: &dyn Clock,
+    ) -> Result<String, CsrError> {
+        let cn = format!("{NODE_COMMON_NAME_PREFIX}{}", csr.node_name);
+        let mut params = base_params(&cn, Some(NODES_ORGANIZATION), clock, LEAF_VALIDITY);
+        params.subject_alt_names = csr.subject_alt_names.clone();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let cert = self
+            .ca
+            .sign(&params, &csr.public_key)
+            .map_err(|e| CsrError::Signing(e.to_string()))?;
+        Ok(cert.pem())
+    }
+
+    /// [`check_kubelet_csr`](Self::check_kubelet_csr), then
+    /// [`sign_kubelet_cert`](Self::sign_kubelet_cert). Returns the certificate as PEM.
+    pub fn issue_kubelet_cert(
+        &self,
+        csr_pem: &[u8],
+        expected: &NodeIdentity,
+        clock: &dyn Clock,
+    ) -> Result<String, CsrError> {
+        let csr = self.check_kubelet_csr(csr_pem, expected)?;
+        self.sign_kubelet_cert(&csr, clock)
+    }
+
+    /// The files a control-plane node shares with the others (kubeadm's list for
+    /// `--control-plane` joins): the three CAs with keys and the service-account key pair.
+    pub fn shared_files(&self) -> Vec<PkiFile> {
+        let contents: [&[u8]; 8] = [
+            self.ca.cert_pem.as_bytes(),
+            self.ca.key_pem.expose(),
+            self.front_proxy_ca.cert_pem.as_bytes(),
+            self.front_proxy_ca.key_pem.expose(),
+            self.etcd_ca.cert_pem.as_bytes(),
+            self.etcd_ca.key_pem.expose(),
+            self.service_account_key.expose(),
+            self.service_account_pub.as_bytes(),
+        ];
+        SHARED_FILES
+            .iter()
+            .zip(contents)
+            .map(|((relative_path, is_private_key), content)| PkiFile {
+                relative_path,
+                content: SecretBytes::new(content.to_vec()),
+                is_private_key: *is_private_key,
+            })
+            .collect()
+    }
+
+    /// Writes [`shared_files`](Self::shared_files) under `dir` (kubeadm's layout): private keys
+    /// with mode 0600, certificates 0644.
+    pub fn write_to_dir(&self, dir: &Path) -> Result<(), PkiError> {
+        write_pki_files(dir, &self.shared_files())
+    }
+
+    /// Loads PKI material written by [`write_to_dir`](Self::write_to_dir), checking that every
+    /// key belongs to its certificate.
+    pub fn load_from_dir(dir: &Path, cluster_name: &str) -> Result<Self, PkiError> {
+        let sa_key_path = dir.join(files::SERVICE_ACCOUNT_KEY);
+        let sa_pub_path = dir.join(files::SERVICE_ACCOUNT_PUB);
+        let service_account_key = SecretBytes::new(read_text(&sa_key_path)?.into_bytes());
+        let service_account_pub = read_text(&sa_pub_path)?;
+        let sa_key_text =
+            std::str::from_utf8(service_account_key.expose()).map_err(|e| PkiError::BadFile {
+                path: sa_key_path.clone(),
+                what: "PEM private key",
+                reason: e.to_string(),
+            })?;
+        let sa = KeyPair::from_pem(sa_key_text).map_err(|e| PkiError::BadFile {
+            path: sa_key_path.clone(),
+            what: "PEM private key",
+            reason: e.to_string(),
+        })?;
+        let sa_pub_der =
+            pem_body(&service_account_pub, "PUBLIC KEY").map_err(|reason| PkiError::BadFile {
+                path: sa_pub_path.clone(),
+                what: "PEM public key",
+                reason,
+            })?;
+        if sa_pub_der != sa.subject_public_key_info() {
+            return Err(PkiError::KeyMismatch {
+                cert: sa_pub_path,
+                key: sa_key_path,
+            });
+        }
+        Ok(Self {
+            cluster_name: cluster_name.to_owned(),
+            ca: CertificateAuthority::load(dir, files::CA_CERT, files::CA_KEY)?,
+            front_proxy_ca: CertificateAuthority::load(
+                dir,
+                files::FRONT_PROXY_CA_CERT,
+                files::FRONT_PROXY_CA_KEY,
+            )?,
+            etcd_ca: CertificateAuthority::load(dir, files::ETCD_CA_CERT, files::ETCD_CA_KEY)?,
+            service_account_key,
+            service_account_pub,
+        })
+    }
+}
+
+/// Writes PKI files under `dir`, creating subdirectories; private keys get mode 0600.
+pub fn write_pki_files(dir: &Path, pki_files: &[PkiFile]) -> Result<(), PkiError> {
+    for file in pki_files {
+        let path = dir.join(file.relative_path);
+        let io = |source| PkiError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io)?;
+        }
+        let mode = if file.is_private_key { 0o600 } else { 0o644 };
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(io)?;
+        // `mode` only applies to new files; an existing one keeps its bits unless reset.
+        out.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io)?;
+        out.write_all(file.content.expose()).map_err(io)?;
+        out.sync_all().map_err(io)?;
+    }
+    Ok(())
+}
+
+/// SHA-256 of the SubjectPublicKeyInfo DER of a certificate.
+fn spki_sha256(cert_der: &[u8]) -> Result<[u8; 32], String> {
+    let spki = Certificate::from_der(cert_der)
+        .and_then(|c| c.tbs_certificate.subject_public_key_info.to_der())
+        .map_err(|e| e.to_string())?;
+    Ok(Sha256::digest(&spki).into())
+}
+
+fn base_params(
+    common_name: &str,
+    organization: Option<&str>,
+    clock: &dyn Clock,
+    validity: Duration,
+) -> CertificateParams {
+    let now = clock.now();
+    let mut dn = DistinguishedName::new();
+    if let Some(org) = organization {
+        dn.push(DnType::OrganizationName, org);
+    }
+    dn.push(DnType::CommonName, common_name);
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.not_before = offset_time(now.checked_sub(CLOCK_SKEW_BACKDATE).unwrap_or(now));
+    params.not_after = offset_time(now.checked_add(validity).unwrap_or(now));
+    params.serial_number = Some(random_serial());
+    params
+}
+
+fn offset_time(t: SystemTime) -> time::OffsetDateTime {
+    time::OffsetDateTime::from(t)
+}
+
+/// 16 random bytes, positive and without a leading zero byte (DER-minimal).
+fn random_serial() -> SerialNumber {
+    let mut serial = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut serial);
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&serial)
+}
+
+fn generate_error(what: &'static str, e: rcgen::Error) -> PkiError {
+    PkiError::Generate {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn pem_body(pem: &str, expected_label: &str) -> Result<Vec<u8>, String> {
+    let (label, der) = der::pem::decode_vec(pem.as_bytes()).map_err(|e| e.to_string())?;
+    if label != expected_label {
+        return Err(format!(
+            "PEM label is {label:?}, expected {expected_label:?}"
+        ));
+    }
+    Ok(der)
+}
+
+fn attribute_string(value: &der::Any) -> Option<String> {
+    use der::{Tag, Tagged};
+    match value.tag() {
+        Tag::Utf8String | Tag::PrintableString | Tag::Ia5String => {
+            std::str::from_utf8(value.value()).ok().map(str::to_owned)
+        }
+        _ => None,
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Kubeconfig {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    kind: String,
+    clusters: Vec<Named>,
+    contexts: Vec<Named>,
+    #[serde(rename = "current-context")]
+    current_context: String,
+    users: Vec<Named>,
+    preferences: Preferences,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Preferences {}
+
+/// kubeconfig's `{name, cluster|context|user}` list entries.
+#[derive(Serialize, Deserialize)]
+struct Named {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<KubeconfigCluster>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<KubeconfigContext>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<KubeconfigUser>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct KubeconfigCluster {
+    server: String,
+    certificate_authority_data: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KubeconfigContext {
+    cluster: String,
+    user: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct KubeconfigUser {
+    client_certificate_data: String,
+    client_key_data: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use constellation_attestation::FixedClock;
+
+    #[test]
+    fn debug_output_hides_every_private_key() {
+        let pki = ClusterPki::generate("c", &FixedClock::at_unix(1_700_000_000)).unwrap();
+        let printed = format!("{pki:?}");
+        for file in pki.shared_files().iter().filter(|f| f.is_private_key) {
+            let key = std::str::from_utf8(file.content.expose()).unwrap();
+            let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+            assert!(
+                !printed.contains(&body[..40]),
+                "{} leaked",
+                file.relative_path
+            );
+        }
+        assert!(!printed.contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn serials_are_positive_and_minimal() {
+        for _ in 0..64 {
+            let s = random_serial();
+            let bytes = s.to_bytes();
+            assert_eq!(bytes.len(), 16);
+            assert_eq!(bytes[0] & 0xc0, 0x40);
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Join tickets: what an attested node receives to join the cluster.
+//!
+//! The aTLS layer (wired by the bootstrapper) verifies the joining node's attestation and inserts
+//! an [`AttestedPeer`] into the tonic request's extensions. [`JoinTicketIssuer`] refuses any
+//! request without one, any request for a node name other than the attested one, and any CSR that
+//! names another node. Every check runs before anything is issued; on failure nothing is.
+//!
+//! A ticket carries: the state-disk key (the data key whose key ID is the disk UUID), the
+//! measurement salt and secret, a fresh bootstrap token with its expiry, the CA hash, the kubelet
+//! certificate, the CA certificate, the API server endpoint, the Kubernetes version and the
+//! cluster ID. Control-plane joins also get [`ClusterPki::shared_files`], named by their path
+//! under kubeadm's certificates directory: `ca.crt`, `ca.key`, `front-proxy-ca.crt`,
+//! `front-proxy-ca.key`, `etcd/ca.crt`, `etcd/ca.key`, `sa.key`, `sa.pub`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use constellation_attestation::Clock;
+use constellation_common::kdf::{cluster_id, DEFAULT_KEY_LEN};
+use constellation_common::secret::SecretBytes;
+use constellation_proto::join::join_service_server::JoinService;
+use constellation_proto::join::{
+    ControlPlaneFile, IssueJoinTicketRequest, IssueJoinTicketResponse,
+};
+use constellation_proto::PROTOCOL_VERSION;
+use tonic::{Request, Response, Status};
+
+use crate::pki::{ClusterPki, CsrError, NodeIdentity, NodeRole};
+use crate::token::TokenRegistry;
+
+/// The attested identity of the caller, put into the request extensions by the aTLS layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestedPeer {
+    /// SHA-256 of the peer's attestation key (the key its evidence is signed with).
+    pub ak_fingerprint: [u8; 32],
+    /// The node the attested evidence belongs to, when the platform binds one. Requests from a
+    /// peer without a node name are refused: the ticket could not be bound to a node.
+    pub node_name: Option<String>,
+}
+
+/// Why a data key could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("data key {key_id:?} unavailable: {reason}")]
+pub struct DataKeyError {
+    pub key_id: String,
+    pub reason: String,
+}
+
+/// Where data keys come from (the key service in production).
+#[tonic::async_trait]
+pub trait DataKeySource: Send + Sync {
+    /// The `len`-byte data key for `key_id`.
+    async fn data_key(&self, key_id: &str, len: usize) -> Result<SecretBytes, DataKeyError>;
+}
+
+/// What the platform's metadata knows about nodes.
+pub trait NodeDirectory: Send + Sync {
+    fn node(&self, name: &str) -> Option<NodeIdentity>;
+}
+
+/// Fixed settings of the join service.
+#[derive(Debug, Clone)]
+pub struct JoinTicketConfig {
+    pub measurement_salt: SecretBytes,
+    pub measurement_secret: SecretBytes,
+    /// `host:port` of the Kubernetes API server (the load balancer).
+    pub api_server_endpoint: String,
+    pub kubernetes_version: String,
+    /// Lifetime of the bootstrap tokens handed out.
+    pub token_ttl: Duration,
+}
+
+/// Why a ticket was refused. Messages name the check and the values involved, never secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("request carries no attested peer: the channel was not attested")]
+    NotAttested,
+    #[error("attested peer (AK {ak_fingerprint}) is bound to no node name")]
+    PeerWithoutNodeName { ak_fingerprint: String },
+    #[error("request is for node {requested:?} but the attested peer is node {attested:?}")]
+    NodeNameMismatch { requested: String, attested: String },
+    #[error("protocol version {found} is not supported (expected {expected})")]
+    UnsupportedVersion { expected: u32, found: u32 },
+    #[error("node name is empty")]
+    EmptyNodeName,
+    #[error("disk UUID {found:?} is not of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hex)")]
+    BadDiskUuid { found: String },
+    #[error("node {name:?} is not known to the platform metadata")]
+    UnknownNode { name: String },
+    #[error("node {name:?} asked for a control-plane ticket but metadata says it is a worker")]
+    NotControlPlane { name: String },
+    #[error("kubelet CSR refused: {0}")]
+    Csr(#[source] CsrError),
+    #[error("{0}")]
+    DataKey(#[from] DataKeyError),
+}
+
+impl From<JoinError> for Status {
+    fn from(e: JoinError) -> Self {
+        let message = e.to_string();
+        match e {
+            JoinError::NotAttested
+            | JoinError::PeerWithoutNodeName { .. }
+            | JoinError::NodeNameMismatch { .. }
+            | JoinError::UnknownNode { .. }
+            | JoinError::NotControlPlane { .. } => Status::permission_denied(message),
+            JoinError::Csr(ref csr) if csr.is_identity_mismatch() => {
+                Status::permission_denied(message)
+            }
+            JoinError::Csr(CsrError::Signing(_)) => Status::internal(message),
+            JoinError::UnsupportedVersion { .. }
+            | JoinError::EmptyNodeName
+            | JoinError::BadDiskUuid { .. }
+            | JoinError::Csr(_) => Status::invalid_argument(message),
+            JoinError::DataKey(_) => Status::unavailable(message),
+        }
+    }
+}
+
+/// Issues join tickets; implements the generated `JoinService` gRPC trait.
+pub struct JoinTicketIssuer {
+    keys: Arc<dyn DataKeySource>,
+    nodes: Arc<dyn NodeDirectory>,
+    pki: Arc<ClusterPki>,
+    tokens: Arc<TokenRegistry>,
+    clock: Arc<dyn Clock>,
+    config: JoinTicketConfig,
+    cluster_id: [u8; 32],
+}
+
+impl std::fmt::Debug for JoinTicketIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinTicketIssuer")
+            .field("api_server_endpoint", &self.config.api_server_endpoint)
+            .field("kubernetes_version", &self.config.kubernetes_version)
+            .field("cluster_id", &hex::encode(self.cluster_id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl JoinTicketIssuer {
+    /// The cluster ID is derived from the measurement secret and salt (see
+    /// `constellation_common::kdf::cluster_id`), so it cannot disagree with them.
+    pub fn new(
+        keys: Arc<dyn DataKeySource>,
+        nodes: Arc<dyn NodeDirectory>,
+        pki: Arc<ClusterPki>,
+        tokens: Arc<TokenRegistry>,
+        clock: Arc<dyn Clock>,
+        config: JoinTicketConfig,
+    ) -> Self {
+        let cluster_id = cluster_id(
+            config.measurement_secret.expose(),
+            config.measurement_salt.expose(),
+        );
+        Self {
+            keys,
+            nodes,
+            pki,
+            tokens,
+            clock,
+            config,
+            cluster_id,
+        }
+    }
+
+    /// The cluster ID handed out in tickets.
+    pub fn cluster_id(&self) -> [u8; 32] {
+        self.cluster_id
+    }
+
+    /// Checks `req` against the attested `peer` and the metadata, then issues the ticket.
+    pub async fn issue(
+        &self,
+        peer: Option<&AttestedPeer>,
+        req: &IssueJoinTicketRequest,
+    ) -> Result<IssueJoinTicketResponse, JoinError> {
+        let result = self.issue_checked(peer, req).await;
+        match &result {
+            Ok(_) => tracing::info!(node = %req.node_name, control_plane = req.is_control_plane,
+                "join ticket issued"),
+            Err(e) => tracing::warn!(node = %req.node_name,
+                ak = %peer.map(|p| hex::encode(p.ak_fingerprint)).unwrap_or_default(),
+                error = %e, "join ticket refused"),
+        }
+        result
+    }
+
+    async fn issue_checked(
+        &self,
+        peer: Option<&AttestedPeer>,
+        req: &IssueJoinTicketRequest,
+    ) -> Result<IssueJoinTicketResponse, JoinError> {
+        let peer = peer.ok_or(JoinError::NotAttested)?;
+        if req.version != PROTOCOL_VERSION {
+            return Err(JoinError::UnsupportedVersion {
+                expected: PROTOCOL_VERSION,
+                found: req.version,
+            });
+        }
+        if req.node_name.is_empty() {
+            return Err(JoinError::EmptyNodeName);
+        }
+        let attested = peer
+            .node_name
+            .as_deref()
+            .ok_or_else(|| JoinError::PeerWithoutNodeName {
+                ak_fingerprint: hex::encode(peer.ak_fingerprint),
+            })?;
+        if attested != req.node_name {
+            return Err(JoinError::NodeNameMismatch {
+                requested: req.node_name.clone(),
+                attested: attested.to_owned(),
+            });
+        }
+        let disk_key_id = normalized_disk_uuid(&req.disk_uuid)?;
+        let node = self
+            .nodes
+            .node(&req.node_name)
+            .ok_or_else(|| JoinError::UnknownNode {
+                name: req.node_name.clone(),
+            })?;
+        if req.is_control_plane && node.role != NodeRole::ControlPlane {
+            return Err(JoinError::NotControlPlane {
+                name: req.node_name.clone(),
+            });
+        }
+        let csr = self
+            .pki
+            .check_kubelet_csr(&req.csr_pem, &node)
+            .map_err(JoinError::Csr)?;
+
+        // All checks passed; now obtain and issue, the token last (the only registration).
+        let disk_key = self.keys.data_key(&disk_key_id, DEFAULT_KEY_LEN).await?;
+        let kubelet_cert = self
+            .pki
+            .sign_kubelet_cert(&csr, self.clock.as_ref())
+            .map_err(JoinError::Csr)?;
+        let control_plane_files = if req.is_control_plane {
+            self.pki
+                .shared_files()
+                .into_iter()
+                .map(|f| ControlPlaneFile {
+                    name: f.relative_path.to_owned(),
+                    content: f.content.expose().to_vec(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let token = self
+            .tokens
+            .issue(self.config.token_ttl, self.clock.as_ref());
+        Ok(IssueJoinTicketResponse {
+            state_disk_key: disk_key.expose().to_vec(),
+            measurement_salt: self.config.measurement_salt.expose().to_vec(),
+            measurement_secret: self.config.measurement_secret.expose().to_vec(),
+            bootstrap_token: token.expose(),
+            bootstrap_token_expiry_unix: token.expires_at_unix(),
+            discovery_token_ca_cert_hash: self.pki.ca_cert_hash(),
+            kubelet_cert_pem: kubelet_cert.into_bytes(),
+            ca_cert_pem: self.pki.ca_cert_pem().as_bytes().to_vec(),
+            control_plane_files,
+            api_server_endpoint: self.config.api_server_endpoint.clone(),
+            kubernetes_version: self.config.kubernetes_version.clone(),
+            cluster_id: self.cluster_id.to_vec(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl JoinService for JoinTicketIssuer {
+    async fn issue_join_ticket(
+        &self,
+        request: Request<IssueJoinTicketRequest>,
+    ) -> Result<Response<IssueJoinTicketResponse>, Status> {
+        let peer = request.extensions().get::<AttestedPeer>().cloned();
+        self.issue(peer.as_ref(), request.get_ref())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+}
+
+/// Checks the 8-4-4-4-12 hex form and lowercases it, so the disk key does not depend on how the
+/// node spelled its UUID.
+pub fn normalized_disk_uuid(uuid: &str) -> Result<String, JoinError> {
+    let groups: Vec<&str> = uuid.split('-').collect();
+    let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+    let well_formed = lengths == [8, 4, 4, 4, 12]
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed {
+        return Err(JoinError::BadDiskUuid {
+            found: uuid.to_owned(),
+        });
+    }
+    Ok(uuid.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_uuid_form() {
+        assert_eq!(
+            normalized_disk_uuid("0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0").unwrap(),
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+        );
+        for bad in [
+            "",
+            "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f",
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg",
+            "{0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0}",
+            "../../etc/passwd",
+        ] {
+            assert!(
+                matches!(
+                    normalized_disk_uuid(bad),
+                    Err(JoinError::BadDiskUuid { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! TLS plumbing for tonic over rustls, independent of how the peers are authenticated.
+//!
+//! tonic's own TLS feature is not used: the caller supplies a complete `rustls::ServerConfig` /
+//! `rustls::ClientConfig` (certificates, verifiers, ALPN), so the same two pieces serve mutual TLS
+//! with cluster certificates (the key service) and attested TLS (custom verifiers):
+//!
+//! - server side: [`TlsIncoming`] accepts TCP connections, runs each TLS handshake in its own task
+//!   (a slow or failing client never blocks others) and yields [`TlsServerStream`]s for
+//!   `tonic::transport::Server::serve_with_incoming_shutdown`. Every request served over such a
+//!   stream carries a [`TlsConnectInfo`] in its extensions (peer certificate chain, addresses).
+//! - client side: [`TlsConnector`] is a tower service for
+//!   `tonic::transport::Endpoint::connect_with_connector`. Give the endpoint an `http://host:port`
+//!   URI: the connector does the TLS, tonic must not try to.
+//!
+//! The helpers at the end build the mutual-TLS configurations the key service uses: a server that
+//! requires a client certificate chaining to the cluster CA, and a client presenting one. All
+//! configs use the aws-lc-rs provider explicitly, never the process default.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector as RustlsConnector};
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a client may take to complete the TLS handshake before it is dropped.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// ALPN protocol id of HTTP/2, which gRPC runs on.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// What the server learned about a TLS connection. tonic inserts it into the extensions of every
+/// request served over the connection: `request.extensions().get::<TlsConnectInfo>()`.
+#[derive(Clone, Debug)]
+pub struct TlsConnectInfo {
+    pub remote_addr: Option<SocketAddr>,
+    pub local_addr: Option<SocketAddr>,
+    /// The client's certificate chain (end entity first) as verified by the server config's client
+    /// verifier; empty when the config allowed an anonymous client.
+    pub peer_certificates: Arc<[CertificateDer<'static>]>,
+}
+
+/// An accepted server-side TLS connection (handshake completed).
+pub struct TlsServerStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: TlsConnectInfo,
+}
+
+impl TlsServerStream {
+    /// The TCP stream and the rustls connection, e.g. for `export_keying_material`.
+    pub fn get_ref(&self) -> (&TcpStream, &rustls::ServerConnection) {
+        self.inner.get_ref()
+    }
+
+    pub fn info(&self) -> &TlsConnectInfo {
+        &self.info
+    }
+}
+
+impl Connected for TlsServerStream {
+    type ConnectInfo = TlsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsServerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsServerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A stream of TLS connections accepted on a listener, for
+/// `Server::serve_with_incoming_shutdown`. Failed handshakes (e.g. a client without an acceptable
+/// certificate) are logged and dropped; they never end the stream. Dropping the stream stops
+/// accepting.
+pub struct TlsIncoming {
+    accepted: mpsc::Receiver<TlsServerStream>,
+    accept_loop: JoinHandle<()>,
+}
+
+impl TlsIncoming {
+    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> Self {
+        Self::with_handshake_timeout(listener, config, DEFAULT_HANDSHAKE_TIMEOUT)
+    }
+
+    pub fn with_handshake_timeout(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+        handshake_timeout: Duration,
+    ) -> Self {
+        let (sender, accepted) = mpsc::channel(16);
+        let acceptor = TlsAcceptor::from(config);
+        let accept_loop = tokio::spawn(accept_loop(listener, acceptor, sender, handshake_timeout));
+        Self {
+            accepted,
+            accept_loop,
+        }
+    }
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        self.accept_loop.abort();
+    }
+}
+
+impl Stream for TlsIncoming {
+    type Item = Result<TlsServerStream, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.accepted.poll_recv(cx).map(|stream| stream.map(Ok))
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    sender: mpsc::Sender<TlsServerStream>,
+    handshake_timeout: Duration,
+) {
+    loop {
+        let (tcp, remote_addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                tracing::warn!(%error, "accepting a TCP connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if sender.is_closed() {
+            return;
+        }
+        let acceptor = acceptor.clone();
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let local_addr = tcp.local_addr().ok();
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(inner)) => {
+                    let peer_certificates = inner
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|chain| chain.to_vec())
+                        .unwrap_or_default()
+                        .into();
+                    let info = TlsConnectInfo {
+                        remote_addr: Some(remote_addr),
+                        local_addr,
+                        peer_certificates,
+                    };
+                    // A closed receiver means the server is shutting down; drop the connection.
+                    let _ = sender.send(TlsServerStream { inner, info }).await;
+                }
+                Ok(Err(error)) => {
+                    tracing::info!(%remote_addr, %error, "TLS handshake refused");
+                }
+                Err(_) => {
+                    tracing::info!(%remote_addr, ?handshake_timeout, "TLS handshake timed out");
+                }
+            }
+        });
+    }
+}
+
+/// Client side: a tower service for `Endpoint::connect_with_connector` that opens a TCP
+/// connection to the URI's host and port and runs a TLS handshake with the given config, checking
+/// the server against `server_name`.
+#[derive(Clone)]
+pub struct TlsConnector {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl TlsConnector {
+    pub fn new(config: Arc<ClientConfig>, server_name: ServerName<'static>) -> Self {
+        Self {
+            config,
+            server_name,
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send,
+    >,
+>;
+
+impl tower::Service<http::Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connector = RustlsConnector::from(self.config.clone());
+        let server_name = self.server_name.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("URI {uri} has no host"),
+                )
+            })?;
+            let port = uri.port_u16().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("URI {uri} has no port"),
+                )
+            })?;
+            // An IPv6 host comes bracketed in the URI.
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+/// Connects a tonic channel over TLS. `endpoint` must have an `http://host:port` URI (TLS is done
+/// here, not by tonic); timeouts and other settings on the endpoint apply.
+pub async fn connect(
+    endpoint: Endpoint,
+    connector: TlsConnector,
+) -> Result<Channel, tonic::transport::Error> {
+    endpoint.connect_with_connector(connector).await
+}
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("the cluster CA certificate list is empty")]
+    NoCaCertificate,
+    #[error("CA certificate {index} is not a usable trust anchor: {source}")]
+    BadCaCertificate {
+        index: usize,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("building the client-certificate verifier failed: {0}")]
+    ClientVerifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("the certificate chain or private key was rejected: {0}")]
+    CertificateOrKey(#[source] rustls::Error),
+}
+
+/// The process-independent crypto provider every config here uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn root_store(
+    ca_certificates: &[CertificateDer<'static>],
+) -> Result<RootCertStore, TlsConfigError> {
+    if ca_certificates.is_empty() {
+        return Err(TlsConfigError::NoCaCertificate);
+    }
+    let mut roots = RootCertStore::empty();
+    for (index, ca) in ca_certificates.iter().enumerate() {
+        roots
+            .add(ca.clone())
+            .map_err(|source| TlsConfigError::BadCaCertificate { index, source })?;
+    }
+    Ok(roots)
+}
+
+/// A TLS 1.3 server config that REQUIRES a client certificate chaining to one of
+/// `client_ca_certificates`, presents `cert_chain`/`key`, and offers ALPN h2.
+pub fn mutual_tls_server_config(
+    client_ca_certificates: &[CertificateDer<'static>],
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let provider = provider();
+    let roots = Arc::new(root_store(client_ca_certificates)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsConfigError::CertificateOrKey)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert_chain, key)
+        .map_err(TlsConfigError::CertificateOrKey)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A TLS 1.3 client config that trusts servers chaining to `server_ca_certificates` and presents
+/// `cert_chain`/`key` as its client certificate; offers ALPN h2.
+pub fn mutual_tls_client_config(
+    server_ca_certificates: &[CertificateDer<'static>],
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsConfigError::CertificateOrKey)?
+        .with_root_certificates(root_store(server_ca_certificates)?)
+        .with_client_auth_cert(cert_chain, key)
+        .map_err(TlsConfigError::CertificateOrKey)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
