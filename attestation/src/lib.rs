@@ -7,6 +7,7 @@
 
 pub mod atls;
 pub mod clock;
+pub mod cluster;
 pub mod measurements;
 pub mod signed_measurements;
 pub mod snp;

@@ -1,0 +1,365 @@
+//! Nodes that prove themselves: real bootstrapper processes, each with its own swtpm, started
+//! by the local platform; Init over aTLS; joins; the verification service.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use constellation_attestation::atls::{self, AtlsError};
+use constellation_attestation::cluster::verify_cluster;
+use constellation_attestation::measurements::{Measurements, CLUSTER_ID_PCR};
+use constellation_attestation::tpm::AkPublicKey;
+use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
+use constellation_attestation::ValidationError;
+use constellation_common::kdf;
+use constellation_common::metadata::{ports, Role};
+use constellation_image::LocalImage;
+use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
+use constellation_platform::Cloud;
+use constellation_proto::init::init_response::Kind;
+use constellation_proto::init::init_service_client::InitServiceClient;
+use constellation_proto::init::{InitRequest, InitSuccess};
+use constellation_proto::PROTOCOL_VERSION;
+
+const INIT_SECRET: &[u8] = b"the init secret of this test cluster";
+
+struct TestCluster {
+    cloud: Option<LocalCloud>,
+    image: LocalImage,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Some(cloud) = self.cloud.take() {
+            let _ = cloud.destroy();
+        }
+    }
+}
+
+impl TestCluster {
+    fn new(name: &str) -> Self {
+        // Tests use the fast (insecure) LUKS key derivation; production keeps argon2id.
+        std::env::set_var("CONSTELLATION_STATEDISK_INSECURE_FAST_KDF", "1");
+        let dir = tempfile::tempdir().unwrap();
+        let image = LocalImage::assemble(
+            &dir.path().join("image"),
+            Path::new(env!("CARGO_BIN_EXE_constellation-bootstrapper")),
+            "v0.0.0-test",
+        )
+        .unwrap();
+        let settings = ClusterSettings {
+            cluster_name: name.to_owned(),
+            init_secret_hash: constellation_common::initsecret::hash(INIT_SECRET),
+            attestation_variant: "qemu-vtpm".into(),
+            measurements_json: image.measurements.to_json(),
+            image_dir: image.dir.clone(),
+        };
+        let cloud = LocalCloud::create(&dir.path().join("cluster"), settings).unwrap();
+        Self {
+            cloud: Some(cloud),
+            image,
+            _dir: dir,
+        }
+    }
+
+    fn cloud(&mut self) -> &mut LocalCloud {
+        self.cloud.as_mut().unwrap()
+    }
+
+    /// A validator for a fresh node: the image's measurements (PCR 15 = 0) and the node's AK.
+    fn fresh_validator(&self, node: &NodeRecord) -> Arc<QemuVtpmValidator> {
+        Arc::new(QemuVtpmValidator::new(
+            vec![ak(node)],
+            self.image.measurements.clone(),
+        ))
+    }
+
+    fn member_validator(&self, nodes: &[NodeRecord]) -> QemuVtpmValidator {
+        let mut m = self.image.measurements.clone();
+        m.0.remove(&CLUSTER_ID_PCR);
+        QemuVtpmValidator::new(nodes.iter().map(ak).collect(), m)
+    }
+}
+
+fn ak(node: &NodeRecord) -> AkPublicKey {
+    AkPublicKey::from_spki_der(&hex::decode(&node.ak_spki_hex).unwrap()).unwrap()
+}
+
+fn request(secret: &[u8]) -> InitRequest {
+    InitRequest {
+        version: PROTOCOL_VERSION,
+        master_secret: vec![0x11; 32],
+        master_salt: vec![0x22; 32],
+        measurement_salt: vec![0x33; 32],
+        init_secret: secret.to_vec(),
+        cluster_name: "test".into(),
+        kubernetes_version: "v1.31.1".into(),
+        ..Default::default()
+    }
+}
+
+/// Attests the node over aTLS and sends Init; returns the success message and the log lines.
+async fn init(
+    validator: Arc<QemuVtpmValidator>,
+    node: &NodeRecord,
+    req: InitRequest,
+) -> Result<(InitSuccess, Vec<String>), InitFailure> {
+    let config = atls::ClientConfig::server_only(validator).unwrap();
+    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
+        .await
+        .map_err(InitFailure::Attestation)?;
+    let mut stream = InitServiceClient::new(channel)
+        .init(req)
+        .await
+        .map_err(InitFailure::Status)?
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(msg) = stream.message().await.map_err(InitFailure::Status)? {
+        match msg.kind {
+            Some(Kind::Log(l)) => lines.push(l.message),
+            Some(Kind::Success(s)) => return Ok((s, lines)),
+            None => {}
+        }
+    }
+    panic!("init stream ended without success; lines: {lines:?}")
+}
+
+#[derive(Debug)]
+enum InitFailure {
+    Attestation(AtlsError),
+    Status(tonic::Status),
+}
+
+fn expected_cluster_id() -> [u8; 32] {
+    let ms = kdf::measurement_secret(&[0x11; 32], &[0x22; 32]);
+    kdf::cluster_id(ms.expose(), &[0x33; 32])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_over_atls_binds_the_node_to_the_cluster() {
+    let mut c = TestCluster::new("init");
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    let validator = c.fresh_validator(&cp);
+
+    // Wrong init secret: refused before anything happens.
+    match init(validator.clone(), &cp, request(b"not the secret")).await {
+        Err(InitFailure::Status(s)) => {
+            assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+            assert!(s.message().contains("init secret"), "{}", s.message());
+        }
+        other => panic!("wrong secret accepted: {other:?}"),
+    }
+
+    let started = Instant::now();
+    let (ok, lines) = init(validator.clone(), &cp, request(INIT_SECRET))
+        .await
+        .unwrap();
+    eprintln!("init took {:?}", started.elapsed());
+    assert_eq!(
+        ok.cluster_id,
+        expected_cluster_id().to_vec(),
+        "cluster ID is the known-answer derivation"
+    );
+    let kubeconfig = String::from_utf8(ok.kubeconfig.clone()).unwrap();
+    assert!(
+        kubeconfig.contains("certificate-authority-data") && kubeconfig.contains("client-key-data")
+    );
+    assert!(ok.ca_cert_pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
+    assert_eq!(ok.kubernetes_installer, "none");
+    assert!(
+        lines.iter().any(|l| l.contains("PCR 15")),
+        "progress streamed: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains(&hex::encode([0x11u8; 32]))),
+        "no secret in progress lines"
+    );
+
+    // PCR 15 = SHA-256(0^32 || SHA-256(cluster ID)), read from the node's TPM through a quote.
+    let member = c.member_validator(std::slice::from_ref(&cp));
+    let verdict = verify_cluster(&cp.endpoint(ports::VERIFY), &member, Some(&ok.cluster_id))
+        .await
+        .unwrap();
+    let mut expected = [0u8; 64];
+    expected[32..].copy_from_slice(&constellation_attestation::measurements::sha256(
+        &ok.cluster_id,
+    ));
+    assert_eq!(
+        verdict.pcrs[&CLUSTER_ID_PCR],
+        constellation_attestation::measurements::sha256(&expected)
+    );
+
+    // A second Init is refused: the node no longer attests as fresh (PCR 15 changed)...
+    match init(validator.clone(), &cp, request(INIT_SECRET)).await {
+        Err(InitFailure::Attestation(AtlsError::Rejected(ValidationError::Measurements(m)))) => {
+            assert!(m.to_string().contains("PCR[15]"), "{m}")
+        }
+        other => panic!("second init not refused by attestation: {other:?}"),
+    }
+    // ...and even a verifier that skips PCR 15 gets a clear "already initialized".
+    let mut lax = c.image.measurements.clone();
+    lax.0.remove(&CLUSTER_ID_PCR);
+    let lax = Arc::new(QemuVtpmValidator::new(vec![ak(&cp)], lax));
+    match init(lax, &cp, request(INIT_SECRET)).await {
+        Err(InitFailure::Status(s)) => assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}"),
+        other => panic!("second init accepted: {other:?}"),
+    }
+
+    // The verification service with wrong measurements: rejected.
+    let mut wrong = Measurements::default();
+    wrong.0.insert(
+        4,
+        constellation_attestation::Measurement::enforce([9u8; 32]),
+    );
+    let wrong = QemuVtpmValidator::new(vec![ak(&cp)], wrong);
+    assert!(verify_cluster(&cp.endpoint(ports::VERIFY), &wrong, None)
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_from_a_modified_binary_fails_attestation_before_any_secret_is_sent() {
+    let mut c = TestCluster::new("modified");
+    let dir = tempfile::tempdir().unwrap();
+    let mut binary = std::fs::read(env!("CARGO_BIN_EXE_constellation-bootstrapper")).unwrap();
+    binary.extend_from_slice(b"\0tampered");
+    let tampered = dir.path().join("bootstrapper");
+    std::fs::write(&tampered, binary).unwrap();
+    let other = LocalImage::assemble(&dir.path().join("image"), &tampered, "v0.0.0-test").unwrap();
+    let cp = c
+        .cloud()
+        .create_node_from_image(Role::ControlPlane, &other.dir)
+        .unwrap();
+    match init(c.fresh_validator(&cp), &cp, request(INIT_SECRET)).await {
+        Err(InitFailure::Attestation(AtlsError::Rejected(ValidationError::Measurements(m)))) => {
+            let text = m.to_string();
+            assert!(
+                text.contains("PCR[4]"),
+                "names the PCR of the binary: {text}"
+            );
+        }
+        other => panic!("modified node accepted: {other:?}"),
+    }
+    // Nothing reached the node: it is still uninitialized (PCR 15 zero).
+    let verdict = verify_cluster(
+        &cp.endpoint(ports::VERIFY),
+        &QemuVtpmValidator::new(vec![ak(&cp)], other.measurements.clone()),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(verdict.pcrs[&CLUSTER_ID_PCR], [0u8; 32]);
+}
+
+async fn wait_joined(c: &TestCluster, nodes: &[NodeRecord], node: &NodeRecord, cluster_id: &[u8]) {
+    let validator = c.member_validator(nodes);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match verify_cluster(&node.endpoint(ports::VERIFY), &validator, Some(cluster_id)).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() > deadline => {
+                panic!(
+                    "{} did not join: {e}\n{}",
+                    node.name,
+                    std::fs::read_to_string(node.log_path()).unwrap_or_default()
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn disk_of(node: &NodeRecord) -> PathBuf {
+    node.dir.join("state").join("disk.img")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_join_with_known_answer_disk_keys_and_rejoin_after_restart() {
+    let mut c = TestCluster::new("join");
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    let workers = c.cloud().create_nodes(Role::Worker, 2).unwrap();
+    let (ok, _) = init(c.fresh_validator(&cp), &cp, request(INIT_SECRET))
+        .await
+        .unwrap();
+    let all: Vec<NodeRecord> = c.cloud().list_nodes();
+    for w in &workers {
+        wait_joined(&c, &all, w, &ok.cluster_id).await;
+        // The disk key is HKDF(master, salt, "key-" + disk UUID): it unlocks the worker's disk.
+        let uuid = constellation_bootstrapper::statedisk::uuid(&disk_of(w))
+            .unwrap()
+            .to_string();
+        let key = kdf::derive_key(&[0x11; 32], &[0x22; 32], &uuid, 32).unwrap();
+        constellation_bootstrapper::statedisk::verify_key(&disk_of(w), key.expose()).unwrap();
+        assert!(
+            !w.dir.join("state/disk.initial-key").exists(),
+            "first-boot key forgotten"
+        );
+    }
+
+    // Kill a worker and boot it again: it rejoins and unlocks the same disk with the same key.
+    let w = workers[0].clone();
+    let uuid_before = constellation_bootstrapper::statedisk::uuid(&disk_of(&w)).unwrap();
+    c.cloud().crash(&w.name).unwrap();
+    let w = c.cloud().boot(&w.name).unwrap();
+    wait_joined(&c, &all, &w, &ok.cluster_id).await;
+    assert_eq!(
+        constellation_bootstrapper::statedisk::uuid(&disk_of(&w)).unwrap(),
+        uuid_before
+    );
+    let log = std::fs::read_to_string(w.log_path()).unwrap();
+    assert!(log.contains("state disk unlocked"), "{log}");
+}
+
+#[test]
+fn the_platform_starts_and_stops_three_nodes_repeatedly_without_leaks() {
+    let mut c = TestCluster::new("churn");
+    let marker = c.cloud().root().display().to_string();
+    for _ in 0..2 {
+        let nodes = c.cloud().create_nodes(Role::Worker, 3).unwrap();
+        assert!(nodes.iter().all(NodeRecord::is_alive));
+        for n in &nodes {
+            c.cloud().delete_node(&n.name).unwrap();
+        }
+        assert_eq!(
+            processes_mentioning(&marker),
+            BTreeMap::new(),
+            "no bootstrapper or swtpm left"
+        );
+        for n in &nodes {
+            for port in [ports::VERIFY, ports::BOOTSTRAPPER] {
+                assert!(
+                    std::net::TcpListener::bind((n.ip, port)).is_ok(),
+                    "port {port} of {} released",
+                    n.name
+                );
+            }
+        }
+    }
+}
+
+/// Live processes whose command line mentions `marker` (zombies excluded).
+fn processes_mentioning(marker: &str) -> BTreeMap<u32, String> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if constellation_platform::process::running(pid, marker) {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            out.insert(pid, String::from_utf8_lossy(&cmd).replace('\0', " "));
+        }
+    }
+    out
+}
