@@ -309,6 +309,37 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = Measurements::from_json(&bytes);
+        }
+
+        #[test]
+        fn json_shaped_input_never_panics(index in ".{0,4}", hexs in "[0-9a-f]{0,70}", warn in proptest::prelude::any::<bool>()) {
+            let json = format!(r#"{{"{index}": {{"expected": "{hexs}", "warnOnly": {warn}}}}}"#);
+            if let Ok(m) = Measurements::from_json(json.as_bytes()) {
+                proptest::prop_assert_eq!(Measurements::from_json(m.to_json().as_bytes()).unwrap(), m);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "long run: make fuzz"]
+    fn proptest_long_measurements_json() {
+        let mut runner = proptest::test_runner::TestRunner::default();
+        runner
+            .run(
+                &proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024),
+                |bytes| {
+                    let _ = Measurements::from_json(&bytes);
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+
     #[test]
     fn empty_policy_rejects() {
         assert!(matches!(
