@@ -23,7 +23,12 @@ fn main() {
     std::env::set_var("CONSTELLATION_STATEDISK_INSECURE_FAST_KDF", "1");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let image = LocalImage::assemble(&dir.path().join("image"), Path::new(env!("CARGO_BIN_EXE_constellation-bootstrapper")), "bench").unwrap();
+    let image = LocalImage::assemble(
+        &dir.path().join("image"),
+        Path::new(env!("CARGO_BIN_EXE_constellation-bootstrapper")),
+        "bench",
+    )
+    .unwrap();
     let (mut boot, mut init, mut total) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let settings = ClusterSettings {
@@ -33,7 +38,8 @@ fn main() {
             measurements_json: image.measurements.to_json(),
             image_dir: image.dir.clone(),
         };
-        let mut cloud = LocalCloud::create(&dir.path().join(format!("c{round}")), settings).unwrap();
+        let mut cloud =
+            LocalCloud::create(&dir.path().join(format!("c{round}")), settings).unwrap();
         let t0 = Instant::now();
         let cp = cloud.create_nodes(Role::ControlPlane, 1).unwrap().remove(0);
         let t1 = Instant::now();
@@ -41,7 +47,9 @@ fn main() {
         let validator = Arc::new(QemuVtpmValidator::new(vec![ak], image.measurements.clone()));
         rt.block_on(async {
             let config = atls::ClientConfig::server_only(validator).unwrap();
-            let (channel, _) = atls::channel(&cp.endpoint(ports::BOOTSTRAPPER), config).await.unwrap();
+            let (channel, _) = atls::channel(&cp.endpoint(ports::BOOTSTRAPPER), config)
+                .await
+                .unwrap();
             let req = InitRequest {
                 version: PROTOCOL_VERSION,
                 master_secret: vec![1; 32],
@@ -51,7 +59,11 @@ fn main() {
                 cluster_name: "bench".into(),
                 ..Default::default()
             };
-            let mut stream = InitServiceClient::new(channel).init(req).await.unwrap().into_inner();
+            let mut stream = InitServiceClient::new(channel)
+                .init(req)
+                .await
+                .unwrap()
+                .into_inner();
             while let Some(m) = stream.message().await.unwrap() {
                 if matches!(m.kind, Some(Kind::Success(_))) {
                     break;
@@ -68,7 +80,16 @@ fn main() {
         v.sort();
         v[v.len() / 2]
     };
-    println!("node start (swtpm + measured boot + bootstrapper up), median of {ROUNDS}: {:?}", median(&mut boot));
-    println!("attest + Init over aTLS, median of {ROUNDS}:                          {:?}", median(&mut init));
-    println!("nodes started -> init returned, median of {ROUNDS} (goal < 1 s):       {:?}", median(&mut total));
+    println!(
+        "node start (swtpm + measured boot + bootstrapper up), median of {ROUNDS}: {:?}",
+        median(&mut boot)
+    );
+    println!(
+        "attest + Init over aTLS, median of {ROUNDS}:                          {:?}",
+        median(&mut init)
+    );
+    println!(
+        "nodes started -> init returned, median of {ROUNDS} (goal < 1 s):       {:?}",
+        median(&mut total)
+    );
 }
