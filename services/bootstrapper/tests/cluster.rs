@@ -363,3 +363,52 @@ fn processes_mentioning(marker: &str) -> BTreeMap<u32, String> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_from_a_modified_binary_is_refused_admission() {
+    let mut c = TestCluster::new("badjoin");
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    init(c.fresh_validator(&cp), &cp, request(INIT_SECRET))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut binary = std::fs::read(env!("CARGO_BIN_EXE_constellation-bootstrapper")).unwrap();
+    binary.extend_from_slice(b"\0tampered");
+    let tampered = dir.path().join("bootstrapper");
+    std::fs::write(&tampered, binary).unwrap();
+    let other = LocalImage::assemble(&dir.path().join("image"), &tampered, "v0.0.0-test").unwrap();
+    let bad = c
+        .cloud()
+        .create_node_from_image(Role::Worker, &other.dir)
+        .unwrap();
+
+    // The join service refuses it (PCR 4 differs): the node logs the refusal and stays outside.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = std::fs::read_to_string(bad.log_path()).unwrap_or_default();
+        if log.contains("join attempt failed") || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(log.contains("join attempt failed"), "{log}");
+    assert!(log.contains("PCR[4]"), "the refusal names the PCR: {log}");
+    let lax = QemuVtpmValidator::new(vec![ak(&bad)], other.measurements.clone());
+    let verdict = verify_cluster(&bad.endpoint(ports::VERIFY), &lax, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict.pcrs[&CLUSTER_ID_PCR], [0u8; 32],
+        "no cluster ID: nothing was issued"
+    );
+    assert!(
+        bad.dir.join("state/disk.initial-key").exists(),
+        "no disk key was received"
+    );
+    let cp_log = std::fs::read_to_string(cp.log_path()).unwrap();
+    assert!(!cp_log.contains("join ticket issued"), "{cp_log}");
+}
