@@ -229,11 +229,7 @@ async fn init_over_atls_binds_the_node_to_the_cluster() {
 async fn a_node_from_a_modified_binary_fails_attestation_before_any_secret_is_sent() {
     let mut c = TestCluster::new("modified");
     let dir = tempfile::tempdir().unwrap();
-    let mut binary = std::fs::read(env!("CARGO_BIN_EXE_constellation-bootstrapper")).unwrap();
-    binary.extend_from_slice(b"\0tampered");
-    let tampered = dir.path().join("bootstrapper");
-    std::fs::write(&tampered, binary).unwrap();
-    let other = LocalImage::assemble(&dir.path().join("image"), &tampered, "v0.0.0-test").unwrap();
+    let other = tampered_image(dir.path());
     let cp = c
         .cloud()
         .create_node_from_image(Role::ControlPlane, &other.dir)
@@ -257,6 +253,15 @@ async fn a_node_from_a_modified_binary_fails_attestation_before_any_secret_is_se
     .await
     .unwrap();
     assert_eq!(verdict.pcrs[&CLUSTER_ID_PCR], [0u8; 32]);
+}
+
+/// An image whose bootstrapper binary differs from the real one by a few appended bytes.
+fn tampered_image(dir: &Path) -> LocalImage {
+    let mut binary = std::fs::read(env!("CARGO_BIN_EXE_constellation-bootstrapper")).unwrap();
+    binary.extend_from_slice(b"\0tampered");
+    let tampered = dir.join("bootstrapper");
+    std::fs::write(&tampered, binary).unwrap();
+    LocalImage::assemble(&dir.join("image"), &tampered, "v0.0.0-test").unwrap()
 }
 
 async fn wait_joined(c: &TestCluster, nodes: &[NodeRecord], node: &NodeRecord, cluster_id: &[u8]) {
@@ -376,11 +381,7 @@ async fn a_worker_from_a_modified_binary_is_refused_admission() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut binary = std::fs::read(env!("CARGO_BIN_EXE_constellation-bootstrapper")).unwrap();
-    binary.extend_from_slice(b"\0tampered");
-    let tampered = dir.path().join("bootstrapper");
-    std::fs::write(&tampered, binary).unwrap();
-    let other = LocalImage::assemble(&dir.path().join("image"), &tampered, "v0.0.0-test").unwrap();
+    let other = tampered_image(dir.path());
     let bad = c
         .cloud()
         .create_node_from_image(Role::Worker, &other.dir)
