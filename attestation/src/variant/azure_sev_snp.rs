@@ -1,1 +1,277 @@
-//! Variant `azure-sev-snp` (placeholder: being written).
+//! Variant `azure-sev-snp`: an AMD SEV-SNP report signed by the chip's VCEK, the Azure HCL
+//! runtime data it vouches for (REPORT_DATA = SHA-256(runtime data) || 32 zero bytes), and a
+//! TPM quote signed by the vTPM attestation key that the runtime data names (JWK `HCLAkPub`).
+//!
+//! Evidence is JSON ([`AzureSevSnpEvidence`]); its `tpm` member is qemu-vtpm quote evidence,
+//! checked against the vouched key only (the key the quote evidence names is ignored).
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rsa::PublicKeyComponents;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::measurements::{sha256, Digest, Measurements};
+use crate::snp::{verify_report, SnpPolicy, VerifiedVek};
+use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
+use crate::variant::aws_sev_snp::{
+    b64, quote_evidence, report_failed, validate_vouched_quote, SnpReportError,
+};
+use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmIssuer};
+use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
+
+/// The key ID of the vTPM attestation key in the HCL runtime data.
+pub const HCL_AK_KID: &str = "HCLAkPub";
+
+/// The wire form of azure-sev-snp evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AzureSevSnpEvidence {
+    pub variant: Variant,
+    /// The raw SEV-SNP attestation report (base64), VCEK-signed.
+    #[serde(with = "b64")]
+    pub report: Vec<u8>,
+    /// The HCL runtime data JSON exactly as hashed into REPORT_DATA (base64).
+    #[serde(with = "b64")]
+    pub runtime_data: Vec<u8>,
+    /// The TPM quote; its `ak` is informational, the validator uses the `HCLAkPub` key.
+    pub tpm: QemuVtpmEvidence,
+}
+
+impl AzureSevSnpEvidence {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Strings, maps with integer keys and a unit enum always serialize.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ValidationError> {
+        let evidence: Self = serde_json::from_slice(bytes)
+            .map_err(|e| ValidationError::Malformed(format!("azure-sev-snp evidence JSON: {e}")))?;
+        if evidence.variant != Variant::AzureSevSnp {
+            return Err(ValidationError::VariantMismatch {
+                expected: Variant::AzureSevSnp,
+                found: evidence.variant,
+            });
+        }
+        Ok(evidence)
+    }
+}
+
+/// The HCL runtime data: only the fields the verifier uses.
+#[derive(Debug, Deserialize)]
+struct RuntimeData {
+    keys: Vec<Jwk>,
+}
+
+/// An RSA JSON Web Key (RFC 7517/7518): modulus and exponent big-endian, base64url.
+#[derive(Debug, Deserialize)]
+struct Jwk {
+    kid: String,
+    kty: String,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    e: Option<String>,
+}
+
+/// The REPORT_DATA an Azure SNP report must carry for `runtime_data`.
+pub fn report_data_for_runtime_data(runtime_data: &[u8]) -> [u8; 64] {
+    let mut report_data = [0u8; 64];
+    for (dst, src) in report_data.iter_mut().zip(sha256(runtime_data)) {
+        *dst = src;
+    }
+    report_data
+}
+
+/// Extracts the `HCLAkPub` RSA key from HCL runtime data JSON (must be RSA-2048).
+pub fn hcl_ak_from_runtime_data(runtime_data: &[u8]) -> Result<AkPublicKey, ValidationError> {
+    let malformed = |what: String| ValidationError::Malformed(format!("HCL runtime data: {what}"));
+    let parsed: RuntimeData =
+        serde_json::from_slice(runtime_data).map_err(|e| malformed(format!("JSON: {e}")))?;
+    let kids: Vec<&str> = parsed.keys.iter().map(|k| k.kid.as_str()).collect();
+    let jwk = parsed
+        .keys
+        .iter()
+        .find(|k| k.kid == HCL_AK_KID)
+        .ok_or_else(|| {
+            malformed(format!(
+                "expected a key {HCL_AK_KID:?}, found kids {kids:?}"
+            ))
+        })?;
+    if jwk.kty != "RSA" {
+        return Err(malformed(format!(
+            "{HCL_AK_KID} kty: expected \"RSA\", found {:?}",
+            jwk.kty
+        )));
+    }
+    let component = |name: &str, value: &Option<String>| {
+        let text = value
+            .as_deref()
+            .ok_or_else(|| malformed(format!("{HCL_AK_KID} lacks member {name:?}")))?;
+        B64URL
+            .decode(text.trim_end_matches('='))
+            .map_err(|e| malformed(format!("{HCL_AK_KID} {name}: bad base64url: {e}")))
+    };
+    let n = component("n", &jwk.n)?;
+    let e = component("e", &jwk.e)?;
+    let der = PublicKeyComponents {
+        n: n.as_slice(),
+        e: e.as_slice(),
+    }
+    .as_der()
+    .map_err(|_| malformed(format!("{HCL_AK_KID} is not a valid RSA public key")))?;
+    AkPublicKey::from_spki_der(der.as_ref())
+        .map_err(|e| malformed(format!("{HCL_AK_KID} as attestation key: {e}")))
+}
+
+/// What the Azure HCL hands out together: the SNP report and the runtime data it vouches for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HclReport {
+    pub report: Vec<u8>,
+    pub runtime_data: Vec<u8>,
+}
+
+/// Supplies the HCL report (on a CVM: vTPM NV index 0x01400001; in tests: files).
+pub trait HclReportProvider: Send + Sync {
+    fn hcl_report(&self) -> Result<HclReport, SnpReportError>;
+}
+
+impl<F> HclReportProvider for F
+where
+    F: Fn() -> Result<HclReport, SnpReportError> + Send + Sync,
+{
+    fn hcl_report(&self) -> Result<HclReport, SnpReportError> {
+        self()
+    }
+}
+
+/// The node side: the HCL report plus a quote bound to the binding. On Azure the TPM's AK must
+/// be the HCL's RSA-2048 AK for the evidence to validate.
+pub struct AzureSevSnpIssuer {
+    tpm: QemuVtpmIssuer,
+    hcl: Box<dyn HclReportProvider>,
+}
+
+impl AzureSevSnpIssuer {
+    pub fn new(
+        tpm: Tpm,
+        pcrs: Vec<u32>,
+        hcl: Box<dyn HclReportProvider>,
+    ) -> Result<Self, TpmError> {
+        Ok(Self {
+            tpm: QemuVtpmIssuer::new(tpm, AkKind::Rsa2048, pcrs)?,
+            hcl,
+        })
+    }
+
+    /// The TPM half's issuer (e.g. to extend PCRs through its single connection).
+    pub fn tpm_issuer(&self) -> &QemuVtpmIssuer {
+        &self.tpm
+    }
+}
+
+impl Issuer for AzureSevSnpIssuer {
+    fn variant(&self) -> Variant {
+        Variant::AzureSevSnp
+    }
+
+    fn issue(&self, binding: &Digest) -> Result<Vec<u8>, IssueError> {
+        let tpm = quote_evidence(&self.tpm, binding)?;
+        let hcl = self
+            .hcl
+            .hcl_report()
+            .map_err(|e| report_failed(Variant::AzureSevSnp, &e))?;
+        Ok(AzureSevSnpEvidence {
+            variant: Variant::AzureSevSnp,
+            report: hcl.report,
+            runtime_data: hcl.runtime_data,
+            tpm,
+        }
+        .to_bytes())
+    }
+}
+
+/// The verifier side: the VCEK (chain verified by the caller at a given time), the SNP policy
+/// (its `report_data` is replaced by the runtime data's hash) and the PCR measurements.
+#[derive(Debug, Clone)]
+pub struct AzureSevSnpValidator {
+    pub vcek: VerifiedVek,
+    pub policy: SnpPolicy,
+    pub measurements: Measurements,
+}
+
+impl AzureSevSnpValidator {
+    pub fn new(vcek: VerifiedVek, policy: SnpPolicy, measurements: Measurements) -> Self {
+        Self {
+            vcek,
+            policy,
+            measurements,
+        }
+    }
+
+    /// The SNP half: the report verifies with the VCEK and `policy`, REPORT_DATA is
+    /// SHA-256(`runtime_data`) followed by zeros, and the runtime data names an RSA-2048
+    /// `HCLAkPub`. Returns that key: the one the report vouches for.
+    pub fn verify_report_and_runtime_data(
+        &self,
+        report: &[u8],
+        runtime_data: &[u8],
+    ) -> Result<AkPublicKey, ValidationError> {
+        let policy = SnpPolicy {
+            report_data: Some(report_data_for_runtime_data(runtime_data)),
+            ..self.policy.clone()
+        };
+        verify_report(report, &self.vcek, &policy)?;
+        hcl_ak_from_runtime_data(runtime_data)
+    }
+}
+
+impl Validator for AzureSevSnpValidator {
+    fn variant(&self) -> Variant {
+        Variant::AzureSevSnp
+    }
+
+    fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
+        let evidence = AzureSevSnpEvidence::from_bytes(evidence)?;
+        let ak = self.verify_report_and_runtime_data(&evidence.report, &evidence.runtime_data)?;
+        validate_vouched_quote(
+            Variant::AzureSevSnp,
+            evidence.tpm,
+            ak,
+            &self.measurements,
+            binding,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_data_is_sha256_then_zeros() {
+        let rd = report_data_for_runtime_data(b"abc");
+        assert_eq!(rd[..32], sha256(b"abc"));
+        assert_eq!(rd[32..], [0u8; 32]);
+    }
+
+    #[test]
+    fn runtime_data_without_a_usable_hcl_ak_is_malformed() {
+        for (json, needle) in [
+            (&b"not json"[..], "JSON"),
+            (br#"{"keys":[{"kid":"other","kty":"RSA","n":"AQAB","e":"AQAB"}]}"#, "HCLAkPub"),
+            (br#"{"keys":[{"kid":"HCLAkPub","kty":"EC"}]}"#, "kty"),
+            (br#"{"keys":[{"kid":"HCLAkPub","kty":"RSA","e":"AQAB"}]}"#, "\"n\""),
+            (br#"{"keys":[{"kid":"HCLAkPub","kty":"RSA","n":"*","e":"AQAB"}]}"#, "base64url"),
+            // A short, made-up modulus is no acceptable RSA-2048 AK.
+            (
+                br#"{"keys":[{"kid":"HCLAkPub","kty":"RSA","e":"AQAB","n":"wFqZ8pQv2nJ3cX4Yd7e1r0bQwZcV5sLhKm9uT3aPjNf6Gk8yXo1iE2dR4tW7qB0vC3xM5nU9hJ6gF8lA1sD2oK4pY7zV0bN3mQ5wE8rT1yU6iO9pL2kJ4hG7fD0sA3zX5cV8bN1mQ4wE7rT0yU3iO6pL9kJ2hG5fD8sA1zX4cV7bN0mQ3wE6rT9yU2iO5pL8kJ1hG4fD7sA0zX3c"}]}"#,
+                "as attestation key",
+            ),
+        ] {
+            match hcl_ak_from_runtime_data(json) {
+                Err(ValidationError::Malformed(m)) => assert!(m.contains(needle), "{m}"),
+                other => panic!("expected Malformed({needle}), got {other:?}"),
+            }
+        }
+    }
+}

@@ -179,7 +179,8 @@ impl Validator for QemuVtpmValidator {
     }
 }
 
-mod b64 {
+/// Base64 (standard alphabet) for byte fields; shared by the SNP variants' evidence.
+pub(crate) mod b64 {
     use super::*;
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
