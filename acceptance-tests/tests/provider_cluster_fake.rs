@@ -229,21 +229,6 @@ fn bad_cidr(version: TfVersion) {
     );
 }
 
-/// Without the fake, cluster create says plainly that the backend is missing.
-fn no_backend(version: TfVersion) {
-    let f = setup(version);
-    let tf = f.tf.env("CONSTELLATION_PROVIDER_FAKE_BACKEND", "0");
-    let apply = tf.apply(&[]);
-    assert_eq!(apply.code, 1, "{apply}");
-    assert!(
-        apply
-            .all()
-            .contains("local platform backend not available yet"),
-        "{apply}"
-    );
-    tf.destroy(&[]).ok();
-}
-
 #[test]
 fn cluster_fake_lifecycle_terraform_1_0() {
     lifecycle(TfVersion::V1_0);
@@ -262,14 +247,4 @@ fn cluster_bad_cidr_terraform_1_0() {
 #[test]
 fn cluster_bad_cidr_terraform_1_15() {
     bad_cidr(TfVersion::V1_15);
-}
-
-#[test]
-fn cluster_without_backend_terraform_1_0() {
-    no_backend(TfVersion::V1_0);
-}
-
-#[test]
-fn cluster_without_backend_terraform_1_15() {
-    no_backend(TfVersion::V1_15);
 }

@@ -286,6 +286,35 @@ async fn initialize(
     )))
 }
 
+/// The platform gives a booting node a fixed time to come up; on a machine busy with other
+/// work that can be too short, so a node that did not come up gets one more boot.
+fn boot_retrying(cloud: &mut LocalCloud, name: &str) -> Result<(), ClusterError> {
+    match cloud.boot(name) {
+        Err(PlatformError::NodeStart { node, .. }) => {
+            tracing::warn!(%node, "node did not come up in time; booting it once more");
+            cloud.boot(&node).map(|_| ()).map_err(platform_err)
+        }
+        other => other.map(|_| ()).map_err(platform_err),
+    }
+}
+
+/// Creates `count` nodes of `role` one by one, each with [`boot_retrying`]'s second chance.
+fn create_nodes_retrying(
+    cloud: &mut LocalCloud,
+    role: Role,
+    count: usize,
+) -> Result<(), ClusterError> {
+    for _ in 0..count {
+        match cloud.create_nodes(role, 1) {
+            Err(PlatformError::NodeStart { node, .. }) => boot_retrying(cloud, &node)?,
+            other => {
+                other.map_err(platform_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Names of `role`'s nodes, highest index first (the order scale-down removes them in).
 fn by_index_desc(nodes: &[NodeRecord], role: Role) -> Vec<String> {
     let mut named: Vec<(u64, String)> = nodes
@@ -328,9 +357,9 @@ impl LocalBackend {
             rand::rngs::OsRng.fill_bytes(&mut b);
             SecretBytes::new(b)
         };
-        let settings = ClusterSettings {
+        let mut settings = ClusterSettings {
             cluster_name: spec.name.clone(),
-            init_secret_hash: constellation_common::initsecret::hash(init_secret.expose()),
+            init_secret_hash: String::new(),
             attestation_variant: Variant::QemuVtpm.as_str().to_owned(),
             measurements_json: spec.image.measurements.to_json(),
             image_dir: PathBuf::from(&spec.image.reference),
@@ -341,14 +370,13 @@ impl LocalBackend {
             root.display()
         ));
         let root2 = root.clone();
+        let secret = init_secret.clone();
         let nodes = blocking(move || {
+            // Argon2id: deliberately slow, so off the async runtime too.
+            settings.init_secret_hash = constellation_common::initsecret::hash(secret.expose());
             let mut cloud = LocalCloud::create(&root2, settings).map_err(platform_err)?;
-            cloud
-                .create_nodes(Role::ControlPlane, cp as usize)
-                .map_err(platform_err)?;
-            cloud
-                .create_nodes(Role::Worker, workers as usize)
-                .map_err(platform_err)?;
+            create_nodes_retrying(&mut cloud, Role::ControlPlane, cp as usize)?;
+            create_nodes_retrying(&mut cloud, Role::Worker, workers as usize)?;
             Ok(cloud.list_nodes())
         })
         .await?;
@@ -381,8 +409,8 @@ impl ClusterBackend for LocalBackend {
             let root = self.cluster_root(&spec.name);
             if root.join("platform.json").exists() {
                 return Err(ClusterError::Other(format!(
-                    "cluster folder {} already exists: import it \
-                     (constellation-cluster://?platform=local&name={}) or remove it",
+                    "cluster folder {} already exists: a cluster named {:?} is managed by \
+                     another Terraform state (destroy it there) or choose another name",
                     root.display(),
                     spec.name
                 )));
@@ -459,6 +487,18 @@ impl ClusterBackend for LocalBackend {
     ) -> BoxFuture<'a, Result<ClusterState, ClusterError>> {
         Box::pin(async move {
             check_variant(spec)?;
+            if spec.image.reference != prior.spec.image.reference {
+                // Nodes validate each other (joins, aTLS) against the one published set of
+                // measurements, so nodes of two images cannot coexist during a roll.
+                return Err(ClusterError::Unsupported {
+                    what: "changing the image of a running local cluster".into(),
+                    reason: format!(
+                        "its nodes run {} and would not attest to nodes of {}; replace the \
+                         cluster instead (terraform apply -replace=...)",
+                        prior.spec.image.reference, spec.image.reference
+                    ),
+                });
+            }
             let root = PlatformState::parse(&prior.platform_state)?.root;
             let cluster_id = cluster_id_bytes(&prior.outputs)?;
             let r2 = root.clone();
@@ -483,27 +523,22 @@ impl ClusterBackend for LocalBackend {
                 }
             }
             let measurements_json = spec.image.measurements.to_json();
-            let image_dir = PathBuf::from(&spec.image.reference);
             let (cp, workers) = (spec.control_plane_count, spec.worker_count);
             let nodes = blocking(move || {
                 let mut cloud = cloud;
-                // New measurements first, so rebooted and new nodes join under them.
+                // New measurements (e.g. a PCR now warn-only) first, so rebooted and new nodes
+                // join under them.
                 cloud
-                    .update_settings(|s| {
-                        s.measurements_json = measurements_json;
-                        s.image_dir = image_dir;
-                    })
+                    .update_settings(|s| s.measurements_json = measurements_json)
                     .map_err(platform_err)?;
                 for name in &reboot {
-                    cloud.boot(name).map_err(platform_err)?;
+                    boot_retrying(&mut cloud, name)?;
                 }
                 for (role, want) in [(Role::ControlPlane, cp), (Role::Worker, workers)] {
                     let names = by_index_desc(&cloud.list_nodes(), role);
                     let want = want as usize;
                     if names.len() < want {
-                        cloud
-                            .create_nodes(role, want - names.len())
-                            .map_err(platform_err)?;
+                        create_nodes_retrying(&mut cloud, role, want - names.len())?;
                     }
                     for name in names.iter().take(names.len().saturating_sub(want)) {
                         cloud.delete_node(name).map_err(platform_err)?;
@@ -543,21 +578,111 @@ impl ClusterBackend for LocalBackend {
             .get(IMPORT_CLUSTER_DIR)
             .map(PathBuf::from)
             .unwrap_or_else(|| self.cluster_root(&id.name));
-        // The folder holds the node list and the init secret's hash, but not the master
-        // secret, its salts, the init secret or the cluster's credentials: those exist only in
-        // the Terraform state of the configuration that created the cluster.
-        let reason = match open_cloud(&root)? {
-            None => format!("no cluster folder at {}", root.display()),
-            Some(_) => format!(
-                "the cluster folder {} exists, but it does not hold the master secret, salts, \
-                 init secret or credentials the cluster state needs; importing local clusters \
-                 is not supported",
-                root.display()
-            ),
+        // The folder holds the node list, pinned AKs and the init secret's hash, but not the
+        // master secret, its salts, the init secret or the cluster's credentials: those exist
+        // only in the Terraform state of the configuration that created the cluster.
+        match open_cloud(&root)? {
+            None => Err(ClusterError::NotFound {
+                name: id.name.clone(),
+                reason: format!("no cluster folder at {}", root.display()),
+            }),
+            Some(_) => Err(ClusterError::Unsupported {
+                what: "importing a local cluster".into(),
+                reason: format!(
+                    "the cluster folder {} exists, but it does not hold the master secret, its \
+                     salts, the init secret or the admin credentials, which the cluster's state \
+                     needs; keep the Terraform state of the configuration that created it",
+                    root.display()
+                ),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn record(name: &str, role: Role) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            role,
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dir: PathBuf::from("/nonexistent"),
+            pid: 0,
+            swtpm: None,
+            ak_spki_hex: String::new(),
+            image_dir: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    #[test]
+    fn scale_down_removes_the_highest_index_first() {
+        let nodes = [
+            record("c-worker-2", Role::Worker),
+            record("c-control-plane-0", Role::ControlPlane),
+            record("c-worker-10", Role::Worker),
+            record("c-worker-1", Role::Worker),
+        ];
+        assert_eq!(
+            by_index_desc(&nodes, Role::Worker),
+            ["c-worker-10", "c-worker-2", "c-worker-1"]
+        );
+        assert_eq!(
+            by_index_desc(&nodes, Role::ControlPlane),
+            ["c-control-plane-0"]
+        );
+    }
+
+    #[test]
+    fn platform_state_round_trips_and_rejects_garbage() {
+        let s = PlatformState {
+            root: PathBuf::from("/tmp/x y"),
         };
-        Err(ClusterError::NotFound {
-            name: id.name.clone(),
-            reason,
-        })
+        assert_eq!(PlatformState::parse(&s.encode()).unwrap().root, s.root);
+        assert!(matches!(
+            PlatformState::parse("{}"),
+            Err(ClusterError::PlatformState(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dead_node_is_unhealthy_without_network_calls() {
+        let reason = check_node(
+            &record("c-worker-1", Role::Worker),
+            &Measurements::default(),
+            &[0; 32],
+        )
+        .await
+        .unwrap_err();
+        assert!(reason.contains("not running"), "{reason}");
+    }
+
+    #[test]
+    fn import_names_the_missing_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path().to_owned());
+        let id: ImportId = "constellation-cluster://?platform=local&name=demo"
+            .parse()
+            .unwrap();
+        match backend.import(&id) {
+            Err(ClusterError::NotFound { reason, .. }) => {
+                assert!(reason.contains(&dir.path().join("demo").display().to_string()))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unhealthy_platform_error_names_the_node() {
+        let e = platform_err(PlatformError::UnknownNode("x".into()));
+        assert!(matches!(e, ClusterError::Other(_)));
+        let e = platform_err(PlatformError::NodeStart {
+            node: "c-worker-1".into(),
+            timeout: Duration::from_secs(1),
+            log: String::new(),
+        });
+        assert!(matches!(e, ClusterError::Node { node, .. } if node == "c-worker-1"));
     }
 }
