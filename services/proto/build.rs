@@ -4,8 +4,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // Build scripts are single-threaded; tonic-prost-build reads PROTOC.
     std::env::set_var("PROTOC", protoc);
-    let protos =
-        ["init", "join", "keyservice", "verify", "recover"].map(|p| format!("proto/{p}.proto"));
+    let protos = ["init", "join", "keyservice", "verify", "recover", "kmsv2"]
+        .map(|p| format!("proto/{p}.proto"));
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -7,10 +7,13 @@
 //!   and [`serve`], reachable only over mutual TLS.
 //! - [`tls`]: reusable rustls plumbing for tonic (server incoming stream, client connector) and
 //!   the mutual-TLS config builders.
+//! - [`kmsplugin`]: the Kubernetes KMS v2 plugin (Status, Encrypt, Decrypt) over a unix socket,
+//!   wrapping the apiserver's DEKs with a KEK derived from the master secret.
 //! - `testing` (feature `testing`): a small rcgen PKI and a real PyKMIP server launcher.
 
 pub mod cluster;
 pub mod kmip;
+pub mod kmsplugin;
 pub mod master;
 pub mod service;
 #[cfg(feature = "testing")]

@@ -24,3 +24,8 @@ pub mod verify {
 pub mod recover {
     tonic::include_proto!("constellation.recover.v1");
 }
+/// The Kubernetes KMS v2 plugin API, byte-compatible with `k8s.io/kms/apis/v2` (package `v2`).
+#[allow(clippy::all, missing_docs)]
+pub mod kmsv2 {
+    tonic::include_proto!("v2");
+}
