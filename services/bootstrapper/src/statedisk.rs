@@ -18,9 +18,9 @@ use std::sync::mpsc;
 use std::sync::LazyLock;
 
 use libcryptsetup_rs::consts::flags::{CryptActivate, CryptPbkdf, CryptVolumeKey};
-use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat, LuksType};
+use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
 use libcryptsetup_rs::{
-    CryptDevice, CryptInit, CryptPbkdfType, CryptSettingsHandle, Either, LibcryptErr,
+    CryptDevice, CryptInit, CryptPbkdfType, Either, LibcryptErr,
 };
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -40,23 +40,43 @@ const EPERM: i32 = 1;
 pub const FAST_KDF_ENV: &str = "CONSTELLATION_STATEDISK_INSECURE_FAST_KDF";
 
 /// How keyslot passphrases (the disk key) are stretched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// Every passphrase here is a 32-byte machine-generated key (an HKDF output or a random
+/// first-boot key), never something a person chose, so key stretching adds no security: the
+/// KDF only has to be LUKS2's argon2id. The default therefore uses fixed argon2id costs instead
+/// of libcryptsetup's benchmark, which spends ~2 s per keyslot operation and up to 1 GiB of
+/// memory per node and makes boot time depend on how busy the machine is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KdfSettings {
-    /// argon2id with libcryptsetup's benchmarked LUKS2 defaults (seconds per keyslot).
-    #[default]
-    Argon2id,
-    /// PBKDF2-SHA256 with a fixed iteration count and no benchmark. The disk key is a random
-    /// 32-byte key, not a password, but this is still only for tests.
+    /// argon2id with fixed costs, no benchmark.
+    Argon2id {
+        iterations: u32,
+        memory_kib: u32,
+        parallel_threads: u32,
+    },
+    /// PBKDF2-SHA256 with a fixed iteration count and no benchmark. Only for tests.
     Pbkdf2 { iterations: u32 },
 }
 
+impl Default for KdfSettings {
+    /// argon2id, 4 passes over 64 MiB on one thread (about 0.2 s per keyslot operation).
+    fn default() -> Self {
+        Self::Argon2id {
+            iterations: 4,
+            memory_kib: 64 * 1024,
+            parallel_threads: 1,
+        }
+    }
+}
+
 impl KdfSettings {
-    /// PBKDF2 with 1000 iterations: formatting takes ~0.1 s instead of ~7 s.
+    /// PBKDF2 with 1000 iterations: formatting takes milliseconds.
     pub fn fast_insecure_for_tests() -> Self {
         Self::Pbkdf2 { iterations: 1000 }
     }
 
-    /// argon2id unless [`FAST_KDF_ENV`] is `1` (explicit opt-in for test clusters).
+    /// [`KdfSettings::default`] unless [`FAST_KDF_ENV`] is `1` (explicit opt-in for test
+    /// clusters).
     pub fn from_env() -> Self {
         match std::env::var(FAST_KDF_ENV) {
             Ok(value) if value == "1" => {
@@ -66,18 +86,26 @@ impl KdfSettings {
                 );
                 Self::fast_insecure_for_tests()
             }
-            _ => Self::Argon2id,
+            _ => Self::default(),
         }
     }
 
-    fn pbkdf_type(self) -> Result<CryptPbkdfType, LibcryptErr> {
+    fn pbkdf_type(self) -> CryptPbkdfType {
         match self {
-            Self::Argon2id => {
-                let mut pbkdf = CryptSettingsHandle::get_pbkdf_default(&LuksType::Luks2)?;
-                pbkdf.type_ = CryptKdf::Argon2Id;
-                Ok(pbkdf)
-            }
-            Self::Pbkdf2 { iterations } => Ok(CryptPbkdfType {
+            Self::Argon2id {
+                iterations,
+                memory_kib,
+                parallel_threads,
+            } => CryptPbkdfType {
+                type_: CryptKdf::Argon2Id,
+                hash: Some("sha256".into()),
+                time_ms: 0,
+                iterations,
+                max_memory_kb: memory_kib,
+                parallel_threads,
+                flags: CryptPbkdf::NO_BENCHMARK,
+            },
+            Self::Pbkdf2 { iterations } => CryptPbkdfType {
                 type_: CryptKdf::Pbkdf2,
                 hash: Some("sha256".into()),
                 time_ms: 0,
@@ -85,7 +113,7 @@ impl KdfSettings {
                 max_memory_kb: 0,
                 parallel_threads: 0,
                 flags: CryptPbkdf::NO_BENCHMARK,
-            }),
+            },
         }
     }
 }
@@ -97,6 +125,14 @@ pub enum StateDiskError {
     WrongKey { path: PathBuf },
     #[error("the disk key is empty")]
     EmptyKey,
+    #[error("re-keying {path}: the new key is the old key")]
+    SameKey { path: PathBuf },
+    #[error("re-keying {path}: the new key opens keyslot {found}, not the new keyslot {expected}")]
+    KeyslotMismatch {
+        path: PathBuf,
+        expected: u32,
+        found: u32,
+    },
     #[error("{path} is not a LUKS2 volume: {source}")]
     NotLuks2 {
         path: PathBuf,
@@ -159,9 +195,7 @@ pub fn format(
             return Err(StateDiskError::AlreadyFormatted { path });
         }
         let mut device = init(&path)?;
-        let pbkdf = kdf
-            .pbkdf_type()
-            .map_err(cryptsetup_error("reading PBKDF defaults", &path))?;
+        let pbkdf = kdf.pbkdf_type();
         device
             .settings_handle()
             .set_pbkdf_type(&pbkdf)
@@ -253,9 +287,7 @@ pub fn add_key(
         let mut device = load_luks2(&path)?;
         // Check the old key first so a wrong one is reported as such.
         activate(&mut device, &path, None, &existing_key)?;
-        let pbkdf = kdf
-            .pbkdf_type()
-            .map_err(cryptsetup_error("reading PBKDF defaults", &path))?;
+        let pbkdf = kdf.pbkdf_type();
         device
             .settings_handle()
             .set_pbkdf_type(&pbkdf)
@@ -266,6 +298,49 @@ pub fn add_key(
             .map_err(cryptsetup_error("adding keyslot", &path))?;
         tracing::info!(path = %path.display(), keyslot, "added state disk keyslot");
         Ok(keyslot)
+    })?
+}
+
+/// Replaces `old_key` with `new_key`: adds a keyslot for the new key, checks it opens, then
+/// destroys the old key's keyslot so the old key (a first-boot key that sat in a file) no
+/// longer opens the volume. Returns the new keyslot.
+pub fn rekey(
+    path: &Path,
+    old_key: &[u8],
+    new_key: &[u8],
+    kdf: KdfSettings,
+) -> Result<u32, StateDiskError> {
+    let old_key = owned_key(old_key)?;
+    let new_key = owned_key(new_key)?;
+    let path = path.to_path_buf();
+    if old_key == new_key {
+        return Err(StateDiskError::SameKey { path });
+    }
+    on_worker(move || {
+        let mut device = load_luks2(&path)?;
+        let old_slot = activate(&mut device, &path, None, &old_key)?;
+        device
+            .settings_handle()
+            .set_pbkdf_type(&kdf.pbkdf_type())
+            .map_err(cryptsetup_error("setting PBKDF", &path))?;
+        let new_slot = device
+            .keyslot_handle()
+            .add_by_passphrase(None, &old_key, &new_key)
+            .map_err(cryptsetup_error("adding keyslot", &path))?;
+        let found = activate(&mut device, &path, None, &new_key)?;
+        if found != new_slot {
+            return Err(StateDiskError::KeyslotMismatch {
+                path,
+                expected: new_slot,
+                found,
+            });
+        }
+        device
+            .keyslot_handle()
+            .destroy(old_slot)
+            .map_err(cryptsetup_error("destroying the old keyslot", &path))?;
+        tracing::info!(path = %path.display(), old_slot, new_slot, "state disk re-keyed");
+        Ok(new_slot)
     })?
 }
 

@@ -157,6 +157,47 @@ fn rekeying_adds_a_keyslot_while_the_old_key_still_works() {
 }
 
 #[test]
+fn rekey_replaces_the_first_boot_key_which_then_opens_nothing() {
+    let scratch = Scratch::new();
+    let (disk, uuid) = formatted(&scratch);
+    let slot = statedisk::rekey(
+        &disk,
+        &KEY,
+        &OTHER_KEY,
+        KdfSettings::fast_insecure_for_tests(),
+    )
+    .expect("rekey");
+    assert_eq!(slot, 1);
+    assert_eq!(statedisk::verify_key(&disk, &OTHER_KEY).expect("new key"), 1);
+    let err = statedisk::verify_key(&disk, &KEY).expect_err("old key must be gone");
+    assert!(matches!(err, StateDiskError::WrongKey { .. }), "{err:?}");
+    assert_eq!(statedisk::uuid(&disk).expect("uuid"), uuid);
+    // The independent view agrees: keyslot 0 is gone, keyslot 1 is there.
+    let dump = luks_dump(&disk);
+    let keyslots = keyslots_section(&dump);
+    assert!(!keyslots.contains("  0: luks2"), "{dump}");
+    assert!(keyslots.contains("  1: luks2"), "{dump}");
+
+    let err = statedisk::rekey(
+        &disk,
+        &OTHER_KEY,
+        &OTHER_KEY,
+        KdfSettings::fast_insecure_for_tests(),
+    )
+    .expect_err("same key");
+    assert!(matches!(err, StateDiskError::SameKey { .. }), "{err:?}");
+    let err = statedisk::rekey(
+        &disk,
+        &KEY,
+        &[0x44; 32],
+        KdfSettings::fast_insecure_for_tests(),
+    )
+    .expect_err("a destroyed key authorizes nothing");
+    assert!(matches!(err, StateDiskError::WrongKey { .. }), "{err:?}");
+    assert_eq!(statedisk::verify_key(&disk, &OTHER_KEY).expect("still"), 1);
+}
+
+#[test]
 fn refuses_to_reformat_and_rejects_non_luks_inputs() {
     let scratch = Scratch::new();
     let (disk, uuid) = formatted(&scratch);
@@ -226,7 +267,7 @@ fn default_kdf_is_argon2id() {
     let started = Instant::now();
     let uuid = statedisk::format(&disk, SIZE, &KEY, KdfSettings::default()).expect("format");
     eprintln!(
-        "format (argon2id defaults, 32 MiB): {:?}",
+        "format (argon2id, fixed costs, 32 MiB volume): {:?}",
         started.elapsed()
     );
     let started = Instant::now();
@@ -238,5 +279,30 @@ fn default_kdf_is_argon2id() {
         keyslots.contains("argon2id") && !keyslots.contains("pbkdf2"),
         "{dump}"
     );
+    // The fixed costs, not a benchmark's: 4 passes, 64 MiB, one thread.
+    let KdfSettings::Argon2id {
+        iterations,
+        memory_kib,
+        parallel_threads,
+    } = KdfSettings::default()
+    else {
+        panic!("the default KDF must be argon2id");
+    };
+    for (field, value) in [
+        ("Time cost:", iterations),
+        ("Memory:", memory_kib),
+        ("Threads:", parallel_threads),
+    ] {
+        let line = keyslots
+            .lines()
+            .find(|l| l.trim_start().starts_with(field))
+            .unwrap_or_else(|| panic!("{field} missing in {dump}"));
+        assert_eq!(
+            line.trim_start()[field.len()..].trim(),
+            value.to_string(),
+            "{dump}"
+        );
+    }
+    assert_eq!((iterations, memory_kib, parallel_threads), (4, 65536, 1));
     assert!(dump.contains(&uuid.to_string()), "{dump}");
 }
