@@ -1,17 +1,13 @@
-//! Every single-bit flip in what the signature covers, and in the used bytes of R and S,
-//! must be rejected, for both real reports.
+//! Every single-bit flip in what the signature covers, and anywhere in R and S (the 48 used
+//! bytes and the 24 bytes of zero padding above them), must be rejected, for both real reports.
 
 mod snp_common;
 
 use constellation_attestation::snp::{self, SnpError, SnpPolicy, VerifiedVek, SIGNED_LEN};
 use snp_common::*;
 
-/// Byte ranges a flip must break: the signed body and the low 48 bytes of R and of S.
-const MUTATED_RANGES: [std::ops::Range<usize>; 3] = [
-    0..SIGNED_LEN,
-    SIGNED_LEN..SIGNED_LEN + 48,
-    SIGNED_LEN + 72..SIGNED_LEN + 72 + 48,
-];
+/// Byte ranges a flip must break: the signed body and all 72 bytes of R and of S.
+const MUTATED_RANGES: [std::ops::Range<usize>; 2] = [0..SIGNED_LEN, SIGNED_LEN..SIGNED_LEN + 144];
 
 fn assert_every_bit_flip_rejected(original: &[u8], vek: &VerifiedVek) {
     let policy = SnpPolicy::default();
@@ -23,10 +19,11 @@ fn assert_every_bit_flip_rejected(original: &[u8], vek: &VerifiedVek) {
             bytes[offset] ^= 1 << bit;
             match snp::verify_report(&bytes, vek, &policy) {
                 Ok(_) => panic!("flip of bit {bit} at offset {offset:#x} was accepted"),
-                // Flips in version, signature algorithm or signer fields fail earlier checks;
-                // everything else must be caught by the signature.
+                // Flips in version, signature algorithm or signer fields fail earlier checks,
+                // flips in the padding the padding check; everything else the signature.
                 Err(
                     SnpError::SignatureInvalid
+                    | SnpError::SignaturePadding { .. }
                     | SnpError::UnsupportedVersion { .. }
                     | SnpError::UnsupportedSignatureAlgorithm { .. }
                     | SnpError::SignerMismatch { .. },
@@ -37,7 +34,7 @@ fn assert_every_bit_flip_rejected(original: &[u8], vek: &VerifiedVek) {
             flips += 1;
         }
     }
-    assert_eq!(flips, (SIGNED_LEN + 96) * 8);
+    assert_eq!(flips, (SIGNED_LEN + 144) * 8);
     assert_eq!(bytes, original, "all flips were undone");
 }
 

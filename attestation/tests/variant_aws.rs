@@ -48,7 +48,12 @@ fn validator() -> AwsSevSnpValidator {
         },
         ..SnpPolicy::default()
     };
-    AwsSevSnpValidator::new(snp_common::aws_vek(), policy, measurements())
+    AwsSevSnpValidator::new(
+        snp_common::aws_vek(),
+        policy,
+        measurements(),
+        Arc::new(snp_common::clock(snp_common::AWS_VALID_AT)),
+    )
 }
 
 fn documented_report_data() -> [u8; 64] {
@@ -82,6 +87,24 @@ fn real_report_for_another_ak_fails_the_report_data_check() {
     };
     assert_eq!(expected, report_data_for_ak(ak.spki_der()).to_vec());
     assert_eq!(hex::encode(found), AWS_REPORT_DATA);
+}
+
+#[test]
+fn a_validator_outliving_its_vlek_rejects_reports_once_it_expired() {
+    // Built while the VLEK was valid; later (the VLEK expired 2025-12-10) the same cached
+    // chain must no longer vouch for anything, even the report it once accepted.
+    let mut later = validator();
+    later.clock = Arc::new(snp_common::clock(snp_common::AWS_EXPIRED_AT));
+    let err = later
+        .verify_report_for_ak(&aws_report(), b"any AK: expiry is checked first")
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ValidationError::Snp(SnpError::CertificateExpired { .. })
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod snp_common;
 mod tpm_support;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use aws_lc_rs::rsa::PublicEncryptingKey;
 use base64::Engine as _;
@@ -65,7 +66,29 @@ fn validator() -> AzureSevSnpValidator {
         measurement: Some(measurement),
         ..SnpPolicy::default()
     };
-    AzureSevSnpValidator::new(snp_common::azure_vek(), policy, measurements())
+    AzureSevSnpValidator::new(
+        snp_common::azure_vek(),
+        policy,
+        measurements(),
+        Arc::new(snp_common::clock(snp_common::AZURE_VALID_AT)),
+    )
+}
+
+#[test]
+fn a_validator_outliving_its_vcek_rejects_the_report_it_once_accepted() {
+    // The VCEK is valid until 2030-08-30; a validator still running after that refuses.
+    let mut later = validator();
+    later.clock = Arc::new(snp_common::clock("2030-09-01T00:00:00Z"));
+    let err = later
+        .verify_report_and_runtime_data(&report(), &runtime_data())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ValidationError::Snp(SnpError::CertificateExpired { .. })
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]

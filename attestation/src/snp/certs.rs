@@ -511,3 +511,75 @@ pub fn parse_vek_certificate(data: &[u8]) -> Result<(SigningKey, VekExtensions),
     let kind = vek_kind(&cert)?;
     Ok((kind, parse_vek_extensions(&cert, kind)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AMD_ROOTS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/amd-roots"
+    );
+
+    /// Each embedded ARK is pinned under its product, is the one AMD publishes (fingerprint
+    /// prefix and suffix from the testdata README), and really signs that product's ASK: a
+    /// broken embedded file would otherwise just pin nothing, silently.
+    #[test]
+    fn milan_genoa_and_turin_roots_are_pinned_and_sign_their_ask() {
+        let expected = [
+            ("Milan", "69:D0:63:B4", "9A:54:0B:CD"),
+            ("Genoa", "4C:65:98:D1", "0D:10:3D:B2:F1"),
+            ("Turin", "1F:08:41:61", "9C:73:DD:3F:6A"),
+        ];
+        assert_eq!(pinned_arks().len(), expected.len());
+        for (product, prefix, suffix) in expected {
+            let lower = product.to_lowercase();
+            let ark_pem = std::fs::read(format!("{AMD_ROOTS}/{lower}-ark.pem")).unwrap();
+            let ark_der = decode_pem_certs(&ark_pem, CertRole::Root)
+                .unwrap()
+                .remove(0);
+            assert_eq!(pinned_root_product(&ark_der).unwrap(), product);
+            let fp = fingerprint(&ark_der);
+            assert!(
+                fp.starts_with(prefix) && fp.ends_with(suffix),
+                "{product}: {fp}"
+            );
+
+            let ark = parse_cert(&ark_der, CertRole::Root).unwrap();
+            assert!(is_self_issued(&ark), "{product} ARK is self-issued");
+            verify_cert_signature(&ark_der, &ark, &ark, CertRole::Root).unwrap();
+            let ask_pem = std::fs::read(format!("{AMD_ROOTS}/{lower}-ask.pem")).unwrap();
+            let ask_der = decode_pem_certs(&ask_pem, CertRole::Intermediate)
+                .unwrap()
+                .remove(0);
+            let ask = parse_cert(&ask_der, CertRole::Intermediate).unwrap();
+            check_issued_by(&ask, &ark, CertRole::Intermediate).unwrap();
+            verify_cert_signature(&ask_der, &ask, &ark, CertRole::Intermediate)
+                .unwrap_or_else(|e| panic!("{product} ASK <- ARK: {e}"));
+        }
+    }
+
+    /// Another product's ARK does not vouch for this product's ASK.
+    #[test]
+    fn an_ask_does_not_verify_under_another_products_root() {
+        let read = |name: &str| {
+            let pem = std::fs::read(format!("{AMD_ROOTS}/{name}.pem")).unwrap();
+            decode_pem_certs(&pem, CertRole::Intermediate)
+                .unwrap()
+                .remove(0)
+        };
+        let (genoa_ask_der, milan_ark_der) = (read("genoa-ask"), read("milan-ark"));
+        let genoa_ask = parse_cert(&genoa_ask_der, CertRole::Intermediate).unwrap();
+        let milan_ark = parse_cert(&milan_ark_der, CertRole::Root).unwrap();
+        assert!(
+            verify_cert_signature(
+                &genoa_ask_der,
+                &genoa_ask,
+                &milan_ark,
+                CertRole::Intermediate
+            )
+            .is_err(),
+            "the signature itself must not verify under the wrong root"
+        );
+    }
+}

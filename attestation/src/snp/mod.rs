@@ -313,3 +313,15 @@ pub fn verify_report(
     policy.check(&report)?;
     Ok(report)
 }
+
+/// [`verify_report`] for a long-lived verifier: first re-checks, at `clock.now()`, that every
+/// certificate of the cached chain is still within its validity period.
+pub fn verify_report_at(
+    report_bytes: &[u8],
+    vek: &VerifiedVek,
+    policy: &SnpPolicy,
+    clock: &dyn crate::Clock,
+) -> Result<AttestationReport, SnpError> {
+    vek.check_valid_at(clock)?;
+    verify_report(report_bytes, vek, policy)
+}

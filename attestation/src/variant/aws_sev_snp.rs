@@ -7,14 +7,17 @@
 //! ([`AwsSevSnpEvidence`]); its `tpm` member is qemu-vtpm quote evidence and is checked by a
 //! [`QemuVtpmValidator`] pinned to the vouched key, so the TPM rules live in one place.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha512};
 
 use crate::measurements::{Digest, Measurements};
-use crate::snp::{verify_report, SnpPolicy, VerifiedVek};
+use crate::snp::{verify_report_at, SnpPolicy, VerifiedVek};
 use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
 use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmIssuer, QemuVtpmValidator};
 use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
+use crate::Clock;
 
 /// The wire form of aws-sev-snp evidence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,14 +128,24 @@ pub struct AwsSevSnpValidator {
     pub vlek: VerifiedVek,
     pub policy: SnpPolicy,
     pub measurements: Measurements,
+    /// "Now" for the re-check of the cached chain's validity on every report.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl AwsSevSnpValidator {
-    pub fn new(vlek: VerifiedVek, policy: SnpPolicy, measurements: Measurements) -> Self {
+    /// `clock` is consulted on every report: a VLEK (or its chain) that expired after
+    /// this validator was built is rejected from then on.
+    pub fn new(
+        vlek: VerifiedVek,
+        policy: SnpPolicy,
+        measurements: Measurements,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             vlek,
             policy,
             measurements,
+            clock,
         }
     }
 
@@ -147,7 +160,7 @@ impl AwsSevSnpValidator {
             report_data: Some(report_data_for_ak(ak_spki_der)),
             ..self.policy.clone()
         };
-        verify_report(report, &self.vlek, &policy)?;
+        verify_report_at(report, &self.vlek, &policy, self.clock.as_ref())?;
         AkPublicKey::from_spki_der(ak_spki_der)
             .map_err(|e| ValidationError::Malformed(format!("attestation key: {e}")))
     }

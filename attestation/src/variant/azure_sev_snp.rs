@@ -9,16 +9,19 @@ use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::PublicKeyComponents;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::measurements::{sha256, Digest, Measurements};
-use crate::snp::{verify_report, SnpPolicy, VerifiedVek};
+use crate::snp::{verify_report_at, SnpPolicy, VerifiedVek};
 use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
 use crate::variant::aws_sev_snp::{
     b64, quote_evidence, report_failed, validate_vouched_quote, SnpReportError,
 };
 use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmIssuer};
 use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
+use crate::Clock;
 
 /// The key ID of the vTPM attestation key in the HCL runtime data.
 pub const HCL_AK_KID: &str = "HCLAkPub";
@@ -197,14 +200,24 @@ pub struct AzureSevSnpValidator {
     pub vcek: VerifiedVek,
     pub policy: SnpPolicy,
     pub measurements: Measurements,
+    /// "Now" for the re-check of the cached chain's validity on every report.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl AzureSevSnpValidator {
-    pub fn new(vcek: VerifiedVek, policy: SnpPolicy, measurements: Measurements) -> Self {
+    /// `clock` is consulted on every report: a VCEK (or its chain) that expired after
+    /// this validator was built is rejected from then on.
+    pub fn new(
+        vcek: VerifiedVek,
+        policy: SnpPolicy,
+        measurements: Measurements,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             vcek,
             policy,
             measurements,
+            clock,
         }
     }
 
@@ -220,7 +233,7 @@ impl AzureSevSnpValidator {
             report_data: Some(report_data_for_runtime_data(runtime_data)),
             ..self.policy.clone()
         };
-        verify_report(report, &self.vcek, &policy)?;
+        verify_report_at(report, &self.vcek, &policy, self.clock.as_ref())?;
         hcl_ak_from_runtime_data(runtime_data)
     }
 }
