@@ -5,12 +5,12 @@
 //! Evidence is JSON ([`AzureSevSnpEvidence`]); its `tpm` member is qemu-vtpm quote evidence,
 //! checked against the vouched key only (the key the quote evidence names is ignored).
 
+use std::sync::Arc;
+
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::PublicKeyComponents;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 
 use crate::measurements::{sha256, Digest, Measurements};
