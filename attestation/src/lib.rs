@@ -11,6 +11,8 @@ pub mod cluster;
 pub mod measurements;
 pub mod signed_measurements;
 pub mod snp;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tpm;
 pub mod variant;
 

@@ -2,102 +2,17 @@
 //! each with its own error. The attester here is a software signer (the TPM-backed variants
 //! have their own tests); what is under test is the channel binding.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{
-    EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
-    ECDSA_P256_SHA256_FIXED_SIGNING,
-};
 use constellation_attestation::atls::{self, AtlsError};
-use constellation_attestation::measurements::{sha256, Digest, Measurement, Measurements};
-use constellation_attestation::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
+use constellation_attestation::measurements::{sha256, Digest, Measurements};
+use constellation_attestation::testing::{software_policy, SoftwareIssuer, SoftwareValidator};
+use constellation_attestation::{ValidationError, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Signs (PCR value, binding) with a software key; records the last evidence it produced.
-struct SoftwareIssuer {
-    key: EcdsaKeyPair,
-    pcr: Digest,
-    last: Mutex<Option<Vec<u8>>>,
-    replay: Mutex<Option<Vec<u8>>>,
-}
-
-impl SoftwareIssuer {
-    fn new(pcr: Digest) -> Arc<Self> {
-        let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let key =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
-        Arc::new(Self {
-            key,
-            pcr,
-            last: Mutex::new(None),
-            replay: Mutex::new(None),
-        })
-    }
-    fn public(&self) -> Vec<u8> {
-        self.key.public_key().as_ref().to_vec()
-    }
-}
-
-impl Issuer for SoftwareIssuer {
-    fn variant(&self) -> Variant {
-        Variant::QemuVtpm
-    }
-    fn issue(&self, binding: &Digest) -> Result<Vec<u8>, IssueError> {
-        if let Some(old) = self.replay.lock().unwrap().clone() {
-            return Ok(old);
-        }
-        let mut body = self.pcr.to_vec();
-        body.extend_from_slice(binding);
-        let sig = self.key.sign(&SystemRandom::new(), &body).unwrap();
-        body.extend_from_slice(sig.as_ref());
-        *self.last.lock().unwrap() = Some(body.clone());
-        Ok(body)
-    }
-}
-
-struct SoftwareValidator {
-    public: Vec<u8>,
-    measurements: Measurements,
-}
-
-impl Validator for SoftwareValidator {
-    fn variant(&self) -> Variant {
-        Variant::QemuVtpm
-    }
-    fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
-        if evidence.len() != 64 + 64 {
-            return Err(ValidationError::Malformed(format!(
-                "{} bytes",
-                evidence.len()
-            )));
-        }
-        let (body, sig) = evidence.split_at(64);
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &self.public)
-            .verify(body, sig)
-            .map_err(|_| ValidationError::Malformed("bad signature".into()))?;
-        if &body[32..] != binding {
-            return Err(ValidationError::BindingMismatch {
-                expected: hex::encode(binding),
-                found: hex::encode(&body[32..]),
-            });
-        }
-        let pcrs = BTreeMap::from([(4u32, <Digest>::try_from(&body[..32]).unwrap())]);
-        let outcome = self.measurements.check(&pcrs)?;
-        Ok(Verdict {
-            variant: Variant::QemuVtpm,
-            pcrs,
-            warnings: outcome.warnings,
-            ak_fingerprint: sha256(&self.public),
-        })
-    }
-}
-
 fn policy(pcr: Digest) -> Measurements {
-    Measurements(BTreeMap::from([(4, Measurement::enforce(pcr))]))
+    software_policy(pcr)
 }
 
 const GOOD: Digest = [7u8; 32];
@@ -126,10 +41,7 @@ async fn echo_server(
 #[tokio::test]
 async fn honest_server_only_handshake_succeeds_and_carries_data() {
     let issuer = SoftwareIssuer::new(GOOD);
-    let validator = Arc::new(SoftwareValidator {
-        public: issuer.public(),
-        measurements: policy(GOOD),
-    });
+    let validator = SoftwareValidator::new(issuer.public(), policy(GOOD));
     let (addr, server) = echo_server(atls::ServerConfig::server_only(issuer).unwrap()).await;
     let (mut tls, verdict) =
         atls::connect(&addr, &atls::ClientConfig::server_only(validator).unwrap())
@@ -152,17 +64,11 @@ async fn honest_mutual_handshake_attests_both_sides() {
     let client_issuer = SoftwareIssuer::new(GOOD);
     let server_cfg = atls::ServerConfig::mutual(
         server_issuer.clone(),
-        Arc::new(SoftwareValidator {
-            public: client_issuer.public(),
-            measurements: policy(GOOD),
-        }),
+        SoftwareValidator::new(client_issuer.public(), policy(GOOD)),
     )
     .unwrap();
     let client_cfg = atls::ClientConfig::mutual(
-        Arc::new(SoftwareValidator {
-            public: server_issuer.public(),
-            measurements: policy(GOOD),
-        }),
+        SoftwareValidator::new(server_issuer.public(), policy(GOOD)),
         client_issuer.clone(),
     )
     .unwrap();
@@ -185,10 +91,7 @@ async fn honest_mutual_handshake_attests_both_sides() {
 #[tokio::test]
 async fn wrong_measurements_are_rejected() {
     let issuer = SoftwareIssuer::new([1u8; 32]);
-    let validator = Arc::new(SoftwareValidator {
-        public: issuer.public(),
-        measurements: policy(GOOD),
-    });
+    let validator = SoftwareValidator::new(issuer.public(), policy(GOOD));
     let (addr, _server) = echo_server(atls::ServerConfig::server_only(issuer).unwrap()).await;
     let err = atls::connect(&addr, &atls::ClientConfig::server_only(validator).unwrap())
         .await
@@ -209,17 +112,11 @@ async fn mutual_mode_rejects_a_client_with_wrong_measurements() {
     let client_issuer = SoftwareIssuer::new([2u8; 32]);
     let server_cfg = atls::ServerConfig::mutual(
         server_issuer.clone(),
-        Arc::new(SoftwareValidator {
-            public: client_issuer.public(),
-            measurements: policy(GOOD),
-        }),
+        SoftwareValidator::new(client_issuer.public(), policy(GOOD)),
     )
     .unwrap();
     let client_cfg = atls::ClientConfig::mutual(
-        Arc::new(SoftwareValidator {
-            public: server_issuer.public(),
-            measurements: policy(GOOD),
-        }),
+        SoftwareValidator::new(server_issuer.public(), policy(GOOD)),
         client_issuer,
     )
     .unwrap();
@@ -238,10 +135,7 @@ async fn mutual_mode_rejects_a_client_with_wrong_measurements() {
 #[tokio::test]
 async fn replayed_evidence_is_rejected_as_stale() {
     let issuer = SoftwareIssuer::new(GOOD);
-    let validator = Arc::new(SoftwareValidator {
-        public: issuer.public(),
-        measurements: policy(GOOD),
-    });
+    let validator = SoftwareValidator::new(issuer.public(), policy(GOOD));
     let (genuine_addr, _g) = echo_server(atls::ServerConfig::server_only(issuer).unwrap()).await;
 
     // An eavesdropper records a genuine node's whole evidence message for some old challenge.
@@ -280,15 +174,12 @@ async fn replayed_evidence_is_rejected_as_stale() {
 #[tokio::test]
 async fn replayed_evidence_with_honest_claims_fails_binding() {
     let issuer = SoftwareIssuer::new(GOOD);
-    let validator = Arc::new(SoftwareValidator {
-        public: issuer.public(),
-        measurements: policy(GOOD),
-    });
+    let validator = SoftwareValidator::new(issuer.public(), policy(GOOD));
     let client = atls::ClientConfig::server_only(validator).unwrap();
     let (addr, _s) = echo_server(atls::ServerConfig::server_only(issuer.clone()).unwrap()).await;
     atls::connect(&addr, &client).await.unwrap();
-    let recorded = issuer.last.lock().unwrap().clone().unwrap();
-    *issuer.replay.lock().unwrap() = Some(recorded);
+    let recorded = issuer.last_evidence().unwrap();
+    issuer.replay(Some(recorded));
     let (addr, _s) = echo_server(atls::ServerConfig::server_only(issuer).unwrap()).await;
     let err = atls::connect(&addr, &client).await.unwrap_err();
     assert!(
@@ -304,10 +195,7 @@ async fn replayed_evidence_with_honest_claims_fails_binding() {
 async fn relayed_evidence_from_a_genuine_node_is_rejected() {
     // The genuine node.
     let issuer = SoftwareIssuer::new(GOOD);
-    let validator = Arc::new(SoftwareValidator {
-        public: issuer.public(),
-        measurements: policy(GOOD),
-    });
+    let validator = SoftwareValidator::new(issuer.public(), policy(GOOD));
     let (genuine_addr, _g) =
         echo_server(atls::ServerConfig::server_only(issuer.clone()).unwrap()).await;
 
