@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use constellation_attestation::atls::{self, AtlsError};
-use constellation_attestation::cluster::verify_cluster;
-use constellation_attestation::measurements::{Measurements, CLUSTER_ID_PCR};
-use constellation_attestation::tpm::AkPublicKey;
+use constellation_attestation::cluster::{verify_cluster, VerifyError};
+use constellation_attestation::measurements::{Digest, Measurements, CLUSTER_ID_PCR};
+use constellation_attestation::tpm::{AkPublicKey, QuoteError};
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
-use constellation_attestation::ValidationError;
+use constellation_attestation::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
 use constellation_common::kdf;
 use constellation_common::metadata::{ports, Role};
 use constellation_image::LocalImage;
@@ -106,8 +106,17 @@ async fn init(
     node: &NodeRecord,
     req: InitRequest,
 ) -> Result<(InitSuccess, Vec<String>), InitFailure> {
+    init_at(validator, &node.endpoint(ports::BOOTSTRAPPER), req).await
+}
+
+/// [`init`] against any endpoint (an impostor's, say).
+async fn init_at(
+    validator: Arc<QemuVtpmValidator>,
+    endpoint: &str,
+    req: InitRequest,
+) -> Result<(InitSuccess, Vec<String>), InitFailure> {
     let config = atls::ClientConfig::server_only(validator).unwrap();
-    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
+    let (channel, _) = atls::channel(endpoint, config)
         .await
         .map_err(InitFailure::Attestation)?;
     let mut stream = InitServiceClient::new(channel)
@@ -220,9 +229,103 @@ async fn init_over_atls_binds_the_node_to_the_cluster() {
         constellation_attestation::Measurement::enforce([9u8; 32]),
     );
     let wrong = QemuVtpmValidator::new(vec![ak(&cp)], wrong);
-    assert!(verify_cluster(&cp.endpoint(ports::VERIFY), &wrong, None)
+    match verify_cluster(&cp.endpoint(ports::VERIFY), &wrong, None).await {
+        Err(VerifyError::Rejected {
+            source: ValidationError::Measurements(m),
+            ..
+        }) => assert!(m.to_string().contains("PCR[4]"), "{m}"),
+        other => panic!("wrong measurements must reject the node's evidence: {other:?}"),
+    }
+}
+
+/// Hands out one recorded piece of evidence, whatever it is asked to bind: an attacker
+/// replaying what a genuine node once produced.
+struct ReplayingIssuer(Vec<u8>);
+
+impl Issuer for ReplayingIssuer {
+    fn variant(&self) -> Variant {
+        Variant::QemuVtpm
+    }
+    fn issue(&self, _binding: &Digest) -> Result<Vec<u8>, IssueError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Passes everything to the real validator and keeps a copy of the evidence it saw.
+struct RecordingValidator {
+    inner: Arc<QemuVtpmValidator>,
+    seen: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl Validator for RecordingValidator {
+    fn variant(&self) -> Variant {
+        self.inner.variant()
+    }
+    fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
+        *self.seen.lock().unwrap() = Some(evidence.to_vec());
+        self.inner.validate(evidence, binding)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replayed_evidence_of_a_genuine_node_gets_no_init_secret() {
+    let mut c = TestCluster::new("replay");
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    // Evidence from the real node's swtpm, genuinely accepted once (without sending Init).
+    let recorder = Arc::new(RecordingValidator {
+        inner: c.fresh_validator(&cp),
+        seen: std::sync::Mutex::new(None),
+    });
+    let config = atls::ClientConfig::server_only(recorder.clone()).unwrap();
+    atls::channel(&cp.endpoint(ports::BOOTSTRAPPER), config)
         .await
-        .is_err());
+        .expect("the genuine node attests");
+    let recorded = recorder.seen.lock().unwrap().take().expect("evidence seen");
+
+    // An impostor endpoint presents that evidence in its own sessions; whatever reaches it
+    // after the handshake is counted.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor = listener.local_addr().unwrap();
+    let server = atls::ServerConfig::server_only(Arc::new(ReplayingIssuer(recorded))).unwrap();
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = received.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        use tokio_stream::StreamExt;
+        let mut streams = atls::incoming(listener, server);
+        while let Some(Ok(mut stream)) = streams.next().await {
+            let mut buf = Vec::new();
+            let _ = stream.read_to_end(&mut buf).await;
+            counter.fetch_add(buf.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // The verifier still trusts exactly the genuine node's AK and image.
+    let replayed = init_at(
+        c.fresh_validator(&cp),
+        &impostor.to_string(),
+        request(INIT_SECRET),
+    )
+    .await;
+    match replayed {
+        Err(InitFailure::Attestation(AtlsError::Rejected(ValidationError::Quote(
+            QuoteError::NonceMismatch { expected, found },
+        )))) => assert_ne!(expected, found),
+        other => panic!("replayed evidence must be rejected at the quote's nonce: {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        received.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no byte of the Init request (init secret, master secret) reached the impostor"
+    );
+    // The genuine node is untouched and still initializes.
+    init(c.fresh_validator(&cp), &cp, request(INIT_SECRET))
+        .await
+        .expect("the genuine node initializes");
 }
 
 #[tokio::test(flavor = "multi_thread")]
