@@ -453,6 +453,15 @@ fn the_platform_starts_and_stops_three_nodes_repeatedly_without_leaks() {
                     n.name
                 );
             }
+            // The node's swtpm listened on two loopback ports (server, control).
+            let (server, ctrl) = n.swtpm.as_ref().expect("a running node has a TPM").ports();
+            for port in [server, ctrl] {
+                assert!(
+                    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok(),
+                    "swtpm port {port} of {} released",
+                    n.name
+                );
+            }
         }
     }
 }
