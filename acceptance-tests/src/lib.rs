@@ -203,6 +203,11 @@ impl Terraform {
 
     /// Runs `terraform <args>` in the working directory.
     pub fn run(&self, args: &[&str]) -> TfRun {
+        self.spawn(args).wait()
+    }
+
+    /// Starts `terraform <args>` in the working directory without waiting for it.
+    pub fn spawn(&self, args: &[&str]) -> TfChild {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)
             .current_dir(self.work_dir())
@@ -224,27 +229,16 @@ impl Terraform {
         let (out_path, err_path) = (logs.join("stdout"), logs.join("stderr"));
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let start = Instant::now();
-        let status = std::fs::File::create(&out_path)
+        let child = std::fs::File::create(&out_path)
             .and_then(|o| Ok((o, std::fs::File::create(&err_path)?)))
-            .and_then(|(o, e)| cmd.stdout(o).stderr(e).status());
-        let elapsed = start.elapsed();
-        let read =
-            |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-        match status {
-            Ok(status) => TfRun {
-                args,
-                code: status.code().unwrap_or(-1),
-                stdout: read(&out_path),
-                stderr: read(&err_path),
-                elapsed,
-            },
-            Err(e) => TfRun {
-                args,
-                code: -1,
-                stdout: String::new(),
-                stderr: format!("cannot run {}: {e}", self.bin.display()),
-                elapsed,
-            },
+            .and_then(|(o, e)| cmd.stdout(o).stderr(e).spawn())
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()));
+        TfChild {
+            args,
+            child,
+            start,
+            out_path,
+            err_path,
         }
     }
 
@@ -299,4 +293,108 @@ impl Terraform {
             .cloned()
             .unwrap_or_else(|| panic!("no output {name:?}"))
     }
+}
+
+/// A Terraform command started with [`Terraform::spawn`].
+#[derive(Debug)]
+pub struct TfChild {
+    args: Vec<String>,
+    child: Result<std::process::Child, String>,
+    start: Instant,
+    out_path: PathBuf,
+    err_path: PathBuf,
+}
+
+impl TfChild {
+    /// Terraform's pid (None if it could not be started).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().ok().map(std::process::Child::id)
+    }
+
+    /// True while Terraform runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_ok_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Pids of the provider processes this Terraform started (its descendants whose command
+    /// line names the provider binary).
+    pub fn provider_pids(&self) -> Vec<u32> {
+        let Some(parent) = self.pid() else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(PROVIDER_BINARY)
+                    && descends_from(*pid, parent)
+            })
+            .collect()
+    }
+
+    /// SIGKILLs Terraform (it cannot clean anything up) and reaps it.
+    pub fn kill(&mut self) {
+        if let Ok(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for Terraform to exit and collects what it printed.
+    pub fn wait(mut self) -> TfRun {
+        let status = match self.child.as_mut() {
+            Ok(c) => c.wait().map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
+        let elapsed = self.start.elapsed();
+        let read =
+            |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+        match status {
+            Ok(status) => TfRun {
+                args: self.args,
+                code: status.code().unwrap_or(-1),
+                stdout: read(&self.out_path),
+                stderr: read(&self.err_path),
+                elapsed,
+            },
+            Err(e) => TfRun {
+                args: self.args,
+                code: -1,
+                stdout: String::new(),
+                stderr: e,
+                elapsed,
+            },
+        }
+    }
+}
+
+/// True if `ancestor` is `pid`'s parent, grandparent, ...
+fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..32 {
+        match parent_of(p) {
+            Some(parent) if parent == ancestor => return true,
+            Some(parent) if parent > 1 => p = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The parent pid of `pid`, from /proc.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ppid ...": fields after the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

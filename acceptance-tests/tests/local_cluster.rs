@@ -7,10 +7,13 @@
 //!
 //! Needs `make build` (provider, bootstrapper and `attest` in target/debug), swtpm and openssl.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use acceptance_tests::{provider_binary, Terraform, TfVersion, REQUIRED_PROVIDERS};
+use constellation_common::metadata::ports;
 
 const CONFIG: &str = r#"
 variable "workers" {
@@ -88,6 +91,13 @@ struct Node {
     ip: String,
     ak_spki_hex: String,
     pid: u32,
+    swtpm: Option<SwtpmJson>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct SwtpmJson {
+    server_port: u16,
+    ctrl_port: u16,
 }
 
 #[derive(serde::Deserialize)]
@@ -254,11 +264,250 @@ fn run(version: TfVersion) {
         );
     }
 
-    tf.destroy(&[]).ok();
+    // A new node booted from a modified binary, while the cluster's measurements stay the
+    // genuine ones: it is refused admission, the error names the PCR, nothing else changes.
+    let tampered = tampered_binary(&tf.scratch(), &boot);
+    let bad_config = format!(
+        "{config}{}",
+        BAD_IMAGE.replace("BADBOOT", &tampered.display().to_string())
+    )
+    .replace(
+        "reference    = constellation_image.img.reference",
+        "reference    = constellation_image.bad.reference",
+    );
+    tf.write_config(&bad_config).unwrap();
+    let refused = tf.apply(&["-var", "workers=2"]);
+    assert_ne!(
+        refused.code, 0,
+        "a tampered node must not be admitted:\n{refused}"
+    );
+    let text = refused.all();
+    assert!(text.contains("refused admission"), "{refused}");
+    assert!(
+        text.contains("PCR[4]: expected"),
+        "the error names the PCR that differed:\n{refused}"
+    );
+    assert_eq!(nodes(&root).len(), 2, "the refused node is removed again");
+    assert_all_verified(&tf, &root, &cluster_id, 2);
+    tf.write_config(&config).unwrap();
+    tf.apply(&["-var", "workers=1"]).ok();
+    assert_eq!(tf.plan(&["-var", "workers=1"]).code, 0);
+    assert_all_verified(&tf, &root, &cluster_id, 2);
+
+    // Import from the URI rebuilds a state with no diff.
+    tf.state_rm("constellation_cluster.c").ok();
+    let uri = format!(
+        "constellation-cluster://?platform=local&name=acc&cluster_dir={}&kubeconfig_path=./kubeconfig",
+        root.display()
+    );
+    tf.import("constellation_cluster.c", &uri, &["-var", "workers=1"])
+        .ok();
+    let plan = tf.plan(&["-var", "workers=1"]);
+    assert_eq!(
+        plan.code, 0,
+        "plan after import must show no changes:\n{plan}"
+    );
+    assert_eq!(tf.output("cluster_id").as_str(), Some(cluster_id.as_str()));
+
+    destroy_and_check(&tf, &root);
+
+    // The provider is killed during apply, twice: while the nodes boot (resume must Init),
+    // and after Init (resume must not Init again).
+    kill_during_apply(&tf, &root, "nodes booting", |root| {
+        nodes_of(root).is_some_and(|n| n.iter().any(|n| n.pid != 0))
+    });
+    kill_during_apply(&tf, &root, "after Init", |root| {
+        journal(root).is_some_and(|j| j["outputs"].is_object())
+    });
+}
+
+/// Destroys the cluster; no process, folder or port of it may be left.
+fn destroy_and_check(tf: &Terraform, root: &Path) {
+    let marker = root.display().to_string();
+    let ports = ports_of(root);
+    assert!(!ports.is_empty());
+    let destroy = tf.destroy(&[]).ok();
+    eprintln!("{:?}: destroy took {:?}", tf.version, destroy.elapsed);
     assert!(!root.exists(), "destroy must remove {marker}");
     let left = processes_mentioning(&marker);
     assert!(left.is_empty(), "processes left after destroy: {left:?}");
+    assert_ports_free(&ports);
 }
+
+/// Runs `terraform apply`, kills the provider (SIGKILL) and Terraform once `ready` holds for
+/// the cluster folder, then applies again: the cluster converges with the journal's secrets,
+/// Init was served once, every node verifies.
+fn kill_during_apply(tf: &Terraform, root: &Path, when: &str, ready: impl Fn(&Path) -> bool) {
+    let version = tf.version;
+    let mut apply = tf.spawn(&["apply", "-auto-approve", "-no-color", "-input=false"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ready(root) {
+        assert!(
+            apply.running() && Instant::now() < deadline,
+            "{version:?}: apply ended before the kill point ({when}):\n{}",
+            apply.wait()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let providers = apply.provider_pids();
+    assert!(
+        !providers.is_empty(),
+        "{version:?}: no provider process found"
+    );
+    for pid in providers {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    apply.kill();
+    let killed = apply.wait();
+    eprintln!(
+        "{version:?}: killed the provider during apply ({when}) after {:?}",
+        killed.elapsed
+    );
+    assert!(
+        cluster_in_state(tf).is_none(),
+        "{version:?}: Terraform recorded the cluster before the kill ({when}); the test lost \
+         its race:\n{killed}"
+    );
+    let before = journal(root).expect("the journal exists after the kill");
+
+    let resumed = tf.apply(&[]).ok();
+    eprintln!(
+        "{version:?}: resuming apply ({when}) took {:?}",
+        resumed.elapsed
+    );
+    let after = journal(root).expect("journal");
+    assert_eq!(before["master_secret"], after["master_secret"], "keys kept");
+    assert_eq!(before["init_secret"], after["init_secret"], "keys kept");
+    let state = cluster_in_state(tf).expect("the cluster is in state now");
+    for secret in ["master_secret", "master_secret_salt", "measurement_salt"] {
+        assert_eq!(
+            state[secret], after[secret],
+            "{secret} in state = journal's"
+        );
+    }
+    if before["outputs"].is_object() {
+        assert_eq!(
+            before["outputs"]["cluster_id"],
+            after["outputs"]["cluster_id"]
+        );
+    }
+    let cluster_id = tf.output("cluster_id");
+    let cluster_id = cluster_id.as_str().expect("cluster_id");
+    assert_eq!(Some(cluster_id), after["outputs"]["cluster_id"].as_str());
+    let derived = {
+        let secret = |k: &str| hex::decode(after[k].as_str().expect(k)).expect("hex");
+        let measurement = constellation_common::kdf::measurement_secret(
+            &secret("master_secret"),
+            &secret("master_secret_salt"),
+        );
+        hex::encode(constellation_common::kdf::cluster_id(
+            measurement.expose(),
+            &secret("measurement_salt"),
+        ))
+    };
+    assert_eq!(
+        cluster_id, derived,
+        "cluster ID derives from the journal's secrets"
+    );
+    assert_eq!(tf.plan(&[]).code, 0, "plan after the resumed apply");
+    assert_all_verified(tf, root, cluster_id, 3);
+    let cp = nodes(root)
+        .into_iter()
+        .find(|n| n.role == "control-plane")
+        .expect("a control plane");
+    let log = std::fs::read_to_string(root.join("nodes").join(&cp.name).join("bootstrapper.log"))
+        .expect("control-plane log");
+    assert_eq!(
+        log.matches("initializing cluster").count(),
+        1,
+        "Init is served exactly once ({when}):\n{log}"
+    );
+    destroy_and_check(tf, root);
+}
+
+/// `journal.json` of the cluster folder, when it exists and parses.
+fn journal(root: &Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(root.join("journal.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The cluster's attributes in `terraform.tfstate`, if Terraform recorded it.
+fn cluster_in_state(tf: &Terraform) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(tf.work_dir().join("terraform.tfstate")).ok()?;
+    let state: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    state["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["type"] == "constellation_cluster")?["instances"]
+        .get(0)
+        .map(|i| i["attributes"].clone())
+}
+
+/// Every port the cluster's nodes hold: the node ports on each node's address, and each
+/// swtpm's server and control port on 127.0.0.1.
+fn ports_of(root: &Path) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for n in nodes(root) {
+        let ip: IpAddr = n.ip.parse().expect("node IP");
+        for port in [
+            ports::BOOTSTRAPPER,
+            ports::KEY_SERVICE,
+            ports::VERIFY,
+            ports::JOIN,
+        ] {
+            out.push(SocketAddr::new(ip, port));
+        }
+        if let Some(t) = n.swtpm {
+            for port in [t.server_port, t.ctrl_port] {
+                out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+            }
+        }
+    }
+    out
+}
+
+fn assert_ports_free(ports: &[SocketAddr]) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for addr in ports {
+        while let Err(e) = TcpListener::bind(addr) {
+            assert!(
+                Instant::now() < deadline,
+                "port {addr} is still taken after destroy: {e}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn nodes_of(root: &Path) -> Option<Vec<Node>> {
+    let bytes = std::fs::read(root.join("platform.json")).ok()?;
+    serde_json::from_slice::<PlatformJson>(&bytes)
+        .ok()
+        .map(|s| s.nodes)
+}
+
+/// A copy of the bootstrapper with bytes appended: it runs the same, but measures differently.
+fn tampered_binary(dir: &Path, boot: &Path) -> PathBuf {
+    let mut binary = std::fs::read(boot).expect("read bootstrapper");
+    binary.extend_from_slice(b"\0tampered");
+    let path = dir.join("bootstrapper-tampered");
+    std::fs::write(&path, binary).expect("write tampered binary");
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&path, perms).unwrap();
+    path
+}
+
+/// A second image from the tampered binary (its own folder: another version).
+const BAD_IMAGE: &str = r#"
+resource "constellation_image" "bad" {
+  platform          = "local"
+  version           = "v0.1.0-tampered"
+  bootstrapper_path = "BADBOOT"
+}
+"#;
 
 /// On a failed assertion, still tear the cluster down so no node process outlives the test.
 struct Cleanup<'a>(&'a Terraform, &'a str);

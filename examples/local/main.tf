@@ -4,6 +4,13 @@
 #   terraform init -plugin-dir=<mirror>   # see docs/index.md
 #   terraform apply
 #   KUBECONFIG=$(terraform output -raw kubeconfig_path) kubectl get nodes
+#
+# The cluster lives in .constellation/clusters/local-demo. Its journal.json (mode 0600) holds
+# the cluster's secrets, like the Terraform state: an apply interrupted while creating the
+# cluster resumes from it, and the cluster can be imported back into a state:
+#
+#   terraform import constellation_cluster.local \
+#     'constellation-cluster://?platform=local&name=local-demo&kubeconfig_path=./kubeconfig'
 
 terraform {
   required_providers {

@@ -243,6 +243,22 @@ impl LocalCloud {
         Ok(record)
     }
 
+    /// Adds `count` node records of `role` (not started) booted later from `image_dir`;
+    /// returns their names. Boot them with [`LocalCloud::boot_many`].
+    pub fn add_nodes(
+        &mut self,
+        role: Role,
+        count: usize,
+        image_dir: &Path,
+    ) -> Result<Vec<String>, PlatformError> {
+        let mut names = Vec::with_capacity(count);
+        for _ in 0..count {
+            names.push(self.add_node(role, image_dir)?.name);
+        }
+        self.save()?;
+        Ok(names)
+    }
+
     /// Creates and boots one node from `image_dir` (tests use other images than the cluster's).
     pub fn create_node_from_image(
         &mut self,
@@ -253,84 +269,62 @@ impl LocalCloud {
         self.boot(&record.name)
     }
 
+    /// Adds `count` nodes of `role` booted from `image_dir` and boots them concurrently.
+    /// Returns one result per node, in creation order: every node is recorded (and so torn
+    /// down by [`LocalCloud::destroy`]) even when its boot failed.
+    pub fn create_nodes_from_image(
+        &mut self,
+        role: Role,
+        count: usize,
+        image_dir: &Path,
+    ) -> Result<Vec<Result<NodeRecord, PlatformError>>, PlatformError> {
+        let names = self.add_nodes(role, count, image_dir)?;
+        Ok(self.boot_many(&names))
+    }
+
     /// Boots (or reboots) a node: fresh TPM power cycle, measured boot, bootstrapper start.
     /// The node keeps its folder, TPM state, address and pinned AK.
     pub fn boot(&mut self, name: &str) -> Result<NodeRecord, PlatformError> {
-        self.halt(name)?;
-        let mut record = self
-            .node(name)
-            .cloned()
-            .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
-        let image = LocalImage::open(&record.image_dir)?;
-        let tpm_err = |source| PlatformError::Tpm {
-            node: record.name.clone(),
-            source,
-        };
+        self.boot_many(&[name.to_owned()])
+            .pop()
+            .unwrap_or_else(|| Err(PlatformError::UnknownNode(name.to_owned())))
+    }
 
-        let swtpm = Swtpm::spawn_detached(&record.dir.join("tpm")).map_err(tpm_err)?;
-        record.swtpm = Some(swtpm.clone());
-        self.replace(record.clone())?;
-
-        // Measured boot: what firmware and boot loader would extend before the OS runs.
-        let binary =
-            std::fs::read(image.bootstrapper_path()).map_err(io_err(&image.bootstrapper_path()))?;
-        let manifest =
-            std::fs::read(image.manifest_path()).map_err(io_err(&image.manifest_path()))?;
-        let ak_hex = {
-            let mut tpm = Tpm::open(&swtpm.tcti()).map_err(tpm_err)?;
-            let ak = tpm.attestation_key(AkKind::EcdsaP256).map_err(tpm_err)?;
-            for (index, event) in boot_events(&binary, &manifest) {
-                tpm.pcr_extend(index, &event).map_err(tpm_err)?;
-            }
-            hex::encode(ak.to_spki_der())
-        };
-        if record.ak_spki_hex.is_empty() {
-            record.ak_spki_hex = ak_hex;
-        } else if record.ak_spki_hex != ak_hex {
-            return Err(PlatformError::AkChanged {
-                node: record.name.clone(),
-                pinned: record.ak_spki_hex,
-                found: ak_hex,
-            });
-        }
-        self.replace(record.clone())?;
-
-        let args = vec![
-            "--name".to_owned(),
-            record.name.clone(),
-            "--node-dir".to_owned(),
-            record.dir.display().to_string(),
-            "--metadata".to_owned(),
-            self.metadata_path().display().to_string(),
-            "--tcti".to_owned(),
-            swtpm.tcti(),
-        ];
-        let log_filter =
-            std::env::var("CONSTELLATION_NODE_LOG").unwrap_or_else(|_| "info".to_owned());
-        record.pid = process::spawn_detached(
-            &image.bootstrapper_path(),
-            &args,
-            &record.log_path(),
-            &[("RUST_LOG", log_filter)],
-        )
-        .map_err(io_err(&image.bootstrapper_path()))?;
-        self.replace(record.clone())?;
-        tracing::info!(node = %record.name, ip = %record.ip, pid = record.pid, "node booted");
-
-        // The node is up once its verification service answers.
-        let deadline = Instant::now() + START_TIMEOUT;
-        let verify = SocketAddr::new(record.ip, ports::VERIFY);
-        while TcpStream::connect_timeout(&verify, Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline || !record.bootstrapper_alive() {
-                return Err(PlatformError::NodeStart {
-                    node: record.name.clone(),
-                    timeout: START_TIMEOUT,
-                    log: process::log_tail(&record.log_path(), 20),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(record)
+    /// Boots (or reboots) several nodes at once, each on its own thread; one result per name,
+    /// in order. The records are saved as each step completes (TPM started, AK pinned,
+    /// bootstrapper started), so a launcher killed midway leaves every process recorded.
+    pub fn boot_many(&mut self, names: &[String]) -> Vec<Result<NodeRecord, PlatformError>> {
+        let halted: Vec<Result<(), PlatformError>> =
+            names.iter().map(|name| self.halt(name)).collect();
+        let metadata = self.metadata_path();
+        let shared = std::sync::Mutex::new(self);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = names
+                .iter()
+                .zip(halted)
+                .map(|(name, halted)| {
+                    let shared = &shared;
+                    let metadata = &metadata;
+                    scope.spawn(move || {
+                        halted?;
+                        boot_one(shared, name, metadata)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(names)
+                .map(|(h, name)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(PlatformError::NodeStart {
+                            node: name.clone(),
+                            timeout: Duration::ZERO,
+                            log: "the boot thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        })
     }
 
     /// Stops a node's bootstrapper and TPM (power off); keeps its folder and records.
@@ -339,15 +333,7 @@ impl LocalCloud {
             .node(name)
             .cloned()
             .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
-        if record.pid != 0 {
-            process::stop(record.pid, &record.marker(), Signal::SIGTERM, STOP_GRACE);
-        }
-        if let Some(swtpm) = &record.swtpm {
-            swtpm.stop().map_err(|source| PlatformError::Tpm {
-                node: record.name.clone(),
-                source,
-            })?;
-        }
+        power_off(&record)?;
         record.pid = 0;
         record.swtpm = None;
         self.replace(record)
@@ -374,21 +360,151 @@ impl LocalCloud {
         self.save()
     }
 
-    /// Stops every node and removes the cluster folder.
+    /// Stops every node (all at once) and removes the cluster folder. Besides the recorded
+    /// pids it stops any process whose command line names a node folder of this cluster (a
+    /// node a killed launcher started but did not get to record).
     pub fn destroy(mut self) -> Result<(), PlatformError> {
-        let names: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
-        for name in names {
-            self.halt(&name)?;
+        let records = self.state.nodes.clone();
+        let results: Vec<Result<(), PlatformError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = records
+                .iter()
+                .map(|r| scope.spawn(move || power_off(r)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Ok(())))
+                .collect()
+        });
+        for r in &mut self.state.nodes {
+            r.pid = 0;
+            r.swtpm = None;
         }
+        results.into_iter().collect::<Result<(), _>>()?;
+        process::stop_all_under(&self.root.join("nodes"), STOP_GRACE);
         std::fs::remove_dir_all(&self.root).map_err(io_err(&self.root))
     }
+}
+
+/// Stops a node's bootstrapper, any stray process of its folder, and its TPM.
+fn power_off(record: &NodeRecord) -> Result<(), PlatformError> {
+    if record.pid != 0 {
+        process::stop(record.pid, &record.marker(), Signal::SIGTERM, STOP_GRACE);
+    }
+    if let Some(swtpm) = &record.swtpm {
+        swtpm.stop().map_err(|source| PlatformError::Tpm {
+            node: record.name.clone(),
+            source,
+        })?;
+    }
+    process::stop_all_under(&record.dir, STOP_GRACE);
+    Ok(())
+}
+
+/// Held while a thread talks to a TPM or starts a process. libtss2's TPM sockets are not
+/// close-on-exec: a process started while another thread has a TPM connection open would
+/// inherit it and keep it open, and swtpm, which serves one connection at a time, would then
+/// never answer the next one.
+static TPM_OR_SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn tpm_or_spawn() -> std::sync::MutexGuard<'static, ()> {
+    TPM_OR_SPAWN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The slow part of a boot, run on its own thread; `shared` is locked only to record progress.
+fn boot_one(
+    shared: &std::sync::Mutex<&mut LocalCloud>,
+    name: &str,
+    metadata: &Path,
+) -> Result<NodeRecord, PlatformError> {
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
+    let mut record = lock()
+        .node(name)
+        .cloned()
+        .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
+    let image = LocalImage::open(&record.image_dir)?;
+    let tpm_err = |source| PlatformError::Tpm {
+        node: name.to_owned(),
+        source,
+    };
+
+    let swtpm = {
+        let _exclusive = tpm_or_spawn();
+        Swtpm::spawn_detached(&record.dir.join("tpm")).map_err(tpm_err)?
+    };
+    record.swtpm = Some(swtpm.clone());
+    lock().replace(record.clone())?;
+
+    // Measured boot: what firmware and boot loader would extend before the OS runs.
+    let binary =
+        std::fs::read(image.bootstrapper_path()).map_err(io_err(&image.bootstrapper_path()))?;
+    let manifest = std::fs::read(image.manifest_path()).map_err(io_err(&image.manifest_path()))?;
+    let ak_hex = {
+        let _exclusive = tpm_or_spawn();
+        let mut tpm = Tpm::open(&swtpm.tcti()).map_err(tpm_err)?;
+        let ak = tpm.attestation_key(AkKind::EcdsaP256).map_err(tpm_err)?;
+        for (index, event) in boot_events(&binary, &manifest) {
+            tpm.pcr_extend(index, &event).map_err(tpm_err)?;
+        }
+        hex::encode(ak.to_spki_der())
+    };
+    if record.ak_spki_hex.is_empty() {
+        record.ak_spki_hex = ak_hex;
+    } else if record.ak_spki_hex != ak_hex {
+        return Err(PlatformError::AkChanged {
+            node: record.name.clone(),
+            pinned: record.ak_spki_hex,
+            found: ak_hex,
+        });
+    }
+    lock().replace(record.clone())?;
+
+    let args = vec![
+        "--name".to_owned(),
+        record.name.clone(),
+        "--node-dir".to_owned(),
+        record.dir.display().to_string(),
+        "--metadata".to_owned(),
+        metadata.display().to_string(),
+        "--tcti".to_owned(),
+        swtpm.tcti(),
+    ];
+    let log_filter = std::env::var("CONSTELLATION_NODE_LOG").unwrap_or_else(|_| "info".to_owned());
+    {
+        // Spawn under the lock, so the pid is recorded before another thread saves.
+        let _exclusive = tpm_or_spawn();
+        let mut cloud = lock();
+        record.pid = process::spawn_detached(
+            &image.bootstrapper_path(),
+            &args,
+            &record.log_path(),
+            &[("RUST_LOG", log_filter)],
+        )
+        .map_err(io_err(&image.bootstrapper_path()))?;
+        cloud.replace(record.clone())?;
+    }
+    tracing::info!(node = %record.name, ip = %record.ip, pid = record.pid, "node booted");
+
+    // The node is up once its verification service answers.
+    let deadline = Instant::now() + START_TIMEOUT;
+    let verify = SocketAddr::new(record.ip, ports::VERIFY);
+    while TcpStream::connect_timeout(&verify, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline || !record.bootstrapper_alive() {
+            return Err(PlatformError::NodeStart {
+                node: record.name.clone(),
+                timeout: START_TIMEOUT,
+                log: process::log_tail(&record.log_path(), 20),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(record)
 }
 
 impl Cloud for LocalCloud {
     fn create_nodes(&mut self, role: Role, count: usize) -> Result<Vec<NodeRecord>, PlatformError> {
         let image = self.state.settings.image_dir.clone();
-        (0..count)
-            .map(|_| self.create_node_from_image(role, &image))
+        self.create_nodes_from_image(role, count, &image)?
+            .into_iter()
             .collect()
     }
 

@@ -83,3 +83,81 @@ pub fn log_tail(log: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// True if one of the command-line arguments `args` (NUL-separated) is `dir` or names a path
+/// inside it (also as the value of an `x=<path>` option, as swtpm takes them).
+fn mentions_dir(args: &[u8], dir: &str) -> bool {
+    let inside = format!("{dir}/");
+    args.split(|b| *b == 0).any(|arg| {
+        let arg = String::from_utf8_lossy(arg);
+        arg == dir || arg.contains(&inside) || arg.ends_with(&format!("={dir}"))
+    })
+}
+
+/// Pids of running processes (other than this one) whose command line names `dir` or a path in it.
+pub fn pids_under(dir: &Path) -> Vec<u32> {
+    let dir = dir.display().to_string();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| mentions_dir(&c, &dir))
+                && running(pid, "")
+        })
+        .collect()
+}
+
+/// Stops (SIGTERM, then SIGKILL after `grace`) every process whose command line names `dir` or
+/// a path in it: node processes a killed launcher started but did not get to record.
+pub fn stop_all_under(dir: &Path, grace: Duration) {
+    let pids = pids_under(dir);
+    if pids.is_empty() {
+        return;
+    }
+    tracing::warn!(dir = %dir.display(), ?pids, "stopping unrecorded node processes");
+    for &pid in &pids {
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = kill(Pid::from_raw(raw), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && pids.iter().any(|&p| running(p, "")) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for &pid in &pids {
+        if running(pid, "") {
+            if let Ok(raw) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_folder_is_matched_exactly() {
+        let dir = "/c/nodes/acc-worker-1";
+        let args = |a: &[&str]| a.join("\0").into_bytes();
+        assert!(mentions_dir(&args(&["boot", "--node-dir", dir]), dir));
+        assert!(mentions_dir(
+            &args(&["swtpm", "--tpmstate", "dir=/c/nodes/acc-worker-1/tpm"]),
+            dir
+        ));
+        assert!(!mentions_dir(
+            &args(&["boot", "--node-dir", "/c/nodes/acc-worker-10"]),
+            dir
+        ));
+        assert!(!mentions_dir(
+            &args(&["swtpm", "dir=/c/nodes/acc-worker-10/tpm"]),
+            dir
+        ));
+    }
+}

@@ -238,6 +238,7 @@ impl ClusterBackend for FakeClusterBackend {
     fn create<'a>(
         &'a self,
         spec: &'a ClusterSpec,
+        _given: GivenSecrets,
         progress: &'a dyn Progress,
     ) -> BoxFuture<'a, Result<ClusterState, ClusterError>> {
         Box::pin(async move {

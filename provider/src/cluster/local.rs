@@ -25,6 +25,7 @@ use constellation_proto::init::{self as pb, init_service_client::InitServiceClie
 use constellation_proto::PROTOCOL_VERSION;
 use serde::{Deserialize, Serialize};
 
+use super::journal::Journal;
 use super::model::*;
 
 /// Cluster folders live here, relative to Terraform's working directory.
@@ -33,7 +34,6 @@ pub const CLUSTERS_DIR: &str = ".constellation/clusters";
 pub const IMPORT_CLUSTER_DIR: &str = "cluster_dir";
 /// How long nodes get to join (attest with the cluster ID) after init or a reboot.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
-const JOIN_POLL: Duration = Duration::from_secs(1);
 
 /// The backend for `platform = "local"`.
 pub fn local_backend() -> Arc<dyn ClusterBackend> {
@@ -148,7 +148,69 @@ fn check_variant(spec: &ClusterSpec) -> Result<(), ClusterError> {
     Ok(())
 }
 
+/// Checks `nodes` concurrently; one result per node, in order.
+async fn check_nodes(
+    nodes: &[NodeRecord],
+    measurements: &Measurements,
+    cluster_id: &[u8],
+) -> Vec<Result<(), String>> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let (node, m, id) = (node.clone(), measurements.clone(), cluster_id.to_vec());
+        set.spawn(async move { (i, check_node(&node, &m, &id).await) });
+    }
+    let mut out: Vec<Result<(), String>> = vec![Err("not checked".into()); nodes.len()];
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok((i, r)) => out[i] = r,
+            Err(e) => tracing::warn!(error = %e, "node check task failed"),
+        }
+    }
+    out
+}
+
+/// Removes ANSI escape sequences (the node's log may be colored).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC '[' parameters final-byte (0x40..=0x7e).
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The reason the cluster's join service refused `node`, from the node's log, when it is a
+/// measurement mismatch (which no retry fixes). Only the current boot's lines count.
+fn join_refusal(node: &NodeRecord) -> Option<String> {
+    const FAILED: &str = "join attempt failed: ";
+    let log = std::fs::read_to_string(node.log_path()).ok()?;
+    let log = strip_ansi(&log);
+    let this_boot = log
+        .rfind("bootstrapper starting")
+        .map_or(log.as_str(), |i| &log[i..]);
+    let line = this_boot.lines().rev().find(|l| l.contains(FAILED))?;
+    let reason = &line[line.find(FAILED)? + FAILED.len()..];
+    reason.contains("PCR[").then(|| reason.trim().to_owned())
+}
+
+/// First and longest pause between two rounds of join checks.
+const JOIN_POLL_FIRST: Duration = Duration::from_millis(20);
+const JOIN_POLL_MAX: Duration = Duration::from_millis(500);
+
 /// Waits until every node attests with the cluster ID (workers join on their own, retrying).
+/// A node the join service refused for its measurements fails at once, with the refusal
+/// (which names the PCR) as the reason, reported on `image_attribute`.
 async fn wait_joined(
     nodes: &[NodeRecord],
     measurements: &Measurements,
@@ -156,14 +218,27 @@ async fn wait_joined(
     progress: &dyn Progress,
 ) -> Result<(), ClusterError> {
     let deadline = Instant::now() + JOIN_TIMEOUT;
-    let mut pending: Vec<&NodeRecord> = nodes.iter().collect();
+    let mut pending: Vec<NodeRecord> = nodes.to_vec();
+    let mut pause = JOIN_POLL_FIRST;
     loop {
+        let results = check_nodes(&pending, measurements, cluster_id).await;
         let mut still = Vec::new();
         let mut last_reason = String::new();
-        for node in pending {
-            match check_node(node, measurements, cluster_id).await {
+        for (node, result) in pending.into_iter().zip(results) {
+            match result {
                 Ok(()) => progress.step(&format!("node {} joined and attested", node.name)),
                 Err(reason) => {
+                    if let Some(refusal) = join_refusal(&node) {
+                        return Err(ClusterError::Refused {
+                            attribute: crate::diag::AttrPath::attr(&["image", "reference"]),
+                            node: node.name.clone(),
+                            reason: format!(
+                                "its image {} does not match the cluster's measurements \
+                                 (image.measurements): {refusal}",
+                                node.image_dir.display()
+                            ),
+                        });
+                    }
                     last_reason = reason;
                     still.push(node);
                 }
@@ -184,7 +259,8 @@ async fn wait_joined(
                 ),
             });
         }
-        tokio::time::sleep(JOIN_POLL).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(JOIN_POLL_MAX);
     }
 }
 
@@ -209,6 +285,9 @@ fn kms_request(kms: &KmsConfig) -> pb::KmsConfig {
 fn pem_string(what: &str, bytes: Vec<u8>) -> Result<String, ClusterError> {
     String::from_utf8(bytes).map_err(|_| ClusterError::Init(format!("{what} is not UTF-8 PEM")))
 }
+
+/// Marks the Init error of a node that is initialized already (ALREADY_EXISTS).
+const ALREADY_INITIALIZED: &str = "the node is already initialized";
 
 /// Attests the first control plane against the image's measurements, then sends Init.
 async fn initialize(
@@ -248,6 +327,13 @@ async fn initialize(
         api_server_cert_sans: Vec::new(),
     };
     let init_failed = |s: tonic::Status| {
+        if s.code() == tonic::Code::AlreadyExists {
+            return ClusterError::Init(format!(
+                "node {}: {ALREADY_INITIALIZED}: {}",
+                node.name,
+                s.message()
+            ));
+        }
         ClusterError::Init(format!(
             "node {}: {:?}: {}",
             node.name,
@@ -286,33 +372,27 @@ async fn initialize(
     )))
 }
 
-/// The platform gives a booting node a fixed time to come up; on a machine busy with other
-/// work that can be too short, so a node that did not come up gets one more boot.
-fn boot_retrying(cloud: &mut LocalCloud, name: &str) -> Result<(), ClusterError> {
-    match cloud.boot(name) {
-        Err(PlatformError::NodeStart { node, .. }) => {
-            tracing::warn!(%node, "node did not come up in time; booting it once more");
-            cloud.boot(&node).map(|_| ()).map_err(platform_err)
-        }
-        other => other.map(|_| ()).map_err(platform_err),
-    }
-}
-
-/// Creates `count` nodes of `role` one by one, each with [`boot_retrying`]'s second chance.
-fn create_nodes_retrying(
-    cloud: &mut LocalCloud,
-    role: Role,
-    count: usize,
-) -> Result<(), ClusterError> {
-    for _ in 0..count {
-        match cloud.create_nodes(role, 1) {
-            Err(PlatformError::NodeStart { node, .. }) => boot_retrying(cloud, &node)?,
-            other => {
-                other.map_err(platform_err)?;
+/// Boots `names` concurrently; a node that did not come up in the platform's fixed time (on a
+/// machine busy with other work that can be too short) gets one more boot.
+fn boot_retrying(cloud: &mut LocalCloud, names: &[String]) -> Result<(), ClusterError> {
+    let mut again = Vec::new();
+    for result in cloud.boot_many(names) {
+        match result {
+            Ok(_) => {}
+            Err(PlatformError::NodeStart { node, .. }) => {
+                tracing::warn!(%node, "node did not come up in time; booting it once more");
+                again.push(node);
             }
+            Err(e) => return Err(platform_err(e)),
         }
     }
-    Ok(())
+    if again.is_empty() {
+        return Ok(());
+    }
+    cloud
+        .boot_many(&again)
+        .into_iter()
+        .try_for_each(|r| r.map(|_| ()).map_err(platform_err))
 }
 
 /// Names of `role`'s nodes, highest index first (the order scale-down removes them in).
@@ -334,6 +414,128 @@ fn by_index_desc(nodes: &[NodeRecord], role: Role) -> Vec<String> {
     named.into_iter().map(|(_, n)| n).collect()
 }
 
+/// What [`reconcile`] did.
+#[derive(Debug, Default)]
+struct Reconciled {
+    /// Existing nodes it rebooted.
+    rebooted: Vec<String>,
+    /// Nodes it added (booted from the given image).
+    added: Vec<String>,
+}
+
+/// Brings the node groups to `cp` / `workers`: removes extra nodes (highest index first),
+/// reboots the `reboot` nodes that stay and adds missing nodes booted from `image_dir`, all
+/// boots at once. Added nodes are recorded in `done` as soon as they exist, so a caller can
+/// remove them again when this fails.
+fn reconcile(
+    cloud: &mut LocalCloud,
+    reboot: &[String],
+    (cp, workers): (u32, u32),
+    image_dir: &Path,
+    done: &mut Reconciled,
+) -> Result<(), ClusterError> {
+    let mut add = Vec::new();
+    for (role, want) in [(Role::ControlPlane, cp), (Role::Worker, workers)] {
+        let names = by_index_desc(&cloud.list_nodes(), role);
+        let want = want as usize;
+        for name in names.iter().take(names.len().saturating_sub(want)) {
+            cloud.delete_node(name).map_err(platform_err)?;
+        }
+        add.push((role, want.saturating_sub(names.len())));
+    }
+    for (role, count) in add {
+        let names = cloud
+            .add_nodes(role, count, image_dir)
+            .map_err(platform_err)?;
+        done.added.extend(names);
+    }
+    done.rebooted = reboot
+        .iter()
+        .filter(|n| cloud.node(n).is_some())
+        .cloned()
+        .collect();
+    let all: Vec<String> = done.rebooted.iter().chain(&done.added).cloned().collect();
+    boot_retrying(cloud, &all)
+}
+
+/// The nodes of `cloud` named in `names`.
+fn records(cloud: &LocalCloud, names: &[String]) -> Vec<NodeRecord> {
+    names
+        .iter()
+        .filter_map(|n| cloud.node(n).cloned())
+        .collect()
+}
+
+fn journal_path_error(root: &Path) -> impl FnOnce(super::journal::JournalError) -> ClusterError {
+    let root = root.to_owned();
+    move |e| ClusterError::PlatformState(format!("cluster folder {}: {e}", root.display()))
+}
+
+/// Stops every node of the folder and removes it (also a folder that only has a journal).
+fn teardown(root: &Path) -> Result<(), ClusterError> {
+    match open_cloud(root)? {
+        Some(cloud) => cloud.destroy().map_err(platform_err),
+        None => match std::fs::remove_dir_all(root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ClusterError::Other(
+                format!("cannot remove {}: {e}", root.display()),
+            )),
+            _ => Ok(()),
+        },
+    }
+}
+
+fn new_init_secret() -> SecretBytes {
+    use rand::RngCore;
+    let mut b = vec![0u8; SECRET_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    SecretBytes::new(b)
+}
+
+/// The secrets of a resumed create: the journal's, except that a secret the configuration
+/// sets must equal the journal's (the nodes may hold it already).
+fn adopt_secrets(
+    spec: &ClusterSpec,
+    given: GivenSecrets,
+    journal: &Journal,
+    root: &Path,
+) -> Result<ClusterSecrets, ClusterError> {
+    let (mine, theirs) = (&spec.secrets, &journal.spec.secrets);
+    for (is_given, attr, a, b) in [
+        (
+            given.master_secret,
+            "master_secret",
+            &mine.master_secret,
+            &theirs.master_secret,
+        ),
+        (
+            given.master_secret_salt,
+            "master_secret_salt",
+            &mine.master_secret_salt,
+            &theirs.master_secret_salt,
+        ),
+        (
+            given.measurement_salt,
+            "measurement_salt",
+            &mine.measurement_salt,
+            &theirs.measurement_salt,
+        ),
+    ] {
+        if is_given && a != b {
+            return Err(ClusterError::InvalidInput {
+                attribute: crate::diag::AttrPath::attr(&[attr]),
+                reason: format!(
+                    "the cluster folder {} holds cluster {:?}, created (or interrupted while \
+                     being created) with a different {attr}; set {attr} to the value it was \
+                     created with, or remove that cluster first",
+                    root.display(),
+                    spec.name
+                ),
+            });
+        }
+    }
+    Ok(theirs.clone())
+}
+
 impl LocalBackend {
     pub fn new(clusters_dir: PathBuf) -> Self {
         Self { clusters_dir }
@@ -345,19 +547,18 @@ impl LocalBackend {
         std::path::absolute(&p).unwrap_or(p)
     }
 
-    async fn create_inner(
+    /// A new cluster: journal first (secrets, init secret), then the nodes (all booting at
+    /// once, the init secret's Argon2id hash computed meanwhile), Init, journal of Init's
+    /// outputs, joins.
+    async fn create_fresh(
         &self,
         spec: &ClusterSpec,
         root: PathBuf,
         progress: &dyn Progress,
     ) -> Result<ClusterState, ClusterError> {
-        let init_secret = {
-            use rand::RngCore;
-            let mut b = vec![0u8; SECRET_LEN];
-            rand::rngs::OsRng.fill_bytes(&mut b);
-            SecretBytes::new(b)
-        };
-        let mut settings = ClusterSettings {
+        let init_secret = new_init_secret();
+        let mut journal = Journal::new(spec.clone(), init_secret.clone());
+        let settings = ClusterSettings {
             cluster_name: spec.name.clone(),
             init_secret_hash: String::new(),
             attestation_variant: Variant::QemuVtpm.as_str().to_owned(),
@@ -369,25 +570,39 @@ impl LocalBackend {
             "booting {cp} control-plane and {workers} worker node(s) in {}",
             root.display()
         ));
-        let root2 = root.clone();
-        let secret = init_secret.clone();
+        let (root2, journal2, secret) = (root.clone(), journal.clone(), init_secret.clone());
         let nodes = blocking(move || {
-            // Argon2id: deliberately slow, so off the async runtime too.
-            settings.init_secret_hash = constellation_common::initsecret::hash(secret.expose());
+            std::fs::create_dir_all(&root2).map_err(|e| {
+                ClusterError::Other(format!("cannot create {}: {e}", root2.display()))
+            })?;
+            // The secrets are on disk before any node can receive them.
+            journal2.store(&root2).map_err(journal_path_error(&root2))?;
             let mut cloud = LocalCloud::create(&root2, settings).map_err(platform_err)?;
-            create_nodes_retrying(&mut cloud, Role::ControlPlane, cp as usize)?;
-            create_nodes_retrying(&mut cloud, Role::Worker, workers as usize)?;
+            // Argon2id is deliberately slow: hash while the nodes boot (nodes read the hash
+            // only when Init arrives).
+            let hasher =
+                std::thread::spawn(move || constellation_common::initsecret::hash(secret.expose()));
+            let mut done = Reconciled::default();
+            let booted = reconcile(
+                &mut cloud,
+                &[],
+                (cp, workers),
+                &PathBuf::from(&journal2.spec.image.reference),
+                &mut done,
+            );
+            let hash = hasher
+                .join()
+                .map_err(|_| ClusterError::Other("hashing the init secret failed".into()))?;
+            cloud
+                .update_settings(|s| s.init_secret_hash = hash)
+                .map_err(platform_err)?;
+            booted?;
             Ok(cloud.list_nodes())
         })
         .await?;
-        let first = nodes
-            .iter()
-            .find(|n| n.role == Role::ControlPlane)
-            .ok_or_else(|| ClusterError::InvalidInput {
-                attribute: crate::diag::AttrPath::attr(&["control_plane_count"]),
-                reason: "at least one control-plane node is needed".into(),
-            })?;
-        let outputs = initialize(spec, first, &init_secret, progress).await?;
+        let outputs = self
+            .init_and_journal(spec, &nodes, &mut journal, &root, progress)
+            .await?;
         let cluster_id = cluster_id_bytes(&outputs)?;
         wait_joined(&nodes, &spec.image.measurements, &cluster_id, progress).await?;
         Ok(ClusterState {
@@ -396,39 +611,331 @@ impl LocalBackend {
             platform_state: PlatformState { root }.encode(),
         })
     }
+
+    /// Sends Init to the first control plane and journals its outputs right away.
+    async fn init_and_journal(
+        &self,
+        spec: &ClusterSpec,
+        nodes: &[NodeRecord],
+        journal: &mut Journal,
+        root: &Path,
+        progress: &dyn Progress,
+    ) -> Result<ClusterOutputs, ClusterError> {
+        let first = nodes
+            .iter()
+            .find(|n| n.role == Role::ControlPlane)
+            .ok_or_else(|| ClusterError::InvalidInput {
+                attribute: crate::diag::AttrPath::attr(&["control_plane_count"]),
+                reason: "at least one control-plane node is needed".into(),
+            })?;
+        let outputs = initialize(spec, first, &journal.init_secret, progress).await?;
+        journal.outputs = Some(outputs.clone());
+        let (j, r) = (journal.clone(), root.to_owned());
+        blocking(move || j.store(&r).map_err(journal_path_error(&r))).await?;
+        Ok(outputs)
+    }
+
+    /// Continues a create that a killed provider left behind: the journal's secrets and init
+    /// secret, dead or missing nodes booted, Init only if its outputs were never journaled.
+    async fn resume(
+        &self,
+        spec: &ClusterSpec,
+        given: GivenSecrets,
+        mut journal: Journal,
+        root: PathBuf,
+        progress: &dyn Progress,
+    ) -> Result<ClusterState, ClusterError> {
+        if journal.spec.name != spec.name {
+            return Err(ClusterError::PlatformState(format!(
+                "the journal in {} belongs to cluster {:?}, not {:?}",
+                root.display(),
+                journal.spec.name,
+                spec.name
+            )));
+        }
+        let secrets = adopt_secrets(spec, given, &journal, &root)?;
+        let spec = ClusterSpec {
+            secrets,
+            ..spec.clone()
+        };
+        if journal.outputs.is_some() {
+            for (differs, attr) in [
+                (spec.network != journal.spec.network, "network_config"),
+                (spec.kms != journal.spec.kms, "kms"),
+            ] {
+                if differs {
+                    return Err(ClusterError::InvalidInput {
+                        attribute: crate::diag::AttrPath::attr(&[attr]),
+                        reason: format!(
+                            "cluster {:?} in {} was initialized with a different {attr}; \
+                             restore it to finish the interrupted create",
+                            spec.name,
+                            root.display()
+                        ),
+                    });
+                }
+            }
+        }
+        progress.step(&format!(
+            "resuming the interrupted create of cluster {:?} from {} ({})",
+            spec.name,
+            Journal::path(&root).display(),
+            if journal.outputs.is_some() {
+                "initialized; waiting for joins"
+            } else {
+                "not initialized yet"
+            }
+        ));
+        let (root2, spec2, init_secret) = (root.clone(), spec.clone(), journal.init_secret.clone());
+        let nodes = blocking(move || {
+            let mut cloud = match open_cloud(&root2)? {
+                Some(c) => c,
+                None => LocalCloud::create(
+                    &root2,
+                    ClusterSettings {
+                        cluster_name: spec2.name.clone(),
+                        init_secret_hash: String::new(),
+                        attestation_variant: Variant::QemuVtpm.as_str().to_owned(),
+                        measurements_json: spec2.image.measurements.to_json(),
+                        image_dir: PathBuf::from(&spec2.image.reference),
+                    },
+                )
+                .map_err(platform_err)?,
+            };
+            let hash = cloud
+                .settings()
+                .init_secret_hash
+                .is_empty()
+                .then(|| constellation_common::initsecret::hash(init_secret.expose()));
+            let (m, image) = (
+                spec2.image.measurements.to_json(),
+                spec2.image.reference.clone(),
+            );
+            cloud
+                .update_settings(|s| {
+                    if let Some(h) = hash {
+                        s.init_secret_hash = h;
+                    }
+                    s.measurements_json = m;
+                    s.image_dir = PathBuf::from(image);
+                })
+                .map_err(platform_err)?;
+            let dead: Vec<String> = cloud
+                .list_nodes()
+                .into_iter()
+                .filter(|n| !n.is_alive())
+                .map(|n| n.name)
+                .collect();
+            let mut done = Reconciled::default();
+            reconcile(
+                &mut cloud,
+                &dead,
+                (spec2.control_plane_count, spec2.worker_count),
+                &PathBuf::from(&spec2.image.reference),
+                &mut done,
+            )?;
+            Ok(cloud.list_nodes())
+        })
+        .await?;
+        let outputs = match journal.outputs.clone() {
+            Some(o) => {
+                progress.step("Init's outputs are in the journal; not initializing again");
+                o
+            }
+            None => match self
+                .init_and_journal(&spec, &nodes, &mut journal, &root, progress)
+                .await
+            {
+                Err(ClusterError::Init(m)) if m.contains(ALREADY_INITIALIZED) => {
+                    // The provider stopped after the node accepted Init but before Init's
+                    // outputs reached the journal: the admin credentials are gone for good.
+                    let r = root.clone();
+                    let removed = blocking(move || teardown(&r)).await.is_ok();
+                    return Err(ClusterError::Init(format!(
+                        "{m}. The interrupted create of cluster {:?} initialized it, but the \
+                         provider stopped before it recorded Init's outputs (admin \
+                         credentials) in {}; they cannot be recovered. {}",
+                        spec.name,
+                        Journal::path(&root).display(),
+                        if removed {
+                            "Its nodes were removed; the next apply creates the cluster anew."
+                        } else {
+                            "Removing its nodes failed too; stop them and remove the folder."
+                        }
+                    )));
+                }
+                other => other?,
+            },
+        };
+        let cluster_id = cluster_id_bytes(&outputs)?;
+        wait_joined(&nodes, &spec.image.measurements, &cluster_id, progress).await?;
+        journal.spec = spec.clone();
+        let (j, r) = (journal, root.clone());
+        blocking(move || j.store(&r).map_err(journal_path_error(&r))).await?;
+        Ok(ClusterState {
+            spec,
+            outputs,
+            platform_state: PlatformState { root }.encode(),
+        })
+    }
+
+    async fn update_inner(
+        &self,
+        prior: &ClusterState,
+        spec: &ClusterSpec,
+        progress: &dyn Progress,
+    ) -> Result<ClusterState, ClusterError> {
+        let root = PlatformState::parse(&prior.platform_state)?.root;
+        let cluster_id = cluster_id_bytes(&prior.outputs)?;
+        let r2 = root.clone();
+        let cloud =
+            blocking(move || open_cloud(&r2))
+                .await?
+                .ok_or_else(|| ClusterError::NotFound {
+                    name: spec.name.clone(),
+                    reason: format!("cluster folder {} is gone", root.display()),
+                })?;
+        // Which nodes need a reboot: dead or not attesting with the cluster ID.
+        let nodes = cloud.list_nodes();
+        let health = check_nodes(&nodes, &prior.spec.image.measurements, &cluster_id).await;
+        let mut reboot = Vec::new();
+        let mut healthy = Vec::new();
+        for (node, result) in nodes.into_iter().zip(health) {
+            match result {
+                Ok(()) => healthy.push(node),
+                Err(reason) => {
+                    progress.step(&format!(
+                        "node {} is unhealthy ({reason}); rebooting",
+                        node.name
+                    ));
+                    reboot.push(node.name);
+                }
+            }
+        }
+        // New measurements are the cluster's join configuration for every node, old and new:
+        // refuse a set that a running node no longer satisfies instead of publishing it.
+        if spec.image.measurements != prior.spec.image.measurements {
+            let check = check_nodes(&healthy, &spec.image.measurements, &cluster_id).await;
+            let strand: Vec<String> = healthy
+                .iter()
+                .zip(check)
+                .filter_map(|(n, r)| r.err().map(|e| format!("{}: {e}", n.name)))
+                .collect();
+            if !strand.is_empty() {
+                return Err(ClusterError::InvalidInput {
+                    attribute: crate::diag::AttrPath::attr(&["image", "measurements"]),
+                    reason: format!(
+                        "running nodes would no longer attest under the new measurements \
+                         (replace the cluster to move to another image): {}",
+                        strand.join("; ")
+                    ),
+                });
+            }
+        }
+        let prior_measurements = cloud.settings().measurements_json.clone();
+        let measurements_json = spec.image.measurements.to_json();
+        let image_dir = PathBuf::from(&spec.image.reference);
+        let counts = (spec.control_plane_count, spec.worker_count);
+        let (booted, cloud) = blocking(move || {
+            let mut cloud = cloud;
+            // New measurements (e.g. a PCR now warn-only) first, so rebooted and new nodes
+            // join under them.
+            cloud
+                .update_settings(|s| s.measurements_json = measurements_json)
+                .map_err(platform_err)?;
+            let mut done = Reconciled::default();
+            let result = reconcile(&mut cloud, &reboot, counts, &image_dir, &mut done);
+            Ok(((done, result), cloud))
+        })
+        .await?;
+        let (done, result) = booted;
+        let touched: Vec<NodeRecord> = records(
+            &cloud,
+            &done
+                .rebooted
+                .iter()
+                .chain(&done.added)
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let result = match result {
+            Ok(()) => wait_joined(&touched, &spec.image.measurements, &cluster_id, progress).await,
+            Err(e) => Err(e),
+        };
+        let (spec2, root2) = (spec.clone(), root.clone());
+        let prior_outputs = prior.outputs.clone();
+        let ok = result.is_ok();
+        let finish = blocking(move || {
+            let mut cloud = cloud;
+            if !ok {
+                // Leave the cluster as it was: no half-admitted nodes, the old join
+                // configuration.
+                for name in &done.added {
+                    cloud.delete_node(name).map_err(platform_err)?;
+                }
+                return cloud
+                    .update_settings(|s| s.measurements_json = prior_measurements)
+                    .map_err(platform_err);
+            }
+            cloud
+                .update_settings(|s| s.image_dir = PathBuf::from(&spec2.image.reference))
+                .map_err(platform_err)?;
+            let mut journal = match Journal::load(&root2).map_err(journal_path_error(&root2))? {
+                Some(j) => j,
+                // A cluster from before journals: the state has everything the journal needs.
+                None => Journal {
+                    spec: spec2.clone(),
+                    init_secret: prior_outputs.init_secret.clone(),
+                    outputs: Some(prior_outputs),
+                },
+            };
+            journal.spec = spec2;
+            journal.store(&root2).map_err(journal_path_error(&root2))
+        })
+        .await;
+        result?;
+        finish?;
+        Ok(ClusterState {
+            spec: spec.clone(),
+            outputs: prior.outputs.clone(),
+            platform_state: prior.platform_state.clone(),
+        })
+    }
 }
 
 impl ClusterBackend for LocalBackend {
     fn create<'a>(
         &'a self,
         spec: &'a ClusterSpec,
+        given: GivenSecrets,
         progress: &'a dyn Progress,
     ) -> BoxFuture<'a, Result<ClusterState, ClusterError>> {
         Box::pin(async move {
             check_variant(spec)?;
             let root = self.cluster_root(&spec.name);
+            let r2 = root.clone();
+            let journal =
+                blocking(move || Journal::load(&r2).map_err(journal_path_error(&r2))).await?;
+            if let Some(journal) = journal {
+                return self.resume(spec, given, journal, root, progress).await;
+            }
             if root.join("platform.json").exists() {
                 return Err(ClusterError::Other(format!(
-                    "cluster folder {} already exists: a cluster named {:?} is managed by \
-                     another Terraform state (destroy it there) or choose another name",
+                    "cluster folder {} already exists without a journal: a cluster named {:?} \
+                     is managed by another Terraform state (destroy it there) or choose \
+                     another name",
                     root.display(),
                     spec.name
                 )));
             }
             let started = Instant::now();
-            let result = self.create_inner(spec, root.clone(), progress).await;
+            let result = self.create_fresh(spec, root.clone(), progress).await;
             match &result {
                 Ok(_) => progress.step(&format!("cluster ready after {:?}", started.elapsed())),
                 // A failed create is not recorded by Terraform: leave no node behind.
                 Err(e) => {
                     tracing::warn!(error = %e, "create failed; tearing the nodes down");
-                    let _ = blocking(move || {
-                        if let Some(cloud) = open_cloud(&root)? {
-                            cloud.destroy().map_err(platform_err)?;
-                        }
-                        Ok(())
-                    })
-                    .await;
+                    let _ = blocking(move || teardown(&root)).await;
                 }
             }
             result
@@ -447,10 +954,9 @@ impl ClusterBackend for LocalBackend {
             let nodes = cloud.list_nodes();
             let cluster_id = cluster_id_bytes(&state.outputs)?;
             let mut unhealthy = Vec::new();
-            for node in &nodes {
-                if let Err(reason) =
-                    check_node(node, &state.spec.image.measurements, &cluster_id).await
-                {
+            let health = check_nodes(&nodes, &state.spec.image.measurements, &cluster_id).await;
+            for (node, result) in nodes.iter().zip(health) {
+                if let Err(reason) = result {
                     unhealthy.push(UnhealthyNode {
                         name: node.name.clone(),
                         role: role_of(node.role),
@@ -487,72 +993,7 @@ impl ClusterBackend for LocalBackend {
     ) -> BoxFuture<'a, Result<ClusterState, ClusterError>> {
         Box::pin(async move {
             check_variant(spec)?;
-            if spec.image.reference != prior.spec.image.reference {
-                // Nodes validate each other (joins, aTLS) against the one published set of
-                // measurements, so nodes of two images cannot coexist during a roll.
-                return Err(ClusterError::Unsupported {
-                    what: "changing the image of a running local cluster".into(),
-                    reason: format!(
-                        "its nodes run {} and would not attest to nodes of {}; replace the \
-                         cluster instead (terraform apply -replace=...)",
-                        prior.spec.image.reference, spec.image.reference
-                    ),
-                });
-            }
-            let root = PlatformState::parse(&prior.platform_state)?.root;
-            let cluster_id = cluster_id_bytes(&prior.outputs)?;
-            let r2 = root.clone();
-            let cloud =
-                blocking(move || open_cloud(&r2))
-                    .await?
-                    .ok_or_else(|| ClusterError::NotFound {
-                        name: spec.name.clone(),
-                        reason: format!("cluster folder {} is gone", root.display()),
-                    })?;
-            // Which nodes need a reboot: dead or not attesting with the cluster ID.
-            let mut reboot = Vec::new();
-            for node in cloud.list_nodes() {
-                if let Err(reason) =
-                    check_node(&node, &prior.spec.image.measurements, &cluster_id).await
-                {
-                    progress.step(&format!(
-                        "node {} is unhealthy ({reason}); rebooting",
-                        node.name
-                    ));
-                    reboot.push(node.name);
-                }
-            }
-            let measurements_json = spec.image.measurements.to_json();
-            let (cp, workers) = (spec.control_plane_count, spec.worker_count);
-            let nodes = blocking(move || {
-                let mut cloud = cloud;
-                // New measurements (e.g. a PCR now warn-only) first, so rebooted and new nodes
-                // join under them.
-                cloud
-                    .update_settings(|s| s.measurements_json = measurements_json)
-                    .map_err(platform_err)?;
-                for name in &reboot {
-                    boot_retrying(&mut cloud, name)?;
-                }
-                for (role, want) in [(Role::ControlPlane, cp), (Role::Worker, workers)] {
-                    let names = by_index_desc(&cloud.list_nodes(), role);
-                    let want = want as usize;
-                    if names.len() < want {
-                        create_nodes_retrying(&mut cloud, role, want - names.len())?;
-                    }
-                    for name in names.iter().take(names.len().saturating_sub(want)) {
-                        cloud.delete_node(name).map_err(platform_err)?;
-                    }
-                }
-                Ok(cloud.list_nodes())
-            })
-            .await?;
-            wait_joined(&nodes, &spec.image.measurements, &cluster_id, progress).await?;
-            Ok(ClusterState {
-                spec: spec.clone(),
-                outputs: prior.outputs.clone(),
-                platform_state: prior.platform_state.clone(),
-            })
+            self.update_inner(prior, spec, progress).await
         })
     }
 
@@ -573,29 +1014,72 @@ impl ClusterBackend for LocalBackend {
     }
 
     fn import(&self, id: &ImportId) -> Result<ClusterState, ClusterError> {
-        let root = id
-            .params
-            .get(IMPORT_CLUSTER_DIR)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| self.cluster_root(&id.name));
-        // The folder holds the node list, pinned AKs and the init secret's hash, but not the
-        // master secret, its salts, the init secret or the cluster's credentials: those exist
-        // only in the Terraform state of the configuration that created the cluster.
-        match open_cloud(&root)? {
-            None => Err(ClusterError::NotFound {
-                name: id.name.clone(),
-                reason: format!("no cluster folder at {}", root.display()),
-            }),
-            Some(_) => Err(ClusterError::Unsupported {
-                what: "importing a local cluster".into(),
+        let bad = |reason: String| ClusterError::ImportId {
+            id: format!(
+                "constellation-cluster://?platform=local&name={}&...",
+                id.name
+            ),
+            reason,
+        };
+        if let Some(other) = id.params.keys().find(|k| *k != IMPORT_CLUSTER_DIR) {
+            return Err(bad(format!(
+                "unknown parameter {other:?} (the local platform takes {IMPORT_CLUSTER_DIR:?})"
+            )));
+        }
+        let root = match id.params.get(IMPORT_CLUSTER_DIR) {
+            Some(dir) if Path::new(dir).is_absolute() => PathBuf::from(dir),
+            Some(dir) => {
+                return Err(bad(format!(
+                    "{IMPORT_CLUSTER_DIR} {dir:?} is not an absolute path"
+                )))
+            }
+            None => self.cluster_root(&id.name),
+        };
+        let journal = Journal::load(&root).map_err(journal_path_error(&root))?;
+        let cloud = open_cloud(&root)?;
+        let (journal, _cloud) = match (journal, cloud) {
+            (Some(j), Some(c)) => (j, c),
+            (None, None) | (Some(_), None) => {
+                return Err(ClusterError::NotFound {
+                    name: id.name.clone(),
+                    reason: format!("no cluster folder at {}", root.display()),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ClusterError::Unsupported {
+                    what: "importing this local cluster".into(),
+                    reason: format!(
+                        "the cluster folder {} has no journal (it was created by an older \
+                         provider), so its secrets and admin credentials are only in the \
+                         Terraform state that created it",
+                        root.display()
+                    ),
+                })
+            }
+        };
+        if journal.spec.name != id.name {
+            return Err(bad(format!(
+                "the cluster folder {} holds cluster {:?}",
+                root.display(),
+                journal.spec.name
+            )));
+        }
+        let Some(outputs) = journal.outputs.clone() else {
+            return Err(ClusterError::Unsupported {
+                what: "importing a cluster that was never initialized".into(),
                 reason: format!(
-                    "the cluster folder {} exists, but it does not hold the master secret, its \
-                     salts, the init secret or the admin credentials, which the cluster's state \
-                     needs; keep the Terraform state of the configuration that created it",
+                    "the create of cluster {:?} in {} was interrupted before Init; run \
+                     `terraform apply` to resume it instead",
+                    id.name,
                     root.display()
                 ),
-            }),
-        }
+            });
+        };
+        Ok(ClusterState {
+            spec: journal.spec,
+            outputs,
+            platform_state: PlatformState { root }.encode(),
+        })
     }
 }
 

@@ -1,12 +1,13 @@
 //! Resource `constellation_cluster` and the backend seam behind it.
 
 pub mod fake;
+pub mod journal;
 pub mod local;
 pub mod model;
 pub mod resource;
 
 pub use model::{
     ClusterBackend, ClusterError, ClusterOutputs, ClusterReadResult, ClusterSpec, ClusterState,
-    ImportId, Progress, UnhealthyNode,
+    GivenSecrets, ImportId, Progress, UnhealthyNode,
 };
 pub use resource::ClusterResource;

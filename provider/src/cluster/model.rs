@@ -186,6 +186,25 @@ pub struct ClusterSecrets {
     pub measurement_salt: SecretBytes,
 }
 
+/// Which of [`ClusterSpec::secrets`] the configuration set; the others were generated for
+/// this apply, so a backend resuming an interrupted create may replace them with the ones it
+/// recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GivenSecrets {
+    pub master_secret: bool,
+    pub master_secret_salt: bool,
+    pub measurement_salt: bool,
+}
+
+impl GivenSecrets {
+    /// All three set by the configuration (nothing may be replaced).
+    pub const ALL: GivenSecrets = GivenSecrets {
+        master_secret: true,
+        master_secret_salt: true,
+        measurement_salt: true,
+    };
+}
+
 /// Everything the user asks for (Terraform inputs, validated; secrets always present).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSpec {
@@ -338,6 +357,14 @@ pub enum ClusterError {
     Node { node: String, reason: String },
     #[error("node {node} failed attestation: {reason}")]
     Attestation { node: String, reason: String },
+    /// A node was refused admission because of the configuration at `attribute` (e.g. it
+    /// booted an image whose measurements differ from `image.measurements`).
+    #[error("node {node} was refused admission to the cluster: {reason}")]
+    Refused {
+        attribute: AttrPath,
+        node: String,
+        reason: String,
+    },
     #[error("cluster initialization failed: {0}")]
     Init(String),
     #[error("platform state is unreadable: {0}")]
@@ -356,13 +383,16 @@ impl ClusterError {
     pub fn to_diagnostic(&self, operation: &str) -> Diagnostic {
         let summary = match self {
             ClusterError::InvalidInput { .. } => "Invalid cluster configuration".to_owned(),
-            ClusterError::Attestation { .. } => format!("Cluster {operation}: attestation failed"),
+            ClusterError::Attestation { .. } | ClusterError::Refused { .. } => {
+                format!("Cluster {operation}: attestation failed")
+            }
             ClusterError::ImportId { .. } => "Invalid import ID".to_owned(),
             _ => format!("Cluster {operation} failed"),
         };
         let d = Diagnostic::error(summary, self.to_string());
         match self {
-            ClusterError::InvalidInput { attribute, .. } => d.at(attribute.clone()),
+            ClusterError::InvalidInput { attribute, .. }
+            | ClusterError::Refused { attribute, .. } => d.at(attribute.clone()),
             _ => d,
         }
     }
@@ -389,10 +419,13 @@ impl Progress for LogProgress {
 /// points: when Terraform sends StopProvider, the in-flight future is dropped.
 pub trait ClusterBackend: Send + Sync {
     /// Provisions nodes, attests the first control plane against `spec.image.measurements`,
-    /// initializes the cluster and waits for the other nodes to join.
+    /// initializes the cluster and waits for the other nodes to join. `given` says which of
+    /// `spec.secrets` the configuration set: a backend that resumes an interrupted create may
+    /// replace the others with the ones it recorded (the returned spec has the secrets used).
     fn create<'a>(
         &'a self,
         spec: &'a ClusterSpec,
+        given: GivenSecrets,
         progress: &'a dyn Progress,
     ) -> BoxFuture<'a, Result<ClusterState, ClusterError>>;
 

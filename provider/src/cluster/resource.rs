@@ -27,6 +27,9 @@ use crate::value::Value;
 /// Upper bound of each node count; a typo like 1000 should not start a thousand nodes.
 pub const MAX_NODES: u32 = 100;
 
+/// Import-ID parameter restoring `kubeconfig_path` (as written in the configuration).
+pub const IMPORT_KUBECONFIG_PATH: &str = "kubeconfig_path";
+
 /// The secret attributes generated when the configuration leaves them null.
 const SECRET_ATTRS: [&str; 3] = ["master_secret", "master_secret_salt", "measurement_salt"];
 
@@ -620,6 +623,16 @@ fn set_outputs(v: &mut Value, o: &ClusterOutputs) {
     );
 }
 
+fn set_secrets(v: &mut Value, s: &ClusterSecrets) {
+    for (attr, secret) in
+        SECRET_ATTRS
+            .iter()
+            .zip([&s.master_secret, &s.master_secret_salt, &s.measurement_salt])
+    {
+        v.set(attr, Value::string(hex::encode(secret.expose())));
+    }
+}
+
 fn set_unhealthy(v: &mut Value, unhealthy: &[UnhealthyNode]) {
     v.set(
         "unhealthy_nodes",
@@ -711,6 +724,7 @@ fn state_value(state: &ClusterState) -> Value {
         ("kms", kms),
         ("kubeconfig_path", Value::Null),
     ]);
+    set_secrets(&mut v, &spec.secrets);
     set_outputs(&mut v, &state.outputs);
     set_unhealthy(&mut v, &[]);
     v
@@ -806,11 +820,18 @@ impl Resource for ClusterResource {
                 return Ok(StateOutcome::default());
             }
             let mut new_state = req.planned.clone();
-            for attr in SECRET_ATTRS {
+            let mut given = [true; 3];
+            for (attr, given) in SECRET_ATTRS.iter().zip(&mut given) {
                 if new_state.get(attr).is_unknown() {
                     new_state.set(attr, Value::string(generate_secret()));
+                    *given = false;
                 }
             }
+            let given = GivenSecrets {
+                master_secret: given[0],
+                master_secret_salt: given[1],
+                measurement_salt: given[2],
+            };
             let mut d = Decoder::new();
             let spec = decode_spec(&new_state, &mut d);
             let spec = d.finish(spec)?;
@@ -818,10 +839,14 @@ impl Resource for ClusterResource {
                 cluster: spec.name.clone(),
             };
             let result = if req.prior.is_null() {
-                self.backend
-                    .create(&spec, &progress)
+                let created = self
+                    .backend
+                    .create(&spec, given, &progress)
                     .await
-                    .map_err(backend_error("create"))?
+                    .map_err(backend_error("create"))?;
+                // A resumed create keeps the secrets the interrupted one used.
+                set_secrets(&mut new_state, &created.spec.secrets);
+                created
             } else {
                 let prior = decode_state(req.prior, req.private)?;
                 let mut updated = if prior.spec == spec {
@@ -927,13 +952,25 @@ impl Resource for ClusterResource {
 
     fn import<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>> {
         Box::pin(async move {
-            let import_id: ImportId = id.parse().map_err(backend_error("import"))?;
+            let mut import_id: ImportId = id.parse().map_err(backend_error("import"))?;
+            // A provider-side attribute: no platform keeps it.
+            let kubeconfig_path = import_id.params.remove(IMPORT_KUBECONFIG_PATH);
+            if kubeconfig_path.as_deref() == Some("") {
+                return Err(backend_error("import")(ClusterError::ImportId {
+                    id: id.to_owned(),
+                    reason: format!("parameter {IMPORT_KUBECONFIG_PATH:?} is empty"),
+                }));
+            }
             let state = self
                 .backend
                 .import(&import_id)
                 .map_err(backend_error("import"))?;
+            let mut value = state_value(&state);
+            if let Some(path) = kubeconfig_path {
+                value.set("kubeconfig_path", Value::string(path));
+            }
             Ok(StateOutcome {
-                state: state_value(&state),
+                state: value,
                 private: private_bytes(&state.platform_state),
                 warnings: Diagnostics::default(),
             })

@@ -1,0 +1,403 @@
+//! The local platform's cluster journal: `journal.json` in the cluster folder (mode 0600).
+//!
+//! A provider killed during `terraform apply` leaves running nodes but no Terraform state. The
+//! journal is what lets the next apply resume instead of starting over:
+//! 1. before any node boots: the cluster name, the three cluster secrets, the init secret and
+//!    the spec;
+//! 2. right after Init returns: Init's outputs (cluster ID, owner ID, admin credentials);
+//! 3. after every successful create and update: the spec as applied (`terraform import`
+//!    rebuilds the state from it).
+//!
+//! It holds the same secrets as the Terraform state, in plain text; protect the cluster folder
+//! as you protect the state. The file is written atomically (temporary file, fsync, rename).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use constellation_attestation::{Measurements, Variant};
+use constellation_common::secret::SecretBytes;
+use serde::{Deserialize, Serialize};
+
+use super::model::*;
+
+pub const JOURNAL_FILE: &str = "journal.json";
+const JOURNAL_VERSION: u32 = 1;
+
+/// Why the journal cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Deliberately without the parser's message: it could quote secret bytes.
+    #[error("{path}: the cluster journal is malformed (line {line}, column {column})")]
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    #[error("{path}: journal version {found} is not supported (expected {JOURNAL_VERSION})")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: field {field} is invalid")]
+    Field { path: PathBuf, field: &'static str },
+}
+
+impl From<JournalError> for ClusterError {
+    fn from(e: JournalError) -> Self {
+        ClusterError::PlatformState(e.to_string())
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct KmipJson {
+    endpoint: String,
+    server_ca_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+    kek_id: String,
+}
+
+/// The spec as applied, secrets aside (they are top-level fields of the journal).
+#[derive(Clone, Serialize, Deserialize)]
+struct SpecJson {
+    image_reference: String,
+    measurements: Measurements,
+    control_plane_count: u32,
+    worker_count: u32,
+    variant: String,
+    bootloader_version: Option<u8>,
+    tee_version: Option<u8>,
+    snp_version: Option<u8>,
+    microcode_version: Option<u8>,
+    pod_cidr: String,
+    service_cidr: String,
+    node_cidr: String,
+    kubernetes_version: String,
+    kmip: Option<KmipJson>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct OutputsJson {
+    cluster_id: String,
+    owner_id: String,
+    kubeconfig: String,
+    cluster_ca_certificate: String,
+    client_certificate: String,
+    client_key: String,
+    host: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct JournalJson {
+    version: u32,
+    cluster_name: String,
+    master_secret: String,
+    master_secret_salt: String,
+    measurement_salt: String,
+    init_secret: String,
+    spec: SpecJson,
+    outputs: Option<OutputsJson>,
+}
+
+/// The decoded journal. Debug prints no secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Journal {
+    /// The spec as last written (with the journal's secrets).
+    pub spec: ClusterSpec,
+    pub init_secret: SecretBytes,
+    /// Init's outputs, once Init returned.
+    pub outputs: Option<ClusterOutputs>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("cluster", &self.spec.name)
+            .field("initialized", &self.outputs.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lossy(s: &SecretBytes) -> String {
+    String::from_utf8_lossy(s.expose()).into_owned()
+}
+
+impl Journal {
+    pub fn new(spec: ClusterSpec, init_secret: SecretBytes) -> Self {
+        Self {
+            spec,
+            init_secret,
+            outputs: None,
+        }
+    }
+
+    pub fn path(root: &Path) -> PathBuf {
+        root.join(JOURNAL_FILE)
+    }
+
+    /// Reads the journal of the cluster folder `root`; `None` when there is none.
+    pub fn load(root: &Path) -> Result<Option<Self>, JournalError> {
+        let path = Self::path(root);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(JournalError::Io { path, source }),
+        };
+        let j: JournalJson =
+            serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
+                path: path.clone(),
+                line: e.line(),
+                column: e.column(),
+            })?;
+        if j.version != JOURNAL_VERSION {
+            return Err(JournalError::Version {
+                path,
+                found: j.version,
+            });
+        }
+        Self::decode(j, &path).map(Some)
+    }
+
+    fn decode(j: JournalJson, path: &Path) -> Result<Self, JournalError> {
+        let field = |field: &'static str| JournalError::Field {
+            path: path.to_owned(),
+            field,
+        };
+        let secret = |hex_value: &str, name: &'static str| {
+            hex::decode(hex_value)
+                .ok()
+                .filter(|b| b.len() == SECRET_LEN)
+                .map(SecretBytes::new)
+                .ok_or_else(|| field(name))
+        };
+        let cidr = |s: &str, name: &'static str| s.parse::<Cidr>().map_err(|_| field(name));
+        let s = j.spec;
+        let spec = ClusterSpec {
+            name: j.cluster_name,
+            platform: Platform::Local,
+            image: ImageRef {
+                reference: s.image_reference,
+                measurements: s.measurements,
+            },
+            control_plane_count: s.control_plane_count,
+            worker_count: s.worker_count,
+            attestation: AttestationSpec {
+                variant: s.variant.parse::<Variant>().map_err(|_| field("variant"))?,
+                bootloader_version: s.bootloader_version,
+                tee_version: s.tee_version,
+                snp_version: s.snp_version,
+                microcode_version: s.microcode_version,
+            },
+            network: NetworkConfig {
+                pod_cidr: cidr(&s.pod_cidr, "pod_cidr")?,
+                service_cidr: cidr(&s.service_cidr, "service_cidr")?,
+                node_cidr: cidr(&s.node_cidr, "node_cidr")?,
+            },
+            kubernetes_version: s.kubernetes_version,
+            secrets: ClusterSecrets {
+                master_secret: secret(&j.master_secret, "master_secret")?,
+                master_secret_salt: secret(&j.master_secret_salt, "master_secret_salt")?,
+                measurement_salt: secret(&j.measurement_salt, "measurement_salt")?,
+            },
+            kms: match s.kmip {
+                None => KmsConfig::ClusterManaged,
+                Some(k) => KmsConfig::Kmip(KmipConfig {
+                    endpoint: k.endpoint,
+                    server_ca_pem: k.server_ca_pem,
+                    client_cert_pem: k.client_cert_pem,
+                    client_key_pem: SecretBytes::new(k.client_key_pem.into_bytes()),
+                    kek_id: k.kek_id,
+                }),
+            },
+        };
+        let init_secret = hex::decode(&j.init_secret)
+            .ok()
+            .filter(|b| !b.is_empty())
+            .map(SecretBytes::new)
+            .ok_or_else(|| field("init_secret"))?;
+        let outputs = j.outputs.map(|o| ClusterOutputs {
+            cluster_id: o.cluster_id,
+            owner_id: o.owner_id,
+            kubeconfig: SecretBytes::new(o.kubeconfig.into_bytes()),
+            cluster_ca_certificate: o.cluster_ca_certificate,
+            client_certificate: o.client_certificate,
+            client_key: SecretBytes::new(o.client_key.into_bytes()),
+            host: o.host,
+            init_secret: init_secret.clone(),
+        });
+        Ok(Self {
+            spec,
+            init_secret,
+            outputs,
+        })
+    }
+
+    fn encode(&self) -> JournalJson {
+        let s = &self.spec;
+        let a = &s.attestation;
+        JournalJson {
+            version: JOURNAL_VERSION,
+            cluster_name: s.name.clone(),
+            master_secret: hex::encode(s.secrets.master_secret.expose()),
+            master_secret_salt: hex::encode(s.secrets.master_secret_salt.expose()),
+            measurement_salt: hex::encode(s.secrets.measurement_salt.expose()),
+            init_secret: hex::encode(self.init_secret.expose()),
+            spec: SpecJson {
+                image_reference: s.image.reference.clone(),
+                measurements: s.image.measurements.clone(),
+                control_plane_count: s.control_plane_count,
+                worker_count: s.worker_count,
+                variant: a.variant.as_str().to_owned(),
+                bootloader_version: a.bootloader_version,
+                tee_version: a.tee_version,
+                snp_version: a.snp_version,
+                microcode_version: a.microcode_version,
+                pod_cidr: s.network.pod_cidr.to_string(),
+                service_cidr: s.network.service_cidr.to_string(),
+                node_cidr: s.network.node_cidr.to_string(),
+                kubernetes_version: s.kubernetes_version.clone(),
+                kmip: match &s.kms {
+                    KmsConfig::ClusterManaged => None,
+                    KmsConfig::Kmip(k) => Some(KmipJson {
+                        endpoint: k.endpoint.clone(),
+                        server_ca_pem: k.server_ca_pem.clone(),
+                        client_cert_pem: k.client_cert_pem.clone(),
+                        client_key_pem: lossy(&k.client_key_pem),
+                        kek_id: k.kek_id.clone(),
+                    }),
+                },
+            },
+            outputs: self.outputs.as_ref().map(|o| OutputsJson {
+                cluster_id: o.cluster_id.clone(),
+                owner_id: o.owner_id.clone(),
+                kubeconfig: lossy(&o.kubeconfig),
+                cluster_ca_certificate: o.cluster_ca_certificate.clone(),
+                client_certificate: o.client_certificate.clone(),
+                client_key: lossy(&o.client_key),
+                host: o.host.clone(),
+            }),
+        }
+    }
+
+    /// Writes the journal into `root` (which must exist): mode 0600, atomically, synced.
+    pub fn store(&self, root: &Path) -> Result<(), JournalError> {
+        let path = Self::path(root);
+        let tmp = root.join(format!("{JOURNAL_FILE}.tmp"));
+        let io = |p: &Path| {
+            let p = p.to_owned();
+            move |source| JournalError::Io { path: p, source }
+        };
+        let bytes = serde_json::to_vec_pretty(&self.encode()).map_err(|_| JournalError::Field {
+            path: path.clone(),
+            field: "measurements",
+        })?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        if let Ok(d) = std::fs::File::open(root) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use constellation_attestation::Measurement;
+    use std::os::unix::fs::PermissionsExt;
+
+    pub(crate) fn spec() -> ClusterSpec {
+        ClusterSpec {
+            name: "demo".into(),
+            platform: Platform::Local,
+            image: ImageRef {
+                reference: "/img".into(),
+                measurements: Measurements([(4, Measurement::enforce([7; 32]))].into()),
+            },
+            control_plane_count: 1,
+            worker_count: 2,
+            attestation: AttestationSpec {
+                variant: Variant::QemuVtpm,
+                bootloader_version: None,
+                tee_version: Some(3),
+                snp_version: None,
+                microcode_version: None,
+            },
+            network: NetworkConfig {
+                pod_cidr: "10.244.0.0/16".parse().unwrap(),
+                service_cidr: "10.96.0.0/12".parse().unwrap(),
+                node_cidr: "192.168.178.0/24".parse().unwrap(),
+            },
+            kubernetes_version: "v1.31.1".into(),
+            secrets: ClusterSecrets {
+                master_secret: SecretBytes::new(vec![1; 32]),
+                master_secret_salt: SecretBytes::new(vec![2; 32]),
+                measurement_salt: SecretBytes::new(vec![3; 32]),
+            },
+            kms: KmsConfig::ClusterManaged,
+        }
+    }
+
+    #[test]
+    fn round_trips_with_mode_0600_and_no_secret_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Journal::load(dir.path()).unwrap().is_none());
+        let mut j = Journal::new(spec(), SecretBytes::new(vec![9; 32]));
+        j.store(dir.path()).unwrap();
+        let mode = std::fs::metadata(Journal::path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(Journal::load(dir.path()).unwrap().unwrap(), j);
+        j.outputs = Some(ClusterOutputs {
+            cluster_id: "ab".into(),
+            owner_id: "cd".into(),
+            kubeconfig: SecretBytes::new(b"kubeconfig".to_vec()),
+            cluster_ca_certificate: "ca".into(),
+            client_certificate: "cert".into(),
+            client_key: SecretBytes::new(b"key".to_vec()),
+            host: "127.0.0.1:6443".into(),
+            init_secret: SecretBytes::new(vec![9; 32]),
+        });
+        j.store(dir.path()).unwrap();
+        let back = Journal::load(dir.path()).unwrap().unwrap();
+        assert_eq!(back, j);
+        let debug = format!("{back:?}");
+        assert!(!debug.contains(&hex::encode([1u8; 32])), "{debug}");
+        assert!(!debug.contains("key"), "{debug}");
+    }
+
+    #[test]
+    fn a_damaged_journal_is_an_error_without_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            Journal::path(dir.path()),
+            format!("{{\"master_secret\": \"{}", "ab".repeat(32)),
+        )
+        .unwrap();
+        let e = Journal::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("malformed"), "{e}");
+        assert!(!e.contains(&"ab".repeat(32)), "{e}");
+        let mut json = Journal::new(spec(), SecretBytes::new(vec![9; 32])).encode();
+        json.master_secret = "zz".into();
+        std::fs::write(
+            Journal::path(dir.path()),
+            serde_json::to_vec(&json).unwrap(),
+        )
+        .unwrap();
+        let e = Journal::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("master_secret"), "{e}");
+    }
+}
