@@ -4,11 +4,13 @@
 //! Everything here is a library without network: the bootstrapper wires it behind aTLS and
 //! inserts the attested peer ([`ticket::AttestedPeer`]) into each request's extensions.
 
+pub mod attested_peer;
 pub mod collateral;
 pub mod pki;
 pub mod ticket;
 pub mod token;
 
+pub use attested_peer::AttestedPeerInterceptor;
 pub use collateral::{CollateralCache, CollateralFetcher};
 pub use pki::{ClusterPki, NodeIdentity, NodeRole};
 pub use ticket::{AttestedPeer, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory};
