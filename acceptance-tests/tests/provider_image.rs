@@ -209,3 +209,37 @@ fn unknown_input_terraform_1_0() {
 fn refined_unknown_input_terraform_1_15() {
     unknown_input(TfVersion::V1_15);
 }
+
+/// AutoMTLS: Terraform presents the client certificate it put in PLUGIN_CLIENT_CERT, and the
+/// provider authenticates it (the provider logs each accepted certificate at debug level).
+fn terraform_authenticates_with_its_client_certificate(version: TfVersion) {
+    let (tf, boot) = setup(version);
+    let tf = tf
+        .env("TF_LOG", "DEBUG")
+        .env("CONSTELLATION_PROVIDER_LOG", "debug");
+    tf.write_config(&image_config(&boot)).unwrap();
+    tf.init().ok();
+    let plan = tf.plan(&[]);
+    assert_eq!(plan.code, 2, "{plan}");
+    assert!(
+        plan.stderr
+            .contains("client presented Terraform's AutoMTLS certificate"),
+        "no authenticated client connection in the log:\n{}",
+        plan.stderr
+    );
+    assert!(
+        !plan.stderr.contains("refused a client certificate"),
+        "{}",
+        plan.stderr
+    );
+}
+
+#[test]
+fn automtls_client_certificate_terraform_1_0() {
+    terraform_authenticates_with_its_client_certificate(TfVersion::V1_0);
+}
+
+#[test]
+fn automtls_client_certificate_terraform_1_15() {
+    terraform_authenticates_with_its_client_certificate(TfVersion::V1_15);
+}

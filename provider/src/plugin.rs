@@ -6,8 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use constellation_common::tls::{self as tls, TlsIncoming};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::sync::Notify;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::resource::{DataSource, Resource};
 use crate::server::{Controller, ProviderService};
@@ -32,8 +39,10 @@ pub enum ServeError {
     Listen(std::io::Error),
     #[error("cannot create the TLS certificate: {0}")]
     Certificate(#[from] rcgen::Error),
+    #[error("PLUGIN_CLIENT_CERT holds no usable PEM certificate: {0}")]
+    ClientCert(String),
     #[error("TLS setup failed: {0}")]
-    Tls(tonic::transport::Error),
+    Tls(#[from] rustls::Error),
     #[error("cannot write the handshake line: {0}")]
     Handshake(std::io::Error),
     #[error("gRPC server failed: {0}")]
@@ -44,8 +53,8 @@ pub enum ServeError {
 
 /// The self-signed server certificate go-plugin pins (SAN `localhost`).
 struct ServerCert {
-    cert_pem: String,
-    key_pem: String,
+    der: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
     der_base64: String,
 }
 
@@ -64,11 +73,105 @@ fn server_cert() -> Result<ServerCert, rcgen::Error> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let cert = params.self_signed(&key)?;
     Ok(ServerCert {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
         // go-plugin reads standard base64 without padding.
         der_base64: base64::engine::general_purpose::STANDARD_NO_PAD.encode(cert.der()),
+        der: cert.der().clone(),
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
     })
+}
+
+/// AutoMTLS, client side: Terraform makes a fresh certificate per run and hands it to us in
+/// `PLUGIN_CLIENT_CERT`. A client presenting exactly that certificate is authenticated; any
+/// other certificate is refused; a client presenting none is accepted, as go-plugin allows
+/// (it then relies on pinning our server certificate, on a loopback-only port). The
+/// certificate is pinned by its exact bytes instead of being chained with webpki, because
+/// go-plugin's certificate is a CA certificate (IsCA=true), which webpki refuses as an end
+/// entity.
+#[derive(Debug)]
+pub struct PinnedClientCert {
+    pinned: CertificateDer<'static>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PinnedClientCert {
+    /// Pins the first certificate of `pem` (PLUGIN_CLIENT_CERT's content).
+    pub fn from_pem(pem: &str) -> Result<Self, ServeError> {
+        let pinned = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| ServeError::ClientCert(e.to_string()))?;
+        Ok(Self {
+            pinned,
+            algorithms: tls::provider().signature_verification_algorithms,
+        })
+    }
+}
+
+impl ClientCertVerifier for PinnedClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.pinned.as_ref() {
+            tracing::debug!("client presented Terraform's AutoMTLS certificate");
+            Ok(ClientCertVerified::assertion())
+        } else {
+            tracing::warn!("refused a client certificate that is not Terraform's");
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The server side of AutoMTLS: our certificate, Terraform's pinned (optional) client
+/// certificate, HTTP/2 by ALPN.
+pub fn automtls_server_config(
+    client_cert_pem: &str,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    let verifier = Arc::new(PinnedClientCert::from_pem(client_cert_pem)?);
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert], key)?;
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Serves the provider until Terraform shuts it down.
@@ -92,26 +195,19 @@ pub async fn serve_resources(
         .map_err(ServeError::Listen)?;
     let addr = listener.local_addr().map_err(ServeError::Listen)?;
 
-    let mut builder = Server::builder();
-    // AutoMTLS: Terraform sends its client certificate in PLUGIN_CLIENT_CERT and pins our
-    // self-signed server certificate from the handshake line, which authenticates the
-    // server. The client is not authenticated: go-plugin's client certificate is a CA
-    // certificate (IsCA=true) that webpki refuses as an end-entity certificate, so asking
-    // for it (even optionally) makes every handshake fail ("use of closed network
-    // connection"). The port is bound to loopback only.
-    let cert_field = match std::env::var("PLUGIN_CLIENT_CERT") {
+    // AutoMTLS: Terraform pins our self-signed server certificate from the handshake line and
+    // gives us its client certificate in PLUGIN_CLIENT_CERT (see [`PinnedClientCert`]).
+    let (tls_config, cert_field) = match std::env::var("PLUGIN_CLIENT_CERT") {
         Ok(client_pem) if !client_pem.is_empty() => {
             let cert = server_cert()?;
-            let tls =
-                ServerTlsConfig::new().identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
-            builder = builder.tls_config(tls).map_err(ServeError::Tls)?;
-            cert.der_base64
+            let config = automtls_server_config(&client_pem, cert.der, cert.key)?;
+            (Some(config), cert.der_base64)
         }
-        _ => String::new(),
+        _ => (None, String::new()),
     };
 
     let shutdown = Arc::new(Notify::new());
-    let router = builder
+    let router = Server::builder()
         .add_service(crate::tfplugin6::provider_server::ProviderServer::new(
             ProviderService::new(resources, data_sources),
         ))
@@ -128,8 +224,14 @@ pub async fn serve_resources(
     }
     tracing::debug!(%addr, "serving tfplugin6");
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut server = tokio::spawn(router.serve_with_incoming(incoming));
+    let mut server = match tls_config {
+        Some(config) => {
+            tokio::spawn(router.serve_with_incoming(TlsIncoming::new(listener, config)))
+        }
+        None => tokio::spawn(
+            router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        ),
+    };
     tokio::select! {
         () = parent_gone() => {
             tracing::warn!("Terraform exited without shutting the plugin down; exiting");
@@ -156,6 +258,172 @@ async fn parent_gone() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if std::os::unix::process::parent_id() != parent {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A certificate like go-plugin's: self-signed CA, ECDSA P-521.
+    fn go_plugin_like_cert() -> (String, CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P521_SHA512).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (
+            cert.pem(),
+            cert.der().clone(),
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+    }
+
+    /// The client half of go-plugin's pinning: our server certificate by its exact bytes (it is
+    /// a CA certificate, which webpki would refuse as an end entity, as Go does not).
+    #[derive(Debug)]
+    struct PinnedServer(CertificateDer<'static>);
+
+    impl rustls::client::danger::ServerCertVerifier for PinnedServer {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            assert_eq!(end_entity.as_ref(), self.0.as_ref());
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &tls::provider().signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &tls::provider().signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            tls::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// Runs one TLS handshake plus a byte of application data; Ok when both sides agree.
+    async fn handshake(
+        client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    ) -> Result<(), String> {
+        let (terraform_pem, _, _) = go_plugin_like_cert();
+        handshake_pinning(&terraform_pem, client_cert).await
+    }
+
+    async fn handshake_pinning(
+        pinned_pem: &str,
+        client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    ) -> Result<(), String> {
+        let server = server_cert().unwrap();
+        let server_der = server.der.clone();
+        let config = automtls_server_config(pinned_pem, server.der, server.key).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServer(server_der)));
+        let client_config = match client_cert {
+            Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key).unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let server = tokio::spawn(async move {
+            let mut stream = acceptor
+                .accept(server_io)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut byte = [0u8; 1];
+            stream
+                .read_exact(&mut byte)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(byte[0])
+        });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let client = async {
+            let mut stream = connector
+                .connect(ServerName::try_from("localhost").unwrap(), client_io)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.write_all(&[42]).await.map_err(|e| e.to_string())?;
+            stream.flush().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(stream)
+        };
+        // The client keeps its end open until the server has read the byte.
+        let client_result = client.await;
+        let server_result = server.await.unwrap();
+        let client_result = client_result.map(drop);
+        match (client_result, server_result) {
+            (Ok(()), Ok(42)) => Ok(()),
+            (c, s) => Err(format!("client: {c:?}, server: {s:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_certificate_is_accepted() {
+        handshake(None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn terraforms_own_p521_ca_certificate_is_accepted() {
+        let (pem, der, key) = go_plugin_like_cert();
+        handshake_pinning(&pem, Some((der, key))).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn any_other_client_certificate_is_refused() {
+        let (_, der, key) = go_plugin_like_cert();
+        let err = handshake(Some((der, key))).await.unwrap_err();
+        assert!(
+            err.contains("server: Err") && err.contains("ApplicationVerificationFailure"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_client_cert_variable_without_a_certificate_is_an_error() {
+        for bad in [
+            "",
+            "not pem",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ] {
+            assert!(
+                matches!(
+                    PinnedClientCert::from_pem(bad),
+                    Err(ServeError::ClientCert(_))
+                ),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The small set of pieces every node service shares: key derivation from the master secret,
-//! the node metadata seam, init-secret hashing, and secret byte strings that never print.
+//! the node metadata seam, init-secret hashing, secret byte strings that never print, and the
+//! rustls plumbing for tonic that the key service and the provider share.
 
 pub mod initsecret;
 pub mod kdf;
 pub mod metadata;
 pub mod secret;
+pub mod tls;

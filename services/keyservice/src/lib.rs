@@ -18,7 +18,7 @@ pub mod master;
 pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod tls;
+pub use constellation_common::tls;
 
 pub use master::{BackendError, MasterSecret, MasterSecretBackend};
 pub use service::{serve, KeyService, ServeError};
