@@ -19,9 +19,7 @@ use std::sync::LazyLock;
 
 use libcryptsetup_rs::consts::flags::{CryptActivate, CryptPbkdf, CryptVolumeKey};
 use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
-use libcryptsetup_rs::{
-    CryptDevice, CryptInit, CryptPbkdfType, Either, LibcryptErr,
-};
+use libcryptsetup_rs::{CryptDevice, CryptInit, CryptPbkdfType, Either, LibcryptErr};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 

@@ -168,7 +168,10 @@ fn rekey_replaces_the_first_boot_key_which_then_opens_nothing() {
     )
     .expect("rekey");
     assert_eq!(slot, 1);
-    assert_eq!(statedisk::verify_key(&disk, &OTHER_KEY).expect("new key"), 1);
+    assert_eq!(
+        statedisk::verify_key(&disk, &OTHER_KEY).expect("new key"),
+        1
+    );
     let err = statedisk::verify_key(&disk, &KEY).expect_err("old key must be gone");
     assert!(matches!(err, StateDiskError::WrongKey { .. }), "{err:?}");
     assert_eq!(statedisk::uuid(&disk).expect("uuid"), uuid);
