@@ -227,6 +227,32 @@ pub async fn initialize_material(
     })
 }
 
+/// Recover: the material of a control plane that ran before this restart, from the PKI it wrote
+/// under `state/pki` (at Init or from a control-plane join ticket), its [`ControlPlaneRecord`]
+/// and the master secret the operator handed back. The master secret is not stored again: the
+/// backend holds it since Init.
+///
+/// [`ControlPlaneRecord`]: crate::state::ControlPlaneRecord
+pub fn recovered_material(
+    node: &NodeContext,
+    record: &crate::state::ControlPlaneRecord,
+    master: MasterSecret,
+    measurement_salt: SecretBytes,
+    measurement_secret: SecretBytes,
+) -> Result<ControlPlaneMaterial, ControlPlaneError> {
+    let pki = ClusterPki::load_from_dir(&node.state_dir.join("pki"), &record.cluster_name)?;
+    let admin = pki.admin_client_cert(node.clock.as_ref())?;
+    Ok(ControlPlaneMaterial {
+        cluster_name: record.cluster_name.clone(),
+        pki: Arc::new(pki),
+        admin,
+        master: Arc::new(master),
+        measurement_salt,
+        measurement_secret,
+        kubernetes_version: record.kubernetes_version.clone(),
+    })
+}
+
 /// Runs the node's Kubernetes installer; returns its name and what it did.
 pub fn install_kubernetes(
     node: &NodeContext,

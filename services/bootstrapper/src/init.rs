@@ -1,14 +1,17 @@
 //! The Init RPC: served over server-attested aTLS by an uninitialized control-plane node.
 //!
 //! Order of checks: protocol version, init secret against the published Argon2id hash, input
-//! shape, then "exactly once". Only then does the node derive keys, extend PCR 15 with the
-//! cluster ID, create the cluster PKI, start its control-plane services and answer with the
-//! kubeconfig material, streaming progress lines while it works.
+//! shape, then "exactly once". Only then does the node derive keys, key its own state disk with
+//! its disk key (HKDF(master secret, salt, "key-" + disk UUID), what the key service hands out,
+//! so Recover can later prove a master secret by unlocking it), extend PCR 15 with the cluster
+//! ID, create the cluster PKI, remember what Recover needs ([`ControlPlaneRecord`]), start its
+//! control-plane services and answer with the kubeconfig material, streaming progress lines
+//! while it works.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use constellation_attestation::measurements::{sha256, CLUSTER_ID_PCR};
+use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_common::initsecret;
 use constellation_common::kdf;
 use constellation_common::metadata::ports;
@@ -22,8 +25,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::controlplane::{self, ControlPlaneSecrets, KmsChoice, NetworkSettings};
-use crate::node::NodeContext;
-use crate::state::{NodeState, Phase};
+use crate::node::{adopt_disk_key, extend_cluster_id, Binding, NodeContext};
+use crate::state::{ControlPlaneRecord, NodeState, Phase};
+use crate::statedisk;
 
 /// Lengths the original Constellation uses; shorter secrets are refused.
 pub const MASTER_SECRET_MIN_LEN: usize = 32;
@@ -162,6 +166,23 @@ async fn initialize(
     say(format!("derived cluster ID {}", hex::encode(cluster_id)));
 
     let kms = KmsChoice::from_proto(r.kms).map_err(Status::invalid_argument)?;
+
+    // Key this node's state disk with its disk key, as a join ticket would.
+    let uuid = statedisk::uuid(&node.disk_path())
+        .map_err(|e| Status::internal(e.to_string()))?
+        .to_string();
+    let disk_key = kdf::derive_key(
+        master.expose(),
+        master_salt.expose(),
+        &uuid,
+        kdf::DEFAULT_KEY_LEN,
+    )
+    .map_err(|e| Status::internal(e.to_string()))?;
+    adopt_disk_key(node, disk_key.expose())
+        .await
+        .map_err(|e| Status::internal(format!("keying the state disk: {e}")))?;
+    say("state disk keyed with this node's disk key".to_owned());
+
     let secrets = ControlPlaneSecrets {
         master_secret: master,
         master_salt,
@@ -173,12 +194,26 @@ async fn initialize(
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
     material.kubernetes_version = r.kubernetes_version.clone();
+    ControlPlaneRecord {
+        cluster_name: r.cluster_name.clone(),
+        kubernetes_version: r.kubernetes_version.clone(),
+        measurement_salt: hex::encode(&measurement_salt),
+    }
+    .save(&node.state_dir)
+    .map_err(|e| Status::internal(e.to_string()))?;
 
     // Bind this node to the cluster: one extend of PCR 15 with the cluster ID as event data.
-    let event = sha256(&cluster_id);
-    node.issuer
-        .with_tpm(|tpm| tpm.pcr_extend(CLUSTER_ID_PCR, &event))
-        .map_err(|e| Status::internal(format!("extending PCR {CLUSTER_ID_PCR}: {e}")))?;
+    {
+        let mut binding = node.binding.lock().await;
+        if *binding != Binding::Unbound {
+            return Err(Status::already_exists(
+                "this node joined a cluster through a join service meanwhile",
+            ));
+        }
+        extend_cluster_id(node, &cluster_id)
+            .map_err(|e| Status::internal(format!("extending PCR {CLUSTER_ID_PCR}: {e}")))?;
+        *binding = Binding::Initialized;
+    }
     say(format!("extended PCR {CLUSTER_ID_PCR} with the cluster ID"));
 
     let me = node

@@ -5,5 +5,6 @@ pub mod init;
 pub mod kubernetes;
 pub mod node;
 pub mod policy;
+pub mod recover;
 pub mod state;
 pub mod statedisk;

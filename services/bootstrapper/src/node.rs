@@ -1,6 +1,9 @@
 //! The node daemon: opens the TPM, serves the verification service, then either serves Init
 //! (an uninitialized control-plane node) or joins through a join service, with jittered
-//! retries at most 5 s apart, logging why each attempt failed.
+//! retries at most 5 s apart ([`retry_delay`]), logging why each attempt failed. A control-plane
+//! node that restarts after Init (or after a control-plane join) serves `Recover` meanwhile
+//! (see [`crate::recover`]): whichever comes first, a join ticket or a Recover with the right
+//! master secret, binds the node to its cluster again; the other is then refused.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,22 +16,28 @@ use constellation_attestation::tpm::{AkKind, Tpm};
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmIssuer;
 use constellation_attestation::{Clock, SystemClock};
 use constellation_common::metadata::{ports, FileMetadata, Metadata, Role};
+use constellation_joinservice::pki::{write_pki_files, PkiFile};
 use constellation_proto::init::init_service_server::InitServiceServer;
 use constellation_proto::join::join_service_client::JoinServiceClient;
 use constellation_proto::join::{IssueJoinTicketRequest, IssueJoinTicketResponse};
+use constellation_proto::recover::recover_service_server::RecoverServiceServer;
 use constellation_proto::PROTOCOL_VERSION;
 use tokio::sync::Mutex;
 
 use crate::init::InitServer;
 use crate::kubernetes::{KubernetesInstaller, NoneInstaller};
 use crate::policy::{ClusterValidator, Scope};
-use crate::state::{NodeState, Phase};
-use crate::statedisk::{self, KdfSettings};
+use crate::recover::RecoverServer;
+use crate::state::{ControlPlaneRecord, NodeState, Phase};
+use crate::statedisk::{self, KdfSettings, OpenedVolume, StateDiskError};
 
 /// The PCRs every quote of this node covers.
 pub const QUOTED_PCRS: std::ops::RangeInclusive<u32> = 0..=15;
 /// Longest pause between two join attempts.
 pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// Pause after the first failed join attempt, before jitter; doubles per attempt up to
+/// [`MAX_RETRY_INTERVAL`].
+const FIRST_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// Size of the state disk's backing file on the local platform.
 const STATE_DISK_BYTES: u64 = 32 << 20;
 
@@ -51,13 +60,105 @@ pub struct NodeContext {
     pub clock: Arc<dyn Clock>,
     /// The lifecycle phase; Init holds this lock while it runs (exactly-once).
     pub phase: Arc<Mutex<NodeState>>,
+    /// What bound this node to its cluster since it booted (extended PCR 15). Lock order:
+    /// `phase` first, then `binding`.
+    pub binding: Mutex<Binding>,
     pub installer: Box<dyn KubernetesInstaller>,
 }
 
+/// What extended PCR 15 with the cluster ID in this boot: exactly one of them may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// Nothing yet: the node waits for Init, a join ticket or Recover.
+    Unbound,
+    /// Init ran on this node.
+    Initialized,
+    /// A join service issued this node a ticket.
+    Joined,
+    /// The operator recovered this control plane with its master secret.
+    Recovered,
+    /// Recover failed after PCR 15 was extended; only a restart helps.
+    Broken,
+}
+
 impl NodeContext {
-    fn disk_path(&self) -> PathBuf {
+    pub(crate) fn disk_path(&self) -> PathBuf {
         self.state_dir.join("disk.img")
     }
+
+    /// The device-mapper name of the state disk.
+    pub(crate) fn mapper_name(&self) -> String {
+        format!("state-{}", self.name.len())
+    }
+}
+
+/// Why the node could not key or unlock its state disk. Never contains key material.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskKeyError {
+    #[error(transparent)]
+    StateDisk(#[from] StateDiskError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state disk worker: {0}")]
+    Worker(String),
+}
+
+/// Keys the state disk with the node's disk key: on first use adds a keyslot for it (authorized
+/// by the first-boot key, which is then forgotten); always proves the key by opening the
+/// volume. A wrong key is [`StateDiskError::WrongKey`].
+pub(crate) async fn adopt_disk_key(
+    node: &NodeContext,
+    key: &[u8],
+) -> Result<OpenedVolume, DiskKeyError> {
+    let disk = node.disk_path();
+    let initial_key_path = node.state_dir.join("disk.initial-key");
+    let key = zeroize::Zeroizing::new(key.to_vec());
+    let name = node.mapper_name();
+    tokio::task::spawn_blocking(move || {
+        if let Ok(initial) = std::fs::read(&initial_key_path) {
+            let initial = zeroize::Zeroizing::new(initial);
+            statedisk::add_key(&disk, &initial, &key, KdfSettings::from_env())?;
+            std::fs::remove_file(&initial_key_path).map_err(|source| DiskKeyError::Io {
+                path: initial_key_path.clone(),
+                source,
+            })?;
+            tracing::info!(
+                "state disk re-keyed with the node's disk key; first-boot key forgotten"
+            );
+        }
+        Ok(statedisk::open(&disk, &key, &name)?)
+    })
+    .await
+    .map_err(|e| DiskKeyError::Worker(e.to_string()))?
+}
+
+/// Binds the node to its cluster: one extend of PCR 15 with SHA-256(cluster ID).
+pub(crate) fn extend_cluster_id(
+    node: &NodeContext,
+    cluster_id: &[u8],
+) -> Result<(), constellation_attestation::tpm::TpmError> {
+    let event = sha256(cluster_id);
+    node.issuer
+        .with_tpm(|tpm| tpm.pcr_extend(CLUSTER_ID_PCR, &event))?;
+    tracing::info!(cluster_id = %hex::encode(cluster_id), "extended PCR {CLUSTER_ID_PCR} with the cluster ID");
+    Ok(())
+}
+
+/// Pause before the next join attempt after `attempt` (1-based) failed ones: full jitter,
+/// uniformly in `[base/2, base]` with `base = 200 ms · 2^(attempt-1)` capped at
+/// [`MAX_RETRY_INTERVAL`]. `random` is any random number (the caller draws it), so the function
+/// stays pure and testable.
+pub fn retry_delay(attempt: u32, random: u64) -> Duration {
+    let cap = MAX_RETRY_INTERVAL.as_millis() as u64;
+    let first = FIRST_RETRY_INTERVAL.as_millis() as u64;
+    let base = first
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(16))
+        .min(cap);
+    let low = base / 2;
+    Duration::from_millis(low + random % (base - low + 1))
 }
 
 /// Runs the node until the process is stopped.
@@ -83,6 +184,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         issuer: issuer.clone(),
         clock: Arc::new(SystemClock),
         phase: Arc::new(Mutex::new(state.clone())),
+        binding: Mutex::new(Binding::Unbound),
         installer: Box::new(NoneInstaller),
     });
     tracing::info!(
@@ -106,29 +208,41 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     });
     tracing::info!(%verify_addr, "verification service listening");
 
-    if state.phase == Phase::Uninitialized && me.role == Role::ControlPlane {
-        // Serve Init (server-attested aTLS); other control planes may also let us join.
-        let init_addr = SocketAddr::new(me.ip, ports::BOOTSTRAPPER);
-        let listener = tokio::net::TcpListener::bind(init_addr).await?;
-        let config = atls::ServerConfig::server_only(issuer.clone())?;
-        let init = InitServiceServer::new(InitServer::new(node.clone()));
-        tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_service(init)
-                .serve_with_incoming(atls::incoming(listener, config))
-                .await
+    if me.role == Role::ControlPlane {
+        let serves = if state.phase == Phase::Uninitialized {
+            // Serve Init (server-attested aTLS); other control planes may also let us join.
+            let init = InitServiceServer::new(InitServer::new(node.clone()));
+            Some(("Init", tonic::service::Routes::new(init)))
+        } else if ControlPlaneRecord::load(&node.state_dir)?.is_some() {
+            // A restarted control plane: it holds no master secret. Either a join service
+            // (another control plane) or the operator's Recover brings it back.
+            let recover = RecoverServiceServer::new(RecoverServer::new(node.clone()));
+            Some(("Recover", tonic::service::Routes::new(recover)))
+        } else {
+            None
+        };
+        if let Some((what, routes)) = serves {
+            let addr = SocketAddr::new(me.ip, ports::BOOTSTRAPPER);
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let config = atls::ServerConfig::server_only(issuer.clone())?;
+            tokio::spawn(async move {
+                if let Err(e) = tonic::transport::Server::builder()
+                    .add_routes(routes)
+                    .serve_with_incoming(atls::incoming(listener, config))
+                    .await
+                {
+                    tracing::error!("{what} service stopped: {e}");
+                }
+            });
+            tracing::info!(%addr, "waiting for {what} (aTLS) or a join service");
+            if node
+                .metadata
+                .cluster()?
+                .join_endpoints(&node.name)
+                .is_empty()
             {
-                tracing::error!("init service stopped: {e}");
+                std::future::pending::<()>().await;
             }
-        });
-        tracing::info!(%init_addr, "waiting for Init (aTLS) or a join service");
-        if node
-            .metadata
-            .cluster()?
-            .join_endpoints(&node.name)
-            .is_empty()
-        {
-            std::future::pending::<()>().await;
         }
     }
     join_loop(node).await
@@ -159,16 +273,14 @@ async fn join_loop(node: Arc<NodeContext>) -> anyhow::Result<()> {
             }
             Err(e) => tracing::warn!(attempt, "join attempt failed: {e:#}"),
         }
-        attempt += 1;
-        let base = Duration::from_millis(200u64.saturating_mul(1 << attempt.min(5)));
-        let jitter = Duration::from_millis(rand::random::<u64>() % 300);
-        tokio::time::sleep((base + jitter).min(MAX_RETRY_INTERVAL)).await;
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(retry_delay(attempt, rand::random())).await;
     }
 }
 
 async fn join_once(node: &Arc<NodeContext>) -> anyhow::Result<()> {
-    // Init may have happened meanwhile (this node is the first control plane).
-    if matches!(node.phase.lock().await.phase, Phase::Initialized { .. }) {
+    // Init or Recover may have happened meanwhile: this node then serves the control plane.
+    if *node.binding.lock().await != Binding::Unbound {
         std::future::pending::<()>().await;
     }
     let cluster = node.metadata.cluster()?;
@@ -242,49 +354,99 @@ async fn request_ticket(
 }
 
 /// Uses a join ticket: key the state disk, bind to the cluster (PCR 15), remember the phase.
+/// A ticket that arrives after Init or Recover bound the node is discarded.
 async fn apply_ticket(
     node: &Arc<NodeContext>,
     ticket: IssueJoinTicketResponse,
 ) -> anyhow::Result<()> {
-    let disk = node.disk_path();
-    let initial_key_path = node.state_dir.join("disk.initial-key");
-    if let Ok(initial) = std::fs::read(&initial_key_path) {
-        // First join: add the real disk key, then forget the first-boot key.
-        statedisk::add_key(
-            &disk,
-            &initial,
-            &ticket.state_disk_key,
-            KdfSettings::from_env(),
-        )?;
-        std::fs::remove_file(&initial_key_path)?;
-        tracing::info!("state disk re-keyed with the disk key from the join ticket");
+    let mut phase = node.phase.lock().await;
+    let mut binding = node.binding.lock().await;
+    if *binding != Binding::Unbound {
+        tracing::info!(binding = ?*binding, "discarding a join ticket: the node is already bound");
+        return Ok(());
     }
-    let opened = statedisk::open(
-        &disk,
-        &ticket.state_disk_key,
-        &format!("state-{}", node.name.len()),
-    )?;
-    tracing::info!(
-        keyslot = opened.keyslot(),
-        "state disk unlocked with the disk key from the join ticket"
-    );
-
     let cluster_id = ticket.cluster_id.clone();
     anyhow::ensure!(
         cluster_id.len() == 32,
         "join ticket carries a {}-byte cluster ID",
         cluster_id.len()
     );
-    let event = sha256(&cluster_id);
-    node.issuer
-        .with_tpm(|tpm| tpm.pcr_extend(CLUSTER_ID_PCR, &event))?;
-    tracing::info!(cluster_id = %hex::encode(&cluster_id), "extended PCR {CLUSTER_ID_PCR} with the cluster ID");
-    let mut phase = node.phase.lock().await;
-    *phase = NodeState {
-        phase: Phase::Joined {
-            cluster_id: hex::encode(&cluster_id),
-        },
-    };
-    phase.save(&node.state_dir)?;
+    if let Some(mine) = phase.cluster_id() {
+        anyhow::ensure!(
+            mine == hex::encode(&cluster_id),
+            "join ticket is for cluster {} but this node belongs to cluster {mine}",
+            hex::encode(&cluster_id)
+        );
+    }
+    let opened = adopt_disk_key(node, &ticket.state_disk_key).await?;
+    tracing::info!(
+        keyslot = opened.keyslot(),
+        "state disk unlocked with the disk key from the join ticket"
+    );
+    if !ticket.control_plane_files.is_empty() {
+        remember_control_plane(node, &ticket)?;
+    }
+    extend_cluster_id(node, &cluster_id)?;
+    *binding = Binding::Joined;
+    if phase.phase == Phase::Uninitialized {
+        *phase = NodeState {
+            phase: Phase::Joined {
+                cluster_id: hex::encode(&cluster_id),
+            },
+        };
+        phase.save(&node.state_dir)?;
+    }
     Ok(())
+}
+
+/// A control-plane join: keep the cluster PKI and the non-secret facts Recover needs, so this
+/// node can be recovered after a full control-plane restart too.
+fn remember_control_plane(
+    node: &NodeContext,
+    ticket: &IssueJoinTicketResponse,
+) -> anyhow::Result<()> {
+    let files: Vec<PkiFile> = ticket
+        .control_plane_files
+        .iter()
+        .map(|f| {
+            PkiFile::known(&f.name, f.content.clone()).ok_or_else(|| {
+                anyhow::anyhow!("join ticket names an unknown PKI file {:?}", f.name)
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    write_pki_files(&node.state_dir.join("pki"), &files)?;
+    ControlPlaneRecord {
+        cluster_name: node.metadata.cluster()?.cluster_name,
+        kubernetes_version: ticket.kubernetes_version.clone(),
+        measurement_salt: hex::encode(&ticket.measurement_salt),
+    }
+    .save(&node.state_dir)?;
+    tracing::info!("stored the cluster PKI from the control-plane join ticket");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_is_jittered_and_never_above_five_seconds() {
+        for attempt in 1..=64 {
+            for random in [0, 1, 77, 4_999, 1 << 40, u64::MAX] {
+                let d = retry_delay(attempt, random);
+                assert!(d <= MAX_RETRY_INTERVAL, "attempt {attempt}: {d:?}");
+                assert!(d >= Duration::from_millis(100), "attempt {attempt}: {d:?}");
+            }
+        }
+        // Early attempts are short, later ones spread over [2.5 s, 5 s].
+        assert!(retry_delay(1, u64::MAX) <= Duration::from_millis(200));
+        assert_eq!(retry_delay(10, 0), Duration::from_millis(2_500));
+        assert_eq!(retry_delay(10, 2_500), MAX_RETRY_INTERVAL);
+        let distinct: std::collections::BTreeSet<Duration> =
+            (0..50u64).map(|r| retry_delay(10, r * 7_919)).collect();
+        assert!(
+            distinct.len() > 40,
+            "the capped interval is jittered: {distinct:?}"
+        );
+    }
 }

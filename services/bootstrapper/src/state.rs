@@ -1,11 +1,13 @@
 //! What a node remembers across restarts (in its state folder): whether it was initialized or
-//! joined, and which cluster. Secrets are not kept here.
+//! joined, and which cluster; on control-plane nodes also the non-secret facts Recover needs
+//! ([`ControlPlaneRecord`]). Secrets are not kept here.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "node-state.json";
+const CONTROL_PLANE_FILE: &str = "control-plane.json";
 
 /// The node's lifecycle phase.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +43,53 @@ pub enum StateError {
     },
 }
 
+/// What a control-plane node needs besides the master secret to serve the key service and the
+/// join service again after a restart (Recover). Nothing here is secret: the measurement salt is
+/// handed to every joining node in its join ticket, the cluster name and Kubernetes version are
+/// public. The measurement secret is not stored; Recover derives it from the master secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlPlaneRecord {
+    pub cluster_name: String,
+    pub kubernetes_version: String,
+    /// Hex of the 32-byte measurement salt.
+    pub measurement_salt: String,
+}
+
+impl ControlPlaneRecord {
+    /// Loads the record, `None` when this node never stored one (a worker, a fresh node).
+    pub fn load(dir: &Path) -> Result<Option<Self>, StateError> {
+        let path = dir.join(CONTROL_PLANE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StateError::Malformed { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        save_json(dir, CONTROL_PLANE_FILE, self)
+    }
+}
+
+/// Writes `value` as JSON atomically (temp file + fsync + rename) so a crash never leaves half
+/// a file.
+fn save_json(dir: &Path, file: &str, value: &impl Serialize) -> Result<(), StateError> {
+    use std::io::Write;
+    let path = dir.join(file);
+    let tmp = dir.join(format!("{file}.tmp"));
+    let io = |source| StateError::Io {
+        path: tmp.clone(),
+        source,
+    };
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(&serde_json::to_vec_pretty(value).expect("state serializes"))
+        .map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(|source| StateError::Io { path, source })
+}
+
 impl NodeState {
     /// Loads the state, or `Uninitialized` when the node never saved one.
     pub fn load(dir: &Path) -> Result<Self, StateError> {
@@ -57,18 +106,7 @@ impl NodeState {
 
     /// Saves atomically (temp file + rename + fsync) so a crash never leaves half a file.
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        use std::io::Write;
-        let path = dir.join(FILE);
-        let tmp = dir.join(format!("{FILE}.tmp"));
-        let io = |source| StateError::Io {
-            path: tmp.clone(),
-            source,
-        };
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("state serializes"))
-            .map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(|source| StateError::Io { path, source })
+        save_json(dir, FILE, self)
     }
 
     pub fn cluster_id(&self) -> Option<&str> {
@@ -100,6 +138,21 @@ mod tests {
             NodeState::load(&dir),
             Err(StateError::Malformed { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn control_plane_record_round_trips() {
+        let dir = std::env::temp_dir().join(format!("cp-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(ControlPlaneRecord::load(&dir).unwrap(), None);
+        let r = ControlPlaneRecord {
+            cluster_name: "c".into(),
+            kubernetes_version: "v1.31.1".into(),
+            measurement_salt: "33".repeat(32),
+        };
+        r.save(&dir).unwrap();
+        assert_eq!(ControlPlaneRecord::load(&dir).unwrap(), Some(r));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod cluster;
 mod measurements;
+mod recover;
 mod snp;
 mod tpm;
 mod verdict;
@@ -33,6 +34,9 @@ enum Command {
     /// Verify evidence; prints a JSON verdict, exit 0 only if every check passes.
     #[command(subcommand)]
     Verify(VerifyCommand),
+    /// Recover a waiting control-plane node with the master secret (after a full control-plane
+    /// restart); prints a JSON verdict, exit 0 only if the node attested and recovered.
+    Recover(recover::RecoverArgs),
 }
 
 #[derive(Subcommand)]
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Command::Verify(VerifyCommand::TpmQuote(a)) => tpm::verify(a),
         Command::Verify(VerifyCommand::Measurements(a)) => measurements::verify(a),
         Command::Verify(VerifyCommand::Cluster(a)) => cluster::verify(a),
+        Command::Recover(a) => recover::recover(a),
     };
     match result {
         Ok(code) => code,

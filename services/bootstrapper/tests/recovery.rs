@@ -1,0 +1,461 @@
+//! Recovery: real bootstrapper processes with their own swtpm (local platform). After every
+//! control-plane node restarted, a control plane waits for a join service or `Recover` (aTLS,
+//! the node attests first); with the right master secret it unlocks its existing state disk,
+//! binds PCR 15 again and serves joins; no key changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use constellation_attestation::atls;
+use constellation_attestation::cluster::verify_cluster;
+use constellation_attestation::measurements::CLUSTER_ID_PCR;
+use constellation_attestation::tpm::AkPublicKey;
+use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
+use constellation_bootstrapper::statedisk;
+use constellation_common::kdf;
+use constellation_common::metadata::{ports, Role};
+use constellation_image::LocalImage;
+use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
+use constellation_platform::Cloud;
+use constellation_proto::init::init_response::Kind;
+use constellation_proto::init::init_service_client::InitServiceClient;
+use constellation_proto::init::{InitRequest, InitSuccess};
+use constellation_proto::recover::recover_service_client::RecoverServiceClient;
+use constellation_proto::recover::{RecoverRequest, RecoverResponse};
+use constellation_proto::PROTOCOL_VERSION;
+
+const INIT_SECRET: &[u8] = b"the init secret of this test cluster";
+const MASTER_SECRET: [u8; 32] = [0x11; 32];
+const MASTER_SALT: [u8; 32] = [0x22; 32];
+
+/// One cluster of this file at a time: on a 2-core machine, parallel clusters turn restart and
+/// rejoin timings into a test of the machine.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct TestCluster {
+    cloud: Option<LocalCloud>,
+    image: LocalImage,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Some(cloud) = self.cloud.take() {
+            let _ = cloud.destroy();
+        }
+    }
+}
+
+impl TestCluster {
+    fn new(name: &str) -> Self {
+        // Tests use the fast (insecure) LUKS key derivation; production keeps argon2id.
+        std::env::set_var("CONSTELLATION_STATEDISK_INSECURE_FAST_KDF", "1");
+        let dir = tempfile::tempdir().unwrap();
+        let image = LocalImage::assemble(
+            &dir.path().join("image"),
+            Path::new(env!("CARGO_BIN_EXE_constellation-bootstrapper")),
+            "v0.0.0-test",
+        )
+        .unwrap();
+        let settings = ClusterSettings {
+            cluster_name: name.to_owned(),
+            init_secret_hash: constellation_common::initsecret::hash(INIT_SECRET),
+            attestation_variant: "qemu-vtpm".into(),
+            measurements_json: image.measurements.to_json(),
+            image_dir: image.dir.clone(),
+        };
+        let cloud = LocalCloud::create(&dir.path().join("cluster"), settings).unwrap();
+        Self {
+            cloud: Some(cloud),
+            image,
+            _dir: dir,
+        }
+    }
+
+    fn cloud(&mut self) -> &mut LocalCloud {
+        self.cloud.as_mut().unwrap()
+    }
+
+    /// A node that has not been bound yet: the image's measurements (PCR 15 = 0) and its AK.
+    fn fresh_validator(&self, node: &NodeRecord) -> Arc<QemuVtpmValidator> {
+        Arc::new(QemuVtpmValidator::new(
+            vec![ak(node)],
+            self.image.measurements.clone(),
+        ))
+    }
+
+    fn member_validator(&self, nodes: &[NodeRecord]) -> QemuVtpmValidator {
+        let mut m = self.image.measurements.clone();
+        m.0.remove(&CLUSTER_ID_PCR);
+        QemuVtpmValidator::new(nodes.iter().map(ak).collect(), m)
+    }
+}
+
+fn ak(node: &NodeRecord) -> AkPublicKey {
+    AkPublicKey::from_spki_der(&hex::decode(&node.ak_spki_hex).unwrap()).unwrap()
+}
+
+async fn init(validator: Arc<QemuVtpmValidator>, node: &NodeRecord) -> InitSuccess {
+    let config = atls::ClientConfig::server_only(validator).unwrap();
+    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
+        .await
+        .unwrap();
+    let mut stream = InitServiceClient::new(channel)
+        .init(InitRequest {
+            version: PROTOCOL_VERSION,
+            master_secret: MASTER_SECRET.to_vec(),
+            master_salt: MASTER_SALT.to_vec(),
+            measurement_salt: vec![0x33; 32],
+            init_secret: INIT_SECRET.to_vec(),
+            cluster_name: "test".into(),
+            kubernetes_version: "v1.31.1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(msg) = stream.message().await.unwrap() {
+        if let Some(Kind::Success(s)) = msg.kind {
+            return s;
+        }
+    }
+    panic!("init stream ended without success")
+}
+
+/// Attests the node as not yet bound (PCR 15 = 0), then sends Recover.
+async fn recover(
+    validator: Arc<QemuVtpmValidator>,
+    node: &NodeRecord,
+    master_secret: &[u8],
+    master_salt: &[u8],
+) -> Result<RecoverResponse, tonic::Status> {
+    let config = atls::ClientConfig::server_only(validator).unwrap();
+    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
+        .await
+        .unwrap_or_else(|e| panic!("attesting {} for Recover: {e}", node.name));
+    RecoverServiceClient::new(channel)
+        .recover(RecoverRequest {
+            version: PROTOCOL_VERSION,
+            master_secret: master_secret.to_vec(),
+            master_salt: master_salt.to_vec(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn wait_joined(c: &TestCluster, nodes: &[NodeRecord], node: &NodeRecord, cluster_id: &[u8]) {
+    let validator = c.member_validator(nodes);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match verify_cluster(&node.endpoint(ports::VERIFY), &validator, Some(cluster_id)).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() > deadline => {
+                panic!(
+                    "{} did not join: {e}\n{}",
+                    node.name,
+                    std::fs::read_to_string(node.log_path()).unwrap_or_default()
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn wait_log(node: &NodeRecord, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {needle:?}:\n{log}",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_len(node: &NodeRecord) -> usize {
+    std::fs::metadata(node.log_path()).map_or(0, |m| m.len() as usize)
+}
+
+fn disk_of(node: &NodeRecord) -> PathBuf {
+    node.dir.join("state").join("disk.img")
+}
+
+/// The known-answer disk key: HKDF(master secret, salt, "key-" + disk UUID).
+fn disk_key(node: &NodeRecord) -> (String, Vec<u8>) {
+    let uuid = statedisk::uuid(&disk_of(node)).unwrap().to_string();
+    let key = kdf::derive_key(&MASTER_SECRET, &MASTER_SALT, &uuid, 32).unwrap();
+    (uuid, key.expose().to_vec())
+}
+
+fn serves(node: &NodeRecord, port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::new(node.ip, port),
+        Duration::from_millis(300),
+    )
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_control_plane_restart_then_recover_brings_the_cluster_back_with_the_same_keys() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut c = TestCluster::new("recover");
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    let worker = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
+    let ok = init(c.fresh_validator(&cp), &cp).await;
+    let cluster_id = ok.cluster_id.clone();
+    let all = c.cloud().list_nodes();
+    wait_joined(&c, &all, &worker, &cluster_id).await;
+
+    // Both disks are keyed with the known-answer disk key (Init keys the control plane's too).
+    let (cp_uuid, cp_key) = disk_key(&cp);
+    let (worker_uuid, worker_key) = disk_key(&worker);
+    statedisk::verify_key(&disk_of(&cp), &cp_key).unwrap();
+    statedisk::verify_key(&disk_of(&worker), &worker_key).unwrap();
+    assert!(!cp.dir.join("state/disk.initial-key").exists());
+
+    // Full control-plane restart: every node powers off, the control plane boots first.
+    c.cloud().halt(&worker.name).unwrap();
+    c.cloud().halt(&cp.name).unwrap();
+    let booted = Instant::now();
+    let cp = c.cloud().boot(&cp.name).unwrap();
+    eprintln!("control plane boot took {:?}", booted.elapsed());
+    wait_log(&cp, "waiting for Recover").await;
+    assert!(
+        !serves(&cp, ports::JOIN),
+        "no join service before Recover: it holds no master secret"
+    );
+
+    // Malformed and wrong secrets: refused with a clear reason, nothing started.
+    let s = recover(c.fresh_validator(&cp), &cp, &[0x11; 8], &MASTER_SALT)
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("master secret"), "{}", s.message());
+    let wrong = [0x44u8; 32];
+    let started = Instant::now();
+    let s = recover(c.fresh_validator(&cp), &cp, &wrong, &MASTER_SALT)
+        .await
+        .unwrap_err();
+    eprintln!(
+        "Recover with a wrong master secret refused in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(
+        s.message().contains("wrong master secret") && s.message().contains("state disk"),
+        "{}",
+        s.message()
+    );
+    assert!(!s.message().contains(&hex::encode(wrong)), "secret echoed");
+    assert!(
+        !serves(&cp, ports::JOIN),
+        "nothing started after a wrong secret"
+    );
+    let log = std::fs::read_to_string(cp.log_path()).unwrap();
+    assert!(!log.contains(&hex::encode(wrong)) && !log.contains(&hex::encode(MASTER_SECRET)));
+
+    // The right master secret: the node attests as unbound (PCR 15 = 0) and recovers.
+    let started = Instant::now();
+    let answer = recover(c.fresh_validator(&cp), &cp, &MASTER_SECRET, &MASTER_SALT)
+        .await
+        .unwrap_or_else(|s| panic!("Recover refused: {s:?}"));
+    eprintln!("Recover took {:?}", started.elapsed());
+    assert!(
+        answer.message.contains(&hex::encode(&cluster_id)),
+        "{answer:?}"
+    );
+    assert!(serves(&cp, ports::JOIN), "join service running again");
+    wait_joined(&c, &all, &cp, &cluster_id).await;
+
+    // A second Recover is refused: the node no longer attests as unbound (PCR 15 bound)...
+    let config = atls::ClientConfig::server_only(c.fresh_validator(&cp)).unwrap();
+    assert!(atls::channel(&cp.endpoint(ports::BOOTSTRAPPER), config)
+        .await
+        .is_err());
+    // ...and a verifier that skips PCR 15 gets AlreadyExists.
+    let mut lax = c.image.measurements.clone();
+    lax.0.remove(&CLUSTER_ID_PCR);
+    let lax = Arc::new(QemuVtpmValidator::new(vec![ak(&cp)], lax));
+    let s = recover(lax, &cp, &MASTER_SECRET, &MASTER_SALT)
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}");
+
+    // The worker boots again and rejoins, unlocking its existing disk with the same key.
+    let rejoin = Instant::now();
+    let log_before = log_len(&worker);
+    let worker = c.cloud().boot(&worker.name).unwrap();
+    wait_joined(&c, &all, &worker, &cluster_id).await;
+    eprintln!("worker rejoin after Recover took {:?}", rejoin.elapsed());
+    assert_eq!(disk_key(&worker), (worker_uuid, worker_key.clone()));
+    assert_eq!(disk_key(&cp), (cp_uuid, cp_key.clone()));
+    statedisk::verify_key(&disk_of(&worker), &worker_key).unwrap();
+    statedisk::verify_key(&disk_of(&cp), &cp_key).unwrap();
+    let log = wait_log(&worker, "state disk unlocked").await;
+    let this_boot = &log[log_before..];
+    assert!(
+        this_boot.contains("state disk unlocked") && !this_boot.contains("re-keyed"),
+        "no new keyslot on rejoin: {this_boot}"
+    );
+
+    // Both nodes prove the same cluster ID as before.
+    let member = c.member_validator(&all);
+    for n in [&cp, &worker] {
+        verify_cluster(&n.endpoint(ports::VERIFY), &member, Some(&cluster_id))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", n.name));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_control_plane_rejoins_through_another_recovered_control_plane() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut c = TestCluster::new("cprejoin");
+    let cps = c.cloud().create_nodes(Role::ControlPlane, 2).unwrap();
+    let (first, second) = (cps[0].clone(), cps[1].clone());
+    let ok = init(c.fresh_validator(&first), &first).await;
+    let cluster_id = ok.cluster_id.clone();
+    let all = c.cloud().list_nodes();
+    wait_joined(&c, &all, &second, &cluster_id).await;
+
+    // Everything restarts; the second control plane (it joined, it never ran Init) is recovered.
+    c.cloud().halt(&second.name).unwrap();
+    c.cloud().halt(&first.name).unwrap();
+    let second = c.cloud().boot(&second.name).unwrap();
+    wait_log(&second, "waiting for Recover").await;
+    recover(
+        c.fresh_validator(&second),
+        &second,
+        &MASTER_SECRET,
+        &MASTER_SALT,
+    )
+    .await
+    .unwrap_or_else(|s| panic!("Recover of the joined control plane refused: {s:?}"));
+
+    // The first control plane boots while another one serves joins: it rejoins by itself.
+    let started = Instant::now();
+    let log_before = log_len(&first);
+    let first = c.cloud().boot(&first.name).unwrap();
+    wait_joined(&c, &all, &first, &cluster_id).await;
+    eprintln!(
+        "control plane rejoined through the other control plane in {:?}",
+        started.elapsed()
+    );
+    let log = wait_log(
+        &first,
+        "state disk unlocked with the disk key from the join ticket",
+    )
+    .await;
+    let this_boot = &log[log_before..];
+    assert!(
+        this_boot.contains("waiting for Recover") && !this_boot.contains("re-keyed"),
+        "{this_boot}"
+    );
+    let (_, key) = disk_key(&first);
+    statedisk::verify_key(&disk_of(&first), &key).unwrap();
+
+    // It no longer waits for Recover.
+    let mut lax = c.image.measurements.clone();
+    lax.0.remove(&CLUSTER_ID_PCR);
+    let lax = Arc::new(QemuVtpmValidator::new(vec![ak(&first)], lax));
+    let s = recover(lax, &first, &MASTER_SECRET, &MASTER_SALT)
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("not waiting"), "{}", s.message());
+}
+
+/// The `attest` binary of this workspace (built by `cargo build -p constellation-attestation
+/// --bin attest`), or `CONSTELLATION_ATTEST_BIN`.
+fn attest_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("CONSTELLATION_ATTEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/attest"));
+    path.exists().then_some(path)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attest_recover_drives_recovery_with_secrets_from_files() {
+    let Some(attest) = attest_binary() else {
+        eprintln!(
+            "SKIPPED: no attest binary (cargo build -p constellation-attestation --bin attest)"
+        );
+        return;
+    };
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut c = TestCluster::new("attestrecover");
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    let ok = init(c.fresh_validator(&cp), &cp).await;
+    c.cloud().halt(&cp.name).unwrap();
+    let cp = c.cloud().boot(&cp.name).unwrap();
+    wait_log(&cp, "waiting for Recover").await;
+
+    let files = tempfile::tempdir().unwrap();
+    let measurements = files.path().join("measurements.json");
+    std::fs::write(&measurements, c.image.measurements.to_json()).unwrap();
+    let ak_pem = files.path().join("ak.pem");
+    let pem = der::pem::encode_string(
+        "PUBLIC KEY",
+        der::pem::LineEnding::LF,
+        &hex::decode(&cp.ak_spki_hex).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&ak_pem, pem).unwrap();
+    let salt = files.path().join("salt");
+    std::fs::write(&salt, MASTER_SALT).unwrap(); // raw bytes
+    let run = |secret: &[u8]| {
+        let secret_file = files.path().join("master-secret");
+        std::fs::write(&secret_file, format!("{}\n", hex::encode(secret))).unwrap(); // hex
+        let out = std::process::Command::new(&attest)
+            .args(["recover", "--endpoint", &cp.endpoint(ports::BOOTSTRAPPER)])
+            .arg("--measurements")
+            .arg(&measurements)
+            .arg("--ak-pub")
+            .arg(&ak_pem)
+            .arg("--master-secret-file")
+            .arg(&secret_file)
+            .arg("--salt-file")
+            .arg(&salt)
+            .output()
+            .unwrap();
+        let verdict: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), verdict)
+    };
+
+    let wrong = [0x55u8; 32];
+    let (code, verdict) = tokio::task::block_in_place(|| run(&wrong));
+    assert_eq!(code, Some(1), "{verdict}");
+    assert_eq!(verdict["verdict"], "reject", "{verdict}");
+    assert_eq!(verdict["failed_check"]["name"], "recover", "{verdict}");
+    let detail = verdict["failed_check"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("PermissionDenied") && detail.contains("wrong master secret"),
+        "{detail}"
+    );
+    assert!(!verdict.to_string().contains(&hex::encode(wrong)));
+
+    let (code, verdict) = tokio::task::block_in_place(|| run(&MASTER_SECRET));
+    assert_eq!(code, Some(0), "{verdict}");
+    assert_eq!(verdict["verdict"], "accept", "{verdict}");
+    wait_joined(&c, std::slice::from_ref(&cp), &cp, &ok.cluster_id).await;
+
+    // Now bound: the node no longer attests as waiting, so the CLI refuses before sending.
+    let (code, verdict) = tokio::task::block_in_place(|| run(&MASTER_SECRET));
+    assert_eq!(code, Some(1), "{verdict}");
+    assert_eq!(verdict["failed_check"]["name"], "attestation", "{verdict}");
+}
