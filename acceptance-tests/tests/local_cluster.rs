@@ -303,6 +303,20 @@ fn run(version: TfVersion) {
     tf.import("constellation_cluster.c", &uri, &["-var", "workers=1"])
         .ok();
     let plan = tf.plan(&["-var", "workers=1"]);
+    if plan.code == 2 {
+        // Terraform 1.0 drops the outputs with `state rm` and counts restoring them as a
+        // change; the resource itself must still have no diff.
+        assert!(
+            plan.stdout.contains("Changes to Outputs")
+                && !plan.stdout.contains("constellation_cluster.c will be")
+                && !plan.stdout.contains("constellation_cluster.c must be"),
+            "plan after import must show no resource changes:\n{plan}"
+        );
+        tf.apply(&["-refresh-only", "-var", "workers=1"]).ok();
+    } else {
+        assert_eq!(plan.code, 0, "plan after import:\n{plan}");
+    }
+    let plan = tf.plan(&["-var", "workers=1"]);
     assert_eq!(
         plan.code, 0,
         "plan after import must show no changes:\n{plan}"

@@ -400,14 +400,18 @@ fn power_off(record: &NodeRecord) -> Result<(), PlatformError> {
     Ok(())
 }
 
-/// Held while a thread talks to a TPM or starts a process. libtss2's TPM sockets are not
-/// close-on-exec: a process started while another thread has a TPM connection open would
-/// inherit it and keep it open, and swtpm, which serves one connection at a time, would then
-/// never answer the next one.
-static TPM_OR_SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Read-held while a thread talks to a TPM, write-held while it starts a process. libtss2's
+/// TPM sockets are not close-on-exec: a process started while another thread has a TPM
+/// connection open would inherit it and keep it open, and swtpm, which serves one connection
+/// at a time, would then never answer the next one. TPM sessions may overlap each other.
+static TPM_OR_SPAWN: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-fn tpm_or_spawn() -> std::sync::MutexGuard<'static, ()> {
-    TPM_OR_SPAWN.lock().unwrap_or_else(|p| p.into_inner())
+fn tpm_session() -> std::sync::RwLockReadGuard<'static, ()> {
+    TPM_OR_SPAWN.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn process_start() -> std::sync::RwLockWriteGuard<'static, ()> {
+    TPM_OR_SPAWN.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The slow part of a boot, run on its own thread; `shared` is locked only to record progress.
@@ -428,7 +432,7 @@ fn boot_one(
     };
 
     let swtpm = {
-        let _exclusive = tpm_or_spawn();
+        let _exclusive = process_start();
         Swtpm::spawn_detached(&record.dir.join("tpm")).map_err(tpm_err)?
     };
     record.swtpm = Some(swtpm.clone());
@@ -439,7 +443,7 @@ fn boot_one(
         std::fs::read(image.bootstrapper_path()).map_err(io_err(&image.bootstrapper_path()))?;
     let manifest = std::fs::read(image.manifest_path()).map_err(io_err(&image.manifest_path()))?;
     let ak_hex = {
-        let _exclusive = tpm_or_spawn();
+        let _shared = tpm_session();
         let mut tpm = Tpm::open(&swtpm.tcti()).map_err(tpm_err)?;
         let ak = tpm.attestation_key(AkKind::EcdsaP256).map_err(tpm_err)?;
         for (index, event) in boot_events(&binary, &manifest) {
@@ -471,7 +475,7 @@ fn boot_one(
     let log_filter = std::env::var("CONSTELLATION_NODE_LOG").unwrap_or_else(|_| "info".to_owned());
     {
         // Spawn under the lock, so the pid is recorded before another thread saves.
-        let _exclusive = tpm_or_spawn();
+        let _exclusive = process_start();
         let mut cloud = lock();
         record.pid = process::spawn_detached(
             &image.bootstrapper_path(),
