@@ -375,23 +375,23 @@ async fn a_restarted_control_plane_rejoins_through_another_recovered_control_pla
     assert!(s.message().contains("not waiting"), "{}", s.message());
 }
 
-/// The `attest` binary of this workspace (built by `cargo build -p constellation-attestation
-/// --bin attest`), or `CONSTELLATION_ATTEST_BIN`.
-fn attest_binary() -> Option<PathBuf> {
+/// The `attest` binary of this workspace (`make build` builds it), or
+/// `CONSTELLATION_ATTEST_BIN`. Missing is a failure, not a skip.
+fn attest_binary() -> PathBuf {
     let path = std::env::var_os("CONSTELLATION_ATTEST_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/attest"));
-    path.exists().then_some(path)
+    assert!(
+        path.exists(),
+        "no attest binary at {}: run `make build` (or set CONSTELLATION_ATTEST_BIN)",
+        path.display()
+    );
+    path
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn attest_recover_drives_recovery_with_secrets_from_files() {
-    let Some(attest) = attest_binary() else {
-        eprintln!(
-            "SKIPPED: no attest binary (cargo build -p constellation-attestation --bin attest)"
-        );
-        return;
-    };
+    let attest = attest_binary();
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut c = TestCluster::new("attestrecover");
     let cp = c
