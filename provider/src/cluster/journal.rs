@@ -312,7 +312,7 @@ impl Journal {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use constellation_attestation::Measurement;
     use std::os::unix::fs::PermissionsExt;

@@ -1173,6 +1173,149 @@ mod tests {
         assert!(reason.contains("not running"), "{reason}");
     }
 
+    fn outputs() -> ClusterOutputs {
+        ClusterOutputs {
+            cluster_id: "ab".repeat(32),
+            owner_id: "cd".repeat(32),
+            kubeconfig: SecretBytes::new(b"apiVersion: v1".to_vec()),
+            cluster_ca_certificate: "-----BEGIN CERTIFICATE-----".into(),
+            client_certificate: "-----BEGIN CERTIFICATE-----".into(),
+            client_key: SecretBytes::new(b"-----BEGIN PRIVATE KEY-----".to_vec()),
+            host: "127.0.0.1:6443".into(),
+            init_secret: SecretBytes::new(vec![9; 32]),
+        }
+    }
+
+    /// A cluster folder with no node, its journal and (optionally) Init's outputs.
+    fn folder(root: &Path, initialized: bool) -> Journal {
+        let spec = crate::cluster::journal::tests::spec();
+        LocalCloud::create(
+            root,
+            ClusterSettings {
+                cluster_name: spec.name.clone(),
+                init_secret_hash: String::new(),
+                attestation_variant: "qemu-vtpm".into(),
+                measurements_json: spec.image.measurements.to_json(),
+                image_dir: PathBuf::from("/img"),
+            },
+        )
+        .unwrap();
+        let mut j = Journal::new(spec, SecretBytes::new(vec![9; 32]));
+        if initialized {
+            j.outputs = Some(outputs());
+        }
+        j.store(root).unwrap();
+        j
+    }
+
+    #[test]
+    fn import_rebuilds_the_state_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path().to_owned());
+        let j = folder(&backend.cluster_root("demo"), true);
+        let id: ImportId = "constellation-cluster://?platform=local&name=demo"
+            .parse()
+            .unwrap();
+        let state = backend.import(&id).unwrap();
+        assert_eq!(state.spec, j.spec);
+        assert_eq!(state.outputs, outputs());
+        assert_eq!(
+            PlatformState::parse(&state.platform_state).unwrap().root,
+            backend.cluster_root("demo")
+        );
+        // cluster_dir selects the folder; other parameters are refused.
+        let other = tempfile::tempdir().unwrap();
+        folder(other.path(), true);
+        let uri = format!(
+            "constellation-cluster://?platform=local&name=demo&cluster_dir={}",
+            other.path().display()
+        );
+        let state = backend.import(&uri.parse().unwrap()).unwrap();
+        assert_eq!(
+            PlatformState::parse(&state.platform_state).unwrap().root,
+            other.path()
+        );
+        for bad in [
+            "constellation-cluster://?platform=local&name=demo&state_dir=%2Fx",
+            "constellation-cluster://?platform=local&name=demo&cluster_dir=relative",
+            "constellation-cluster://?platform=local&name=other",
+        ] {
+            let e = backend.import(&bad.parse().unwrap());
+            assert!(
+                matches!(
+                    e,
+                    Err(ClusterError::ImportId { .. } | ClusterError::NotFound { .. })
+                ),
+                "{bad}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn import_refuses_an_uninitialized_or_journal_less_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path().to_owned());
+        let root = backend.cluster_root("demo");
+        folder(&root, false);
+        let id: ImportId = "constellation-cluster://?platform=local&name=demo"
+            .parse()
+            .unwrap();
+        let e = backend.import(&id).unwrap_err().to_string();
+        assert!(e.contains("terraform apply"), "{e}");
+        std::fs::remove_file(Journal::path(&root)).unwrap();
+        let e = backend.import(&id).unwrap_err().to_string();
+        assert!(e.contains("no journal"), "{e}");
+    }
+
+    #[test]
+    fn a_resumed_create_keeps_the_journal_secrets_and_checks_given_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = folder(dir.path(), false);
+        let mut spec = j.spec.clone();
+        spec.secrets.master_secret = SecretBytes::new(vec![0x55; 32]);
+        // Generated for this apply: replaced by the journal's.
+        let adopted = adopt_secrets(&spec, GivenSecrets::default(), &j, dir.path()).unwrap();
+        assert_eq!(adopted, j.spec.secrets);
+        // Set in the configuration: must match, and the error shows neither value.
+        match adopt_secrets(&spec, GivenSecrets::ALL, &j, dir.path()) {
+            Err(ClusterError::InvalidInput { attribute, reason }) => {
+                assert_eq!(attribute.to_string(), "master_secret");
+                assert!(!reason.contains(&"55".repeat(32)), "{reason}");
+                assert!(!reason.contains(&"01".repeat(32)), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let same = j.spec.clone();
+        assert!(adopt_secrets(&same, GivenSecrets::ALL, &j, dir.path()).is_ok());
+    }
+
+    #[test]
+    fn a_join_refusal_is_read_from_the_current_boot_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = record("c-worker-1", Role::Worker);
+        node.dir = dir.path().to_owned();
+        let log = node.log_path();
+        let refused = "\u{1b}[33m WARN\u{1b}[0m join attempt failed: join service 1.2.3.4:30090: \
+                       attestation: PCR[4]: expected aa, found bb \u{1b}[3mattempt\u{1b}[0m=1";
+        std::fs::write(
+            &log,
+            format!("INFO bootstrapper starting\nWARN join attempt failed: connection refused\n{refused}\n"),
+        )
+        .unwrap();
+        let reason = join_refusal(&node).unwrap();
+        assert!(reason.contains("PCR[4]: expected aa, found bb"), "{reason}");
+        assert!(!reason.contains('\u{1b}'), "{reason}");
+        assert!(!log_says_joined(&node));
+        // A later boot that has not been refused (yet) shows no refusal.
+        let mut text = std::fs::read_to_string(&log).unwrap();
+        text.push_str("INFO bootstrapper starting\nWARN join attempt failed: connection refused\n");
+        std::fs::write(&log, &text).unwrap();
+        assert!(join_refusal(&node).is_none());
+        text.push_str("INFO joined the cluster\n");
+        std::fs::write(&log, &text).unwrap();
+        assert!(log_says_joined(&node));
+    }
+
     #[test]
     fn import_names_the_missing_folder() {
         let dir = tempfile::tempdir().unwrap();
