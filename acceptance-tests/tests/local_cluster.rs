@@ -3,7 +3,11 @@
 //! and initialize the cluster; afterwards every node is checked independently with
 //! `attest verify cluster` (fresh evidence, pinned AK, image measurements, PCR 15 = cluster
 //! ID); a crashed worker shows up as drift and apply repairs it; scaling workers out and in
-//! works; destroy leaves no process.
+//! works; a node booted from a modified binary is refused admission with an error naming
+//! PCR[4] and the cluster stays as it was; `terraform import` from the URI gives a state with
+//! no diff; destroy leaves no process, folder or port; a provider killed during apply (while
+//! nodes boot, and after Init) is resumed by the next apply with the journal's secrets and
+//! without a second Init.
 //!
 //! Needs `make build` (provider, bootstrapper and `attest` in target/debug), swtpm and openssl.
 
