@@ -164,6 +164,16 @@ fn hash_file(p: &str) -> Result<String, String> {
         .map_err(|e| format!("cannot read bootstrapper {p:?}: {e}"))
 }
 
+fn check_readable_file(p: &str) -> Result<(), String> {
+    let file =
+        std::fs::File::open(p).map_err(|e| format!("cannot read bootstrapper {p:?}: {e}"))?;
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("bootstrapper {p:?} is not a regular file")),
+        Err(e) => Err(format!("cannot read bootstrapper {p:?}: {e}")),
+    }
+}
+
 /// The inputs of an image, all known.
 struct ImageInputs {
     version: String,
@@ -322,7 +332,8 @@ impl Resource for ImageResource {
                 }
             }
             if let Some(p) = state.get("bootstrapper_path").as_str() {
-                if let Err(e) = hash_file(p) {
+                // Only readability here; apply hashes the binary once, when it copies it.
+                if let Err(e) = check_readable_file(p) {
                     diags.push(
                         Diagnostic::error("Bootstrapper not readable", e)
                             .at(path("bootstrapper_path")),

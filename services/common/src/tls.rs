@@ -181,6 +181,8 @@ async fn accept_loop(
         if sender.is_closed() {
             return;
         }
+        // gRPC's small request/response frames must not wait for Nagle's delayed ACK (~40 ms).
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let sender = sender.clone();
         tokio::spawn(async move {
