@@ -10,9 +10,10 @@ use std::time::Duration;
 use constellation_attestation::atls;
 use constellation_common::metadata::{ports, Role};
 use constellation_common::secret::SecretBytes;
+use constellation_joinservice::attested_peer::AttestedPeerInterceptor;
 use constellation_joinservice::pki::{ClientCredentials, ClusterPki, NodeIdentity, NodeRole};
 use constellation_joinservice::ticket::{
-    AttestedPeer, DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory,
+    DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory,
 };
 use constellation_joinservice::token::{BootstrapToken, TokenRegistry};
 use constellation_keyservice::cluster::ClusterManagedBackend;
@@ -459,20 +460,10 @@ pub async fn start_services(
     let join_listener = tokio::net::TcpListener::bind(join_addr)
         .await
         .map_err(|e| serve_err("join service")(e.to_string()))?;
-    let service = JoinServiceServer::with_interceptor(issuer, move |mut req: tonic::Request<()>| {
-        let peer = req
-            .extensions()
-            .get::<atls::ConnectInfo>()
-            .and_then(|info| info.peer.clone())
-            .map(|verdict| AttestedPeer {
-                ak_fingerprint: verdict.ak_fingerprint,
-                node_name: joiner_validator.node_for(&verdict.ak_fingerprint),
-            });
-        if let Some(peer) = peer {
-            req.extensions_mut().insert(peer);
-        }
-        Ok(req)
-    });
+    let service = JoinServiceServer::with_interceptor(
+        issuer,
+        AttestedPeerInterceptor::new(move |ak| joiner_validator.node_for(ak)),
+    );
     let incoming = atls::incoming(join_listener, atls_config);
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()

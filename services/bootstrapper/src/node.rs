@@ -106,9 +106,9 @@ pub enum DiskKeyError {
     Worker(String),
 }
 
-/// Keys the state disk with the node's disk key: on first use adds a keyslot for it (authorized
-/// by the first-boot key, which is then forgotten); always proves the key by opening the
-/// volume. A wrong key is [`StateDiskError::WrongKey`].
+/// Keys the state disk with the node's disk key: on first use replaces the first-boot key's
+/// keyslot with one for it (the first-boot key then opens nothing and its file is removed);
+/// always proves the key by opening the volume. A wrong key is [`StateDiskError::WrongKey`].
 pub(crate) async fn adopt_disk_key(
     node: &NodeContext,
     key: &[u8],
@@ -120,13 +120,14 @@ pub(crate) async fn adopt_disk_key(
     tokio::task::spawn_blocking(move || {
         if let Ok(initial) = std::fs::read(&initial_key_path) {
             let initial = zeroize::Zeroizing::new(initial);
-            statedisk::add_key(&disk, &initial, &key, KdfSettings::from_env())?;
+            // The first-boot key sat in a file: its keyslot goes, not just the file.
+            statedisk::rekey(&disk, &initial, &key, KdfSettings::from_env())?;
             std::fs::remove_file(&initial_key_path).map_err(|source| DiskKeyError::Io {
                 path: initial_key_path.clone(),
                 source,
             })?;
             tracing::info!(
-                "state disk re-keyed with the node's disk key; first-boot key forgotten"
+                "state disk re-keyed with the node's disk key; first-boot keyslot destroyed"
             );
         }
         Ok(statedisk::open(&disk, &key, &name)?)
