@@ -2,90 +2,28 @@
 //! by the local platform; Init over aTLS; joins; the verification service.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use constellation_attestation::atls::{self, AtlsError};
 use constellation_attestation::cluster::{verify_cluster, VerifyError};
 use constellation_attestation::measurements::{Digest, Measurements, CLUSTER_ID_PCR};
-use constellation_attestation::tpm::{AkPublicKey, QuoteError};
+use constellation_attestation::tpm::QuoteError;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_attestation::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
 use constellation_common::kdf;
 use constellation_common::metadata::{ports, Role};
 use constellation_image::LocalImage;
-use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
+use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
 use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_client::InitServiceClient;
 use constellation_proto::init::{InitRequest, InitSuccess};
 use constellation_proto::PROTOCOL_VERSION;
 
-const INIT_SECRET: &[u8] = b"the init secret of this test cluster";
-
-struct TestCluster {
-    cloud: Option<LocalCloud>,
-    image: LocalImage,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        if let Some(cloud) = self.cloud.take() {
-            let _ = cloud.destroy();
-        }
-    }
-}
-
-impl TestCluster {
-    fn new(name: &str) -> Self {
-        // Tests use the fast (insecure) LUKS key derivation; production keeps argon2id.
-        std::env::set_var("CONSTELLATION_STATEDISK_INSECURE_FAST_KDF", "1");
-        let dir = tempfile::tempdir().unwrap();
-        let image = LocalImage::assemble(
-            &dir.path().join("image"),
-            Path::new(env!("CARGO_BIN_EXE_constellation-bootstrapper")),
-            "v0.0.0-test",
-        )
-        .unwrap();
-        let settings = ClusterSettings {
-            cluster_name: name.to_owned(),
-            init_secret_hash: constellation_common::initsecret::hash(INIT_SECRET),
-            attestation_variant: "qemu-vtpm".into(),
-            measurements_json: image.measurements.to_json(),
-            image_dir: image.dir.clone(),
-        };
-        let cloud = LocalCloud::create(&dir.path().join("cluster"), settings).unwrap();
-        Self {
-            cloud: Some(cloud),
-            image,
-            _dir: dir,
-        }
-    }
-
-    fn cloud(&mut self) -> &mut LocalCloud {
-        self.cloud.as_mut().unwrap()
-    }
-
-    /// A validator for a fresh node: the image's measurements (PCR 15 = 0) and the node's AK.
-    fn fresh_validator(&self, node: &NodeRecord) -> Arc<QemuVtpmValidator> {
-        Arc::new(QemuVtpmValidator::new(
-            vec![ak(node)],
-            self.image.measurements.clone(),
-        ))
-    }
-
-    fn member_validator(&self, nodes: &[NodeRecord]) -> QemuVtpmValidator {
-        let mut m = self.image.measurements.clone();
-        m.0.remove(&CLUSTER_ID_PCR);
-        QemuVtpmValidator::new(nodes.iter().map(ak).collect(), m)
-    }
-}
-
-fn ak(node: &NodeRecord) -> AkPublicKey {
-    AkPublicKey::from_spki_der(&hex::decode(&node.ak_spki_hex).unwrap()).unwrap()
-}
+mod common;
+use common::*;
 
 fn request(secret: &[u8]) -> InitRequest {
     InitRequest {
@@ -365,28 +303,6 @@ fn tampered_image(dir: &Path) -> LocalImage {
     let tampered = dir.join("bootstrapper");
     std::fs::write(&tampered, binary).unwrap();
     LocalImage::assemble(&dir.join("image"), &tampered, "v0.0.0-test").unwrap()
-}
-
-async fn wait_joined(c: &TestCluster, nodes: &[NodeRecord], node: &NodeRecord, cluster_id: &[u8]) {
-    let validator = c.member_validator(nodes);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match verify_cluster(&node.endpoint(ports::VERIFY), &validator, Some(cluster_id)).await {
-            Ok(_) => return,
-            Err(e) if Instant::now() > deadline => {
-                panic!(
-                    "{} did not join: {e}\n{}",
-                    node.name,
-                    std::fs::read_to_string(node.log_path()).unwrap_or_default()
-                )
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
-fn disk_of(node: &NodeRecord) -> PathBuf {
-    node.dir.join("state").join("disk.img")
 }
 
 #[tokio::test(flavor = "multi_thread")]

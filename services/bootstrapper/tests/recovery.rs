@@ -10,13 +10,11 @@ use std::time::{Duration, Instant};
 use constellation_attestation::atls;
 use constellation_attestation::cluster::verify_cluster;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
-use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_bootstrapper::statedisk;
 use constellation_common::kdf;
 use constellation_common::metadata::{ports, Role};
-use constellation_image::LocalImage;
-use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
+use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
 use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_client::InitServiceClient;
@@ -25,76 +23,15 @@ use constellation_proto::recover::recover_service_client::RecoverServiceClient;
 use constellation_proto::recover::{RecoverRequest, RecoverResponse};
 use constellation_proto::PROTOCOL_VERSION;
 
-const INIT_SECRET: &[u8] = b"the init secret of this test cluster";
+mod common;
+use common::*;
+
 const MASTER_SECRET: [u8; 32] = [0x11; 32];
 const MASTER_SALT: [u8; 32] = [0x22; 32];
 
 /// One cluster of this file at a time: on a 2-core machine, parallel clusters turn restart and
 /// rejoin timings into a test of the machine.
 static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct TestCluster {
-    cloud: Option<LocalCloud>,
-    image: LocalImage,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        if let Some(cloud) = self.cloud.take() {
-            let _ = cloud.destroy();
-        }
-    }
-}
-
-impl TestCluster {
-    fn new(name: &str) -> Self {
-        // Tests use the fast (insecure) LUKS key derivation; production keeps argon2id.
-        std::env::set_var("CONSTELLATION_STATEDISK_INSECURE_FAST_KDF", "1");
-        let dir = tempfile::tempdir().unwrap();
-        let image = LocalImage::assemble(
-            &dir.path().join("image"),
-            Path::new(env!("CARGO_BIN_EXE_constellation-bootstrapper")),
-            "v0.0.0-test",
-        )
-        .unwrap();
-        let settings = ClusterSettings {
-            cluster_name: name.to_owned(),
-            init_secret_hash: constellation_common::initsecret::hash(INIT_SECRET),
-            attestation_variant: "qemu-vtpm".into(),
-            measurements_json: image.measurements.to_json(),
-            image_dir: image.dir.clone(),
-        };
-        let cloud = LocalCloud::create(&dir.path().join("cluster"), settings).unwrap();
-        Self {
-            cloud: Some(cloud),
-            image,
-            _dir: dir,
-        }
-    }
-
-    fn cloud(&mut self) -> &mut LocalCloud {
-        self.cloud.as_mut().unwrap()
-    }
-
-    /// A node that has not been bound yet: the image's measurements (PCR 15 = 0) and its AK.
-    fn fresh_validator(&self, node: &NodeRecord) -> Arc<QemuVtpmValidator> {
-        Arc::new(QemuVtpmValidator::new(
-            vec![ak(node)],
-            self.image.measurements.clone(),
-        ))
-    }
-
-    fn member_validator(&self, nodes: &[NodeRecord]) -> QemuVtpmValidator {
-        let mut m = self.image.measurements.clone();
-        m.0.remove(&CLUSTER_ID_PCR);
-        QemuVtpmValidator::new(nodes.iter().map(ak).collect(), m)
-    }
-}
-
-fn ak(node: &NodeRecord) -> AkPublicKey {
-    AkPublicKey::from_spki_der(&hex::decode(&node.ak_spki_hex).unwrap()).unwrap()
-}
 
 async fn init(validator: Arc<QemuVtpmValidator>, node: &NodeRecord) -> InitSuccess {
     let config = atls::ClientConfig::server_only(validator).unwrap();
@@ -144,24 +81,6 @@ async fn recover(
         .map(tonic::Response::into_inner)
 }
 
-async fn wait_joined(c: &TestCluster, nodes: &[NodeRecord], node: &NodeRecord, cluster_id: &[u8]) {
-    let validator = c.member_validator(nodes);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match verify_cluster(&node.endpoint(ports::VERIFY), &validator, Some(cluster_id)).await {
-            Ok(_) => return,
-            Err(e) if Instant::now() > deadline => {
-                panic!(
-                    "{} did not join: {e}\n{}",
-                    node.name,
-                    std::fs::read_to_string(node.log_path()).unwrap_or_default()
-                )
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
 async fn wait_log(node: &NodeRecord, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -180,10 +99,6 @@ async fn wait_log(node: &NodeRecord, needle: &str) -> String {
 
 fn log_len(node: &NodeRecord) -> usize {
     std::fs::metadata(node.log_path()).map_or(0, |m| m.len() as usize)
-}
-
-fn disk_of(node: &NodeRecord) -> PathBuf {
-    node.dir.join("state").join("disk.img")
 }
 
 /// The known-answer disk key: HKDF(master secret, salt, "key-" + disk UUID).
