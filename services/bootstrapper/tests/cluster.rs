@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use constellation_attestation::atls::{self, AtlsError};
 use constellation_attestation::cluster::{verify_cluster, VerifyError};
-use constellation_attestation::measurements::{Digest, Measurements, CLUSTER_ID_PCR};
+use constellation_attestation::measurements::{Digest, Measurement, Measurements, CLUSTER_ID_PCR};
 use constellation_attestation::tpm::QuoteError;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_attestation::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
@@ -440,4 +440,75 @@ async fn a_worker_from_a_modified_binary_is_refused_admission() {
     );
     let cp_log = std::fs::read_to_string(cp.log_path()).unwrap();
     assert!(!cp_log.contains("join ticket issued"), "{cp_log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn new_measurements_apply_to_the_next_join_without_a_restart() {
+    let mut c = TestCluster::new("reload");
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    let (ok, _) = init(c.fresh_validator(&cp), &cp, request(INIT_SECRET))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let other = tampered_image(dir.path());
+    let bad = c
+        .cloud()
+        .create_node_from_image(Role::Worker, &other.dir)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(bad.log_path())
+        .unwrap_or_default()
+        .contains("PCR[4]")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the modified worker was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The operator relaxes the image PCRs (4: binary, 9: manifest, which names the binary's
+    // hash) to warn-only in the cluster's shared configuration. The running join service picks
+    // it up for the next join: no restart, same process.
+    let mut relaxed = c.image.measurements.clone();
+    for pcr in [4, 9] {
+        let expected = relaxed.0[&pcr].expected;
+        relaxed.0.insert(pcr, Measurement::warn_only(expected));
+    }
+    c.cloud()
+        .update_settings(|s| s.measurements_json = relaxed.to_json())
+        .unwrap();
+    let mut lax = other.measurements.clone();
+    lax.0.remove(&CLUSTER_ID_PCR);
+    let lax = QemuVtpmValidator::new(vec![ak(&bad)], lax);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match verify_cluster(&bad.endpoint(ports::VERIFY), &lax, Some(&ok.cluster_id)).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "not admitted after the change: {e}\n{}",
+                    std::fs::read_to_string(bad.log_path()).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert_eq!(
+        c.cloud().node(&cp.name).unwrap().pid,
+        cp.pid,
+        "the control plane was not restarted"
+    );
+    let cp_log = std::fs::read_to_string(cp.log_path()).unwrap();
+    assert!(
+        cp_log
+            .lines()
+            .any(|l| l.contains("join ticket issued") && l.contains(&bad.name)),
+        "{cp_log}"
+    );
 }
