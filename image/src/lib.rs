@@ -72,12 +72,105 @@ pub fn boot_events(bootstrapper: &[u8], manifest: &[u8]) -> [(u32, Digest); 2] {
 
 /// Expected measurements of a node booted from these files (all enforced).
 pub fn expected_measurements(bootstrapper: &[u8], manifest: &[u8]) -> Measurements {
+    let [(_, binary), (_, manifest)] = boot_events(bootstrapper, manifest);
+    measurements_from_digests(&binary, &manifest)
+}
+
+/// [`expected_measurements`] from the two files' SHA-256 digests.
+pub fn measurements_from_digests(bootstrapper: &Digest, manifest: &Digest) -> Measurements {
     let mut m = Measurements::default();
-    for (index, event) in boot_events(bootstrapper, manifest) {
-        m.0.insert(index, Measurement::enforce(pcr_extend(&[0u8; 32], &event)));
+    for (index, event) in [(PCR_BOOTSTRAPPER, bootstrapper), (PCR_MANIFEST, manifest)] {
+        m.0.insert(index, Measurement::enforce(pcr_extend(&[0u8; 32], event)));
     }
     m.0.insert(CLUSTER_ID_PCR, Measurement::enforce([0u8; 32]));
     m
+}
+
+/// A file changed more recently than this is hashed but not cached (see [`file_sha256_cached`]).
+pub const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Name of the digest cache inside an image folder.
+pub const DIGEST_CACHE_FILE: &str = ".digest-cache.json";
+
+/// What identifies one content of a file without reading it: any write changes the size or
+/// the change time (ctime, which user space cannot set back), and a replaced file has
+/// another inode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DigestCache {
+    /// Absolute path -> (stamp when hashed, SHA-256 hex).
+    entries: std::collections::BTreeMap<PathBuf, (FileStamp, String)>,
+}
+
+/// SHA-256 of the file at `path`. Node binaries are tens of MB and every `terraform plan`
+/// asks for their digest, so the digest is kept in `cache_dir`'s [`DIGEST_CACHE_FILE`] and
+/// reused while the file's [`FileStamp`] is unchanged. Only drift detection uses this: the
+/// launcher measures the bytes it actually starts, and attestation checks those.
+pub fn file_sha256_cached(path: &Path, cache_dir: &Path) -> Result<Digest, ImageError> {
+    let io = |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let key = std::path::absolute(path).map_err(io)?;
+    let stamp = FileStamp::of(path).map_err(io)?;
+    let cache_path = cache_dir.join(DIGEST_CACHE_FILE);
+    let mut cache: DigestCache = std::fs::read(&cache_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Some((cached_stamp, hex_digest)) = cache.entries.get(&key) {
+        let mut digest = [0u8; 32];
+        if *cached_stamp == stamp && hex::decode_to_slice(hex_digest, &mut digest).is_ok() {
+            return Ok(digest);
+        }
+    }
+    let digest = sha256(&read(path)?);
+    // File times have a coarse granularity, so a file changed within that granule of its
+    // last change could keep its stamp. Like git's "racily clean" rule, only a file whose
+    // last change is older than RACY_WINDOW is cached. The stamp was taken before reading,
+    // so a write during the read leaves a stale stamp that the next call sees as changed.
+    let changed = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(stamp.ctime.0).unwrap_or(0),
+            u32::try_from(stamp.ctime.1).unwrap_or(0),
+        );
+    let settled = std::time::SystemTime::now()
+        .duration_since(changed)
+        .is_ok_and(|age| age > RACY_WINDOW);
+    if !settled {
+        return Ok(digest);
+    }
+    cache.entries.insert(key, (stamp, hex::encode(digest)));
+    if let Ok(bytes) = serde_json::to_vec(&cache) {
+        // Best effort: without a cache the next call hashes again.
+        let tmp = cache_dir.join(format!("{DIGEST_CACHE_FILE}.{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, &cache_path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(digest)
 }
 
 /// A local node image: a folder holding the bootstrapper binary and its manifest.
@@ -113,9 +206,10 @@ impl LocalImage {
         Self::open(dir)
     }
 
-    /// Reads an assembled image and recomputes its measurements from the files on disk.
+    /// Reads an assembled image and recomputes its measurements from the files on disk (the
+    /// binary's digest through [`file_sha256_cached`]).
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
-        let binary = read(&dir.join(BOOTSTRAPPER_FILE))?;
+        let binary_digest = file_sha256_cached(&dir.join(BOOTSTRAPPER_FILE), dir)?;
         let manifest_path = dir.join(MANIFEST_FILE);
         let manifest_bytes = read(&manifest_path)?;
         let manifest: ImageManifest =
@@ -123,7 +217,7 @@ impl LocalImage {
                 path: manifest_path,
                 source,
             })?;
-        let found = hex::encode(sha256(&binary));
+        let found = hex::encode(binary_digest);
         if found != manifest.bootstrapper_sha256 {
             return Err(ImageError::Inconsistent {
                 dir: dir.to_owned(),
@@ -133,7 +227,7 @@ impl LocalImage {
         }
         Ok(Self {
             dir: dir.to_owned(),
-            measurements: expected_measurements(&binary, &manifest_bytes),
+            measurements: measurements_from_digests(&binary_digest, &sha256(&manifest_bytes)),
             manifest,
         })
     }
@@ -195,6 +289,36 @@ mod tests {
             LocalImage::open(&img.dir),
             Err(ImageError::Inconsistent { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The cache is really consulted (a poisoned entry is believed while the stamp holds),
+    /// a changed file is hashed again, and a file changed just now is not cached at all.
+    #[test]
+    fn digest_cache_follows_the_file_stamp() {
+        let dir = std::env::temp_dir().join(format!("digest-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bin");
+        std::fs::write(&file, b"first").unwrap();
+        assert_eq!(file_sha256_cached(&file, &dir).unwrap(), sha256(b"first"));
+        assert!(
+            !dir.join(DIGEST_CACHE_FILE).exists(),
+            "a file changed within the racy window is not cached"
+        );
+        std::thread::sleep(RACY_WINDOW + std::time::Duration::from_millis(100));
+        assert_eq!(file_sha256_cached(&file, &dir).unwrap(), sha256(b"first"));
+        let cache_path = dir.join(DIGEST_CACHE_FILE);
+        let cached = std::fs::read_to_string(&cache_path).unwrap();
+        assert!(cached.contains(&hex::encode(sha256(b"first"))), "{cached}");
+        std::fs::write(
+            &cache_path,
+            cached.replace(&hex::encode(sha256(b"first")), &hex::encode([7u8; 32])),
+        )
+        .unwrap();
+        assert_eq!(file_sha256_cached(&file, &dir).unwrap(), [7u8; 32]);
+        // Same length, new content: the change time moved on, so the file is hashed again.
+        std::fs::write(&file, b"other").unwrap();
+        assert_eq!(file_sha256_cached(&file, &dir).unwrap(), sha256(b"other"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

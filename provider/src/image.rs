@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use constellation_attestation::measurements::{sha256, Measurements};
+use constellation_attestation::measurements::Measurements;
 use constellation_image::{ImageError, LocalImage, BOOTSTRAPPER_FILE, MANIFEST_FILE};
 
 use crate::decode::Decoder;
@@ -158,9 +158,11 @@ fn check_version(v: &str) -> Result<(), String> {
     }
 }
 
-fn hash_file(p: &str) -> Result<String, String> {
-    std::fs::read(p)
-        .map(|b| hex::encode(sha256(&b)))
+/// SHA-256 (hex) of the bootstrapper at `p`, through the digest cache of the image folder
+/// `cache_dir` (it exists once the image was created).
+fn hash_file(p: &str, cache_dir: &Path) -> Result<String, String> {
+    constellation_image::file_sha256_cached(Path::new(p), cache_dir)
+        .map(hex::encode)
         .map_err(|e| format!("cannot read bootstrapper {p:?}: {e}"))
 }
 
@@ -344,8 +346,14 @@ impl Resource for ImageResource {
             state.get("bootstrapper_path").as_str(),
             req.prior.get("bootstrapper_sha256").as_str(),
         ) {
+            let cache_dir = req
+                .prior
+                .get("image_dir")
+                .as_str()
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
             // Replacement follows the binary's content, not its path.
-            match hash_file(p) {
+            match hash_file(p, &cache_dir) {
                 Ok(sha) if sha == prior_sha => {}
                 Ok(_) => {
                     planned.requires_replace.push(path("bootstrapper_path"));

@@ -27,7 +27,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(backend())) {
+    let served = runtime.block_on(serve(backend()));
+    // Terraform waits for the plugin process to exit after Shutdown (three times per plan):
+    // do not wait for idle runtime threads to wind down.
+    runtime.shutdown_background();
+    match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(ServeError::NotLaunchedByTerraform) => {
             eprintln!("{}", ServeError::NotLaunchedByTerraform);
