@@ -256,6 +256,7 @@ fn remove_image(dir: &Path) -> Result<Diagnostics, Diagnostic> {
         BOOTSTRAPPER_FILE.to_owned(),
         MANIFEST_FILE.to_owned(),
         format!(".{BOOTSTRAPPER_FILE}.tmp"),
+        constellation_image::DIGEST_CACHE_FILE.to_owned(),
     ] {
         let p = dir.join(name);
         match std::fs::remove_file(&p) {
