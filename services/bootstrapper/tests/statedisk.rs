@@ -282,7 +282,7 @@ fn default_kdf_is_argon2id() {
         keyslots.contains("argon2id") && !keyslots.contains("pbkdf2"),
         "{dump}"
     );
-    // The fixed costs, not a benchmark's: 4 passes, 32 MiB, one thread.
+    // The fixed costs, not a benchmark's: 4 passes, 16 MiB, two lanes.
     let KdfSettings::Argon2id {
         iterations,
         memory_kib,
@@ -306,6 +306,6 @@ fn default_kdf_is_argon2id() {
             "{dump}"
         );
     }
-    assert_eq!((iterations, memory_kib, parallel_threads), (4, 32768, 1));
+    assert_eq!((iterations, memory_kib, parallel_threads), (4, 16384, 2));
     assert!(dump.contains(&uuid.to_string()), "{dump}");
 }
