@@ -397,15 +397,25 @@ fn processes_mentioning(marker: &str) -> BTreeMap<u32, String> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_worker_from_a_modified_binary_is_refused_admission() {
-    let mut c = TestCluster::new("badjoin");
+/// An initialized cluster of one control plane and a worker booted from a modified binary,
+/// which the join service has refused once (the worker's log says so, naming PCR[4]).
+struct RefusedWorker {
+    c: TestCluster,
+    cp: NodeRecord,
+    init: InitSuccess,
+    bad: NodeRecord,
+    other: LocalImage,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster_with_a_refused_worker(name: &str) -> RefusedWorker {
+    let mut c = TestCluster::new(name);
     let cp = c
         .cloud()
         .create_nodes(Role::ControlPlane, 1)
         .unwrap()
         .remove(0);
-    init(c.fresh_validator(&cp), &cp, request(INIT_SECRET))
+    let (init, _) = init(c.fresh_validator(&cp), &cp, request(INIT_SECRET))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -414,7 +424,6 @@ async fn a_worker_from_a_modified_binary_is_refused_admission() {
         .cloud()
         .create_node_from_image(Role::Worker, &other.dir)
         .unwrap();
-
     // The join service refuses it (PCR 4 differs): the node logs the refusal and stays outside.
     let deadline = Instant::now() + Duration::from_secs(20);
     let log = loop {
@@ -426,6 +435,26 @@ async fn a_worker_from_a_modified_binary_is_refused_admission() {
     };
     assert!(log.contains("join attempt failed"), "{log}");
     assert!(log.contains("PCR[4]"), "the refusal names the PCR: {log}");
+    RefusedWorker {
+        c,
+        cp,
+        init,
+        bad,
+        other,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_from_a_modified_binary_is_refused_admission() {
+    // `_cluster` keeps the nodes running until the end of the test.
+    let RefusedWorker {
+        c: _cluster,
+        cp,
+        bad,
+        other,
+        ..
+    } = cluster_with_a_refused_worker("badjoin").await;
     let lax = QemuVtpmValidator::new(vec![ak(&bad)], other.measurements.clone());
     let verdict = verify_cluster(&bad.endpoint(ports::VERIFY), &lax, None)
         .await
@@ -444,32 +473,14 @@ async fn a_worker_from_a_modified_binary_is_refused_admission() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn new_measurements_apply_to_the_next_join_without_a_restart() {
-    let mut c = TestCluster::new("reload");
-    let cp = c
-        .cloud()
-        .create_nodes(Role::ControlPlane, 1)
-        .unwrap()
-        .remove(0);
-    let (ok, _) = init(c.fresh_validator(&cp), &cp, request(INIT_SECRET))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let other = tampered_image(dir.path());
-    let bad = c
-        .cloud()
-        .create_node_from_image(Role::Worker, &other.dir)
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(bad.log_path())
-        .unwrap_or_default()
-        .contains("PCR[4]")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the modified worker was not refused"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let RefusedWorker {
+        mut c,
+        cp,
+        init: ok,
+        bad,
+        other,
+        ..
+    } = cluster_with_a_refused_worker("reload").await;
 
     // The operator relaxes the image PCRs (4: binary, 9: manifest, which names the binary's
     // hash) to warn-only in the cluster's shared configuration. The running join service picks
