@@ -12,43 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use acceptance_tests::{
-    provider_binary, workspace_root, Terraform, TfRun, TfVersion, REQUIRED_PROVIDERS,
-};
+use acceptance_tests::{provider_binary, workspace_root, Terraform, TfRun, TfVersion};
 
 const NULL_VERSION: &str = "2.1.2";
 const NULL_BINARY: &str = "terraform-provider-null_v2.1.2_x4";
-const CLUSTER_NAME: &str = "plan-bench";
 
-/// examples/local/main.tf with an explicit bootstrapper.
-const CLUSTER_CONFIG: &str = r#"
-resource "constellation_image" "local" {
-  platform          = "local"
-  version           = "v0.1.0"
-  bootstrapper_path = "BOOT"
-}
-resource "constellation_cluster" "local" {
-  name                = "NAME"
-  platform            = "local"
-  control_plane_count = 1
-  worker_count        = 2
-  kubernetes_version  = "v1.31.1"
-  kubeconfig_path     = "${path.module}/kubeconfig"
-  image {
-    reference    = constellation_image.local.reference
-    measurements = constellation_image.local.measurements
-  }
-  attestation {
-    variant = "qemu-vtpm"
-  }
-  network_config {
-    pod_cidr     = "10.244.0.0/16"
-    service_cidr = "10.96.0.0/12"
-    node_cidr    = "192.168.178.0/24"
-  }
-}
-output "cluster_id" { value = constellation_cluster.local.cluster_id }
-"#;
+/// The cluster resource name in examples/local/main.tf (its folder under .constellation).
+const CLUSTER_NAME: &str = "local-demo";
 
 /// Two resources, the second depending on the first, with a handful of attributes each.
 const NULL_CONFIG: &str = r#"
@@ -188,13 +158,12 @@ fn ms(d: Duration) -> String {
 fn bench(version: TfVersion, boot: &Path, n: usize) -> Result<f64, String> {
     // Ours: a live cluster.
     let tf = Terraform::new(version).map_err(|e| e.to_string())?;
-    tf.write_config(&format!(
-        "{REQUIRED_PROVIDERS}{}",
-        CLUSTER_CONFIG
-            .replace("BOOT", &boot.display().to_string())
-            .replace("NAME", CLUSTER_NAME)
-    ))
-    .map_err(|e| e.to_string())?;
+    // Exactly the demo's configuration (it declares its own required_providers).
+    let example = workspace_root().join("examples/local/main.tf");
+    let config = std::fs::read_to_string(&example)
+        .map_err(|e| format!("read {}: {e}", example.display()))?;
+    let tf = tf.env("CONSTELLATION_BOOTSTRAPPER", boot.display().to_string());
+    tf.write_config(&config).map_err(|e| e.to_string())?;
     must(tf.init(), "init (constellation)")?;
     let root = tf
         .work_dir()
