@@ -35,7 +35,7 @@ use constellation_common::kdf::{derive_key, DEFAULT_KEY_LEN};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::pki::{ClusterPki, NodeIdentity};
 use constellation_joinservice::ticket::{
-    DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory,
+    DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer,
 };
 use constellation_joinservice::token::TokenRegistry;
 use constellation_joinservice::AttestedPeerInterceptor;
@@ -61,14 +61,6 @@ impl DataKeySource for KdfKeys {
             key_id: key_id.into(),
             reason: e.to_string(),
         })
-    }
-}
-
-struct Nodes(HashMap<String, NodeIdentity>);
-
-impl NodeDirectory for Nodes {
-    fn node(&self, name: &str) -> Option<NodeIdentity> {
-        self.0.get(name).cloned()
     }
 }
 
@@ -102,7 +94,7 @@ struct Cluster {
     server_validator: Arc<SoftwareValidator>,
     server_issuer: Arc<SoftwareIssuer>,
     pki: Arc<ClusterPki>,
-    nodes: Arc<Nodes>,
+    nodes: Arc<HashMap<String, NodeIdentity>>,
 }
 
 /// Makes `count` joiners (own AK, own CSR, own aTLS client config) and starts the join service
@@ -134,7 +126,7 @@ async fn start_cluster(count: usize) -> Cluster {
         nodes.insert(identity.name.clone(), identity);
         joiners.push(Arc::new(Joiner { config, request }));
     }
-    let nodes = Arc::new(Nodes(nodes));
+    let nodes = Arc::new(nodes);
     let tokens = Arc::new(TokenRegistry::new());
     let issuer = JoinTicketIssuer::new(
         Arc::new(KdfKeys),
@@ -365,7 +357,7 @@ async fn baselines(cluster: &Cluster) {
         ms(sign_verify)
     );
 
-    let identity = cluster.nodes.0["worker-0"].clone();
+    let identity = cluster.nodes["worker-0"].clone();
     let csr = cluster.joiners[0].request.csr_pem.clone();
     let clock = SystemClock;
     let check = time_avg(500, || {

@@ -58,6 +58,13 @@ pub trait NodeDirectory: Send + Sync {
     fn node(&self, name: &str) -> Option<NodeIdentity>;
 }
 
+/// A fixed directory (tests, benchmarks, a cluster whose node list is known up front).
+impl NodeDirectory for std::collections::HashMap<String, NodeIdentity> {
+    fn node(&self, name: &str) -> Option<NodeIdentity> {
+        self.get(name).cloned()
+    }
+}
+
 /// Fixed settings of the join service.
 #[derive(Debug, Clone)]
 pub struct JoinTicketConfig {

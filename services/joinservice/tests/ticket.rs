@@ -13,7 +13,7 @@ use constellation_common::kdf::{cluster_id, derive_key};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::pki::{ClusterPki, NodeIdentity, NodeRole};
 use constellation_joinservice::ticket::{
-    AttestedPeer, DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory,
+    AttestedPeer, DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer,
 };
 use constellation_joinservice::token::{is_valid_token_format, TokenRegistry};
 use constellation_proto::join::join_service_server::JoinService;
@@ -51,14 +51,6 @@ impl DataKeySource for FakeKeyService {
     }
 }
 
-struct Nodes(HashMap<String, NodeIdentity>);
-
-impl NodeDirectory for Nodes {
-    fn node(&self, name: &str) -> Option<NodeIdentity> {
-        self.0.get(name).cloned()
-    }
-}
-
 struct Fixture {
     issuer: JoinTicketIssuer,
     keys: Arc<FakeKeyService>,
@@ -85,7 +77,7 @@ fn fixture_with(keys: FakeKeyService) -> Fixture {
     let tokens = Arc::new(TokenRegistry::new());
     let issuer = JoinTicketIssuer::new(
         keys.clone(),
-        Arc::new(Nodes(nodes.clone())),
+        Arc::new(nodes.clone()),
         pki.clone(),
         tokens.clone(),
         Arc::new(clock),
