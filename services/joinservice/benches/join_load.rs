@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
-    EcdsaKeyPair, KeyPair as _, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
-    ECDSA_P256_SHA256_FIXED_SIGNING,
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
+    ECDSA_P256_SHA256_FIXED_SIGNING, ED25519,
 };
 use constellation_attestation::atls;
 use constellation_attestation::measurements::Digest;
@@ -227,6 +227,25 @@ impl Stats {
     }
 }
 
+/// CPU time (user + system, all threads) this process has used so far, from /proc/self/stat
+/// (clock ticks of 10 ms; runs are seconds long). `None` where there is no procfs.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU milliseconds per join between two [`process_cpu`] readings.
+fn cpu_per_join(before: Option<Duration>, after: Option<Duration>, joins: usize) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) => format!("{:.2}", ms(a.saturating_sub(b)) / joins as f64),
+        _ => "n/a".into(),
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -356,6 +375,21 @@ async fn baselines(cluster: &Cluster) {
         "  ECDSA P-256 sign + verify (aws-lc-rs):          {:>8.3} ms",
         ms(sign_verify)
     );
+    // The aTLS certificates are Ed25519 (each handshake: one signature and one verification
+    // per side), the evidence and CSRs P-256.
+    let ed_pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let ed_key = Ed25519KeyPair::from_pkcs8(ed_pkcs8.as_ref()).unwrap();
+    let ed_public = ed_key.public_key().as_ref().to_vec();
+    let ed_sign_verify = time_avg(2000, || {
+        let sig = ed_key.sign(&msg);
+        UnparsedPublicKey::new(&ED25519, &ed_public)
+            .verify(&msg, sig.as_ref())
+            .unwrap();
+    });
+    println!(
+        "  Ed25519 sign + verify (aws-lc-rs):              {:>8.3} ms",
+        ms(ed_sign_verify)
+    );
 
     let identity = cluster.nodes["worker-0"].clone();
     let csr = cluster.joiners[0].request.csr_pem.clone();
@@ -476,7 +510,7 @@ fn main() {
 
         println!("\nclosed loop: N joiners, each connection = one join (new aTLS session)");
         println!(
-            "  {:>11} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>17}",
+            "  {:>11} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>17} {:>12}",
             "concurrency",
             "joins",
             "wall s",
@@ -484,13 +518,16 @@ fn main() {
             "p50 ms",
             "p99 ms",
             "max ms",
-            "of which connect"
+            "of which connect",
+            "CPU ms/join"
         );
         let mut results = Vec::new();
         for c in CONCURRENCY {
+            let cpu = process_cpu();
             let (s, connect) = closed_loop(&cluster, c, total).await;
+            let cpu = cpu_per_join(cpu, process_cpu(), s.joins);
             println!(
-                "  {:>11} {:>7} {:>9.3} {:>9.0} {:>9.2} {:>9.2} {:>9.2}   p50 {:>7.2} ms",
+                "  {:>11} {:>7} {:>9.3} {:>9.0} {:>9.2} {:>9.2} {:>9.2}   p50 {:>7.2} ms {:>12}",
                 c,
                 s.joins,
                 s.wall.as_secs_f64(),
@@ -498,7 +535,8 @@ fn main() {
                 ms(s.p50),
                 ms(s.p99),
                 ms(s.max),
-                ms(connect.p50)
+                ms(connect.p50),
+                cpu
             );
             results.push((c, s));
         }
@@ -519,13 +557,16 @@ fn main() {
         );
 
         let open_total = (rate * 3).max(1);
+        let cpu = process_cpu();
         let s = open_loop(&cluster, rate, open_total).await;
+        let cpu = cpu_per_join(cpu, process_cpu(), s.joins);
         println!(
             "\nopen loop: {rate} joins/s offered for {:.1} s (latency from scheduled arrival)",
             open_total as f64 / rate as f64
         );
         println!(
-            "  joins {} in {:.3} s = {:.0} joins/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "  joins {} in {:.3} s = {:.0} joins/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, \
+             CPU {cpu} ms/join",
             s.joins,
             s.wall.as_secs_f64(),
             s.rate(),
