@@ -2,7 +2,9 @@
 //! line, then the gRPC server until Terraform calls GRPCController.Shutdown.
 
 use std::io::Write as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -13,7 +15,10 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use tokio::sync::Notify;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{watch, Notify};
+use tokio_stream::StreamExt as _;
+use tonic::transport::server::Connected;
 use tonic::transport::Server;
 
 use crate::resource::{DataSource, Resource};
@@ -58,6 +63,52 @@ struct ServerCert {
     der_base64: String,
 }
 
+/// A fresh P-256 key in ring, as rcgen's signer. The go-plugin side of the provider (this key,
+/// the certificate and the TLS handshake with Terraform) uses ring, whose random numbers come
+/// straight from the OS: aws-lc's generator seeds itself from CPU jitter on first use, which
+/// costs about 80 ms, and Terraform starts the plugin three times per plan. The provider's
+/// own work (attestation, aTLS to the nodes) keeps using aws-lc-rs.
+struct RingP256 {
+    pair: ring::signature::EcdsaKeyPair,
+    pkcs8: Vec<u8>,
+    rng: ring::rand::SystemRandom,
+}
+
+impl RingP256 {
+    fn generate() -> Result<Self, rcgen::Error> {
+        let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng)
+            .map_err(|_| rcgen::Error::RemoteKeyError)?;
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
+            .map_err(|e| rcgen::Error::RingKeyRejected(e.to_string()))?;
+        Ok(Self {
+            pair,
+            pkcs8: pkcs8.as_ref().to_vec(),
+            rng,
+        })
+    }
+}
+
+impl rcgen::PublicKeyData for RingP256 {
+    fn der_bytes(&self) -> &[u8] {
+        ring::signature::KeyPair::public_key(&self.pair).as_ref()
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for RingP256 {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.pair
+            .sign(&self.rng, msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
 fn server_cert() -> Result<ServerCert, rcgen::Error> {
     let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -70,13 +121,13 @@ fn server_cert() -> Result<ServerCert, rcgen::Error> {
         rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let key = RingP256::generate()?;
     let cert = params.self_signed(&key)?;
     Ok(ServerCert {
         // go-plugin reads standard base64 without padding.
         der_base64: base64::engine::general_purpose::STANDARD_NO_PAD.encode(cert.der()),
         der: cert.der().clone(),
-        key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        key: PrivatePkcs8KeyDer::from(key.pkcs8).into(),
     })
 }
 
@@ -159,14 +210,17 @@ impl ClientCertVerifier for PinnedClientCert {
 }
 
 /// The server side of AutoMTLS: our certificate, Terraform's pinned (optional) client
-/// certificate, HTTP/2 by ALPN.
+/// certificate, HTTP/2 by ALPN. The handshake runs on ring (see [`RingP256`] for why); the
+/// client's signature is checked with aws-lc-rs, which, unlike ring, verifies go-plugin's
+/// P-521 certificate.
 pub fn automtls_server_config(
     client_cert_pem: &str,
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<rustls::ServerConfig>, ServeError> {
     let verifier = Arc::new(PinnedClientCert::from_pem(client_cert_pem)?);
-    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![cert], key)?;
@@ -224,13 +278,19 @@ pub async fn serve_resources(
     }
     tracing::debug!(%addr, "serving tfplugin6");
 
+    // Terraform closes its connection as soon as the Shutdown response arrived; exiting then
+    // (instead of after a fixed pause) saves a pause per plugin start, three per plan.
+    let open = OpenConnections::default();
     let mut server = match tls_config {
         Some(config) => {
-            tokio::spawn(router.serve_with_incoming(TlsIncoming::new(listener, config)))
+            let incoming = TlsIncoming::new(listener, config).map(open.tracking());
+            tokio::spawn(router.serve_with_incoming(incoming))
         }
-        None => tokio::spawn(
-            router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        ),
+        None => {
+            let incoming =
+                tokio_stream::wrappers::TcpListenerStream::new(listener).map(open.tracking());
+            tokio::spawn(router.serve_with_incoming(incoming))
+        }
     };
     tokio::select! {
         () = parent_gone() => {
@@ -242,11 +302,105 @@ pub async fn serve_resources(
             Err(e) => Err(ServeError::Task(e.to_string())),
         },
         () = shutdown.notified() => {
-            // The server task keeps running long enough for the Shutdown response to reach
-            // Terraform; then we exit without waiting for Terraform to close its connection.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // The server task keeps running until the Shutdown response reached Terraform,
+            // which then closes its connection (at most SHUTDOWN_GRACE).
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, open.all_closed()).await;
             Ok(())
         }
+    }
+}
+
+/// How long the plugin waits after Shutdown for Terraform to close its connection.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(20);
+
+/// Counts the connections Terraform holds open to the plugin.
+#[derive(Clone)]
+struct OpenConnections(Arc<watch::Sender<usize>>);
+
+impl Default for OpenConnections {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl OpenConnections {
+    /// Wraps each accepted connection so that it is counted while open.
+    fn tracking<S, E>(&self) -> impl FnMut(Result<S, E>) -> Result<Counted<S>, E> {
+        let open = self.clone();
+        move |accepted| {
+            accepted.map(|inner| {
+                open.0.send_modify(|n| *n += 1);
+                Counted {
+                    inner,
+                    open: open.clone(),
+                }
+            })
+        }
+    }
+
+    /// Resolves once no connection is open.
+    async fn all_closed(&self) {
+        let _ = self.0.subscribe().wait_for(|n| *n == 0).await;
+    }
+}
+
+/// A connection that counts itself in [`OpenConnections`] until it is dropped.
+struct Counted<S> {
+    inner: S,
+    open: OpenConnections,
+}
+
+impl<S> Drop for Counted<S> {
+    fn drop(&mut self) {
+        self.open.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl<S: Connected> Connected for Counted<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 

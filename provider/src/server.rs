@@ -404,10 +404,12 @@ impl pb::provider_server::Provider for ProviderService {
     }
 }
 
+/// `get_provider_schema_optional`: no RPC depends on GetProviderSchema having been called, so
+/// Terraform (≥ 1.6) may serve later plugin starts of one command from its schema cache.
 fn capabilities() -> pb::ServerCapabilities {
     pb::ServerCapabilities {
         plan_destroy: false,
-        get_provider_schema_optional: false,
+        get_provider_schema_optional: true,
     }
 }
 
