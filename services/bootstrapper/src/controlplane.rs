@@ -1,6 +1,10 @@
 //! A control-plane node's services after Init (or a control-plane join, or Recover): the key
-//! service (mutual TLS with certificates issued when the services start) and the join service
-//! (mutual aTLS), plus the Kubernetes installer.
+//! service (mutual TLS with certificates from the cluster's key-service CA, created at Init and
+//! kept in the cluster PKI) and the join service (mutual aTLS), plus the Kubernetes installer.
+//!
+//! Init and Recover run both services (they hold the master secret). A control plane that
+//! joined runs only the join service, which fetches data keys from the other control planes'
+//! key services with a client certificate from the same CA.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +21,9 @@ use constellation_joinservice::ticket::{
 };
 use constellation_joinservice::token::{BootstrapToken, TokenRegistry};
 use constellation_keyservice::cluster::ClusterManagedBackend;
-use constellation_keyservice::kmip::{KekSource, KmipBackend, KmipSettings, RetryPolicy};
+use constellation_keyservice::kmip::{
+    KekSource, KmipBackend, KmipSettings, RetryPolicy, StoredKmipSettings,
+};
 use constellation_keyservice::{KeyService, MasterSecret, MasterSecretBackend};
 use constellation_proto::join::join_service_server::JoinServiceServer;
 use constellation_proto::keyservice::key_service_client::KeyServiceClient;
@@ -30,7 +36,7 @@ use crate::node::NodeContext;
 use crate::policy::{ClusterValidator, Scope};
 
 /// How long bootstrap tokens handed to joining nodes live.
-const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a control-plane step failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,13 +67,7 @@ pub enum ControlPlaneError {
 #[derive(Clone)]
 pub enum KmsChoice {
     ClusterManaged,
-    Kmip {
-        endpoint: String,
-        server_ca_pem: Vec<u8>,
-        client_cert_pem: Vec<u8>,
-        client_key_pem: SecretBytes,
-        kek_id: String,
-    },
+    Kmip(StoredKmipSettings),
 }
 
 impl KmsChoice {
@@ -79,13 +79,13 @@ impl KmsChoice {
                 if k.endpoint.rsplit_once(':').is_none() {
                     return Err(format!("KMIP endpoint {:?} is not host:port", k.endpoint));
                 }
-                Ok(Self::Kmip {
+                Ok(Self::Kmip(StoredKmipSettings {
                     endpoint: k.endpoint,
                     server_ca_pem: k.server_ca_pem,
                     client_cert_pem: k.client_cert_pem,
                     client_key_pem: SecretBytes::new(k.client_key_pem),
                     kek_id: k.kek_id,
-                })
+                }))
             }
         }
     }
@@ -158,43 +158,61 @@ fn backend(
     })?;
     Ok(match kms {
         KmsChoice::ClusterManaged => Box::new(ClusterManagedBackend::new(&dir)),
-        KmsChoice::Kmip {
-            endpoint,
-            server_ca_pem,
-            client_cert_pem,
-            client_key_pem,
-            kek_id,
-        } => {
-            let (host, port) = endpoint.rsplit_once(':').ok_or_else(|| {
-                ControlPlaneError::Certificates(format!("bad KMIP endpoint {endpoint:?}"))
-            })?;
-            let port: u16 = port.parse().map_err(|_| {
-                ControlPlaneError::Certificates(format!("bad KMIP port in {endpoint:?}"))
-            })?;
-            let settings = KmipSettings {
-                host: host.to_owned(),
-                port,
-                ca_certificates: pem_certs(server_ca_pem)
-                    .map_err(|e| ControlPlaneError::Certificates(format!("KMIP CA: {e}")))?,
-                client_cert_chain: pem_certs(client_cert_pem).map_err(|e| {
-                    ControlPlaneError::Certificates(format!("KMIP client certificate: {e}"))
-                })?,
-                client_key: pem_key(client_key_pem.expose()).map_err(|e| {
-                    ControlPlaneError::Certificates(format!("KMIP client key: {e}"))
-                })?,
-                kek: if kek_id.is_empty() {
-                    KekSource::Create {
-                        name: format!("constellation-{cluster_name}-kek"),
-                    }
-                } else {
-                    KekSource::Existing { id: kek_id.clone() }
-                },
-                retry: RetryPolicy::default(),
-                io_timeout: Duration::from_secs(10),
-            };
-            Box::new(KmipBackend::new(settings, &dir, cluster_name)?)
-        }
+        KmsChoice::Kmip(kmip) => Box::new(KmipBackend::new(
+            kmip_settings(kmip, cluster_name)?,
+            &dir,
+            cluster_name,
+        )?),
     })
+}
+
+fn kmip_settings(
+    kmip: &StoredKmipSettings,
+    cluster_name: &str,
+) -> Result<KmipSettings, ControlPlaneError> {
+    let endpoint = &kmip.endpoint;
+    let bad = |what: &str, e: String| ControlPlaneError::Certificates(format!("{what}: {e}"));
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| bad("KMIP endpoint", format!("{endpoint:?} is not host:port")))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad("KMIP endpoint", format!("bad port in {endpoint:?}")))?;
+    Ok(KmipSettings {
+        host: host.to_owned(),
+        port,
+        ca_certificates: pem_certs(&kmip.server_ca_pem).map_err(|e| bad("KMIP CA", e))?,
+        client_cert_chain: pem_certs(&kmip.client_cert_pem)
+            .map_err(|e| bad("KMIP client certificate", e))?,
+        client_key: pem_key(kmip.client_key_pem.expose()).map_err(|e| bad("KMIP client key", e))?,
+        kek: if kmip.kek_id.is_empty() {
+            KekSource::Create {
+                name: format!("constellation-{cluster_name}-kek"),
+            }
+        } else {
+            KekSource::Existing {
+                id: kmip.kek_id.clone(),
+            }
+        },
+        retry: RetryPolicy::default(),
+        io_timeout: Duration::from_secs(10),
+    })
+}
+
+/// After a restart: the master secret as the external KMS holds it (the KEK in the KMIP server
+/// unwraps the blob kept since Init), or `None` for a cluster-managed master secret. With an
+/// external KMS, the KMS stays in charge of the cluster: a KEK destroyed there ends recovery.
+pub async fn external_master(
+    node: &NodeContext,
+    cluster_name: &str,
+) -> Result<Option<MasterSecret>, ControlPlaneError> {
+    let dir = node.state_dir.join("keyservice");
+    let Some(kmip) = StoredKmipSettings::load(&dir)? else {
+        return Ok(None);
+    };
+    let backend = backend(node, cluster_name, &KmsChoice::Kmip(kmip))?;
+    tracing::info!(backend = %backend.describe(), "loading the master secret from the external KMS");
+    Ok(Some(backend.load().await?))
 }
 
 /// Init: persists the master secret through the chosen backend and creates the cluster PKI.
@@ -208,6 +226,10 @@ pub async fn initialize_material(
     let backend = backend(node, cluster_name, &kms)?;
     let master = MasterSecret::new(secrets.master_secret.clone(), secrets.master_salt.clone())?;
     backend.store(&master).await?;
+    if let KmsChoice::Kmip(kmip) = &kms {
+        // What Recover needs to ask the KMS again after a restart.
+        kmip.store(&node.state_dir.join("keyservice"))?;
+    }
     say(format!("master secret stored: {}", backend.describe()));
     let pki = ClusterPki::generate(cluster_name, node.clock.as_ref())?;
     let pki_dir = node.state_dir.join("pki");
@@ -313,9 +335,60 @@ impl NodeDirectory for MetadataDirectory {
     }
 }
 
-/// Data keys from the key service, over mutual TLS.
+/// Data keys from this cluster's key services, over mutual TLS with a client certificate from
+/// the key-service CA. The servers are looked up on every request (the control planes in the
+/// metadata may change) and tried in order until one answers; channels are kept per address.
 struct KeyServiceKeys {
-    client: KeyServiceClient<tonic::transport::Channel>,
+    tls: Arc<rustls::ClientConfig>,
+    servers: Box<dyn Fn() -> Vec<std::net::IpAddr> + Send + Sync>,
+    channels: std::sync::Mutex<
+        std::collections::HashMap<std::net::IpAddr, KeyServiceClient<tonic::transport::Channel>>,
+    >,
+}
+
+impl KeyServiceKeys {
+    fn new(
+        pki: &ClusterPki,
+        me: &constellation_common::metadata::NodeInfo,
+        clock: &dyn constellation_attestation::Clock,
+        servers: Box<dyn Fn() -> Vec<std::net::IpAddr> + Send + Sync>,
+    ) -> Result<Self, ControlPlaneError> {
+        let creds = pki.key_service_client_cert(&me.name, me.ip, clock)?;
+        let (chain, key) = rustls_credentials(creds);
+        let tls = constellation_keyservice::tls::mutual_tls_client_config(
+            &[CertificateDer::from(pki.key_service_ca_der().to_vec())],
+            chain,
+            key,
+        )
+        .map_err(|e| ControlPlaneError::Certificates(format!("key service client: {e}")))?;
+        Ok(Self {
+            tls,
+            servers,
+            channels: Default::default(),
+        })
+    }
+
+    fn client(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> Result<KeyServiceClient<tonic::transport::Channel>, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = channels.get(&ip) {
+            return Ok(client.clone());
+        }
+        let addr = SocketAddr::new(ip, ports::KEY_SERVICE);
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(3));
+        let channel =
+            endpoint.connect_with_connector_lazy(constellation_keyservice::tls::TlsConnector::new(
+                self.tls.clone(),
+                rustls::pki_types::ServerName::IpAddress(ip.into()),
+            ));
+        let client = KeyServiceClient::new(channel);
+        channels.insert(ip, client.clone());
+        Ok(client)
+    }
 }
 
 #[tonic::async_trait]
@@ -326,145 +399,186 @@ impl DataKeySource for KeyServiceKeys {
             reason,
         };
         let length = u32::try_from(len).map_err(|_| err(format!("length {len} too large")))?;
-        let resp = self
-            .client
-            .clone()
-            .get_data_key(GetDataKeyRequest {
-                version: PROTOCOL_VERSION,
-                data_key_id: key_id.to_owned(),
-                length,
-            })
-            .await
-            .map_err(|s| err(format!("key service: {}", s.message())))?;
-        Ok(SecretBytes::new(resp.into_inner().data_key))
+        let servers = (self.servers)();
+        if servers.is_empty() {
+            return Err(err("no control plane runs a key service".into()));
+        }
+        let mut failures = Vec::new();
+        for ip in servers {
+            let mut client = match self.client(ip) {
+                Ok(client) => client,
+                Err(e) => {
+                    failures.push(format!("{ip}: {e}"));
+                    continue;
+                }
+            };
+            match client
+                .get_data_key(GetDataKeyRequest {
+                    version: PROTOCOL_VERSION,
+                    data_key_id: key_id.to_owned(),
+                    length,
+                })
+                .await
+            {
+                Ok(resp) => return Ok(SecretBytes::new(resp.into_inner().data_key)),
+                Err(s) => failures.push(format!("key service {ip}: {}", s.message())),
+            }
+        }
+        Err(err(failures.join("; ")))
     }
 }
 
-/// Certificates for the key service's mutual TLS, issued by a CA created when the services start
-/// (the key service and its only clients run inside this node).
-struct ServiceCertificates {
-    ca: CertificateDer<'static>,
-    server: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
-    client: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+/// rustls forms of issued credentials.
+fn rustls_credentials(
+    creds: constellation_joinservice::pki::ServiceCredentials,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = creds
+        .cert_chain_der
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        creds.key_pkcs8_der.expose().to_vec(),
+    ));
+    (chain, key)
 }
 
-fn service_certificates(ip: std::net::IpAddr) -> Result<ServiceCertificates, ControlPlaneError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        SanType,
-    };
-    let e = |e: rcgen::Error| ControlPlaneError::Certificates(e.to_string());
-    let ca_key = KeyPair::generate().map_err(e)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "constellation key service CA");
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(e)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf = |cn: &str,
-                eku: ExtendedKeyUsagePurpose|
-     -> Result<
-        (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
-        ControlPlaneError,
-    > {
-        let key = KeyPair::generate().map_err(e)?;
-        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.subject_alt_names = vec![SanType::IpAddress(ip)];
-        p.extended_key_usages = vec![eku];
-        let cert = p.signed_by(&key, &issuer).map_err(e)?;
-        Ok((
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        ))
-    };
-    Ok(ServiceCertificates {
-        ca: ca_cert.der().clone(),
-        server: leaf("key-service", ExtendedKeyUsagePurpose::ServerAuth)?,
-        client: leaf("join-service", ExtendedKeyUsagePurpose::ClientAuth)?,
-    })
-}
-
-/// Starts the key service and the join service on this node's address. They run until the
-/// process exits.
+/// Starts the key service and the join service on this node's address, the join service
+/// fetching keys from the local key service. They run until the process exits.
 pub async fn start_services(
     node: Arc<NodeContext>,
     material: ControlPlaneMaterial,
     say: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), ControlPlaneError> {
     let me = node.metadata.self_info()?;
-    let certs = service_certificates(me.ip)?;
-    let serve_err =
-        |what: &'static str| move |e: String| ControlPlaneError::Serve { what, message: e };
+    start_key_service(&node, &material, &me).await?;
+    say(format!(
+        "key service listening on {} (mutual TLS, certificates from the key-service CA)",
+        SocketAddr::new(me.ip, ports::KEY_SERVICE)
+    ));
+    let local = me.ip;
+    let keys = KeyServiceKeys::new(
+        &material.pki,
+        &me,
+        node.clock.as_ref(),
+        Box::new(move || vec![local]),
+    )?;
+    let config = JoinTicketConfig {
+        measurement_salt: material.measurement_salt.clone(),
+        measurement_secret: material.measurement_secret.clone(),
+        api_server_endpoint: me.endpoint(ports::KUBE_API),
+        kubernetes_version: material.kubernetes_version.clone(),
+        token_ttl: TOKEN_TTL,
+    };
+    let join_addr = start_join_service(&node, material.pki.clone(), config, Arc::new(keys)).await?;
+    say(format!(
+        "join service listening on {join_addr} (mutual aTLS)"
+    ));
+    Ok(())
+}
 
-    // Key service: mutual TLS; only holders of a certificate from the service CA get keys.
-    let ks_addr = SocketAddr::new(me.ip, ports::KEY_SERVICE);
-    let ks_listener = tokio::net::TcpListener::bind(ks_addr)
-        .await
-        .map_err(|e| serve_err("key service")(e.to_string()))?;
-    let ks_tls = constellation_keyservice::tls::mutual_tls_server_config(
-        std::slice::from_ref(&certs.ca),
-        certs.server.0,
-        certs.server.1,
+/// A control plane that joined holds the cluster PKI but not the master secret: its join
+/// service fetches data keys from the key services of the other control planes, authenticated
+/// by a client certificate from the key-service CA it received in its join ticket.
+pub async fn start_joined_services(
+    node: Arc<NodeContext>,
+    pki: Arc<ClusterPki>,
+    config: JoinTicketConfig,
+) -> Result<SocketAddr, ControlPlaneError> {
+    let me = node.metadata.self_info()?;
+    let metadata = node.metadata.clone();
+    let name = me.name.clone();
+    let others = move || {
+        metadata
+            .cluster()
+            .map(|c| {
+                c.nodes
+                    .iter()
+                    .filter(|n| n.role == Role::ControlPlane && n.name != name)
+                    .map(|n| n.ip)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let keys = KeyServiceKeys::new(&pki, &me, node.clock.as_ref(), Box::new(others))?;
+    start_join_service(&node, pki, config, Arc::new(keys)).await
+}
+
+/// The key service on this node's address: mutual TLS, a server certificate from the
+/// key-service CA, and only clients with a certificate from that CA get keys.
+async fn start_key_service(
+    node: &NodeContext,
+    material: &ControlPlaneMaterial,
+    me: &constellation_common::metadata::NodeInfo,
+) -> Result<(), ControlPlaneError> {
+    let serve_err = |e: String| ControlPlaneError::Serve {
+        what: "key service",
+        message: e,
+    };
+    let (chain, key) = rustls_credentials(
+        material
+            .pki
+            .key_service_server_cert(me.ip, node.clock.as_ref())?,
+    );
+    let tls = constellation_keyservice::tls::mutual_tls_server_config(
+        &[CertificateDer::from(
+            material.pki.key_service_ca_der().to_vec(),
+        )],
+        chain,
+        key,
     )
-    .map_err(|e| serve_err("key service")(e.to_string()))?;
+    .map_err(|e| serve_err(e.to_string()))?;
+    let addr = SocketAddr::new(me.ip, ports::KEY_SERVICE);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| serve_err(e.to_string()))?;
     let ks = KeyService::new((*material.master).clone());
     tokio::spawn(async move {
         if let Err(e) =
-            constellation_keyservice::serve(ks_listener, ks_tls, ks, std::future::pending()).await
+            constellation_keyservice::serve(listener, tls, ks, std::future::pending()).await
         {
             tracing::error!("key service stopped: {e}");
         }
     });
-    say(format!("key service listening on {ks_addr} (mutual TLS)"));
+    Ok(())
+}
 
-    let client_tls = constellation_keyservice::tls::mutual_tls_client_config(
-        &[certs.ca],
-        certs.client.0,
-        certs.client.1,
-    )
-    .map_err(|e| serve_err("key service client")(e.to_string()))?;
-    let server_name = rustls::pki_types::ServerName::IpAddress(me.ip.into());
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{ks_addr}"))
-        .map_err(|e| serve_err("key service client")(e.to_string()))?;
-    let channel = endpoint.connect_with_connector_lazy(
-        constellation_keyservice::tls::TlsConnector::new(client_tls, server_name),
-    );
-    let keys = Arc::new(KeyServiceKeys {
-        client: KeyServiceClient::new(channel),
-    });
-
-    // Join service: mutual aTLS; joiners are checked against the cluster's current metadata.
+/// The join service on this node's address: mutual aTLS; joiners are checked against the
+/// cluster's current metadata and measurements.
+async fn start_join_service(
+    node: &Arc<NodeContext>,
+    pki: Arc<ClusterPki>,
+    config: JoinTicketConfig,
+    keys: Arc<dyn DataKeySource>,
+) -> Result<SocketAddr, ControlPlaneError> {
+    let serve_err = |e: String| ControlPlaneError::Serve {
+        what: "join service",
+        message: e,
+    };
+    let me = node.metadata.self_info()?;
     let issuer = JoinTicketIssuer::new(
         keys,
         Arc::new(MetadataDirectory(node.clone())),
-        material.pki.clone(),
+        pki,
         Arc::new(TokenRegistry::default()),
         node.clock.clone(),
-        JoinTicketConfig {
-            measurement_salt: material.measurement_salt.clone(),
-            measurement_secret: material.measurement_secret.clone(),
-            api_server_endpoint: me.endpoint(ports::KUBE_API),
-            kubernetes_version: material.kubernetes_version.clone(),
-            token_ttl: TOKEN_TTL,
-        },
+        config,
     );
     let joiner_validator = Arc::new(ClusterValidator::new(
         node.metadata.clone(),
         Scope::FreshNode,
     ));
     let atls_config = atls::ServerConfig::mutual(node.issuer.clone(), joiner_validator.clone())
-        .map_err(|e| serve_err("join service")(e.to_string()))?;
-    let join_addr = SocketAddr::new(me.ip, ports::JOIN);
-    let join_listener = tokio::net::TcpListener::bind(join_addr)
+        .map_err(|e| serve_err(e.to_string()))?;
+    let addr = SocketAddr::new(me.ip, ports::JOIN);
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| serve_err("join service")(e.to_string()))?;
+        .map_err(|e| serve_err(e.to_string()))?;
     let service = JoinServiceServer::with_interceptor(
         issuer,
         AttestedPeerInterceptor::new(move |ak| joiner_validator.node_for(ak)),
     );
-    let incoming = atls::incoming(join_listener, atls_config);
+    let incoming = atls::incoming(listener, atls_config);
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(service)
@@ -474,8 +588,5 @@ pub async fn start_services(
             tracing::error!("join service stopped: {e}");
         }
     });
-    say(format!(
-        "join service listening on {join_addr} (mutual aTLS)"
-    ));
-    Ok(())
+    Ok(addr)
 }

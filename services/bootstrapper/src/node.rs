@@ -16,7 +16,9 @@ use constellation_attestation::tpm::{AkKind, Tpm};
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmIssuer;
 use constellation_attestation::{Clock, SystemClock};
 use constellation_common::metadata::{ports, FileMetadata, Metadata, Role};
-use constellation_joinservice::pki::{write_pki_files, PkiFile};
+use constellation_common::secret::SecretBytes;
+use constellation_joinservice::pki::{write_pki_files, ClusterPki, PkiFile};
+use constellation_joinservice::ticket::JoinTicketConfig;
 use constellation_proto::init::init_service_server::InitServiceServer;
 use constellation_proto::join::join_service_client::JoinServiceClient;
 use constellation_proto::join::{IssueJoinTicketRequest, IssueJoinTicketResponse};
@@ -384,7 +386,8 @@ async fn apply_ticket(
         keyslot = opened.keyslot(),
         "state disk unlocked with the disk key from the join ticket"
     );
-    if !ticket.control_plane_files.is_empty() {
+    let control_plane = !ticket.control_plane_files.is_empty();
+    if control_plane {
         remember_control_plane(node, &ticket)?;
     }
     extend_cluster_id(node, &cluster_id)?;
@@ -397,6 +400,30 @@ async fn apply_ticket(
         };
         phase.save(&node.state_dir)?;
     }
+    drop((binding, phase));
+    if control_plane {
+        serve_joins(node, ticket).await?;
+    }
+    Ok(())
+}
+
+/// A joined control plane serves joins too, with keys from the other control planes.
+async fn serve_joins(
+    node: &Arc<NodeContext>,
+    ticket: IssueJoinTicketResponse,
+) -> anyhow::Result<()> {
+    let cluster_name = node.metadata.cluster()?.cluster_name;
+    let pki = ClusterPki::load_from_dir(&node.state_dir.join("pki"), &cluster_name)?;
+    let config = JoinTicketConfig {
+        measurement_salt: SecretBytes::new(ticket.measurement_salt),
+        measurement_secret: SecretBytes::new(ticket.measurement_secret),
+        api_server_endpoint: ticket.api_server_endpoint,
+        kubernetes_version: ticket.kubernetes_version,
+        token_ttl: crate::controlplane::TOKEN_TTL,
+    };
+    let addr =
+        crate::controlplane::start_joined_services(node.clone(), Arc::new(pki), config).await?;
+    tracing::info!(%addr, "join service listening (mutual aTLS; data keys from the other control planes' key services)");
     Ok(())
 }
 

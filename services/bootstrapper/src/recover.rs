@@ -8,6 +8,10 @@
 //! remembers. Only then does the node extend PCR 15 with the cluster ID, start the key service
 //! and the join service (the same start path as Init) and answer.
 //!
+//! With an external KMS (KMIP), one more check before anything starts: the KEK in the KMIP
+//! server must still unwrap the master secret kept since Init, and it must be the one sent.
+//! KMIP unreachable: `Unavailable`, the node keeps waiting and Recover can be sent again.
+//!
 //! What is persisted for this: the cluster PKI under `state/pki` (as Init already did) and a
 //! [`ControlPlaneRecord`] with the cluster name, Kubernetes version and measurement salt. The
 //! measurement salt is not a secret (every join ticket carries it); the measurement secret is
@@ -58,6 +62,13 @@ pub enum RecoverError {
          cluster {expected}; nothing was started"
     )]
     WrongCluster { derived: String, expected: String },
+    #[error("external KMS: {0}; nothing was started, the node still waits for Recover")]
+    Kms(constellation_keyservice::BackendError),
+    #[error(
+        "the external KMS unwraps a different master secret than the one sent; nothing was \
+         started"
+    )]
+    KmsDisagrees,
     #[error("the stored measurement salt is not 32 bytes of hex")]
     BadRecord,
     #[error("state disk: {0}")]
@@ -82,7 +93,13 @@ impl From<RecoverError> for Status {
             NotWaiting { .. } | NeverInitialized | NoControlPlaneRecord => {
                 Status::failed_precondition(message)
             }
-            WrongMasterSecret | WrongCluster { .. } => Status::permission_denied(message),
+            WrongMasterSecret | WrongCluster { .. } | KmsDisagrees => {
+                Status::permission_denied(message)
+            }
+            Kms(constellation_keyservice::BackendError::KmsUnreachable { .. }) => {
+                Status::unavailable(message)
+            }
+            Kms(_) => Status::failed_precondition(message),
             BadRecord | Disk(_) | State(_) | ControlPlane(_) | Tpm(_) => Status::internal(message),
         }
     }
@@ -207,6 +224,16 @@ async fn recover(
     }
     let master = MasterSecret::new(master, salt)
         .map_err(|e| RecoverError::ControlPlane(controlplane::ControlPlaneError::Backend(e)))?;
+    // With an external KMS, its KEK must still unwrap the same master secret.
+    match controlplane::external_master(node, &record.cluster_name).await {
+        Ok(None) => {}
+        Ok(Some(kms_master)) if kms_master == master => {
+            tracing::info!("the external KMS unwraps the same master secret");
+        }
+        Ok(Some(_)) => return Err(RecoverError::KmsDisagrees),
+        Err(controlplane::ControlPlaneError::Backend(e)) => return Err(RecoverError::Kms(e)),
+        Err(e) => return Err(e.into()),
+    }
     let material = controlplane::recovered_material(
         node,
         &record,

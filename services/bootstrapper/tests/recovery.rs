@@ -5,60 +5,25 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use constellation_attestation::atls;
 use constellation_attestation::cluster::verify_cluster;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_bootstrapper::statedisk;
-use constellation_common::kdf;
 use constellation_common::metadata::{ports, Role};
+use constellation_keyservice::testing::PyKmipServer;
 use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
-use constellation_proto::init::init_response::Kind;
-use constellation_proto::init::init_service_client::InitServiceClient;
-use constellation_proto::init::{InitRequest, InitSuccess};
+use constellation_proto::init::kms_config::Backend;
+use constellation_proto::init::{KmipKms, KmsConfig};
 use constellation_proto::recover::recover_service_client::RecoverServiceClient;
 use constellation_proto::recover::{RecoverRequest, RecoverResponse};
 use constellation_proto::PROTOCOL_VERSION;
 
 mod common;
 use common::*;
-
-const MASTER_SECRET: [u8; 32] = [0x11; 32];
-const MASTER_SALT: [u8; 32] = [0x22; 32];
-
-/// One cluster of this file at a time: on a 2-core machine, parallel clusters turn restart and
-/// rejoin timings into a test of the machine.
-static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn init(validator: Arc<QemuVtpmValidator>, node: &NodeRecord) -> InitSuccess {
-    let config = atls::ClientConfig::server_only(validator).unwrap();
-    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
-        .await
-        .unwrap();
-    let mut stream = InitServiceClient::new(channel)
-        .init(InitRequest {
-            version: PROTOCOL_VERSION,
-            master_secret: MASTER_SECRET.to_vec(),
-            master_salt: MASTER_SALT.to_vec(),
-            measurement_salt: vec![0x33; 32],
-            init_secret: INIT_SECRET.to_vec(),
-            cluster_name: "test".into(),
-            kubernetes_version: "v1.31.1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(msg) = stream.message().await.unwrap() {
-        if let Some(Kind::Success(s)) = msg.kind {
-            return s;
-        }
-    }
-    panic!("init stream ended without success")
-}
 
 /// Attests the node as not yet bound (PCR 15 = 0), then sends Recover.
 async fn recover(
@@ -79,41 +44,6 @@ async fn recover(
         })
         .await
         .map(tonic::Response::into_inner)
-}
-
-async fn wait_log(node: &NodeRecord, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never logged {needle:?}:\n{log}",
-            node.name
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn log_len(node: &NodeRecord) -> usize {
-    std::fs::metadata(node.log_path()).map_or(0, |m| m.len() as usize)
-}
-
-/// The known-answer disk key: HKDF(master secret, salt, "key-" + disk UUID).
-fn disk_key(node: &NodeRecord) -> (String, Vec<u8>) {
-    let uuid = statedisk::uuid(&disk_of(node)).unwrap().to_string();
-    let key = kdf::derive_key(&MASTER_SECRET, &MASTER_SALT, &uuid, 32).unwrap();
-    (uuid, key.expose().to_vec())
-}
-
-fn serves(node: &NodeRecord, port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::new(node.ip, port),
-        Duration::from_millis(300),
-    )
-    .is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -373,4 +303,85 @@ async fn attest_recover_drives_recovery_with_secrets_from_files() {
     let (code, verdict) = tokio::task::block_in_place(|| run(&MASTER_SECRET));
     assert_eq!(code, Some(1), "{verdict}");
     assert_eq!(verdict["failed_check"]["name"], "attestation", "{verdict}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_once_the_kmip_server_is_back() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut kmip = PyKmipServer::start().unwrap();
+    let mut c = TestCluster::new("kmip");
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    let worker = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
+    let client = kmip.client_cert().clone();
+    let kms = KmsConfig {
+        backend: Some(Backend::Kmip(KmipKms {
+            endpoint: kmip.endpoint(),
+            server_ca_pem: kmip.pki().ca_pem().into_bytes(),
+            client_cert_pem: client.cert_pem.clone().into_bytes(),
+            client_key_pem: client.key_pem.clone().into_bytes(),
+            kek_id: String::new(),
+        })),
+    };
+    let ok = init_with_kms(c.fresh_validator(&cp), &cp, Some(kms)).await;
+    let cluster_id = ok.cluster_id.clone();
+    let all = c.cloud().list_nodes();
+    wait_joined(&c, &all, &worker, &cluster_id).await;
+    let keyservice_dir = cp.dir.join("state/keyservice");
+    assert!(keyservice_dir
+        .join("kmip-wrapped-master-secret.json")
+        .exists());
+    assert!(
+        !keyservice_dir.join("cluster-master-secret.json").exists(),
+        "with KMIP the master secret is stored only wrapped"
+    );
+    let (worker_uuid, worker_key) = disk_key(&worker);
+    let (cp_uuid, cp_key) = disk_key(&cp);
+    statedisk::verify_key(&disk_of(&worker), &worker_key).unwrap();
+
+    // Everything restarts while the KMIP server is down.
+    c.cloud().halt(&worker.name).unwrap();
+    c.cloud().halt(&cp.name).unwrap();
+    kmip.stop();
+    let cp = c.cloud().boot(&cp.name).unwrap();
+    wait_log(&cp, "waiting for Recover").await;
+    let started = Instant::now();
+    let s = recover(c.fresh_validator(&cp), &cp, &MASTER_SECRET, &MASTER_SALT)
+        .await
+        .unwrap_err();
+    eprintln!(
+        "Recover with the KMIP server down: {:?} after {:?}",
+        s,
+        started.elapsed()
+    );
+    assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+    assert!(
+        s.message().contains("external KMS") && s.message().contains(&kmip.endpoint()),
+        "{}",
+        s.message()
+    );
+    assert!(
+        !serves(&cp, ports::JOIN),
+        "nothing started while the KMS is down"
+    );
+    let log = std::fs::read_to_string(cp.log_path()).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains(&hex::encode(MASTER_SECRET)));
+
+    // The KMIP server is back: the same Recover now succeeds, nothing changed.
+    kmip.start_again().unwrap();
+    recover(c.fresh_validator(&cp), &cp, &MASTER_SECRET, &MASTER_SALT)
+        .await
+        .unwrap_or_else(|s| panic!("Recover with the KMIP server back refused: {s:?}"));
+    wait_log(&cp, "the external KMS unwraps the same master secret").await;
+    assert!(serves(&cp, ports::JOIN));
+    let worker = c.cloud().boot(&worker.name).unwrap();
+    wait_joined(&c, &all, &worker, &cluster_id).await;
+    assert_eq!(disk_key(&worker), (worker_uuid, worker_key.clone()));
+    assert_eq!(disk_key(&cp), (cp_uuid, cp_key.clone()));
+    statedisk::verify_key(&disk_of(&worker), &worker_key).unwrap();
+    statedisk::verify_key(&disk_of(&cp), &cp_key).unwrap();
 }

@@ -1,5 +1,9 @@
 //! The cluster PKI, laid out the way kubeadm expects it: the cluster CA (`ca.crt`/`ca.key`), the
-//! front-proxy CA, the etcd CA and the service-account signing key pair. All keys are ECDSA P-256.
+//! front-proxy CA, the etcd CA and the service-account signing key pair; plus Constellation's own
+//! key-service CA, which issues the mutual-TLS certificates of the key service and its only
+//! clients (the control planes' join services). It is a CA of its own so that no Kubernetes
+//! credential (a kubelet or admin certificate from the cluster CA) can ever fetch a key. All keys
+//! are ECDSA P-256.
 //!
 //! The join service hands the kubelet of each admitted node a serving/client certificate, but only
 //! after checking the node's PKCS#10 request against what the platform's metadata says about that
@@ -55,7 +59,16 @@ pub mod files {
     pub const ETCD_CA_KEY: &str = "etcd/ca.key";
     pub const SERVICE_ACCOUNT_KEY: &str = "sa.key";
     pub const SERVICE_ACCOUNT_PUB: &str = "sa.pub";
+    pub const KEY_SERVICE_CA_CERT: &str = "constellation/key-service-ca.crt";
+    pub const KEY_SERVICE_CA_KEY: &str = "constellation/key-service-ca.key";
 }
+
+/// Common name of the key-service CA.
+pub const KEY_SERVICE_CA_COMMON_NAME: &str = "constellation key service CA";
+/// Common name of the key service's server certificate.
+pub const KEY_SERVICE_SERVER_COMMON_NAME: &str = "constellation key service";
+/// Prefix of a key-service client certificate's common name; the node name follows.
+pub const KEY_SERVICE_CLIENT_COMMON_NAME_PREFIX: &str = "constellation join service ";
 
 const OID_COMMON_NAME: der::oid::ObjectIdentifier =
     der::oid::ObjectIdentifier::new_unwrap("2.5.4.3");
@@ -163,6 +176,24 @@ pub struct ClientCredentials {
     pub key_pem: SecretBytes,
 }
 
+/// A certificate chain and PKCS#8 key in DER, ready for rustls: what the key service and its
+/// clients present.
+#[derive(Clone)]
+pub struct ServiceCredentials {
+    /// Leaf first, then the key-service CA.
+    pub cert_chain_der: Vec<Vec<u8>>,
+    pub key_pkcs8_der: SecretBytes,
+}
+
+impl fmt::Debug for ServiceCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceCredentials")
+            .field("certificates", &self.cert_chain_der.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
 /// One file of the shared PKI, named by its path relative to kubeadm's certificates directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PkiFile {
@@ -172,7 +203,7 @@ pub struct PkiFile {
 }
 
 /// The shared files and whether each is a private key, in [`ClusterPki::shared_files`] order.
-const SHARED_FILES: [(&str, bool); 8] = [
+const SHARED_FILES: [(&str, bool); 10] = [
     (files::CA_CERT, false),
     (files::CA_KEY, true),
     (files::FRONT_PROXY_CA_CERT, false),
@@ -181,6 +212,8 @@ const SHARED_FILES: [(&str, bool); 8] = [
     (files::ETCD_CA_KEY, true),
     (files::SERVICE_ACCOUNT_KEY, true),
     (files::SERVICE_ACCOUNT_PUB, false),
+    (files::KEY_SERVICE_CA_CERT, false),
+    (files::KEY_SERVICE_CA_KEY, true),
 ];
 
 impl PkiFile {
@@ -295,6 +328,7 @@ pub struct ClusterPki {
     etcd_ca: CertificateAuthority,
     service_account_key: SecretBytes,
     service_account_pub: String,
+    key_service_ca: CertificateAuthority,
 }
 
 impl fmt::Debug for ClusterPki {
@@ -304,6 +338,7 @@ impl fmt::Debug for ClusterPki {
             .field("ca", &self.ca)
             .field("front_proxy_ca", &self.front_proxy_ca)
             .field("etcd_ca", &self.etcd_ca)
+            .field("key_service_ca", &self.key_service_ca)
             .field("service_account_key", &"<redacted>")
             .finish()
     }
@@ -337,6 +372,7 @@ impl ClusterPki {
             etcd_ca: CertificateAuthority::generate("etcd-ca", clock)?,
             service_account_key: SecretBytes::new(service_account.serialize_pem().into_bytes()),
             service_account_pub: service_account.public_key_pem(),
+            key_service_ca: CertificateAuthority::generate(KEY_SERVICE_CA_COMMON_NAME, clock)?,
         })
     }
 
@@ -357,6 +393,67 @@ impl ClusterPki {
     /// kubeadm's `discovery-token-ca-cert-hash`: `sha256:<hex of SHA-256 of the CA's SPKI DER>`.
     pub fn ca_cert_hash(&self) -> String {
         format!("sha256:{}", hex::encode(self.ca.spki_sha256))
+    }
+
+    /// The key-service CA certificate (DER): the only trust anchor of the key service and of
+    /// its clients.
+    pub fn key_service_ca_der(&self) -> &[u8] {
+        &self.key_service_ca.cert_der
+    }
+
+    /// A fresh server certificate for the key service listening on `ip` (one year).
+    pub fn key_service_server_cert(
+        &self,
+        ip: IpAddr,
+        clock: &dyn Clock,
+    ) -> Result<ServiceCredentials, PkiError> {
+        self.key_service_leaf(
+            KEY_SERVICE_SERVER_COMMON_NAME,
+            ip,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            clock,
+        )
+    }
+
+    /// A fresh client certificate for the join service of control-plane node `node_name` at
+    /// `ip` (one year): what lets it fetch data keys from any key service of this cluster.
+    pub fn key_service_client_cert(
+        &self,
+        node_name: &str,
+        ip: IpAddr,
+        clock: &dyn Clock,
+    ) -> Result<ServiceCredentials, PkiError> {
+        self.key_service_leaf(
+            &format!("{KEY_SERVICE_CLIENT_COMMON_NAME_PREFIX}{node_name}"),
+            ip,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            clock,
+        )
+    }
+
+    fn key_service_leaf(
+        &self,
+        common_name: &str,
+        ip: IpAddr,
+        usage: ExtendedKeyUsagePurpose,
+        clock: &dyn Clock,
+    ) -> Result<ServiceCredentials, PkiError> {
+        let what = "key-service certificate";
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| generate_error(what, e))?;
+        let mut params = base_params(common_name, None, clock, LEAF_VALIDITY);
+        params.subject_alt_names = vec![SanType::IpAddress(ip)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        params.use_authority_key_identifier_extension = true;
+        let cert = self
+            .key_service_ca
+            .sign(&params, &key)
+            .map_err(|e| generate_error(what, e))?;
+        Ok(ServiceCredentials {
+            cert_chain_der: vec![cert.der().to_vec(), self.key_service_ca.cert_der.clone()],
+            key_pkcs8_der: SecretBytes::new(key.serialize_der()),
+        })
     }
 
     /// A fresh client certificate for the cluster admin (CN kubernetes-admin, O system:masters),
@@ -573,9 +670,10 @@ impl ClusterPki {
     }
 
     /// The files a control-plane node shares with the others (kubeadm's list for
-    /// `--control-plane` joins): the three CAs with keys and the service-account key pair.
+    /// `--control-plane` joins): the three CAs with keys and the service-account key pair, plus the
+    /// key-service CA (so a joined control plane can run a join service of its own).
     pub fn shared_files(&self) -> Vec<PkiFile> {
-        let contents: [&[u8]; 8] = [
+        let contents: [&[u8]; 10] = [
             self.ca.cert_pem.as_bytes(),
             self.ca.key_pem.expose(),
             self.front_proxy_ca.cert_pem.as_bytes(),
@@ -584,6 +682,8 @@ impl ClusterPki {
             self.etcd_ca.key_pem.expose(),
             self.service_account_key.expose(),
             self.service_account_pub.as_bytes(),
+            self.key_service_ca.cert_pem.as_bytes(),
+            self.key_service_ca.key_pem.expose(),
         ];
         SHARED_FILES
             .iter()
@@ -643,6 +743,11 @@ impl ClusterPki {
             etcd_ca: CertificateAuthority::load(dir, files::ETCD_CA_CERT, files::ETCD_CA_KEY)?,
             service_account_key,
             service_account_pub,
+            key_service_ca: CertificateAuthority::load(
+                dir,
+                files::KEY_SERVICE_CA_CERT,
+                files::KEY_SERVICE_CA_KEY,
+            )?,
         })
     }
 }

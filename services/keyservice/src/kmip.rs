@@ -522,3 +522,102 @@ impl MasterSecretBackend for KmipBackend {
         )
     }
 }
+
+/// File name of the node's KMIP settings inside the state directory.
+pub const SETTINGS_FILE: &str = "kmip-settings.json";
+
+/// The KMIP settings a node was initialized with (endpoint, TLS material including the client
+/// key, KEK id), kept so that after a restart the node can ask the KMIP server again (Recover
+/// checks that the KEK still unwraps the master secret). Persisted 0600 next to the wrapped
+/// blob, on the state disk.
+#[derive(Clone)]
+pub struct StoredKmipSettings {
+    /// `host:port`.
+    pub endpoint: String,
+    pub server_ca_pem: Vec<u8>,
+    pub client_cert_pem: Vec<u8>,
+    pub client_key_pem: SecretBytes,
+    /// Empty: the node created the KEK (its id is in the wrapped blob).
+    pub kek_id: String,
+}
+
+impl fmt::Debug for StoredKmipSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredKmipSettings")
+            .field("endpoint", &self.endpoint)
+            .field("kek_id", &self.kek_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// On-disk form of [`StoredKmipSettings`]; the hex of the client key is zeroized when dropped.
+#[derive(Serialize, Deserialize)]
+struct SettingsFile {
+    version: u32,
+    endpoint: String,
+    server_ca_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+    kek_id: String,
+}
+
+impl Drop for SettingsFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.client_key_pem);
+    }
+}
+
+impl StoredKmipSettings {
+    /// Writes `<state_dir>/kmip-settings.json` (0600, atomically; refuses to replace one).
+    pub fn store(&self, state_dir: &Path) -> Result<(), BackendError> {
+        let path = state_dir.join(SETTINGS_FILE);
+        let file = SettingsFile {
+            version: FILE_VERSION,
+            endpoint: self.endpoint.clone(),
+            server_ca_pem: hex::encode(&self.server_ca_pem),
+            client_cert_pem: hex::encode(&self.client_cert_pem),
+            client_key_pem: hex::encode(self.client_key_pem.expose()),
+            kek_id: self.kek_id.clone(),
+        };
+        let json =
+            Zeroizing::new(
+                serde_json::to_vec(&file).map_err(|e| BackendError::CorruptFile {
+                    path: path.clone(),
+                    reason: json_error_reason(&e),
+                })?,
+            );
+        write_secret_file_atomically(&path, &json)
+    }
+
+    /// Reads `<state_dir>/kmip-settings.json`; `None` when the node does not use KMIP.
+    pub fn load(state_dir: &Path) -> Result<Option<Self>, BackendError> {
+        let path = state_dir.join(SETTINGS_FILE);
+        let bytes = match read_secret_file(&path) {
+            Ok(bytes) => bytes,
+            Err(BackendError::NotInitialized { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let corrupt = |reason: String| BackendError::CorruptFile {
+            path: path.clone(),
+            reason,
+        };
+        let file: SettingsFile =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(json_error_reason(&e)))?;
+        if file.version != FILE_VERSION {
+            return Err(corrupt(format!(
+                "version {} is not supported (expected {FILE_VERSION})",
+                file.version
+            )));
+        }
+        Ok(Some(Self {
+            endpoint: file.endpoint.clone(),
+            server_ca_pem: decode_hex_field(&path, "server_ca_pem", &file.server_ca_pem)?.to_vec(),
+            client_cert_pem: decode_hex_field(&path, "client_cert_pem", &file.client_cert_pem)?
+                .to_vec(),
+            client_key_pem: SecretBytes::new(
+                decode_hex_field(&path, "client_key_pem", &file.client_key_pem)?.to_vec(),
+            ),
+            kek_id: file.kek_id.clone(),
+        }))
+    }
+}

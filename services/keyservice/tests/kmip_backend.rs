@@ -235,3 +235,42 @@ async fn wrong_cluster_tampering_and_unknown_kek_are_typed_errors() {
     );
     assert!(!unknown_state.path().join(WRAPPED_SECRET_FILE).exists());
 }
+
+#[test]
+fn stored_kmip_settings_round_trip_in_a_0600_file_and_are_not_replaced() {
+    use constellation_common::secret::SecretBytes;
+    use constellation_keyservice::kmip::{StoredKmipSettings, SETTINGS_FILE};
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    assert!(StoredKmipSettings::load(dir.path()).unwrap().is_none());
+    let key = b"-----BEGIN PRIVATE KEY-----\nsecret key bytes\n-----END PRIVATE KEY-----\n";
+    let settings = StoredKmipSettings {
+        endpoint: "127.0.0.1:5696".into(),
+        server_ca_pem: b"ca pem".to_vec(),
+        client_cert_pem: b"cert pem".to_vec(),
+        client_key_pem: SecretBytes::new(key.to_vec()),
+        kek_id: "7".into(),
+    };
+    settings.store(dir.path()).unwrap();
+    let path = dir.path().join(SETTINGS_FILE);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let loaded = StoredKmipSettings::load(dir.path()).unwrap().unwrap();
+    assert_eq!(loaded.endpoint, settings.endpoint);
+    assert_eq!(loaded.server_ca_pem, settings.server_ca_pem);
+    assert_eq!(loaded.client_cert_pem, settings.client_cert_pem);
+    assert_eq!(loaded.client_key_pem, settings.client_key_pem);
+    assert_eq!(loaded.kek_id, settings.kek_id);
+    assert!(!format!("{loaded:?}").contains("secret key"));
+    assert!(matches!(
+        settings.store(dir.path()),
+        Err(BackendError::AlreadyInitialized { .. })
+    ));
+
+    // Corrupt: a typed error that does not echo the file's content.
+    std::fs::write(&path, br#"{"version":1,"endpoint":"x","server_ca_pem":"zz","client_cert_pem":"","client_key_pem":"73656372","kek_id":""}"#).unwrap();
+    let e = StoredKmipSettings::load(dir.path()).unwrap_err();
+    assert!(matches!(e, BackendError::CorruptFile { .. }), "{e}");
+    assert!(!e.to_string().contains("73656372"), "{e}");
+}

@@ -6,13 +6,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use constellation_attestation::atls;
 use constellation_attestation::cluster::verify_cluster;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
+use constellation_bootstrapper::statedisk;
+use constellation_common::kdf;
 use constellation_common::metadata::ports;
 use constellation_image::LocalImage;
 use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
+use constellation_proto::init::init_response::Kind;
+use constellation_proto::init::init_service_client::InitServiceClient;
+use constellation_proto::init::{InitRequest, InitSuccess, KmsConfig};
+use constellation_proto::PROTOCOL_VERSION;
 
 pub const INIT_SECRET: &[u8] = b"the init secret of this test cluster";
 
@@ -104,4 +111,85 @@ pub async fn wait_joined(
 
 pub fn disk_of(node: &NodeRecord) -> PathBuf {
     node.dir.join("state").join("disk.img")
+}
+
+pub const MASTER_SECRET: [u8; 32] = [0x11; 32];
+pub const MASTER_SALT: [u8; 32] = [0x22; 32];
+
+/// One cluster of this file at a time: on a 2-core machine, parallel clusters turn restart and
+/// rejoin timings into a test of the machine.
+pub static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Init over server-attested aTLS with [`MASTER_SECRET`] and [`MASTER_SALT`] and a
+/// cluster-managed master secret.
+pub async fn init(validator: Arc<QemuVtpmValidator>, node: &NodeRecord) -> InitSuccess {
+    init_with_kms(validator, node, None).await
+}
+
+/// [`init`] with the given KMS configuration.
+pub async fn init_with_kms(
+    validator: Arc<QemuVtpmValidator>,
+    node: &NodeRecord,
+    kms: Option<KmsConfig>,
+) -> InitSuccess {
+    let config = atls::ClientConfig::server_only(validator).unwrap();
+    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
+        .await
+        .unwrap();
+    let mut stream = InitServiceClient::new(channel)
+        .init(InitRequest {
+            version: PROTOCOL_VERSION,
+            master_secret: MASTER_SECRET.to_vec(),
+            master_salt: MASTER_SALT.to_vec(),
+            measurement_salt: vec![0x33; 32],
+            init_secret: INIT_SECRET.to_vec(),
+            cluster_name: "test".into(),
+            kubernetes_version: "v1.31.1".into(),
+            kms,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(msg) = stream.message().await.unwrap() {
+        if let Some(Kind::Success(s)) = msg.kind {
+            return s;
+        }
+    }
+    panic!("init stream ended without success")
+}
+
+pub async fn wait_log(node: &NodeRecord, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {needle:?}:\n{log}",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn log_len(node: &NodeRecord) -> usize {
+    std::fs::metadata(node.log_path()).map_or(0, |m| m.len() as usize)
+}
+
+/// The known-answer disk key: HKDF(master secret, salt, "key-" + disk UUID).
+pub fn disk_key(node: &NodeRecord) -> (String, Vec<u8>) {
+    let uuid = statedisk::uuid(&disk_of(node)).unwrap().to_string();
+    let key = kdf::derive_key(&MASTER_SECRET, &MASTER_SALT, &uuid, 32).unwrap();
+    (uuid, key.expose().to_vec())
+}
+
+pub fn serves(node: &NodeRecord, port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::new(node.ip, port),
+        Duration::from_millis(300),
+    )
+    .is_ok()
 }
