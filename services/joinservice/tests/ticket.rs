@@ -244,7 +244,9 @@ async fn control_plane_ticket_carries_the_shared_ca_material() {
             "etcd/ca.crt",
             "etcd/ca.key",
             "sa.key",
-            "sa.pub"
+            "sa.pub",
+            "constellation/key-service-ca.crt",
+            "constellation/key-service-ca.key"
         ]
     );
     for (file, shared) in resp.control_plane_files.iter().zip(f.pki.shared_files()) {
