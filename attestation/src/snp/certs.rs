@@ -128,14 +128,48 @@ impl VerifiedVek {
                 expected: 2,
                 found: chain_ders.len(),
             })?;
+        Self::verify_parsed(
+            (&vek_der, vek_cert),
+            (int_der, int_cert),
+            (root_der, root_cert),
+            clock,
+        )
+    }
 
+    /// [`VerifiedVek::new`] for collateral as a KDS or cloud cache hands it out: the VEK, the
+    /// intermediate (ASK/ASVK) and the root (ARK), each one DER certificate in its own role.
+    /// The same checks run: root pinned byte for byte, RSA-PSS signatures, validity at
+    /// `clock.now()`, VEK key type, extensions and product against the root's product.
+    pub fn from_der(
+        vek_der: &[u8],
+        intermediate_der: &[u8],
+        root_der: &[u8],
+        clock: &dyn Clock,
+    ) -> Result<Self, SnpError> {
+        let vek_cert = parse_cert(vek_der, CertRole::Vek)?;
+        let int_cert = parse_cert(intermediate_der, CertRole::Intermediate)?;
+        let root_cert = parse_cert(root_der, CertRole::Root)?;
+        Self::verify_parsed(
+            (vek_der, vek_cert),
+            (intermediate_der, int_cert),
+            (root_der, root_cert),
+            clock,
+        )
+    }
+
+    fn verify_parsed(
+        (vek_der, vek_cert): (&[u8], Certificate),
+        (int_der, int_cert): (&[u8], Certificate),
+        (root_der, root_cert): (&[u8], Certificate),
+        clock: &dyn Clock,
+    ) -> Result<Self, SnpError> {
         // Root pin first: nothing else matters if the root is not AMD's.
         let root_product = pinned_root_product(root_der)?;
 
         check_issued_by(&int_cert, &root_cert, CertRole::Intermediate)?;
         verify_cert_signature(int_der, &int_cert, &root_cert, CertRole::Intermediate)?;
         check_issued_by(&vek_cert, &int_cert, CertRole::Vek)?;
-        verify_cert_signature(&vek_der, &vek_cert, &int_cert, CertRole::Vek)?;
+        verify_cert_signature(vek_der, &vek_cert, &int_cert, CertRole::Vek)?;
 
         let validity = [
             (&root_cert, CertRole::Root),

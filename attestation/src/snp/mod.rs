@@ -3,8 +3,11 @@
 //!
 //! Verification is split so the chain is verified once and cached:
 //! [`VerifiedVek::new`] (certificates, at an injected time) then [`verify_report`] per report.
+//! For reports from any chip, [`verify_report_from`] asks a [`VekSource`] (e.g. the join
+//! service's collateral cache) for the VEK of each report's chip and reported TCB.
 
 mod certs;
+mod collateral;
 mod policy;
 mod report;
 
@@ -12,6 +15,7 @@ pub use certs::{
     fingerprint, parse_vek_certificate, CertRole, VekExtensions, VerifiedVek, OID_BOOTLOADER,
     OID_HWID, OID_MICROCODE, OID_PRODUCT_NAME, OID_SNP, OID_TEE,
 };
+pub use collateral::{CollateralError, VekRef, VekRequest, VekSource};
 pub use policy::SnpPolicy;
 pub use report::{
     AttestationReport, CpuId, FirmwareVersion, GuestPolicy, PlatformInfo, ReportSignature,
@@ -307,10 +311,46 @@ pub fn verify_report(
     policy: &SnpPolicy,
 ) -> Result<AttestationReport, SnpError> {
     let report = AttestationReport::parse(report_bytes)?;
-    check_signer(&report, vek)?;
+    verify_parsed(&report, report_bytes, vek, policy)?;
+    Ok(report)
+}
+
+fn verify_parsed(
+    report: &AttestationReport,
+    report_bytes: &[u8],
+    vek: &VerifiedVek,
+    policy: &SnpPolicy,
+) -> Result<(), SnpError> {
+    check_signer(report, vek)?;
     verify_signature(report_bytes, vek)?;
-    check_consistency(&report, vek)?;
-    policy.check(&report)?;
+    check_consistency(report, vek)?;
+    policy.check(report)
+}
+
+/// Why [`verify_report_from`] refused a report: no usable VEK for it, or a failed check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourcedReportError {
+    #[error(transparent)]
+    Collateral(#[from] CollateralError),
+    #[error(transparent)]
+    Snp(#[from] SnpError),
+}
+
+/// [`verify_report_at`] for reports from any chip: parses the report, asks `source` for the
+/// VEK of its signer kind, CHIP_ID and reported TCB, re-checks that VEK's chain validity at
+/// `clock.now()` (a cached or stale VEK may have expired since it was verified), then runs
+/// the signature, consistency and policy checks.
+pub fn verify_report_from(
+    report_bytes: &[u8],
+    source: &dyn VekSource,
+    policy: &SnpPolicy,
+    clock: &dyn crate::Clock,
+) -> Result<AttestationReport, SourcedReportError> {
+    let report = AttestationReport::parse(report_bytes)?;
+    let request = VekRequest::for_report(&report)?;
+    let vek = source.vek_for(&request)?;
+    vek.check_valid_at(clock)?;
+    verify_parsed(&report, report_bytes, &vek, policy)?;
     Ok(report)
 }
 

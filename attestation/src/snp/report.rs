@@ -26,7 +26,7 @@ pub(crate) const SIG_COMPONENT_LEN: usize = 72;
 pub(crate) const P384_SCALAR_LEN: usize = 48;
 
 /// Which key signed the report (`KEY_INFO.SIGNING_KEY`, bits 2-4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SigningKey {
     /// Versioned Chip Endorsement Key: derived from the chip's unique secret and its TCB.
     Vcek,

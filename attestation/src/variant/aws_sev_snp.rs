@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha512};
 
 use crate::measurements::{Digest, Measurements};
-use crate::snp::{verify_report_at, SnpPolicy, VerifiedVek};
+use crate::snp::{verify_report_from, AttestationReport, SnpPolicy, VekSource, VerifiedVek};
 use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
 use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmIssuer, QemuVtpmValidator};
 use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
@@ -120,23 +120,52 @@ impl Issuer for AwsSevSnpIssuer {
     }
 }
 
-/// The verifier side: the VLEK (chain verified by the caller at a given time), the SNP policy
-/// (minimum TCB, measurement, ...; its `report_data` is replaced by the AK's hash) and the
-/// PCR measurements.
+/// The verifier side: where the VLEK comes from, the SNP policy (minimum TCB, measurement,
+/// ...; its `report_data` is replaced by the AK's hash) and the PCR measurements.
+///
+/// `V` is the [`VekSource`]: by default one [`VerifiedVek`] (chain verified by the caller at a
+/// given time). With a collateral source (`Arc<dyn VekSource>`, e.g. the join service's cache)
+/// the VLEK for each report's reported TCB is looked up instead (a VLEK has no hwID; AWS
+/// reports mask CHIP_ID, so the key is signer and TCB).
 #[derive(Debug, Clone)]
-pub struct AwsSevSnpValidator {
-    pub vlek: VerifiedVek,
+pub struct AwsSevSnpValidator<V = VerifiedVek> {
+    pub vlek: V,
     pub policy: SnpPolicy,
     pub measurements: Measurements,
     /// "Now" for the re-check of the cached chain's validity on every report.
     pub clock: Arc<dyn Clock>,
 }
 
-impl AwsSevSnpValidator {
+impl AwsSevSnpValidator<VerifiedVek> {
     /// `clock` is consulted on every report: a VLEK (or its chain) that expired after
     /// this validator was built is rejected from then on.
     pub fn new(
         vlek: VerifiedVek,
+        policy: SnpPolicy,
+        measurements: Measurements,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self::with_source(vlek, policy, measurements, clock)
+    }
+}
+
+impl AwsSevSnpValidator<Arc<dyn VekSource>> {
+    /// A validator whose VLEK for each report's TCB comes from `collateral`; its chain
+    /// validity is re-checked at `clock` per report.
+    pub fn with_collateral(
+        collateral: Arc<dyn VekSource>,
+        policy: SnpPolicy,
+        measurements: Measurements,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self::with_source(collateral, policy, measurements, clock)
+    }
+}
+
+impl<V: VekSource> AwsSevSnpValidator<V> {
+    /// A validator whose VLEK comes from `vlek` (a fixed key or a collateral source).
+    pub fn with_source(
+        vlek: V,
         policy: SnpPolicy,
         measurements: Measurements,
         clock: Arc<dyn Clock>,
@@ -149,24 +178,40 @@ impl AwsSevSnpValidator {
         }
     }
 
-    /// The SNP half: the report verifies with the VLEK and `policy`, and its REPORT_DATA is
-    /// SHA-512 of `ak_spki_der` exactly as sent. Returns the AK the report vouches for.
+    /// The SNP half: the report verifies with the VLEK for its TCB and `policy`, and its
+    /// REPORT_DATA is SHA-512 of `ak_spki_der` exactly as sent. Returns the AK the report
+    /// vouches for.
     pub fn verify_report_for_ak(
         &self,
         report: &[u8],
         ak_spki_der: &[u8],
     ) -> Result<AkPublicKey, ValidationError> {
-        let policy = SnpPolicy {
-            report_data: Some(report_data_for_ak(ak_spki_der)),
-            ..self.policy.clone()
-        };
-        verify_report_at(report, &self.vlek, &policy, self.clock.as_ref())?;
+        self.verify_report_data(report, &report_data_for_ak(ak_spki_der))?;
         AkPublicKey::from_spki_der(ak_spki_der)
             .map_err(|e| ValidationError::Malformed(format!("attestation key: {e}")))
     }
+
+    /// The SNP checks alone, with REPORT_DATA expected to be `report_data`; returns the
+    /// parsed report.
+    pub fn verify_report_data(
+        &self,
+        report: &[u8],
+        report_data: &[u8; 64],
+    ) -> Result<AttestationReport, ValidationError> {
+        let policy = SnpPolicy {
+            report_data: Some(*report_data),
+            ..self.policy.clone()
+        };
+        Ok(verify_report_from(
+            report,
+            &self.vlek,
+            &policy,
+            self.clock.as_ref(),
+        )?)
+    }
 }
 
-impl Validator for AwsSevSnpValidator {
+impl<V: VekSource> Validator for AwsSevSnpValidator<V> {
     fn variant(&self) -> Variant {
         Variant::AwsSevSnp
     }

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::measurements::{sha256, Digest, Measurements};
-use crate::snp::{verify_report_at, SnpPolicy, VerifiedVek};
+use crate::snp::{verify_report_from, SnpPolicy, VekSource, VerifiedVek};
 use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
 use crate::variant::aws_sev_snp::{
     b64, quote_evidence, report_failed, validate_vouched_quote, SnpReportError,
@@ -193,22 +193,53 @@ impl Issuer for AzureSevSnpIssuer {
     }
 }
 
-/// The verifier side: the VCEK (chain verified by the caller at a given time), the SNP policy
-/// (its `report_data` is replaced by the runtime data's hash) and the PCR measurements.
+/// The verifier side: where the VCEK comes from, the SNP policy (its `report_data` is
+/// replaced by the runtime data's hash) and the PCR measurements.
+///
+/// `V` is the [`VekSource`]: by default one [`VerifiedVek`] (chain verified by the caller at a
+/// given time; e.g. the VCEK the HCL path hands out), so only reports from that chip at that
+/// TCB pass. With a collateral source (`Arc<dyn VekSource>`, e.g. the join service's cache)
+/// the validator checks reports from any chip: it looks up the VCEK for each report's CHIP_ID
+/// and reported TCB.
 #[derive(Debug, Clone)]
-pub struct AzureSevSnpValidator {
-    pub vcek: VerifiedVek,
+pub struct AzureSevSnpValidator<V = VerifiedVek> {
+    pub vcek: V,
     pub policy: SnpPolicy,
     pub measurements: Measurements,
     /// "Now" for the re-check of the cached chain's validity on every report.
     pub clock: Arc<dyn Clock>,
 }
 
-impl AzureSevSnpValidator {
+impl AzureSevSnpValidator<VerifiedVek> {
     /// `clock` is consulted on every report: a VCEK (or its chain) that expired after
     /// this validator was built is rejected from then on.
     pub fn new(
         vcek: VerifiedVek,
+        policy: SnpPolicy,
+        measurements: Measurements,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self::with_source(vcek, policy, measurements, clock)
+    }
+}
+
+impl AzureSevSnpValidator<Arc<dyn VekSource>> {
+    /// A validator for reports from any chip: the VCEK for each report's CHIP_ID and reported
+    /// TCB comes from `collateral`; its chain validity is re-checked at `clock` per report.
+    pub fn with_collateral(
+        collateral: Arc<dyn VekSource>,
+        policy: SnpPolicy,
+        measurements: Measurements,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self::with_source(collateral, policy, measurements, clock)
+    }
+}
+
+impl<V: VekSource> AzureSevSnpValidator<V> {
+    /// A validator whose VCEK comes from `vcek` (a fixed key or a collateral source).
+    pub fn with_source(
+        vcek: V,
         policy: SnpPolicy,
         measurements: Measurements,
         clock: Arc<dyn Clock>,
@@ -221,9 +252,9 @@ impl AzureSevSnpValidator {
         }
     }
 
-    /// The SNP half: the report verifies with the VCEK and `policy`, REPORT_DATA is
-    /// SHA-256(`runtime_data`) followed by zeros, and the runtime data names an RSA-2048
-    /// `HCLAkPub`. Returns that key: the one the report vouches for.
+    /// The SNP half: the report verifies with the VCEK for its chip and TCB and `policy`,
+    /// REPORT_DATA is SHA-256(`runtime_data`) followed by zeros, and the runtime data names an
+    /// RSA-2048 `HCLAkPub`. Returns that key: the one the report vouches for.
     pub fn verify_report_and_runtime_data(
         &self,
         report: &[u8],
@@ -233,12 +264,12 @@ impl AzureSevSnpValidator {
             report_data: Some(report_data_for_runtime_data(runtime_data)),
             ..self.policy.clone()
         };
-        verify_report_at(report, &self.vcek, &policy, self.clock.as_ref())?;
+        verify_report_from(report, &self.vcek, &policy, self.clock.as_ref())?;
         hcl_ak_from_runtime_data(runtime_data)
     }
 }
 
-impl Validator for AzureSevSnpValidator {
+impl<V: VekSource> Validator for AzureSevSnpValidator<V> {
     fn variant(&self) -> Variant {
         Variant::AzureSevSnp
     }

@@ -103,10 +103,22 @@ pub enum ValidationError {
     Quote(#[from] crate::tpm::QuoteError),
     #[error("SEV-SNP: {0}")]
     Snp(#[from] crate::snp::SnpError),
+    /// No VCEK/VLEK could be had for the report's chip and TCB, or the one fetched was refused.
+    #[error("SEV-SNP collateral: {0}")]
+    Collateral(#[from] crate::snp::CollateralError),
     #[error("measurements: {0}")]
     Measurements(#[from] MeasurementsError),
     #[error("evidence binding mismatch: expected {expected}, found {found}")]
     BindingMismatch { expected: String, found: String },
+}
+
+impl From<crate::snp::SourcedReportError> for ValidationError {
+    fn from(e: crate::snp::SourcedReportError) -> Self {
+        match e {
+            crate::snp::SourcedReportError::Collateral(e) => ValidationError::Collateral(e),
+            crate::snp::SourcedReportError::Snp(e) => ValidationError::Snp(e),
+        }
+    }
 }
 
 /// Produces evidence bound to a 32-byte value (nonce, session and user data, hashed by the caller).
