@@ -8,7 +8,7 @@
 //! metadata). A connection without a client verdict gets no `AttestedPeer`, so
 //! [`JoinTicketIssuer`](crate::JoinTicketIssuer) refuses it as not attested.
 //!
-//! ```ignore
+//! ```text
 //! let interceptor = AttestedPeerInterceptor::new(move |ak| validator.node_for(ak));
 //! let service = JoinServiceServer::with_interceptor(issuer, interceptor);
 //! ```
