@@ -25,6 +25,18 @@ use constellation_proto::PROTOCOL_VERSION;
 mod common;
 use common::*;
 
+/// Every node in `halt` powers off, then `first` boots and waits for Recover.
+async fn full_restart(c: &mut TestCluster, halt: &[&NodeRecord], first: &NodeRecord) -> NodeRecord {
+    for node in halt {
+        c.cloud().halt(&node.name).unwrap();
+    }
+    let booted = Instant::now();
+    let first = c.cloud().boot(&first.name).unwrap();
+    eprintln!("{} boot took {:?}", first.name, booted.elapsed());
+    wait_log(&first, "waiting for Recover").await;
+    first
+}
+
 /// Attests the node as not yet bound (PCR 15 = 0), then sends Recover.
 async fn recover(
     validator: Arc<QemuVtpmValidator>,
@@ -69,12 +81,7 @@ async fn full_control_plane_restart_then_recover_brings_the_cluster_back_with_th
     assert!(!cp.dir.join("state/disk.initial-key").exists());
 
     // Full control-plane restart: every node powers off, the control plane boots first.
-    c.cloud().halt(&worker.name).unwrap();
-    c.cloud().halt(&cp.name).unwrap();
-    let booted = Instant::now();
-    let cp = c.cloud().boot(&cp.name).unwrap();
-    eprintln!("control plane boot took {:?}", booted.elapsed());
-    wait_log(&cp, "waiting for Recover").await;
+    let cp = full_restart(&mut c, &[&worker, &cp], &cp).await;
     assert!(
         !serves(&cp, ports::JOIN),
         "no join service before Recover: it holds no master secret"
@@ -174,10 +181,7 @@ async fn a_restarted_control_plane_rejoins_through_another_recovered_control_pla
     wait_joined(&c, &all, &second, &cluster_id).await;
 
     // Everything restarts; the second control plane (it joined, it never ran Init) is recovered.
-    c.cloud().halt(&second.name).unwrap();
-    c.cloud().halt(&first.name).unwrap();
-    let second = c.cloud().boot(&second.name).unwrap();
-    wait_log(&second, "waiting for Recover").await;
+    let second = full_restart(&mut c, &[&second, &first], &second).await;
     recover(
         c.fresh_validator(&second),
         &second,
@@ -245,9 +249,7 @@ async fn attest_recover_drives_recovery_with_secrets_from_files() {
         .unwrap()
         .remove(0);
     let ok = init(c.fresh_validator(&cp), &cp).await;
-    c.cloud().halt(&cp.name).unwrap();
-    let cp = c.cloud().boot(&cp.name).unwrap();
-    wait_log(&cp, "waiting for Recover").await;
+    let cp = full_restart(&mut c, &[&cp], &cp).await;
 
     let files = tempfile::tempdir().unwrap();
     let measurements = files.path().join("measurements.json");
@@ -342,12 +344,9 @@ async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_once_the_kmip_ser
     let (cp_uuid, cp_key) = disk_key(&cp);
     statedisk::verify_key(&disk_of(&worker), &worker_key).unwrap();
 
-    // Everything restarts while the KMIP server is down.
-    c.cloud().halt(&worker.name).unwrap();
-    c.cloud().halt(&cp.name).unwrap();
+    // The KMIP server goes down, then everything restarts.
     kmip.stop();
-    let cp = c.cloud().boot(&cp.name).unwrap();
-    wait_log(&cp, "waiting for Recover").await;
+    let cp = full_restart(&mut c, &[&worker, &cp], &cp).await;
     let started = Instant::now();
     let s = recover(c.fresh_validator(&cp), &cp, &MASTER_SECRET, &MASTER_SALT)
         .await
