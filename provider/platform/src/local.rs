@@ -8,15 +8,19 @@
 //!   secret appears only as its Argon2id hash);
 //! - `nodes/<name>/{tpm,state,bootstrapper.log}`.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use constellation_attestation::tpm::{AkKind, Swtpm, SwtpmHandle, Tpm, TpmError};
 use constellation_common::metadata::{
     ports, ClusterMetadata, FileMetadata, MetadataError, NodeInfo, Role,
 };
-use constellation_image::{boot_events, ImageError, LocalImage};
+use constellation_image::{
+    boot_events, ImageError, ImageManifest, BOOTSTRAPPER_FILE, MANIFEST_FILE,
+};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
@@ -298,16 +302,16 @@ impl LocalCloud {
             names.iter().map(|name| self.halt(name)).collect();
         let metadata = self.metadata_path();
         let shared = std::sync::Mutex::new(self);
+        let images = ImageMeasurements::default();
         std::thread::scope(|scope| {
             let handles: Vec<_> = names
                 .iter()
                 .zip(halted)
                 .map(|(name, halted)| {
-                    let shared = &shared;
-                    let metadata = &metadata;
+                    let (shared, metadata, images) = (&shared, &metadata, &images);
                     scope.spawn(move || {
                         halted?;
-                        boot_one(shared, name, metadata)
+                        boot_one(shared, name, metadata, images)
                     })
                 })
                 .collect();
@@ -414,18 +418,89 @@ fn process_start() -> std::sync::RwLockWriteGuard<'static, ()> {
     TPM_OR_SPAWN.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// An image's files as measured for one batch of boots: what firmware and boot loader would
+/// extend before the OS runs, from the bytes read at boot time.
+struct MeasuredImage {
+    bootstrapper: PathBuf,
+    events: [(u32, constellation_attestation::measurements::Digest); 2],
+}
+
+impl MeasuredImage {
+    /// Reads the binary and the manifest once, measures both and checks the manifest names
+    /// the binary (what [`constellation_image::LocalImage::open`] checks).
+    fn measure(dir: &Path) -> Result<Self, PlatformError> {
+        let image_io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ImageError::Io { path, source }
+        };
+        let bootstrapper = dir.join(BOOTSTRAPPER_FILE);
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let binary = std::fs::read(&bootstrapper).map_err(image_io(&bootstrapper))?;
+        let manifest_bytes = std::fs::read(&manifest_path).map_err(image_io(&manifest_path))?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|source| ImageError::Manifest {
+                path: manifest_path,
+                source,
+            })?;
+        let events = boot_events(&binary, &manifest_bytes);
+        let found = hex::encode(events[0].1);
+        if found != manifest.bootstrapper_sha256 {
+            return Err(ImageError::Inconsistent {
+                dir: dir.to_owned(),
+                expected: manifest.bootstrapper_sha256,
+                found,
+            }
+            .into());
+        }
+        Ok(Self {
+            bootstrapper,
+            events,
+        })
+    }
+}
+
+/// The images of one [`LocalCloud::boot_many`], each measured once however many nodes boot
+/// from it: node binaries are tens of MB, and reading and hashing them per node kept the
+/// nodes' CPUs from booting. A failed measurement is not kept (the next node measures again
+/// and reports its own error).
+#[derive(Default)]
+struct ImageMeasurements(std::sync::Mutex<HashMap<PathBuf, Arc<MeasurementSlot>>>);
+
+/// One image's measurement once some node took it.
+type MeasurementSlot = std::sync::Mutex<Option<Arc<MeasuredImage>>>;
+
+impl ImageMeasurements {
+    fn get(&self, dir: &Path) -> Result<Arc<MeasuredImage>, PlatformError> {
+        let slot = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(dir.to_owned())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(measured) = slot.as_ref() {
+            return Ok(measured.clone());
+        }
+        let measured = Arc::new(MeasuredImage::measure(dir)?);
+        *slot = Some(measured.clone());
+        Ok(measured)
+    }
+}
+
 /// The slow part of a boot, run on its own thread; `shared` is locked only to record progress.
 fn boot_one(
     shared: &std::sync::Mutex<&mut LocalCloud>,
     name: &str,
     metadata: &Path,
+    images: &ImageMeasurements,
 ) -> Result<NodeRecord, PlatformError> {
     let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
     let mut record = lock()
         .node(name)
         .cloned()
         .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
-    let image = LocalImage::open(&record.image_dir)?;
+    let image = images.get(&record.image_dir)?;
     let tpm_err = |source| PlatformError::Tpm {
         node: name.to_owned(),
         source,
@@ -439,15 +514,12 @@ fn boot_one(
     lock().replace(record.clone())?;
 
     // Measured boot: what firmware and boot loader would extend before the OS runs.
-    let binary =
-        std::fs::read(image.bootstrapper_path()).map_err(io_err(&image.bootstrapper_path()))?;
-    let manifest = std::fs::read(image.manifest_path()).map_err(io_err(&image.manifest_path()))?;
     let ak_hex = {
         let _shared = tpm_session();
         let mut tpm = Tpm::open(&swtpm.tcti()).map_err(tpm_err)?;
         let ak = tpm.attestation_key(AkKind::EcdsaP256).map_err(tpm_err)?;
-        for (index, event) in boot_events(&binary, &manifest) {
-            tpm.pcr_extend(index, &event).map_err(tpm_err)?;
+        for (index, event) in &image.events {
+            tpm.pcr_extend(*index, event).map_err(tpm_err)?;
         }
         hex::encode(ak.to_spki_der())
     };
@@ -478,12 +550,12 @@ fn boot_one(
         let _exclusive = process_start();
         let mut cloud = lock();
         record.pid = process::spawn_detached(
-            &image.bootstrapper_path(),
+            &image.bootstrapper,
             &args,
             &record.log_path(),
             &[("RUST_LOG", log_filter)],
         )
-        .map_err(io_err(&image.bootstrapper_path()))?;
+        .map_err(io_err(&image.bootstrapper))?;
         cloud.replace(record.clone())?;
     }
     tracing::info!(node = %record.name, ip = %record.ip, pid = record.pid, "node booted");
