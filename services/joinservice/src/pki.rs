@@ -17,19 +17,22 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use aws_lc_rs::signature;
 use base64::Engine as _;
 use constellation_attestation::Clock;
 use constellation_common::secret::SecretBytes;
 use der::{Decode, Encode};
 use rand::RngCore;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use x509_cert::request::CertReq;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAltName};
+use x509_cert::ext::Extension;
+use x509_cert::request::CertReqInfo;
 use x509_cert::Certificate;
 
 /// Validity of the CAs kubeadm would create: ten years.
@@ -254,7 +257,7 @@ impl CertificateAuthority {
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| generate_error(what, e))?;
         let mut params = base_params(common_name, None, clock, CA_VALIDITY);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyCertSign,
@@ -350,7 +353,7 @@ impl fmt::Debug for ClusterPki {
 pub struct VerifiedKubeletCsr {
     node_name: String,
     subject_alt_names: Vec<SanType>,
-    public_key: rcgen::PublicKey,
+    public_key: CsrPublicKey,
 }
 
 impl VerifiedKubeletCsr {
@@ -550,25 +553,15 @@ impl ClusterPki {
                 reason: format!("label is {label:?}"),
             });
         }
-        // rcgen parses and verifies the signature; x509-cert gives the subject attribute by
-        // attribute (rcgen keeps one value per attribute type, which would hide duplicates).
-        let parsed = CertificateSigningRequestParams::from_der(&der.as_slice().into()).map_err(
-            |e| match e {
-                rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
-                rcgen::Error::UnsupportedExtension => CsrError::UnsupportedExtension,
-                other => CsrError::Malformed(other.to_string()),
-            },
-        )?;
-        let req = CertReq::from_der(&der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+        let csr = parse_and_verify_csr(&der)?;
 
-        let mut common_names = Vec::new();
-        let mut organizations = Vec::new();
-        for atv in req.info.subject.0.iter().flat_map(|rdn| rdn.0.iter()) {
-            let value = attribute_string(&atv.value).ok_or_else(|| {
-                CsrError::UnreadableSubjectAttribute {
+        let mut common_names = Vec::with_capacity(1);
+        let mut organizations = Vec::with_capacity(1);
+        for atv in csr.info.subject.0.iter().flat_map(|rdn| rdn.0.iter()) {
+            let value =
+                attribute_str(&atv.value).ok_or_else(|| CsrError::UnreadableSubjectAttribute {
                     oid: atv.oid.to_string(),
-                }
-            })?;
+                })?;
             if atv.oid == OID_COMMON_NAME {
                 common_names.push(value);
             } else if atv.oid == OID_ORGANIZATION {
@@ -576,27 +569,31 @@ impl ClusterPki {
             } else {
                 return Err(CsrError::UnexpectedSubjectAttribute {
                     oid: atv.oid.to_string(),
-                    value,
+                    value: value.to_owned(),
                 });
             }
         }
-        let expected_cn = format!("{NODE_COMMON_NAME_PREFIX}{}", expected.name);
-        if common_names != [expected_cn.as_str()] {
+        let cn_matches = matches!(
+            common_names.as_slice(),
+            [cn] if cn.strip_prefix(NODE_COMMON_NAME_PREFIX) == Some(expected.name.as_str())
+        );
+        if !cn_matches {
             return Err(CsrError::CommonName {
-                expected: expected_cn,
-                found: common_names,
+                expected: format!("{NODE_COMMON_NAME_PREFIX}{}", expected.name),
+                found: common_names.into_iter().map(str::to_owned).collect(),
             });
         }
         if organizations != [NODES_ORGANIZATION] {
             return Err(CsrError::Organization {
                 expected: NODES_ORGANIZATION,
-                found: organizations,
+                found: organizations.into_iter().map(str::to_owned).collect(),
             });
         }
 
-        for san in &parsed.params.subject_alt_names {
+        let mut subject_alt_names = Vec::with_capacity(csr.subject_alt_names.len());
+        for san in &csr.subject_alt_names {
             match san {
-                SanType::DnsName(name) => {
+                GeneralName::DnsName(name) => {
                     let name = name.as_str();
                     if !expected
                         .dns_names
@@ -608,29 +605,55 @@ impl ClusterPki {
                             allowed: expected.dns_names.clone(),
                         });
                     }
+                    let name = rcgen::string::Ia5String::try_from(name)
+                        .map_err(|e| CsrError::Malformed(format!("SAN DNS name: {e}")))?;
+                    subject_alt_names.push(SanType::DnsName(name));
                 }
-                SanType::IpAddress(ip) => {
-                    if !expected.ips.contains(ip) {
+                GeneralName::IpAddress(octets) => {
+                    let ip = ip_from_octets(octets.as_bytes()).ok_or_else(|| {
+                        CsrError::Malformed(format!(
+                            "SAN IP address of {} bytes",
+                            octets.as_bytes().len()
+                        ))
+                    })?;
+                    if !expected.ips.contains(&ip) {
                         return Err(CsrError::IpNotAllowed {
-                            found: *ip,
+                            found: ip,
                             allowed: expected.ips.clone(),
                         });
                     }
+                    subject_alt_names.push(SanType::IpAddress(ip));
                 }
-                SanType::Rfc822Name(_) => {
+                GeneralName::Rfc822Name(_) => {
                     return Err(CsrError::SanKindNotAllowed { kind: "email" })
                 }
-                SanType::URI(_) => return Err(CsrError::SanKindNotAllowed { kind: "URI" }),
-                SanType::OtherName(_) => {
+                GeneralName::UniformResourceIdentifier(_) => {
+                    return Err(CsrError::SanKindNotAllowed { kind: "URI" })
+                }
+                GeneralName::OtherName(_) => {
                     return Err(CsrError::SanKindNotAllowed { kind: "otherName" })
                 }
-                _ => return Err(CsrError::SanKindNotAllowed { kind: "unknown" }),
+                GeneralName::DirectoryName(_) => {
+                    return Err(CsrError::SanKindNotAllowed {
+                        kind: "directoryName",
+                    })
+                }
+                GeneralName::EdiPartyName(_) => {
+                    return Err(CsrError::SanKindNotAllowed {
+                        kind: "ediPartyName",
+                    })
+                }
+                GeneralName::RegisteredId(_) => {
+                    return Err(CsrError::SanKindNotAllowed {
+                        kind: "registeredID",
+                    })
+                }
             }
         }
         Ok(VerifiedKubeletCsr {
             node_name: expected.name.clone(),
-            subject_alt_names: parsed.params.subject_alt_names,
-            public_key: parsed.public_key,
+            subject_alt_names,
+            public_key: csr.public_key,
         })
     }
 
@@ -844,14 +867,222 @@ fn pem_body(pem: &str, expected_label: &str) -> Result<Vec<u8>, String> {
     Ok(der)
 }
 
-fn attribute_string(value: &der::Any) -> Option<String> {
+fn attribute_str(value: &der::Any) -> Option<&str> {
     use der::{Tag, Tagged};
     match value.tag() {
         Tag::Utf8String | Tag::PrintableString | Tag::Ia5String => {
-            std::str::from_utf8(value.value()).ok().map(str::to_owned)
+            std::str::from_utf8(value.value()).ok()
         }
         _ => None,
     }
+}
+
+fn ip_from_octets(octets: &[u8]) -> Option<IpAddr> {
+    if let Ok(v4) = <[u8; 4]>::try_from(octets) {
+        Some(IpAddr::from(v4))
+    } else if let Ok(v6) = <[u8; 16]>::try_from(octets) {
+        Some(IpAddr::from(v6))
+    } else {
+        None
+    }
+}
+
+/// The subject public key of a verified CSR, as the issued certificate will carry it.
+#[derive(Debug, Clone)]
+struct CsrPublicKey {
+    /// The content of the SubjectPublicKeyInfo's BIT STRING.
+    raw: Vec<u8>,
+    /// Chosen by the key's type (and curve), so the certificate's SubjectPublicKeyInfo names
+    /// the key's own algorithm; it does not sign anything.
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl PublicKeyData for CsrPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+/// A PKCS#10 request whose self-signature verified, parsed once.
+struct ParsedCsr {
+    info: CertReqInfo,
+    /// Every name of every requested SAN extension, not yet checked against the node.
+    subject_alt_names: Vec<GeneralName>,
+    public_key: CsrPublicKey,
+}
+
+mod oid {
+    use der::oid::ObjectIdentifier as Oid;
+
+    pub const RSA_ENCRYPTION: Oid = Oid::new_unwrap("1.2.840.113549.1.1.1");
+    pub const SHA256_WITH_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.11");
+    pub const SHA384_WITH_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.12");
+    pub const SHA512_WITH_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.13");
+    pub const EC_PUBLIC_KEY: Oid = Oid::new_unwrap("1.2.840.10045.2.1");
+    pub const SECP256R1: Oid = Oid::new_unwrap("1.2.840.10045.3.1.7");
+    pub const SECP384R1: Oid = Oid::new_unwrap("1.3.132.0.34");
+    pub const ECDSA_WITH_SHA256: Oid = Oid::new_unwrap("1.2.840.10045.4.3.2");
+    pub const ECDSA_WITH_SHA384: Oid = Oid::new_unwrap("1.2.840.10045.4.3.3");
+    pub const ED25519: Oid = Oid::new_unwrap("1.3.101.112");
+    pub const EXTENSION_REQUEST: Oid = Oid::new_unwrap("1.2.840.113549.1.9.14");
+    pub const SUBJECT_ALT_NAME: Oid = Oid::new_unwrap("2.5.29.17");
+    pub const KEY_USAGE: Oid = Oid::new_unwrap("2.5.29.15");
+    pub const EXTENDED_KEY_USAGE: Oid = Oid::new_unwrap("2.5.29.37");
+    pub const BASIC_CONSTRAINTS: Oid = Oid::new_unwrap("2.5.29.19");
+    /// The extended key usages a CSR may request (they are not copied into the certificate):
+    /// anyExtendedKeyUsage, serverAuth, clientAuth, codeSigning, emailProtection, timeStamping,
+    /// OCSPSigning.
+    pub const KNOWN_EKUS: [Oid; 7] = [
+        Oid::new_unwrap("2.5.29.37.0"),
+        Oid::new_unwrap("1.3.6.1.5.5.7.3.1"),
+        Oid::new_unwrap("1.3.6.1.5.5.7.3.2"),
+        Oid::new_unwrap("1.3.6.1.5.5.7.3.3"),
+        Oid::new_unwrap("1.3.6.1.5.5.7.3.4"),
+        Oid::new_unwrap("1.3.6.1.5.5.7.3.8"),
+        Oid::new_unwrap("1.3.6.1.5.5.7.3.9"),
+    ];
+}
+
+/// The verification algorithm for a CSR signed with `sig_alg` by the key `spki`, and the
+/// algorithm whose SubjectPublicKeyInfo encoding fits that key. `None` if the combination is not
+/// accepted: RSA PKCS#1 v1.5 with SHA-256/384/512 (2048-8192 bits), ECDSA on P-256 or P-384 with
+/// SHA-256 or SHA-384, Ed25519.
+fn csr_algorithms(
+    sig_alg: &der::asn1::ObjectIdentifier,
+    spki: &x509_cert::spki::SubjectPublicKeyInfoOwned,
+) -> Option<(
+    &'static dyn signature::VerificationAlgorithm,
+    &'static rcgen::SignatureAlgorithm,
+)> {
+    let key_alg = &spki.algorithm;
+    let curve = || {
+        if key_alg.oid != oid::EC_PUBLIC_KEY {
+            return None;
+        }
+        key_alg
+            .parameters
+            .as_ref()?
+            .decode_as::<der::asn1::ObjectIdentifier>()
+            .ok()
+    };
+    let is_rsa = key_alg.oid == oid::RSA_ENCRYPTION;
+    let pick: (&'static dyn signature::VerificationAlgorithm, _) = match *sig_alg {
+        oid::SHA256_WITH_RSA if is_rsa => (
+            &signature::RSA_PKCS1_2048_8192_SHA256,
+            &rcgen::PKCS_RSA_SHA256,
+        ),
+        oid::SHA384_WITH_RSA if is_rsa => (
+            &signature::RSA_PKCS1_2048_8192_SHA384,
+            &rcgen::PKCS_RSA_SHA256,
+        ),
+        oid::SHA512_WITH_RSA if is_rsa => (
+            &signature::RSA_PKCS1_2048_8192_SHA512,
+            &rcgen::PKCS_RSA_SHA256,
+        ),
+        oid::ECDSA_WITH_SHA256 => match curve()? {
+            oid::SECP256R1 => (
+                &signature::ECDSA_P256_SHA256_ASN1,
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+            oid::SECP384R1 => (
+                &signature::ECDSA_P384_SHA256_ASN1,
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+            ),
+            _ => return None,
+        },
+        oid::ECDSA_WITH_SHA384 => match curve()? {
+            oid::SECP256R1 => (
+                &signature::ECDSA_P256_SHA384_ASN1,
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+            oid::SECP384R1 => (
+                &signature::ECDSA_P384_SHA384_ASN1,
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+            ),
+            _ => return None,
+        },
+        oid::ED25519 if key_alg.oid == oid::ED25519 => (&signature::ED25519, &rcgen::PKCS_ED25519),
+        _ => return None,
+    };
+    Some(pick)
+}
+
+/// Parses a DER PKCS#10 request once, verifies its self-signature over the exact bytes of its
+/// CertificationRequestInfo, and checks that it requests no extension other than SAN, key
+/// usage, extended key usage (known purposes only) and basic constraints.
+fn parse_and_verify_csr(der: &[u8]) -> Result<ParsedCsr, CsrError> {
+    use der::Reader as _;
+    let malformed = |e: der::Error| CsrError::Malformed(e.to_string());
+
+    let mut reader = der::SliceReader::new(der).map_err(malformed)?;
+    let (info_der, sig_alg, sig) = reader
+        .sequence(|r| {
+            let info_der = r.tlv_bytes()?;
+            let sig_alg: x509_cert::spki::AlgorithmIdentifierRef<'_> = r.decode()?;
+            let sig: der::asn1::BitStringRef<'_> = r.decode()?;
+            Ok((info_der, sig_alg, sig))
+        })
+        .and_then(|parts| reader.finish(parts))
+        .map_err(malformed)?;
+    let info = CertReqInfo::from_der(info_der).map_err(malformed)?;
+
+    let (verification, key_alg) =
+        csr_algorithms(&sig_alg.oid, &info.public_key).ok_or(CsrError::BadSignature)?;
+    let key_bits = info
+        .public_key
+        .subject_public_key
+        .as_bytes()
+        .ok_or(CsrError::BadSignature)?;
+    let sig = sig.as_bytes().ok_or(CsrError::BadSignature)?;
+    signature::UnparsedPublicKey::new(verification, key_bits)
+        .verify(info_der, sig)
+        .map_err(|_| CsrError::BadSignature)?;
+    let public_key = CsrPublicKey {
+        raw: key_bits.to_vec(),
+        alg: key_alg,
+    };
+
+    let mut subject_alt_names = Vec::new();
+    for attr in info.attributes.iter() {
+        // Other attributes (e.g. a challenge password) request nothing of the certificate.
+        if attr.oid != oid::EXTENSION_REQUEST {
+            continue;
+        }
+        for value in attr.values.iter() {
+            let extensions: Vec<Extension> = value.decode_as().map_err(malformed)?;
+            for ext in &extensions {
+                let content = ext.extn_value.as_bytes();
+                match ext.extn_id {
+                    oid::SUBJECT_ALT_NAME => {
+                        let names = SubjectAltName::from_der(content).map_err(malformed)?;
+                        subject_alt_names.extend(names.0);
+                    }
+                    oid::KEY_USAGE => {
+                        KeyUsage::from_der(content).map_err(malformed)?;
+                    }
+                    oid::EXTENDED_KEY_USAGE => {
+                        let ekus = ExtendedKeyUsage::from_der(content).map_err(malformed)?;
+                        if !ekus.0.iter().all(|eku| oid::KNOWN_EKUS.contains(eku)) {
+                            return Err(CsrError::UnsupportedExtension);
+                        }
+                    }
+                    oid::BASIC_CONSTRAINTS => {
+                        BasicConstraints::from_der(content).map_err(malformed)?;
+                    }
+                    _ => return Err(CsrError::UnsupportedExtension),
+                }
+            }
+        }
+    }
+    Ok(ParsedCsr {
+        info,
+        subject_alt_names,
+        public_key,
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -921,6 +1152,224 @@ mod tests {
             );
         }
         assert!(!printed.contains("PRIVATE KEY"));
+    }
+
+    const NOW: u64 = 1_750_000_000;
+
+    fn node() -> NodeIdentity {
+        NodeIdentity {
+            name: "worker-0".into(),
+            role: NodeRole::Worker,
+            ips: vec!["10.0.0.7".parse().unwrap()],
+            dns_names: vec!["worker-0".into()],
+        }
+    }
+
+    fn kubelet_params() -> CertificateParams {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "system:node:worker-0");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, NODES_ORGANIZATION);
+        params.subject_alt_names = vec![
+            SanType::DnsName("worker-0".try_into().unwrap()),
+            SanType::IpAddress("10.0.0.7".parse().unwrap()),
+        ];
+        params
+    }
+
+    fn pem(der: &[u8]) -> String {
+        der::pem::encode_string(CSR_PEM_LABEL, der::pem::LineEnding::LF, der).unwrap()
+    }
+
+    /// `csr_der` with its CertificationRequestInfo signed anew: `sign` over the info's bytes,
+    /// the signature algorithm named `sig_alg`.
+    fn resigned(
+        csr_der: &[u8],
+        sig_alg: der::oid::ObjectIdentifier,
+        sign: impl FnOnce(&[u8]) -> Vec<u8>,
+    ) -> Vec<u8> {
+        let mut req = x509_cert::request::CertReq::from_der(csr_der).unwrap();
+        let info = req.info.to_der().unwrap();
+        req.algorithm = x509_cert::spki::AlgorithmIdentifierOwned {
+            oid: sig_alg,
+            parameters: None,
+        };
+        req.signature = der::asn1::BitString::from_bytes(&sign(&info)).unwrap();
+        req.to_der().unwrap()
+    }
+
+    fn issued_spki(pki: &ClusterPki, csr_pem: &str) -> Vec<u8> {
+        let cert_pem = pki
+            .issue_kubelet_cert(csr_pem.as_bytes(), &node(), &FixedClock::at_unix(NOW))
+            .unwrap();
+        let cert_der = pem_body(&cert_pem, "CERTIFICATE").unwrap();
+        Certificate::from_der(&cert_der)
+            .unwrap()
+            .tbs_certificate
+            .subject_public_key_info
+            .to_der()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_accepted_algorithm_gives_a_certificate_for_the_requests_own_key() {
+        let pki = ClusterPki::generate("c", &FixedClock::at_unix(NOW)).unwrap();
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+            &rcgen::PKCS_RSA_SHA256,
+        ] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = kubelet_params().serialize_request(&key).unwrap();
+            let der = csr.der().to_vec();
+            assert_eq!(
+                issued_spki(&pki, &pem(&der)),
+                key.subject_public_key_info(),
+                "{alg:?}"
+            );
+        }
+        // The other hash of each curve, and the other RSA hashes (rcgen signs only with the
+        // curve's own hash, so openssl makes these): the certificate still names the key's own
+        // algorithm and curve.
+        for (key_alg, digest) in [
+            (&rcgen::PKCS_ECDSA_P384_SHA384, "-sha256"),
+            (&rcgen::PKCS_ECDSA_P256_SHA256, "-sha384"),
+            (&rcgen::PKCS_RSA_SHA256, "-sha384"),
+            (&rcgen::PKCS_RSA_SHA256, "-sha512"),
+        ] {
+            let key = KeyPair::generate_for(key_alg).unwrap();
+            let der = openssl_csr(&key, digest);
+            assert_eq!(
+                issued_spki(&pki, &pem(&der)),
+                key.subject_public_key_info(),
+                "{key_alg:?} {digest}"
+            );
+        }
+    }
+
+    /// A kubelet CSR for `worker-0` made by `openssl req` with `digest`.
+    fn openssl_csr(key: &KeyPair, digest: &str) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("key.pem");
+        fs::write(&key_path, key.serialize_pem()).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-new", "-key"])
+            .arg(&key_path)
+            .args([
+                digest,
+                "-subj",
+                "/O=system:nodes/CN=system:node:worker-0",
+                "-addext",
+                "subjectAltName=DNS:worker-0,IP:10.0.0.7",
+                "-outform",
+                "DER",
+            ])
+            .output()
+            .expect("openssl is required for this test (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    #[test]
+    fn request_signed_by_another_key_is_refused() {
+        let pki = ClusterPki::generate("c", &FixedClock::at_unix(NOW)).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let other = KeyPair::generate().unwrap();
+        let csr = kubelet_params().serialize_request(&key).unwrap();
+        assert!(pki
+            .check_kubelet_csr(pem(csr.der()).as_bytes(), &node())
+            .is_ok());
+        let forged = resigned(csr.der(), oid::ECDSA_WITH_SHA256, |info| {
+            rcgen::SigningKey::sign(&other, info).unwrap()
+        });
+        assert_eq!(
+            pki.check_kubelet_csr(pem(&forged).as_bytes(), &node())
+                .unwrap_err(),
+            CsrError::BadSignature
+        );
+        // A signature algorithm that does not fit the key (ECDSA key, Ed25519 named).
+        let mislabelled = resigned(csr.der(), oid::ED25519, |info| {
+            rcgen::SigningKey::sign(&key, info).unwrap()
+        });
+        assert_eq!(
+            pki.check_kubelet_csr(pem(&mislabelled).as_bytes(), &node())
+                .unwrap_err(),
+            CsrError::BadSignature
+        );
+    }
+
+    #[test]
+    fn unsupported_algorithms_are_refused() {
+        let pki = ClusterPki::generate("c", &FixedClock::at_unix(NOW)).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P521_SHA512).unwrap();
+        let csr = kubelet_params().serialize_request(&key).unwrap();
+        assert_eq!(
+            pki.check_kubelet_csr(pem(csr.der()).as_bytes(), &node())
+                .unwrap_err(),
+            CsrError::BadSignature
+        );
+        // SHA-1 RSA verifies but is not accepted.
+        let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let sha1 = openssl_csr(&key, "-sha1");
+        assert_eq!(
+            pki.check_kubelet_csr(pem(&sha1).as_bytes(), &node())
+                .unwrap_err(),
+            CsrError::BadSignature
+        );
+    }
+
+    #[test]
+    fn extensions_and_san_kinds_outside_the_allowed_set_are_refused() {
+        let pki = ClusterPki::generate("c", &FixedClock::at_unix(NOW)).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let check = |params: CertificateParams| {
+            let csr = params.serialize_request(&key).unwrap();
+            pki.check_kubelet_csr(pem(csr.der()).as_bytes(), &node())
+        };
+
+        let mut allowed = kubelet_params();
+        allowed.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        allowed.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        allowed.is_ca = IsCa::ExplicitNoCa;
+        check(allowed).unwrap();
+
+        let mut custom = kubelet_params();
+        custom
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &[1, 2, 3, 4],
+                vec![5, 0],
+            ));
+        assert_eq!(check(custom).unwrap_err(), CsrError::UnsupportedExtension);
+
+        let mut eku = kubelet_params();
+        eku.extended_key_usages = vec![ExtendedKeyUsagePurpose::Other(vec![1, 2, 3, 4])];
+        assert_eq!(check(eku).unwrap_err(), CsrError::UnsupportedExtension);
+
+        for (san, kind) in [
+            (
+                SanType::Rfc822Name("a@worker-0".try_into().unwrap()),
+                "email",
+            ),
+            (SanType::URI("https://worker-0".try_into().unwrap()), "URI"),
+        ] {
+            let mut params = kubelet_params();
+            params.subject_alt_names.push(san);
+            let err = check(params).unwrap_err();
+            assert_eq!(err, CsrError::SanKindNotAllowed { kind });
+            assert!(err.is_identity_mismatch());
+        }
     }
 
     #[test]
