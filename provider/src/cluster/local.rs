@@ -603,7 +603,10 @@ impl LocalBackend {
             root.display()
         ));
         let (root2, journal2, secret) = (root.clone(), journal.clone(), init_secret.clone());
-        let nodes = blocking(move || {
+        // The control planes boot first and get Init while the workers boot: the workers'
+        // first-boot disk formatting (argon2id) then overlaps Init instead of slowing the
+        // control plane's, and the workers join as soon as the join service is up.
+        let (mut cloud, control_planes, workers_to_boot) = blocking(move || {
             std::fs::create_dir_all(&root2).map_err(|e| {
                 ClusterError::Other(format!("cannot create {}: {e}", root2.display()))
             })?;
@@ -614,27 +617,38 @@ impl LocalBackend {
             // only when Init arrives).
             let hasher =
                 std::thread::spawn(move || constellation_common::initsecret::hash(secret.expose()));
-            let mut done = Reconciled::default();
-            let booted = reconcile(
-                &mut cloud,
-                &[],
-                (cp, workers),
-                &PathBuf::from(&journal2.spec.image.reference),
-                &mut done,
-            );
+            // Every node is in the metadata before any boots, as when all booted at once.
+            let image = PathBuf::from(&journal2.spec.image.reference);
+            let added = cloud
+                .add_nodes(Role::ControlPlane, cp as usize, &image)
+                .and_then(|c| Ok((c, cloud.add_nodes(Role::Worker, workers as usize, &image)?)))
+                .map_err(platform_err);
+            let booted = added.and_then(|(control_planes, workers)| {
+                boot_retrying(&mut cloud, &control_planes)?;
+                Ok((control_planes, workers))
+            });
             let hash = hasher
                 .join()
                 .map_err(|_| ClusterError::Other("hashing the init secret failed".into()))?;
             cloud
                 .update_settings(|s| s.init_secret_hash = hash)
                 .map_err(platform_err)?;
-            booted?;
-            Ok(cloud.list_nodes())
+            let (control_planes, workers) = booted?;
+            let control_planes = records(&cloud, &control_planes);
+            Ok((cloud, control_planes, workers))
         })
         .await?;
-        let outputs = self
-            .init_and_journal(spec, &nodes, &mut journal, &root, progress)
-            .await?;
+        let workers_booted = blocking(move || {
+            boot_retrying(&mut cloud, &workers_to_boot)?;
+            Ok(cloud.list_nodes())
+        });
+        // Both run to the end, so no boot is still starting processes when a failure tears
+        // the cluster down.
+        let (outputs, nodes) = tokio::join!(
+            self.init_and_journal(spec, &control_planes, &mut journal, &root, progress),
+            workers_booted
+        );
+        let (outputs, nodes) = (outputs?, nodes?);
         let cluster_id = cluster_id_bytes(&outputs)?;
         wait_joined(&nodes, &spec.image.measurements, &cluster_id, progress).await?;
         Ok(ClusterState {
