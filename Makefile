@@ -111,8 +111,9 @@ demo: install
 	install -m755 target/debug/terraform-provider-constellation $(DEMO_PLUGIN)/terraform-provider-constellation_v0.1.0
 	rm -f $(DEMO_DIR)/.terraform.lock.hcl
 	$(DEMO_TF) init -input=false -plugin-dir=$(DEMO_MIRROR) >/dev/null
-	start=$$(date +%s); $(DEMO_TF) apply -auto-approve -input=false; \
-	  echo "demo: apply took $$(( $$(date +%s) - start )) s"
+	start=$$(date +%s%N); $(DEMO_TF) apply -auto-approve -input=false; \
+	  ms=$$(( ($$(date +%s%N) - start) / 1000000 )); \
+	  echo "demo: apply took $$(( ms / 1000 )).$$(( ms % 1000 / 100 )) s"
 	@cluster_id=$$($(DEMO_TF) output -raw cluster_id); \
 	$(DEMO_TF) output -json measurements \
 	  | jq 'map_values({expected: .expected, warnOnly: .warn_only})' > $(DEMO_STATE)/measurements.json; \
