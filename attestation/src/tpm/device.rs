@@ -12,6 +12,7 @@ use tss_esapi::interface_types::algorithm::{
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     Data, Digest as TpmDigest, DigestValues, EccPoint, EccScheme, HashScheme,
     KeyDerivationFunctionScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Public,
@@ -127,9 +128,13 @@ impl Tpm {
         let selection = sha256_selection(pcrs)?;
         let qualifying = Data::try_from(extra_data.to_vec())
             .map_err(|e| TpmError::tss("quote qualifying data (max 64 bytes)", e))?;
+        // A password session with the AK's empty auth: an unsalted, unbound HMAC session
+        // (what `execute_with_nullauth_session` starts) has no secret either, so it protects
+        // nothing more, and costs two more TPM round trips and ESYS key derivations per quote.
+        // The quote itself is signed by the AK and checked by the verifier.
         let (attest, signature) = self
             .context
-            .execute_with_nullauth_session(|ctx| {
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
                 ctx.quote(handle, qualifying, SignatureScheme::Null, selection)
             })
             .map_err(|e| TpmError::tss("quote", e))?;
@@ -157,8 +162,11 @@ impl Tpm {
             HashingAlgorithm::Sha256,
             TpmDigest::try_from(digest.to_vec()).map_err(|e| TpmError::tss("PCR digest", e))?,
         );
+        // Empty-auth PCR: a password session, as for quotes.
         self.context
-            .execute_with_nullauth_session(|ctx| ctx.pcr_extend(handle, values))
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.pcr_extend(handle, values)
+            })
             .map_err(|e| TpmError::tss("PCR extend", e))
     }
 
