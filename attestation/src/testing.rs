@@ -15,6 +15,11 @@
 //! or a wrong measurement is rejected, each with its own [`ValidationError`]. What is *not*
 //! real is only where the key lives (process memory instead of a TPM) and that the PCR value
 //! is whatever the issuer was told to claim.
+//!
+//! [`real_evidence`]: loaders for the real SEV-SNP evidence in `../shared/testdata`, shared by
+//! the tests of every crate.
+
+pub mod real_evidence;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -1,81 +1,41 @@
 //! Real SEV-SNP evidence and AMD certificates from ../shared/testdata for the collateral tests:
 //! loaders, a local fetcher serving those files, and a clock the tests move by hand.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test file uses a different subset
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use constellation_attestation::snp::{VekRequest, REPORT_LEN};
 use constellation_attestation::{Clock, FixedClock};
 use constellation_joinservice::collateral::{Collateral, CollateralFetcher, FetchError};
 use tokio::sync::watch;
 
-pub const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/testdata");
-
-pub fn read(rel: &str) -> Vec<u8> {
-    let p = format!("{TESTDATA}/{rel}");
-    std::fs::read(&p).unwrap_or_else(|e| panic!("test data {p} missing: {e}"))
-}
-
-/// Every CERTIFICATE block of a PEM file, as the exact DER inside it.
-pub fn pem_ders(rel: &str) -> Vec<Vec<u8>> {
-    let text = String::from_utf8(read(rel)).expect("PEM is text");
-    const END: &str = "-----END CERTIFICATE-----";
-    text.split_inclusive(END)
-        .filter(|block| block.contains("-----BEGIN CERTIFICATE-----"))
-        .map(|block| {
-            let (label, der) = der::pem::decode_vec(block.trim().as_bytes()).expect("PEM block");
-            assert_eq!(label, "CERTIFICATE");
-            der
-        })
-        .collect()
-}
-
-pub fn first_der(rel: &str) -> Vec<u8> {
-    pem_ders(rel).remove(0)
-}
-
-/// Inside every Azure certificate's validity period (VCEK 2023-08-30..2030-08-30).
-pub const AZURE_VALID_AT: &str = "2026-11-23T00:00:00Z";
-/// After the Azure VCEK expired.
-pub const AZURE_VCEK_EXPIRED_AT: &str = "2030-09-01T00:00:00Z";
-/// Inside the AWS VLEK's validity period (2024-12-10..2025-12-10).
-pub const AWS_VALID_AT: &str = "2025-06-01T00:00:00Z";
+pub use constellation_attestation::testing::real_evidence::{
+    aws_report, first_der, pem_ders, read, ASK_ARK, ASVK_ARK, AWS_REPORT_DATA, AWS_VALID_AT,
+    AWS_VLEK, AZURE_MEASUREMENT, AZURE_REPORT, AZURE_RUNTIME_DATA, AZURE_VALID_AT, AZURE_VCEK_DER,
+    AZURE_VCEK_EXPIRED_AT,
+};
 
 /// The Azure report's REPORTED_TCB as the raw u64: bl 2, tee 0, snp 6, ucode 93.
 pub const AZURE_TCB: u64 = 0x5d06_0000_0000_0002;
-pub const AZURE_MEASUREMENT: &str = "5677f1de87289e7ad2c7e99c805d0468b1a9ccd83f0d245afa5242d405da4d5725852f8c6550564870e5f3206dfb1841";
-/// The AWS report's REPORT_DATA: SHA-512 of the AK's PKIX DER (testdata README).
-pub const AWS_REPORT_DATA: &str = "87ab7caf510e1b3520dc3cceb64ee44128e10976fb0d3fc5e274699d8aaf506154af4c1de0a026b49fdf861e9ac75551551b3534d1c61369a3b08f5baed0db2f";
 
 /// Offset of CHIP_ID in the report.
 pub const CHIP_ID_OFFSET: usize = 0x1A0;
 
 /// The Azure report alone (attestation.bin has a 20-byte HCL header after it).
 pub fn azure_report() -> Vec<u8> {
-    read("constellation-go/snp-azure/attestation.bin")[..REPORT_LEN].to_vec()
+    read(AZURE_REPORT)[..REPORT_LEN].to_vec()
 }
 
 pub fn azure_runtime_data() -> Vec<u8> {
-    read("constellation-go/snp-azure/runtimedata.bin")
+    read(AZURE_RUNTIME_DATA)
 }
 
 pub fn azure_chip_id() -> [u8; 64] {
     azure_report()[CHIP_ID_OFFSET..CHIP_ID_OFFSET + 64]
         .try_into()
         .unwrap()
-}
-
-pub fn aws_report() -> Vec<u8> {
-    let text: Vec<u8> = read("constellation-go/snp-aws/report.b64")
-        .into_iter()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .expect("report.b64 is base64")
 }
 
 pub fn aws_report_data() -> [u8; 64] {
@@ -86,12 +46,12 @@ pub fn aws_report_data() -> [u8; 64] {
 
 /// The real Azure VCEK with the Milan ASK and ARK, as AMD's KDS serves them.
 pub fn azure_collateral() -> Collateral {
-    let mut chain = pem_ders("constellation-go/amd-certs/milan-ask-ark.pem");
+    let mut chain = pem_ders(ASK_ARK);
     assert_eq!(chain.len(), 2);
     let ark_der = chain.remove(1);
     let ask_der = chain.remove(0);
     Collateral {
-        vcek_der: read("constellation-go/snp-azure/vcek.der"),
+        vcek_der: read(AZURE_VCEK_DER),
         ask_der,
         ark_der,
     }
@@ -99,11 +59,11 @@ pub fn azure_collateral() -> Collateral {
 
 /// The real AWS VLEK with the Milan ASVK and ARK.
 pub fn aws_collateral() -> Collateral {
-    let mut chain = pem_ders("constellation-go/amd-certs/milan-asvk-ark.pem");
+    let mut chain = pem_ders(ASVK_ARK);
     let ark_der = chain.remove(1);
     let ask_der = chain.remove(0);
     Collateral {
-        vcek_der: first_der("constellation-go/snp-aws/vlek.pem"),
+        vcek_der: first_der(AWS_VLEK),
         ask_der,
         ark_der,
     }
