@@ -13,7 +13,7 @@ mod tpm_support;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use constellation_attestation::snp::{verify_report, SnpError, SnpPolicy, Tcb};
+use constellation_attestation::snp::{verify_report, SnpError, SnpPolicy};
 use constellation_attestation::tpm::{AkKind, QuoteError, Tpm};
 use constellation_attestation::variant::aws_sev_snp::validate_vouched_quote;
 use constellation_attestation::variant::aws_sev_snp::{
@@ -39,15 +39,7 @@ fn measurements() -> Measurements {
 
 /// The real report's reported TCB as the minimum (bl 4, tee 0, snp 24, ucode 217).
 fn validator() -> AwsSevSnpValidator {
-    let policy = SnpPolicy {
-        minimum_tcb: Tcb {
-            bootloader: 4,
-            tee: 0,
-            snp: 24,
-            microcode: 217,
-        },
-        ..SnpPolicy::default()
-    };
+    let policy = snp_common::aws_tcb_policy();
     AwsSevSnpValidator::new(
         snp_common::aws_vek(),
         policy,

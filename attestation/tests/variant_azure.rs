@@ -14,7 +14,7 @@ use std::sync::Arc;
 use aws_lc_rs::rsa::PublicEncryptingKey;
 use base64::Engine as _;
 use constellation_attestation::measurements::sha256;
-use constellation_attestation::snp::{SnpError, SnpPolicy, Tcb, REPORT_LEN};
+use constellation_attestation::snp::{SnpError, REPORT_LEN};
 use constellation_attestation::tpm::{AkKind, QuoteError, Tpm};
 use constellation_attestation::variant::aws_sev_snp::validate_vouched_quote;
 use constellation_attestation::variant::azure_sev_snp::{
@@ -28,7 +28,6 @@ use snp_common::{read, AZURE_REPORT, AZURE_RUNTIME_DATA};
 
 const QUOTED: [u32; 2] = [0, 4];
 const BINDING: [u8; 32] = [0x5a; 32];
-const AZURE_MEASUREMENT: &str = "5677f1de87289e7ad2c7e99c805d0468b1a9ccd83f0d245afa5242d405da4d5725852f8c6550564870e5f3206dfb1841";
 
 /// The report only: attestation.bin has 20 bytes of HCL request header after it.
 fn report() -> Vec<u8> {
@@ -54,21 +53,9 @@ fn measurements() -> Measurements {
 
 /// The real report's TCB and launch measurement as the policy minimum / expectation.
 fn validator() -> AzureSevSnpValidator {
-    let mut measurement = [0u8; 48];
-    hex::decode_to_slice(AZURE_MEASUREMENT, &mut measurement).unwrap();
-    let policy = SnpPolicy {
-        minimum_tcb: Tcb {
-            bootloader: 2,
-            tee: 0,
-            snp: 6,
-            microcode: 93,
-        },
-        measurement: Some(measurement),
-        ..SnpPolicy::default()
-    };
     AzureSevSnpValidator::new(
         snp_common::azure_vek(),
-        policy,
+        snp_common::azure_tcb_and_measurement_policy(),
         measurements(),
         Arc::new(snp_common::clock(snp_common::AZURE_VALID_AT)),
     )

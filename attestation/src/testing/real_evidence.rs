@@ -4,7 +4,7 @@
 
 use base64::Engine as _;
 
-use crate::snp::VerifiedVek;
+use crate::snp::{SnpPolicy, Tcb, VerifiedVek};
 use crate::FixedClock;
 
 /// The shared testdata folder (resolved from this crate, so every crate's tests agree).
@@ -97,4 +97,34 @@ pub fn azure_vek() -> VerifiedVek {
 pub fn aws_vek() -> VerifiedVek {
     VerifiedVek::new(&read(AWS_VLEK), &read(ASVK_ARK), &clock(AWS_VALID_AT))
         .expect("AWS VLEK chain verifies before expiry")
+}
+
+/// The Azure report's reported TCB (bl 2, tee 0, snp 6, ucode 93) as the minimum and its launch
+/// measurement as the expected one.
+pub fn azure_tcb_and_measurement_policy() -> SnpPolicy {
+    let mut measurement = [0u8; 48];
+    hex::decode_to_slice(AZURE_MEASUREMENT, &mut measurement).expect("measurement hex");
+    SnpPolicy {
+        minimum_tcb: Tcb {
+            bootloader: 2,
+            tee: 0,
+            snp: 6,
+            microcode: 93,
+        },
+        measurement: Some(measurement),
+        ..SnpPolicy::default()
+    }
+}
+
+/// The AWS report's reported TCB (bl 4, tee 0, snp 24, ucode 217) as the minimum.
+pub fn aws_tcb_policy() -> SnpPolicy {
+    SnpPolicy {
+        minimum_tcb: Tcb {
+            bootloader: 4,
+            tee: 0,
+            snp: 24,
+            microcode: 217,
+        },
+        ..SnpPolicy::default()
+    }
 }

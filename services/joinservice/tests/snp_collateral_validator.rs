@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use constellation_attestation::snp::{
-    CertRole, CollateralError, SigningKey, SnpError, SnpPolicy, Tcb, VekRef, VekRequest, VekSource,
+    CertRole, CollateralError, SigningKey, SnpError, SnpPolicy, VekRef, VekRequest, VekSource,
 };
 use constellation_attestation::variant::aws_sev_snp::AwsSevSnpValidator;
 use constellation_attestation::variant::azure_sev_snp::{
@@ -26,18 +26,7 @@ use snp_support::*;
 const TTL: Duration = Duration::from_secs(3600);
 
 fn azure_policy() -> SnpPolicy {
-    let mut measurement = [0u8; 48];
-    hex::decode_to_slice(AZURE_MEASUREMENT, &mut measurement).unwrap();
-    SnpPolicy {
-        minimum_tcb: Tcb {
-            bootloader: 2,
-            tee: 0,
-            snp: 6,
-            microcode: 93,
-        },
-        measurement: Some(measurement),
-        ..SnpPolicy::default()
-    }
+    azure_tcb_and_measurement_policy()
 }
 
 struct Setup {
@@ -346,15 +335,7 @@ async fn aws_validator_over_the_cache_accepts_the_real_vlek_report() {
     let cache = CollateralCache::new(fetcher.clone(), clock.clone(), TTL);
     let validator = Arc::new(AwsSevSnpValidator::with_collateral(
         Arc::new(cache),
-        SnpPolicy {
-            minimum_tcb: Tcb {
-                bootloader: 4,
-                tee: 0,
-                snp: 24,
-                microcode: 217,
-            },
-            ..SnpPolicy::default()
-        },
+        aws_tcb_policy(),
         Measurements::default(),
         clock,
     ));
