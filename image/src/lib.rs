@@ -185,10 +185,11 @@ impl LocalImage {
     /// Copies `bootstrapper` into `dir` with a manifest naming `version`, and measures both.
     pub fn assemble(dir: &Path, bootstrapper: &Path, version: &str) -> Result<Self, ImageError> {
         let binary = read(bootstrapper)?;
+        let binary_digest = sha256(&binary);
         let manifest = ImageManifest {
             version: version.to_owned(),
             platform: "local".to_owned(),
-            bootstrapper_sha256: hex::encode(sha256(&binary)),
+            bootstrapper_sha256: hex::encode(binary_digest),
         };
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -203,7 +204,13 @@ impl LocalImage {
         let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         let manifest_path = dir.join(MANIFEST_FILE);
         std::fs::write(&manifest_path, &manifest_bytes).map_err(io(&manifest_path))?;
-        Self::open(dir)
+        // Measured from the bytes just written: reading the ~80 MB binary back to hash it again
+        // would prove nothing more.
+        Ok(Self {
+            dir: dir.to_owned(),
+            measurements: measurements_from_digests(&binary_digest, &sha256(&manifest_bytes)),
+            manifest,
+        })
     }
 
     /// Reads an assembled image and recomputes its measurements from the files on disk (the
