@@ -4,9 +4,19 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
-/// Secret material (keys, master secrets). `Debug` prints only the length.
-#[derive(Clone, PartialEq, Eq)]
+/// Secret material (keys, master secrets). `Debug` prints only the length; `==` takes time
+/// that depends on the lengths only, never on where the contents differ.
+#[derive(Clone)]
 pub struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl PartialEq for SecretBytes {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq as _;
+        self.0.as_slice().ct_eq(other.0.as_slice()).into()
+    }
+}
+
+impl Eq for SecretBytes {}
 
 impl SecretBytes {
     pub fn new(bytes: Vec<u8>) -> Self {
@@ -45,5 +55,16 @@ mod tests {
         let printed = format!("{s:?}");
         assert!(!printed.contains("hunter2"));
         assert!(printed.contains("14 bytes"));
+    }
+
+    #[test]
+    fn equality_compares_every_byte_and_the_length() {
+        let a = SecretBytes::new(vec![1, 2, 3, 4]);
+        assert_eq!(a, SecretBytes::new(vec![1, 2, 3, 4]));
+        assert_ne!(a, SecretBytes::new(vec![1, 2, 3, 5]));
+        assert_ne!(a, SecretBytes::new(vec![0, 2, 3, 4]));
+        assert_ne!(a, SecretBytes::new(vec![1, 2, 3]));
+        assert_ne!(a, SecretBytes::new(vec![1, 2, 3, 4, 0]));
+        assert_eq!(SecretBytes::new(vec![]), SecretBytes::new(vec![]));
     }
 }
