@@ -216,18 +216,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     // its real disk key (Init derives it, a join ticket carries it).
     ensure_state_disk(&node)?;
 
-    // Verification service on every node, from the start.
-    let verify_addr = SocketAddr::new(me.ip, ports::VERIFY);
-    let verify_issuer: Arc<dyn constellation_attestation::Issuer> = issuer.clone();
-    tokio::spawn(async move {
-        if let Err(e) =
-            constellation_verify::serve(verify_addr, verify_issuer, std::future::pending()).await
-        {
-            tracing::error!("verification service stopped: {e}");
-        }
-    });
-    tracing::info!(%verify_addr, "verification service listening");
-
+    let mut serves_init_or_recover = false;
     if me.role == Role::ControlPlane {
         let serves = if state.phase == Phase::Uninitialized {
             // Serve Init (server-attested aTLS); other control planes may also let us join.
@@ -255,17 +244,38 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                 }
             });
             tracing::info!(%addr, "waiting for {what} (aTLS) or a join service");
-            if node
-                .metadata
-                .cluster()?
-                .join_endpoints(&node.name)
-                .is_empty()
-            {
-                std::future::pending::<()>().await;
-            }
+            serves_init_or_recover = true;
         }
     }
+    start_verification_service(&me, issuer);
+    if serves_init_or_recover
+        && node
+            .metadata
+            .cluster()?
+            .join_endpoints(&node.name)
+            .is_empty()
+    {
+        std::future::pending::<()>().await;
+    }
     join_loop(node).await
+}
+
+/// The verification service, on every node. It starts after the node's other listeners: the
+/// platform takes its answer as "the node is up" (a control plane then already serves Init).
+fn start_verification_service(
+    me: &constellation_common::metadata::NodeInfo,
+    issuer: Arc<QemuVtpmIssuer>,
+) {
+    let verify_addr = SocketAddr::new(me.ip, ports::VERIFY);
+    let verify_issuer: Arc<dyn constellation_attestation::Issuer> = issuer;
+    tokio::spawn(async move {
+        if let Err(e) =
+            constellation_verify::serve(verify_addr, verify_issuer, std::future::pending()).await
+        {
+            tracing::error!("verification service stopped: {e}");
+        }
+    });
+    tracing::info!(%verify_addr, "verification service listening");
 }
 
 fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
@@ -424,7 +434,11 @@ async fn apply_ticket(
     }
     drop((binding, phase));
     if control_plane {
-        serve_joins(node, ticket).await?;
+        // The node has joined either way; a join service that cannot start must not look like a
+        // failed join (the join loop would then wait forever as a bound node).
+        if let Err(e) = serve_joins(node, ticket).await {
+            tracing::error!("joined, but this control plane's join service did not start: {e:#}");
+        }
     }
     Ok(())
 }
