@@ -46,24 +46,22 @@ pub fn aws_report_data() -> [u8; 64] {
 
 /// The real Azure VCEK with the Milan ASK and ARK, as AMD's KDS serves them.
 pub fn azure_collateral() -> Collateral {
-    let mut chain = pem_ders(ASK_ARK);
-    assert_eq!(chain.len(), 2);
-    let ark_der = chain.remove(1);
-    let ask_der = chain.remove(0);
-    Collateral {
-        vcek_der: read(AZURE_VCEK_DER),
-        ask_der,
-        ark_der,
-    }
+    collateral(read(AZURE_VCEK_DER), ASK_ARK)
 }
 
 /// The real AWS VLEK with the Milan ASVK and ARK.
 pub fn aws_collateral() -> Collateral {
-    let mut chain = pem_ders(ASVK_ARK);
+    collateral(first_der(AWS_VLEK), ASVK_ARK)
+}
+
+/// `vek_der` with the signer and root of a two-certificate PEM chain file (signer first).
+fn collateral(vek_der: Vec<u8>, chain_file: &str) -> Collateral {
+    let mut chain = pem_ders(chain_file);
+    assert_eq!(chain.len(), 2, "{chain_file}: signer and root");
     let ark_der = chain.remove(1);
     let ask_der = chain.remove(0);
     Collateral {
-        vcek_der: first_der(AWS_VLEK),
+        vcek_der: vek_der,
         ask_der,
         ark_der,
     }
