@@ -13,13 +13,21 @@ TF115_VENV:= $(TOOLS)/terraform-1.15.5/venv
 NULL_VER  := 2.1.2
 NULL_PROVIDER := $(TOOLS)/null-mirror/registry.terraform.io/hashicorp/null/$(NULL_VER)/linux_amd64/terraform-provider-null_v$(NULL_VER)_x4
 APT_PKGS  := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin libcryptsetup-dev \
-             python3-pykmip clang libclang-dev pkg-config libssl-dev openssl procps iproute2
+             python3-pykmip clang libclang-dev pkg-config libssl-dev openssl procps iproute2 \
+             qemu-system-x86 ovmf busybox-static
+# The node image's kernel (image/): a pinned Debian cloud kernel, unpacked (never installed) into
+# tools/. Pinned for reproducible images; if the mirror dropped it, `make image-kernel` says which
+# package linux-image-cloud-amd64 depends on now, to put here.
+KERNEL_PKG := linux-image-6.1.0-57-cloud-amd64
+KERNEL_DEB_VERSION := 6.1.192-3
+KERNEL_DIR := $(TOOLS)/kernel/$(KERNEL_PKG)_$(KERNEL_DEB_VERSION)
+export CONSTELLATION_KERNEL_DIR := $(KERNEL_DIR)
 CARGO     ?= cargo
 export CHECKPOINT_DISABLE := 1
 export CONSTELLATION_TERRAFORM_1_0 := $(TF103)
 export CONSTELLATION_TERRAFORM_1_15 := $(TF115)
 
-.PHONY: help install install-apt install-terraform build test lint bench fuzz demo demo-down clean
+.PHONY: help install install-apt install-terraform image-kernel build test lint bench fuzz demo demo-down clean
 
 help:
 	@echo "make demo       install what is missing, build, bring up a local cluster with Terraform"
@@ -29,7 +37,21 @@ help:
 	@echo "make bench      run the benchmarks and print figures (see docs/SPECIFICATION.md)"
 	@echo "make fuzz       longer property-test runs of every parser"
 
-install: install-apt install-terraform
+install: install-apt install-terraform image-kernel
+
+image-kernel: $(KERNEL_DIR)/.unpacked
+
+$(KERNEL_DIR)/.unpacked:
+	@echo "install: $(KERNEL_PKG)=$(KERNEL_DEB_VERSION) via apt-get download, unpacked into $(KERNEL_DIR)"
+	rm -rf $(KERNEL_DIR).dl && mkdir -p $(KERNEL_DIR).dl
+	cd $(KERNEL_DIR).dl && apt-get download -qq $(KERNEL_PKG)=$(KERNEL_DEB_VERSION) || { \
+	  echo "image-kernel: $(KERNEL_PKG)=$(KERNEL_DEB_VERSION) is not on the mirror (apt-get update?);" \
+	       "linux-image-cloud-amd64 now depends on: $$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/ *Depends: //p')" \
+	       "with version $$(apt-cache policy $$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/ *Depends: //p') | sed -n 's/ *Candidate: //p')." \
+	       "Set KERNEL_PKG/KERNEL_DEB_VERSION in the Makefile to it." >&2; exit 1; }
+	rm -rf $(KERNEL_DIR) && dpkg-deb -x $(KERNEL_DIR).dl/*.deb $(KERNEL_DIR)
+	rm -rf $(KERNEL_DIR).dl
+	touch $@
 
 # apt on this image can fail mid-install once (a hook deletes downloaded .debs): retry once.
 install-apt:
