@@ -6,4 +6,5 @@ pub mod initsecret;
 pub mod kdf;
 pub mod metadata;
 pub mod secret;
+pub mod secret_file;
 pub mod tls;

@@ -134,19 +134,15 @@ impl FileMetadata {
         }
     }
 
-    /// Writes metadata atomically (temp file + rename) so readers never see half a file.
+    /// Writes metadata atomically, mode 0600 ([`crate::secret_file`]): readers never see half
+    /// a file, and the pinned attestation keys it lists cannot be swapped through a planted
+    /// temporary.
     pub fn write(path: &Path, m: &ClusterMetadata) -> Result<(), MetadataError> {
-        let io = |source| MetadataError::Io {
+        let bytes = serde_json::to_vec_pretty(m).expect("metadata serializes");
+        crate::secret_file::write_private_atomic(path, &bytes).map_err(|e| MetadataError::Io {
             path: path.to_owned(),
-            source,
-        };
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(m).expect("metadata serializes"),
-        )
-        .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+            source: e.into(),
+        })
     }
 
     pub fn read(path: &Path) -> Result<ClusterMetadata, MetadataError> {
