@@ -7,17 +7,9 @@ use std::time::Instant;
 
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P384_SHA384_FIXED};
 use constellation_attestation::snp::{self, SnpPolicy, VerifiedVek, SIGNED_LEN};
-use constellation_attestation::FixedClock;
-
-const TESTDATA: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/testdata/constellation-go"
-);
-
-fn read(rel: &str) -> Vec<u8> {
-    let p = format!("{TESTDATA}/{rel}");
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
-}
+use constellation_attestation::testing::real_evidence::{
+    clock, read, ASK_ARK, AZURE_REPORT, AZURE_VALID_AT, AZURE_VCEK_PEM,
+};
 
 /// Mean ns per call of `f` over enough iterations to run about `budget_ms`.
 fn measure(name: &str, budget_ms: u128, mut f: impl FnMut()) -> f64 {
@@ -38,10 +30,10 @@ fn measure(name: &str, budget_ms: u128, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let report = read("snp-azure/attestation.bin");
-    let vcek = read("snp-azure/vcek.pem");
-    let chain = read("amd-certs/milan-ask-ark.pem");
-    let clock = FixedClock::at_rfc3339("2026-11-23T00:00:00Z").expect("time");
+    let report = read(AZURE_REPORT);
+    let vcek = read(AZURE_VCEK_PEM);
+    let chain = read(ASK_ARK);
+    let clock = clock(AZURE_VALID_AT);
     let vek = VerifiedVek::new(&vcek, &chain, &clock).expect("chain verifies");
     let policy = SnpPolicy::default();
 

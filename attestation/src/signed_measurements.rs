@@ -81,10 +81,7 @@ impl CosignPublicKey {
 mod tests {
     use super::*;
 
-    const DIR: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/testdata/constellation-go/measurements/"
-    );
+    const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/test_data/measurements/");
 
     fn load(name: &str) -> Vec<u8> {
         std::fs::read(format!("{DIR}{name}")).unwrap_or_else(|e| panic!("{DIR}{name}: {e}"))

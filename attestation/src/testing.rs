@@ -16,8 +16,8 @@
 //! real is only where the key lives (process memory instead of a TPM) and that the PCR value
 //! is whatever the issuer was told to claim.
 //!
-//! [`real_evidence`]: loaders for the real SEV-SNP evidence in `../shared/testdata`, shared by
-//! the tests of every crate.
+//! [`real_evidence`]: loaders for the real SEV-SNP evidence in `attestation/test_data/`, shared
+//! by the tests and benchmarks of every crate.
 
 pub mod real_evidence;
 

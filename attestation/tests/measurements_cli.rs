@@ -3,10 +3,7 @@
 
 use std::process::Command;
 
-const DIR: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/testdata/constellation-go/measurements/"
-);
+const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/test_data/measurements/");
 
 fn run(file: &str) -> (i32, serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_attest"))

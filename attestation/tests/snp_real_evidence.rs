@@ -1,5 +1,5 @@
-//! SEV-SNP verification against real evidence from Azure and AWS hardware (see
-//! ../shared/testdata/README.md for what a correct verifier concludes on each file).
+//! SEV-SNP verification against real evidence from Azure and AWS hardware (see the READMEs in
+//! attestation/test_data/ for what a correct verifier concludes on each file).
 
 mod snp_common;
 

@@ -1,4 +1,4 @@
-//! `VekSource` and `verify_report_from` against the real evidence in ../shared/testdata: the
+//! `VekSource` and `verify_report_from` against the real evidence in attestation/test_data: the
 //! VEK is chosen per report (signer, CHIP_ID, reported TCB), and collateral given as separate
 //! DER certificates (as a KDS serves it) verifies like the PEM chain.
 

@@ -1,4 +1,4 @@
-//! aws-sev-snp against the real AWS evidence in ../shared/testdata (VLEK-signed report v3,
+//! aws-sev-snp against the real AWS evidence in test_data/snp-aws (VLEK-signed report v3,
 //! VLEK, ASVK/ARK chain, verified at a pinned time before the VLEK expired) and a real swtpm.
 //!
 //! The real report's REPORT_DATA is SHA-512 of an AK's SPKI DER, but that AK (and any quote by

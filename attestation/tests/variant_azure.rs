@@ -1,4 +1,4 @@
-//! azure-sev-snp against the real Azure evidence in ../shared/testdata (SNP report, HCL runtime
+//! azure-sev-snp against the real Azure evidence in test_data/snp-azure (SNP report, HCL runtime
 //! data, VCEK and AMD chain) and a real swtpm for the TPM half.
 //!
 //! No TPM quote signed by the real HCL AK exists, so the accept path of the TPM half is shown

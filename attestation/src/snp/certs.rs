@@ -550,13 +550,11 @@ pub fn parse_vek_certificate(data: &[u8]) -> Result<(SigningKey, VekExtensions),
 mod tests {
     use super::*;
 
-    const AMD_ROOTS: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/testdata/amd-roots"
-    );
+    /// The embedded ARKs and, next to them, the ASKs they sign (see roots/README.md).
+    const AMD_ROOTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/snp/roots");
 
     /// Each embedded ARK is pinned under its product, is the one AMD publishes (fingerprint
-    /// prefix and suffix from the testdata README), and really signs that product's ASK: a
+    /// prefix and suffix from roots/README.md), and really signs that product's ASK: a
     /// broken embedded file would otherwise just pin nothing, silently.
     #[test]
     fn milan_genoa_and_turin_roots_are_pinned_and_sign_their_ask() {

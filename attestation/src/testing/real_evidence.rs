@@ -1,25 +1,27 @@
-//! The real SEV-SNP evidence and AMD certificates in `../shared/testdata` (see its README), for
-//! the tests of every crate: paths, loaders, and the instants at which each certificate is valid.
-//! Paths are relative to the testdata folder; the files are read in place, never copied.
+//! The real SEV-SNP evidence and AMD certificates vendored in `attestation/test_data/` (each
+//! folder's README names origin, license and what a correct verifier concludes), for the tests
+//! and benchmarks of every crate: paths, loaders, and the instants at which each certificate is
+//! valid. Paths are relative to that folder.
 
 use base64::Engine as _;
 
 use crate::snp::{SnpPolicy, Tcb, VerifiedVek};
 use crate::FixedClock;
 
-/// The shared testdata folder (resolved from this crate, so every crate's tests agree).
-pub const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata");
+/// The attestation crate's test data folder (resolved from this crate, so every crate's tests
+/// read the same copy).
+pub const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/test_data");
 
-pub const AZURE_REPORT: &str = "constellation-go/snp-azure/attestation.bin";
-pub const AZURE_VCEK_PEM: &str = "constellation-go/snp-azure/vcek.pem";
-pub const AZURE_VCEK_DER: &str = "constellation-go/snp-azure/vcek.der";
-pub const AZURE_RUNTIME_DATA: &str = "constellation-go/snp-azure/runtimedata.bin";
-pub const ASK_ARK: &str = "constellation-go/amd-certs/milan-ask-ark.pem";
-pub const ASVK_ARK: &str = "constellation-go/amd-certs/milan-asvk-ark.pem";
-pub const AWS_REPORT_B64: &str = "constellation-go/snp-aws/report.b64";
-pub const AWS_VLEK: &str = "constellation-go/snp-aws/vlek.pem";
-pub const BADSIG_REPORT: &str = "constellation-go/snp-aws/report-vlek-2023-badsig.bin";
-pub const VLEK_2023: &str = "constellation-go/snp-aws/vlek-2023.pem";
+pub const AZURE_REPORT: &str = "snp-azure/attestation.bin";
+pub const AZURE_VCEK_PEM: &str = "snp-azure/vcek.pem";
+pub const AZURE_VCEK_DER: &str = "snp-azure/vcek.der";
+pub const AZURE_RUNTIME_DATA: &str = "snp-azure/runtimedata.bin";
+pub const ASK_ARK: &str = "amd-certs/milan-ask-ark.pem";
+pub const ASVK_ARK: &str = "amd-certs/milan-asvk-ark.pem";
+pub const AWS_REPORT_B64: &str = "snp-aws/report.b64";
+pub const AWS_VLEK: &str = "snp-aws/vlek.pem";
+pub const BADSIG_REPORT: &str = "snp-aws/report-vlek-2023-badsig.bin";
+pub const VLEK_2023: &str = "snp-aws/vlek-2023.pem";
 
 /// Inside every Azure certificate's validity period (VCEK 2023-08-30..2030-08-30).
 pub const AZURE_VALID_AT: &str = "2026-11-23T00:00:00Z";
@@ -34,7 +36,7 @@ pub const VLEK_2023_VALID_AT: &str = "2024-01-01T00:00:00Z";
 
 /// The Azure report's launch MEASUREMENT.
 pub const AZURE_MEASUREMENT: &str = "5677f1de87289e7ad2c7e99c805d0468b1a9ccd83f0d245afa5242d405da4d5725852f8c6550564870e5f3206dfb1841";
-/// The AWS report's REPORT_DATA: SHA-512 of the AK's PKIX DER (testdata README).
+/// The AWS report's REPORT_DATA: SHA-512 of the AK's PKIX DER (test_data/snp-aws/README.md).
 pub const AWS_REPORT_DATA: &str = "87ab7caf510e1b3520dc3cceb64ee44128e10976fb0d3fc5e274699d8aaf506154af4c1de0a026b49fdf861e9ac75551551b3534d1c61369a3b08f5baed0db2f";
 
 pub fn path(rel: &str) -> String {

@@ -21,7 +21,7 @@ struct Vector {
 fn matches_constellation_go_known_answers() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/testdata/constellation-go/kdf/hkdf-sha256.json"
+        "/test_data/kdf/hkdf-sha256.json"
     );
     let v: Vectors =
         serde_json::from_slice(&std::fs::read(path).expect("known answers present")).unwrap();

@@ -1,6 +1,6 @@
 //! SNP collateral cache on its own: one fetch for concurrent misses, TTL on an injected clock,
 //! stale on error, keyed by signer/chip/TCB, only verified chains cached, and the synchronous
-//! bridge validators use. Real VCEK/ASK/ARK from ../shared/testdata.
+//! bridge validators use. Real VCEK/ASK/ARK from attestation/test_data.
 
 mod snp_support;
 

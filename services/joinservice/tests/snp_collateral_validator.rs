@@ -1,5 +1,5 @@
 //! The SNP validators over the collateral cache, against the real evidence in
-//! ../shared/testdata: a validator with an empty cache and a local fetcher (serving the real
+//! attestation/test_data: a validator with an empty cache and a local fetcher (serving the real
 //! VCEK/VLEK and AMD chain from the testdata files) checks reports from whatever chip they
 //! come from. Time is pinned with the injected clock (the evidence is old).
 

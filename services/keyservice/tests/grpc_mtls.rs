@@ -10,9 +10,10 @@ use constellation_keyservice::{KeyService, MasterSecret};
 use constellation_proto::keyservice::key_service_client::KeyServiceClient;
 use serde::Deserialize;
 
+/// The Go project's HKDF known answers, owned by the crate that implements the KDF.
 const HKDF_VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/testdata/constellation-go/kdf/hkdf-sha256.json"
+    "/../common/test_data/kdf/hkdf-sha256.json"
 );
 
 #[derive(Deserialize)]

@@ -1,4 +1,4 @@
-//! Real SEV-SNP evidence and AMD certificates from ../shared/testdata for the collateral tests:
+//! Real SEV-SNP evidence and AMD certificates from attestation/test_data for the collateral tests:
 //! loaders, a local fetcher serving those files, and a clock the tests move by hand.
 #![allow(dead_code, unused_imports)] // each test file uses a different subset
 
