@@ -123,7 +123,7 @@ pub(crate) async fn adopt_disk_key(
         if let Ok(initial) = std::fs::read(&initial_key_path) {
             let initial = zeroize::Zeroizing::new(initial);
             // The first-boot key sat in a file: its keyslot goes, not just the file.
-            statedisk::rekey(&disk, &initial, &key, KdfSettings::from_env())?;
+            statedisk::rekey(&disk, &initial, &key, KdfSettings::default())?;
             std::fs::remove_file(&initial_key_path).map_err(|source| DiskKeyError::Io {
                 path: initial_key_path.clone(),
                 source,
@@ -282,7 +282,7 @@ fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
     let path = node.disk_path();
     if !path.exists() {
         let throwaway: [u8; 32] = rand::random();
-        let uuid = statedisk::format(&path, STATE_DISK_BYTES, &throwaway, KdfSettings::from_env())?;
+        let uuid = statedisk::format(&path, STATE_DISK_BYTES, &throwaway, KdfSettings::default())?;
         std::fs::write(node.state_dir.join("disk.initial-key"), throwaway)?;
         tracing::info!(%uuid, "formatted the state disk with a first-boot key");
     }

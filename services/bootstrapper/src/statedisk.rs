@@ -33,9 +33,6 @@ pub const DEVICE_MAPPER_CONTROL: &str = "/dev/mapper/control";
 const PROC_MISC: &str = "/proc/misc";
 /// errno EPERM on Linux: libcryptsetup's answer when no keyslot accepts the passphrase.
 const EPERM: i32 = 1;
-/// Setting this environment variable to `1` selects [`KdfSettings::fast_insecure_for_tests`]
-/// in [`KdfSettings::from_env`]. Never set it on a real node.
-pub const FAST_KDF_ENV: &str = "CONSTELLATION_STATEDISK_INSECURE_FAST_KDF";
 
 /// How keyslot passphrases (the disk key) are stretched.
 ///
@@ -70,24 +67,11 @@ impl Default for KdfSettings {
 }
 
 impl KdfSettings {
-    /// PBKDF2 with 1000 iterations: formatting takes milliseconds.
+    /// PBKDF2 with 1000 iterations: formatting takes milliseconds. Only for tests that call
+    /// this module directly; the node always uses [`KdfSettings::default`] (no switch selects
+    /// this, not even in test clusters: the default costs ~0.1 s per keyslot operation).
     pub fn fast_insecure_for_tests() -> Self {
         Self::Pbkdf2 { iterations: 1000 }
-    }
-
-    /// [`KdfSettings::default`] unless [`FAST_KDF_ENV`] is `1` (explicit opt-in for test
-    /// clusters).
-    pub fn from_env() -> Self {
-        match std::env::var(FAST_KDF_ENV) {
-            Ok(value) if value == "1" => {
-                tracing::warn!(
-                    env = FAST_KDF_ENV,
-                    "state disk uses fast PBKDF2 (1000 iterations): test setting, not for real nodes"
-                );
-                Self::fast_insecure_for_tests()
-            }
-            _ => Self::default(),
-        }
     }
 
     fn pbkdf_type(self) -> CryptPbkdfType {

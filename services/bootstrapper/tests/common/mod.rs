@@ -39,8 +39,6 @@ impl Drop for TestCluster {
 
 impl TestCluster {
     pub fn new(name: &str) -> Self {
-        // Tests use the fast (insecure) LUKS key derivation; production keeps argon2id.
-        std::env::set_var("CONSTELLATION_STATEDISK_INSECURE_FAST_KDF", "1");
         let dir = tempfile::tempdir().unwrap();
         let image = LocalImage::assemble(
             &dir.path().join("image"),
