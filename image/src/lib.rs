@@ -7,6 +7,12 @@
 //! the same computation over the same files, so a node started from any other binary fails
 //! attestation. [`CLUSTER_ID_PCR`] must still be zero when a node is initialized or joins.
 
+pub mod cpio;
+pub mod eventlog;
+pub mod kmod;
+pub mod pe;
+pub mod qemu;
+
 use std::path::{Path, PathBuf};
 
 use constellation_attestation::measurements::{

@@ -1,0 +1,38 @@
+#!/bin/sh
+# Init of the Constellation node image (PID 1): mounts the kernel file systems, loads the
+# modules the node needs, brings up networking, prints the boot measurements to the serial
+# console (PCR values and the firmware event log: public data, read by tests and operators),
+# then runs the bootstrapper. If the bootstrapper exits, the node powers off.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t securityfs securityfs /sys/kernel/security
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+echo "constellation-init: phase=init uptime=$(cut -d' ' -f1 /proc/uptime)"
+while read -r m; do
+  insmod "/lib/modules/$m" 2>/dev/null || echo "constellation-init: insmod $m failed"
+done < /etc/modules.order
+ip link set lo up
+for dev in /sys/class/net/*; do
+  ifname=${dev##*/}
+  [ "$ifname" = lo ] && continue
+  ip link set "$ifname" up
+  udhcpc -i "$ifname" -q -n -t 10 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1 \
+    || echo "constellation-init: no DHCP lease on $ifname"
+done
+echo "===CONSTELLATION-PCRS-BEGIN==="
+i=0
+while [ $i -le 23 ]; do
+  echo "$i $(cat /sys/class/tpm/tpm0/pcr-sha256/$i 2>/dev/null)"
+  i=$((i + 1))
+done
+echo "===CONSTELLATION-PCRS-END==="
+echo "===CONSTELLATION-EVENTLOG-BEGIN==="
+base64 /sys/kernel/security/tpm0/binary_bios_measurements
+echo "===CONSTELLATION-EVENTLOG-END==="
+echo "constellation-init: phase=bootstrapper uptime=$(cut -d' ' -f1 /proc/uptime)"
+/usr/bin/constellation-bootstrapper
+echo "constellation-init: bootstrapper exited with status $?"
+poweroff -f
