@@ -4,6 +4,8 @@
 //!
 //! No TLS is needed: the evidence itself is bound to the caller's fresh nonce.
 
+pub mod config;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

@@ -21,4 +21,6 @@ pub mod reload;
 pub mod secrets;
 pub mod settings;
 pub mod shutdown;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tpm;

@@ -1,0 +1,72 @@
+//! `constellation-verify`: the verification service as its own daemon (see docs/daemons/verify.md).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use constellation_daemon::{health, logging, reload, shutdown, tpm};
+use constellation_verify::config::{Cli, Config};
+use constellation_verify::VerifyServer;
+
+fn main() -> ExitCode {
+    let config = match Cli::parse().resolve() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("constellation-verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(config.daemon.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "verification service failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let health = health::Health::new("TPM not opened yet");
+    let health_listener = health::bind(config.daemon.health_listen).await?;
+    tokio::spawn(health::serve(health_listener, health.clone()));
+    let shutdown = shutdown::on_signal(health.clone())?;
+    tracing::info!(listen = %config.listen, health = %config.daemon.health_listen, tcti = %config.tcti, "verification service starting");
+
+    let stop = shutdown.clone();
+    let Some(issuer) = reload::until_loaded(
+        "TPM",
+        config.daemon.reload_interval,
+        || stop.begun(),
+        || tpm::open_issuer(&config.tcti),
+    )
+    .await
+    else {
+        return Ok(());
+    };
+    let ak = issuer.ak_public().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(listen = %config.listen, ak_fingerprint = %hex::encode(ak.fingerprint()), "verification service listening");
+    health.set_ready();
+    let server = tonic::transport::Server::builder()
+        .add_service(VerifyServer::new(Arc::new(issuer)).into_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.clone().wait(),
+        );
+    let served = async {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "verification service transport failed");
+        }
+    };
+    shutdown::drain(shutdown, config.daemon.shutdown_grace, served).await;
+    tracing::info!("verification service stopped");
+    Ok(())
+}
