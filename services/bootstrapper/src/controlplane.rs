@@ -559,6 +559,7 @@ async fn start_join_service(
     let issuer = JoinTicketIssuer::new(
         keys,
         Arc::new(MetadataDirectory(node.clone())),
+        node.disk_bindings.clone(),
         pki,
         Arc::new(TokenRegistry::default()),
         node.clock.clone(),

@@ -16,6 +16,7 @@ use constellation_common::initsecret;
 use constellation_common::kdf;
 use constellation_common::metadata::ports;
 use constellation_common::secret::SecretBytes;
+use constellation_joinservice::{DiskOwner, DiskUuid};
 use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_server::InitService;
 use constellation_proto::init::{InitRequest, InitResponse, InitSuccess, LogLine};
@@ -148,6 +149,31 @@ impl InitService for InitServer {
     }
 }
 
+/// Binds this node's disk to this node (its attested key) before any join service runs, so no
+/// joiner can claim it and be handed its key.
+async fn bind_own_disk(node: &NodeContext, uuid: &str) -> Result<(), Status> {
+    let disk = DiskUuid::parse(uuid).map_err(|e| Status::internal(e.to_string()))?;
+    let ak = node
+        .issuer
+        .ak_public()
+        .map_err(|e| Status::internal(format!("attestation key: {e}")))?;
+    let me = DiskOwner {
+        node_name: node.name.clone(),
+        ak_fingerprint: ak.fingerprint(),
+    };
+    let owner = node
+        .disk_bindings
+        .claim(&disk, &me)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    if owner != me {
+        return Err(Status::failed_precondition(format!(
+            "state disk {disk} is bound to {owner}, not to this {me}"
+        )));
+    }
+    Ok(())
+}
+
 async fn initialize(
     node: &Arc<NodeContext>,
     r: InitRequest,
@@ -171,6 +197,7 @@ async fn initialize(
     let uuid = statedisk::uuid(&node.disk_path())
         .map_err(|e| Status::internal(e.to_string()))?
         .to_string();
+    bind_own_disk(node, &uuid).await?;
     let disk_key = kdf::derive_key(
         master.expose(),
         master_salt.expose(),

@@ -19,6 +19,7 @@ use constellation_common::metadata::{ports, FileMetadata, Metadata, Role};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::pki::{write_pki_files, ClusterPki, PkiFile};
 use constellation_joinservice::ticket::JoinTicketConfig;
+use constellation_joinservice::{DiskBindings, FileDiskBindings};
 use constellation_proto::init::init_service_server::InitServiceServer;
 use constellation_proto::join::join_service_client::JoinServiceClient;
 use constellation_proto::join::{IssueJoinTicketRequest, IssueJoinTicketResponse};
@@ -58,6 +59,8 @@ pub struct NodeContext {
     pub node_dir: PathBuf,
     pub state_dir: PathBuf,
     pub metadata: Arc<dyn Metadata>,
+    /// Which node each state disk belongs to, shared by the cluster's control planes.
+    pub disk_bindings: Arc<dyn DiskBindings>,
     pub issuer: Arc<QemuVtpmIssuer>,
     pub clock: Arc<dyn Clock>,
     /// The lifecycle phase; Init holds this lock while it runs (exactly-once).
@@ -193,6 +196,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     )?);
     let state_dir = cfg.node_dir.join("state");
     std::fs::create_dir_all(&state_dir)?;
+    // In the cluster folder next to the metadata: every control plane of the host shares it.
+    let cluster_dir = cfg
+        .metadata_path
+        .parent()
+        .unwrap_or(std::path::Path::new("."));
+    let disk_bindings = Arc::new(FileDiskBindings::open(cluster_dir.join("disk-bindings"))?);
     let state = NodeState::load(&state_dir)?;
     tracing::info!(node = %cfg.name, role = me.role.as_str(), ip = %me.ip, phase = ?state.phase, "bootstrapper starting");
 
@@ -201,6 +210,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         node_dir: cfg.node_dir.clone(),
         state_dir,
         metadata: metadata.clone(),
+        disk_bindings,
         issuer: issuer.clone(),
         clock: Arc::new(SystemClock),
         phase: Arc::new(Mutex::new(state.clone())),

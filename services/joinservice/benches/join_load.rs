@@ -39,6 +39,7 @@ use constellation_joinservice::ticket::{
 };
 use constellation_joinservice::token::TokenRegistry;
 use constellation_joinservice::AttestedPeerInterceptor;
+use constellation_joinservice::FileDiskBindings;
 use constellation_proto::join::join_service_client::JoinServiceClient;
 use constellation_proto::join::join_service_server::JoinServiceServer;
 use constellation_proto::join::IssueJoinTicketRequest;
@@ -95,6 +96,7 @@ struct Cluster {
     server_issuer: Arc<SoftwareIssuer>,
     pki: Arc<ClusterPki>,
     nodes: Arc<HashMap<String, NodeIdentity>>,
+    _bindings_dir: tempfile::TempDir,
 }
 
 /// Makes `count` joiners (own AK, own CSR, own aTLS client config) and starts the join service
@@ -128,9 +130,11 @@ async fn start_cluster(count: usize) -> Cluster {
     }
     let nodes = Arc::new(nodes);
     let tokens = Arc::new(TokenRegistry::new());
+    let bindings_dir = tempfile::tempdir().expect("disk bindings folder");
     let issuer = JoinTicketIssuer::new(
         Arc::new(KdfKeys),
         nodes.clone(),
+        Arc::new(FileDiskBindings::open(bindings_dir.path()).expect("disk bindings")),
         pki.clone(),
         tokens.clone(),
         Arc::new(clock),
@@ -168,6 +172,7 @@ async fn start_cluster(count: usize) -> Cluster {
         server_issuer,
         pki,
         nodes,
+        _bindings_dir: bindings_dir,
     }
 }
 
@@ -406,7 +411,9 @@ async fn baselines(cluster: &Cluster) {
     });
     let scratch = TokenRegistry::new();
     let token = time_avg(5000, || {
-        scratch.issue(Duration::from_secs(7200), &clock as &dyn Clock);
+        scratch
+            .issue("worker-0", Duration::from_secs(7200), &clock as &dyn Clock)
+            .unwrap();
     });
     println!(
         "  service: CSR parse + checks + signature verify: {:>8.3} ms",

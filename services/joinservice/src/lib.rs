@@ -6,12 +6,14 @@
 
 pub mod attested_peer;
 pub mod collateral;
+pub mod disk_bindings;
 pub mod pki;
 pub mod ticket;
 pub mod token;
 
 pub use attested_peer::AttestedPeerInterceptor;
 pub use collateral::{CollateralCache, CollateralFetcher};
+pub use disk_bindings::{DiskBindings, DiskOwner, DiskUuid, FileDiskBindings};
 pub use pki::{ClusterPki, NodeIdentity, NodeRole};
 pub use ticket::{AttestedPeer, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory};
 pub use token::{BootstrapToken, TokenRegistry};

@@ -2,13 +2,16 @@
 //!
 //! The aTLS layer (wired by the bootstrapper) verifies the joining node's attestation and inserts
 //! an [`AttestedPeer`] into the tonic request's extensions. [`JoinTicketIssuer`] refuses any
-//! request without one, any request for a node name other than the attested one, and any CSR that
-//! names another node. Every check runs before anything is issued; on failure nothing is.
+//! request without one, any request for a node name other than the attested one, a role other
+//! than the one the platform lists for the attested node, a disk bound to another node (see
+//! [`crate::disk_bindings`]) and any CSR that names another node. Every check runs before anything
+//! is issued; on failure nothing is.
 //!
 //! A ticket carries: the state-disk key (the data key whose key ID is the disk UUID), the
 //! measurement salt and secret, a fresh bootstrap token with its expiry, the CA hash, the kubelet
 //! certificate, the CA certificate, the API server endpoint, the Kubernetes version and the
-//! cluster ID. Control-plane joins also get [`ClusterPki::shared_files`], named by their path
+//! cluster ID. Nodes the platform lists as control planes also get [`ClusterPki::shared_files`]
+//! (decided by the listing for the attested node, never by the request), named by their path
 //! under kubeadm's certificates directory: `ca.crt`, `ca.key`, `front-proxy-ca.crt`,
 //! `front-proxy-ca.key`, `etcd/ca.crt`, `etcd/ca.key`, `sa.key`, `sa.pub`.
 
@@ -20,13 +23,16 @@ use constellation_common::kdf::{cluster_id, DEFAULT_KEY_LEN};
 use constellation_common::secret::SecretBytes;
 use constellation_proto::join::join_service_server::JoinService;
 use constellation_proto::join::{
-    ControlPlaneFile, IssueJoinTicketRequest, IssueJoinTicketResponse,
+    join_refusal, AttestedNode, ControlPlaneFile, DiskOwnedByAnotherNode, IssueJoinTicketRequest,
+    IssueJoinTicketResponse, JoinRefusal, RoleMismatch,
 };
+use constellation_proto::prost::Message as _;
 use constellation_proto::PROTOCOL_VERSION;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
+use crate::disk_bindings::{BadDiskUuid, DiskBindingError, DiskBindings, DiskOwner, DiskUuid};
 use crate::pki::{ClusterPki, CsrError, NodeIdentity, NodeRole};
-use crate::token::TokenRegistry;
+use crate::token::{TokenError, TokenRegistry};
 
 /// The attested identity of the caller, put into the request extensions by the aTLS layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,27 +96,100 @@ pub enum JoinError {
     UnsupportedVersion { expected: u32, found: u32 },
     #[error("node name is empty")]
     EmptyNodeName,
-    #[error("disk UUID {found:?} is not of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hex)")]
-    BadDiskUuid { found: String },
+    #[error(transparent)]
+    BadDiskUuid(#[from] BadDiskUuid),
     #[error("node {name:?} is not known to the platform metadata")]
     UnknownNode { name: String },
-    #[error("node {name:?} asked for a control-plane ticket but metadata says it is a worker")]
-    NotControlPlane { name: String },
+    #[error("node {name:?} asked for the {requested} role but the platform lists it as {listed}")]
+    RoleMismatch {
+        name: String,
+        requested: &'static str,
+        listed: &'static str,
+    },
+    #[error("disk {disk_uuid} belongs to {owner}, not to {claimant} that asked for its key")]
+    DiskOwnedByAnotherNode {
+        disk_uuid: String,
+        claimant: DiskOwner,
+        owner: DiskOwner,
+    },
+    #[error("disk bindings: {0}")]
+    DiskBindings(#[from] DiskBindingError),
+    #[error("bootstrap token: {0}")]
+    Token(#[from] TokenError),
     #[error("kubelet CSR refused: {0}")]
     Csr(#[source] CsrError),
     #[error("{0}")]
     DataKey(#[from] DataKeyError),
 }
 
+impl JoinError {
+    /// The structured form of a refusal, for the status details (see [`JoinRefusal`]).
+    pub fn refusal(&self) -> Option<JoinRefusal> {
+        let reason = match self {
+            JoinError::DiskOwnedByAnotherNode {
+                disk_uuid,
+                claimant,
+                owner,
+            } => join_refusal::Reason::DiskOwnedByAnotherNode(DiskOwnedByAnotherNode {
+                disk_uuid: disk_uuid.clone(),
+                claimant: Some(attested_node(claimant)),
+                owner: Some(attested_node(owner)),
+            }),
+            JoinError::RoleMismatch {
+                name,
+                requested,
+                listed,
+            } => join_refusal::Reason::RoleMismatch(RoleMismatch {
+                node_name: name.clone(),
+                requested_control_plane: *requested == role_name(NodeRole::ControlPlane),
+                listed_control_plane: *listed == role_name(NodeRole::ControlPlane),
+            }),
+            _ => return None,
+        };
+        Some(JoinRefusal {
+            reason: Some(reason),
+        })
+    }
+}
+
+fn role_name(role: NodeRole) -> &'static str {
+    match role {
+        NodeRole::ControlPlane => "control-plane",
+        NodeRole::Worker => "worker",
+    }
+}
+
+fn attested_node(owner: &DiskOwner) -> AttestedNode {
+    AttestedNode {
+        name: owner.node_name.clone(),
+        ak_sha256: owner.ak_fingerprint.to_vec(),
+    }
+}
+
+/// The [`JoinRefusal`] a refused join's status carries in its details, if any.
+pub fn refusal_of(status: &Status) -> Option<JoinRefusal> {
+    JoinRefusal::decode(status.details())
+        .ok()
+        .filter(|r| r.reason.is_some())
+}
+
 impl From<JoinError> for Status {
     fn from(e: JoinError) -> Self {
         let message = e.to_string();
+        if let Some(refusal) = e.refusal() {
+            return Status::with_details(
+                Code::PermissionDenied,
+                message,
+                refusal.encode_to_vec().into(),
+            );
+        }
         match e {
             JoinError::NotAttested
             | JoinError::PeerWithoutNodeName { .. }
             | JoinError::NodeNameMismatch { .. }
             | JoinError::UnknownNode { .. }
-            | JoinError::NotControlPlane { .. } => Status::permission_denied(message),
+            | JoinError::RoleMismatch { .. }
+            | JoinError::DiskOwnedByAnotherNode { .. } => Status::permission_denied(message),
             JoinError::Csr(ref csr) if csr.is_identity_mismatch() => {
                 Status::permission_denied(message)
             }
@@ -119,7 +198,8 @@ impl From<JoinError> for Status {
             | JoinError::EmptyNodeName
             | JoinError::BadDiskUuid { .. }
             | JoinError::Csr(_) => Status::invalid_argument(message),
-            JoinError::DataKey(_) => Status::unavailable(message),
+            JoinError::DataKey(_) | JoinError::DiskBindings(_) => Status::unavailable(message),
+            JoinError::Token(_) => Status::resource_exhausted(message),
         }
     }
 }
@@ -128,6 +208,7 @@ impl From<JoinError> for Status {
 pub struct JoinTicketIssuer {
     keys: Arc<dyn DataKeySource>,
     nodes: Arc<dyn NodeDirectory>,
+    disks: Arc<dyn DiskBindings>,
     pki: Arc<ClusterPki>,
     tokens: Arc<TokenRegistry>,
     clock: Arc<dyn Clock>,
@@ -151,6 +232,7 @@ impl JoinTicketIssuer {
     pub fn new(
         keys: Arc<dyn DataKeySource>,
         nodes: Arc<dyn NodeDirectory>,
+        disks: Arc<dyn DiskBindings>,
         pki: Arc<ClusterPki>,
         tokens: Arc<TokenRegistry>,
         clock: Arc<dyn Clock>,
@@ -163,6 +245,7 @@ impl JoinTicketIssuer {
         Self {
             keys,
             nodes,
+            disks,
             pki,
             tokens,
             clock,
@@ -220,30 +303,50 @@ impl JoinTicketIssuer {
                 attested: attested.to_owned(),
             });
         }
-        let disk_key_id = normalized_disk_uuid(&req.disk_uuid)?;
+        let disk = DiskUuid::parse(&req.disk_uuid)?;
+        // The entry for the attested node (its name came from its attested key).
         let node = self
             .nodes
-            .node(&req.node_name)
+            .node(attested)
             .ok_or_else(|| JoinError::UnknownNode {
-                name: req.node_name.clone(),
+                name: attested.to_owned(),
             })?;
-        if req.is_control_plane && node.role != NodeRole::ControlPlane {
-            return Err(JoinError::NotControlPlane {
-                name: req.node_name.clone(),
+        let requested = if req.is_control_plane {
+            NodeRole::ControlPlane
+        } else {
+            NodeRole::Worker
+        };
+        if requested != node.role {
+            return Err(JoinError::RoleMismatch {
+                name: attested.to_owned(),
+                requested: role_name(requested),
+                listed: role_name(node.role),
             });
         }
         let csr = self
             .pki
             .check_kubelet_csr(&req.csr_pem, &node)
             .map_err(JoinError::Csr)?;
+        let claimant = DiskOwner {
+            node_name: attested.to_owned(),
+            ak_fingerprint: peer.ak_fingerprint,
+        };
+        let owner = self.disks.claim(&disk, &claimant).await?;
+        if owner != claimant {
+            return Err(JoinError::DiskOwnedByAnotherNode {
+                disk_uuid: disk.to_string(),
+                claimant,
+                owner,
+            });
+        }
 
         // All checks passed; now obtain and issue, the token last (the only registration).
-        let disk_key = self.keys.data_key(&disk_key_id, DEFAULT_KEY_LEN).await?;
+        let disk_key = self.keys.data_key(disk.as_str(), DEFAULT_KEY_LEN).await?;
         let kubelet_cert = self
             .pki
             .sign_kubelet_cert(&csr, self.clock.as_ref())
             .map_err(JoinError::Csr)?;
-        let control_plane_files = if req.is_control_plane {
+        let control_plane_files = if node.role == NodeRole::ControlPlane {
             self.pki
                 .shared_files()
                 .into_iter()
@@ -257,7 +360,7 @@ impl JoinTicketIssuer {
         };
         let token = self
             .tokens
-            .issue(self.config.token_ttl, self.clock.as_ref());
+            .issue(attested, self.config.token_ttl, self.clock.as_ref())?;
         Ok(IssueJoinTicketResponse {
             state_disk_key: disk_key.expose().to_vec(),
             measurement_salt: self.config.measurement_salt.expose().to_vec(),
@@ -289,48 +392,7 @@ impl JoinService for JoinTicketIssuer {
     }
 }
 
-/// Checks the 8-4-4-4-12 hex form and lowercases it, so the disk key does not depend on how the
-/// node spelled its UUID.
+/// The canonical (lowercase) form of a disk UUID, the key ID of its disk key.
 pub fn normalized_disk_uuid(uuid: &str) -> Result<String, JoinError> {
-    let groups: Vec<&str> = uuid.split('-').collect();
-    let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
-    let well_formed = lengths == [8, 4, 4, 4, 12]
-        && groups
-            .iter()
-            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
-    if !well_formed {
-        return Err(JoinError::BadDiskUuid {
-            found: uuid.to_owned(),
-        });
-    }
-    Ok(uuid.to_ascii_lowercase())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn disk_uuid_form() {
-        assert_eq!(
-            normalized_disk_uuid("0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0").unwrap(),
-            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
-        );
-        for bad in [
-            "",
-            "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
-            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f",
-            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg",
-            "{0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0}",
-            "../../etc/passwd",
-        ] {
-            assert!(
-                matches!(
-                    normalized_disk_uuid(bad),
-                    Err(JoinError::BadDiskUuid { .. })
-                ),
-                "{bad}"
-            );
-        }
-    }
+    Ok(DiskUuid::parse(uuid)?.to_string())
 }

@@ -1,8 +1,12 @@
 //! Kubernetes bootstrap tokens (`[a-z0-9]{6}.[a-z0-9]{16}`): the token ID is public, the secret
 //! part authenticates a kubelet's TLS bootstrap. Tokens come from the OS CSPRNG and expire after a
 //! TTL measured on an injected clock.
+//!
+//! The [`TokenRegistry`] is bounded: a node holds at most one live token (a new ticket replaces
+//! its earlier token), expired tokens are purged whenever a token is issued, and past
+//! [`DEFAULT_TOKEN_CAPACITY`] live tokens it refuses to issue rather than grow.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -18,6 +22,8 @@ pub const TOKEN_ID_LEN: usize = 6;
 pub const TOKEN_SECRET_LEN: usize = 16;
 /// Default lifetime, as kubeadm's default token TTL.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Live tokens a registry holds at most (one per node, so this is a cluster-size bound).
+pub const DEFAULT_TOKEN_CAPACITY: usize = 10_000;
 
 const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
@@ -36,6 +42,8 @@ pub enum TokenError {
     },
     #[error("token {id}: secret does not match")]
     WrongSecret { id: String },
+    #[error("token registry holds {capacity} unexpired tokens, its limit; refusing to issue more")]
+    RegistryFull { capacity: usize },
 }
 
 /// One bootstrap token. `Debug` shows the ID and expiry, never the secret.
@@ -132,19 +140,59 @@ fn split_token(token: &str) -> Option<(&str, &str)> {
 struct Registered {
     secret_sha256: [u8; 32],
     expires_at: SystemTime,
+    node: String,
 }
 
-/// The tokens this join service handed out, with their expiry. Only digests of the secrets are
-/// kept.
 #[derive(Default)]
+struct Tokens {
+    by_id: HashMap<String, Registered>,
+    /// The live token ID of each node.
+    by_node: HashMap<String, String>,
+    /// (expiry, token ID), oldest first: purging pops from the front.
+    by_expiry: BTreeSet<(SystemTime, String)>,
+}
+
+impl Tokens {
+    fn remove(&mut self, id: &str) {
+        if let Some(t) = self.by_id.remove(id) {
+            self.by_expiry.remove(&(t.expires_at, id.to_owned()));
+            if self.by_node.get(&t.node).is_some_and(|live| live == id) {
+                self.by_node.remove(&t.node);
+            }
+        }
+    }
+
+    fn purge_expired(&mut self, now: SystemTime) -> usize {
+        let mut purged = 0;
+        while let Some((expires_at, id)) = self.by_expiry.first().cloned() {
+            if now < expires_at {
+                break;
+            }
+            self.remove(&id);
+            purged += 1;
+        }
+        purged
+    }
+}
+
+/// The tokens this join service handed out, with their expiry and node. Only digests of the
+/// secrets are kept. Bounded (see the module documentation).
 pub struct TokenRegistry {
-    tokens: Mutex<HashMap<String, Registered>>,
+    tokens: Mutex<Tokens>,
+    capacity: usize,
+}
+
+impl Default for TokenRegistry {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_TOKEN_CAPACITY)
+    }
 }
 
 impl fmt::Debug for TokenRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenRegistry")
-            .field("tokens", &self.lock().len())
+            .field("tokens", &self.len())
+            .field("capacity", &self.capacity)
             .finish()
     }
 }
@@ -154,32 +202,63 @@ impl TokenRegistry {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Registered>> {
-        // The map stays consistent even if a holder panicked: every update is one insert/remove.
+    /// A registry that holds at most `capacity` unexpired tokens.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            tokens: Mutex::default(),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tokens> {
+        // The maps stay consistent even if a holder panicked: no update can panic halfway.
         self.tokens
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Generates and registers a token valid for `ttl` from `clock`'s now.
-    pub fn issue(&self, ttl: Duration, clock: &dyn Clock) -> BootstrapToken {
+    /// Generates and registers a token for `node`, valid for `ttl` from `clock`'s now. Purges
+    /// expired tokens and `node`'s earlier token first; refuses when the registry is full.
+    pub fn issue(
+        &self,
+        node: &str,
+        ttl: Duration,
+        clock: &dyn Clock,
+    ) -> Result<BootstrapToken, TokenError> {
         let mut tokens = self.lock();
+        let purged = tokens.purge_expired(clock.now());
+        if purged > 0 {
+            tracing::debug!(purged, "expired bootstrap tokens purged");
+        }
+        if let Some(earlier) = tokens.by_node.get(node).cloned() {
+            tokens.remove(&earlier);
+        }
+        if tokens.by_id.len() >= self.capacity {
+            return Err(TokenError::RegistryFull {
+                capacity: self.capacity,
+            });
+        }
         loop {
             let token = BootstrapToken::generate(ttl, clock);
             // IDs are public and must be unique; a collision (1 in 36^6) just draws again.
-            if tokens.contains_key(&token.id) {
+            if tokens.by_id.contains_key(&token.id) {
                 continue;
             }
-            tokens.insert(
+            tokens.by_id.insert(
                 token.id.clone(),
                 Registered {
                     secret_sha256: Sha256::digest(token.secret.as_bytes()).into(),
                     expires_at: token.expires_at,
+                    node: node.to_owned(),
                 },
             );
-            tracing::debug!(token_id = %token.id, expires_at_unix = token.expires_at_unix(),
+            tokens
+                .by_expiry
+                .insert((token.expires_at, token.id.clone()));
+            tokens.by_node.insert(node.to_owned(), token.id.clone());
+            tracing::debug!(token_id = %token.id, node, expires_at_unix = token.expires_at_unix(),
                 "bootstrap token issued");
-            return token;
+            return Ok(token);
         }
     }
 
@@ -189,6 +268,7 @@ impl TokenRegistry {
         let (id, secret) = split_token(token).ok_or(TokenError::Malformed)?;
         let tokens = self.lock();
         let entry = tokens
+            .by_id
             .get(id)
             .ok_or_else(|| TokenError::Unknown { id: id.into() })?;
         let now = clock.now();
@@ -206,22 +286,24 @@ impl TokenRegistry {
         Ok(())
     }
 
-    /// Drops every token expired at `clock`'s now; returns how many went.
+    /// Drops every token expired at `clock`'s now; returns how many went. [`Self::issue`] does
+    /// this too; call it periodically to free memory between joins.
     pub fn purge_expired(&self, clock: &dyn Clock) -> usize {
-        let now = clock.now();
-        let mut tokens = self.lock();
-        let before = tokens.len();
-        tokens.retain(|_, t| now < t.expires_at);
-        before - tokens.len()
+        self.lock().purge_expired(clock.now())
     }
 
     /// Number of registered tokens (expired ones included until purged).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The most tokens this registry holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 

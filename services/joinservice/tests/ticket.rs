@@ -11,6 +11,7 @@ use common::*;
 use constellation_attestation::FixedClock;
 use constellation_common::kdf::{cluster_id, derive_key};
 use constellation_common::secret::SecretBytes;
+use constellation_joinservice::disk_bindings::FileDiskBindings;
 use constellation_joinservice::pki::{ClusterPki, NodeIdentity, NodeRole};
 use constellation_joinservice::ticket::{
     AttestedPeer, DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer,
@@ -57,6 +58,7 @@ struct Fixture {
     tokens: Arc<TokenRegistry>,
     pki: Arc<ClusterPki>,
     nodes: HashMap<String, NodeIdentity>,
+    _bindings_dir: tempfile::TempDir,
 }
 
 fn fixture_with(keys: FakeKeyService) -> Fixture {
@@ -75,9 +77,11 @@ fn fixture_with(keys: FakeKeyService) -> Fixture {
     }
     let keys = Arc::new(keys);
     let tokens = Arc::new(TokenRegistry::new());
+    let bindings_dir = tempfile::tempdir().unwrap();
     let issuer = JoinTicketIssuer::new(
         keys.clone(),
         Arc::new(nodes.clone()),
+        Arc::new(FileDiskBindings::open(bindings_dir.path()).unwrap()),
         pki.clone(),
         tokens.clone(),
         Arc::new(clock),
@@ -95,6 +99,7 @@ fn fixture_with(keys: FakeKeyService) -> Fixture {
         tokens,
         pki,
         nodes,
+        _bindings_dir: bindings_dir,
     }
 }
 

@@ -47,7 +47,9 @@ fn expiry_is_ttl_after_the_injected_now() {
 #[test]
 fn registry_accepts_until_expiry_then_refuses_and_purges() {
     let registry = TokenRegistry::new();
-    let token = registry.issue(TTL, &FixedClock::at_unix(T0));
+    let token = registry
+        .issue("worker-0", TTL, &FixedClock::at_unix(T0))
+        .unwrap();
     let s = token.expose();
     registry.validate(&s, &FixedClock::at_unix(T0)).unwrap();
     registry
@@ -64,7 +66,9 @@ fn registry_accepts_until_expiry_then_refuses_and_purges() {
         }
     );
 
-    let later = registry.issue(TTL, &FixedClock::at_unix(T0 + 1800));
+    let later = registry
+        .issue("worker-1", TTL, &FixedClock::at_unix(T0 + 1800))
+        .unwrap();
     assert_eq!(registry.len(), 2);
     assert_eq!(registry.purge_expired(&FixedClock::at_unix(T0 + 3600)), 1);
     assert_eq!(
@@ -84,7 +88,7 @@ fn registry_accepts_until_expiry_then_refuses_and_purges() {
 fn registry_refuses_wrong_secret_unknown_id_and_malformed() {
     let registry = TokenRegistry::new();
     let clock = FixedClock::at_unix(T0);
-    let token = registry.issue(TTL, &clock);
+    let token = registry.issue("worker-0", TTL, &clock).unwrap();
     let mut wrong = token.expose_secret().to_owned();
     let flipped = if wrong.ends_with('a') { "b" } else { "a" };
     wrong.replace_range(15.., flipped);

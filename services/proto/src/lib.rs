@@ -4,6 +4,10 @@
 /// The protocol version these messages describe.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The protobuf runtime of the generated messages, for encoding them outside gRPC (e.g. status
+/// details).
+pub use prost;
+
 #[allow(clippy::all, missing_docs)]
 pub mod init {
     tonic::include_proto!("constellation.init.v1");

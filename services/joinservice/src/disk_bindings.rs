@@ -1,0 +1,382 @@
+//! Disk bindings: which node a state disk belongs to.
+//!
+//! The join service derives a disk key from the disk UUID a joiner names, so without a binding
+//! any attested node could fetch the key of any disk. Each disk UUID is bound to the first node
+//! that claims it (its attested name and attestation-key fingerprint, never a request field);
+//! the join service refuses everyone else. The first control plane binds its own disk at Init.
+//!
+//! [`DiskBindings`] is compare-and-set (claim if absent, else report the owner), so two control
+//! planes racing to bind one disk agree on one owner. [`FileDiskBindings`] keeps one file per disk
+//! in a directory every control plane of the host shares (the cluster folder next to the
+//! platform's metadata); an etcd-backed store can replace it behind the same trait.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Largest binding file read back; a real one is ~200 bytes.
+const MAX_RECORD_BYTES: u64 = 4096;
+
+/// A disk UUID in its canonical form: 8-4-4-4-12 lowercase hex (safe as a file name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DiskUuid(String);
+
+/// A disk UUID that is not of the 8-4-4-4-12 hex form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("disk UUID {found:?} is not of the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hex)")]
+pub struct BadDiskUuid {
+    pub found: String,
+}
+
+impl DiskUuid {
+    /// Checks the 8-4-4-4-12 hex form and lowercases it, so neither the disk key nor the binding
+    /// depends on how the node spelled its UUID.
+    pub fn parse(uuid: &str) -> Result<Self, BadDiskUuid> {
+        let groups: Vec<&str> = uuid.split('-').collect();
+        let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+        let well_formed = lengths == [8, 4, 4, 4, 12]
+            && groups
+                .iter()
+                .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !well_formed {
+            return Err(BadDiskUuid {
+                found: uuid.to_owned(),
+            });
+        }
+        Ok(Self(uuid.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DiskUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The attested identity a disk is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskOwner {
+    /// The node's name in the platform's metadata (looked up from its attested key).
+    pub node_name: String,
+    /// SHA-256 of the node's attestation key.
+    pub ak_fingerprint: [u8; 32],
+}
+
+impl fmt::Display for DiskOwner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node {:?} (AK {})",
+            self.node_name,
+            hex::encode(self.ak_fingerprint)
+        )
+    }
+}
+
+/// Why the binding store could not answer. Fails closed: no binding answer, no key.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskBindingError {
+    #[error("disk binding store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk binding {path} is malformed: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    #[error("disk binding store task failed: {0}")]
+    Task(String),
+}
+
+/// Where disk bindings live. Shared by every control plane of a cluster.
+#[tonic::async_trait]
+pub trait DiskBindings: Send + Sync {
+    /// Compare-and-set: binds `disk` to `claimant` unless some node holds it already, and
+    /// returns the node that holds it after the call (`claimant`, now or from before, or another
+    /// node). Of concurrent claims of one disk, from any control plane, exactly one wins and all
+    /// see the same owner.
+    async fn claim(
+        &self,
+        disk: &DiskUuid,
+        claimant: &DiskOwner,
+    ) -> Result<DiskOwner, DiskBindingError>;
+}
+
+/// One file per disk, `<dir>/<uuid>.yaml` (0600, in a 0700 directory).
+///
+/// A claim writes a temporary file created with `O_EXCL` (a file or symlink planted at its path
+/// makes the write fail) and publishes it with `link(2)`, which, unlike `rename(2)`, fails when
+/// the target exists: the publish is the compare-and-set, atomic across processes on the host,
+/// and a reader never sees a partial record.
+#[derive(Debug, Clone)]
+pub struct FileDiskBindings {
+    dir: PathBuf,
+}
+
+/// The on-disk record.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    disk_uuid: String,
+    node_name: String,
+    /// Hex SHA-256 of the node's attestation key.
+    ak_sha256: String,
+}
+
+impl FileDiskBindings {
+    /// Opens (creating it 0700 if missing) the binding directory `dir`; a directory others may
+    /// enter is tightened to 0700.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, DiskBindingError> {
+        let dir = dir.into();
+        let io = |source| DiskBindingError::Io {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io)?;
+        let mode = std::fs::metadata(&dir).map_err(io)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The owner recorded for `disk`, if any.
+    pub fn owner(&self, disk: &DiskUuid) -> Result<Option<DiskOwner>, DiskBindingError> {
+        read_owner(&self.record_path(disk), disk)
+    }
+
+    fn record_path(&self, disk: &DiskUuid) -> PathBuf {
+        self.dir.join(format!("{disk}.yaml"))
+    }
+
+    fn claim_blocking(
+        &self,
+        disk: &DiskUuid,
+        claimant: &DiskOwner,
+    ) -> Result<DiskOwner, DiskBindingError> {
+        let path = self.record_path(disk);
+        if let Some(owner) = read_owner(&path, disk)? {
+            return Ok(owner);
+        }
+        let record = Record {
+            disk_uuid: disk.to_string(),
+            node_name: claimant.node_name.clone(),
+            ak_sha256: hex::encode(claimant.ak_fingerprint),
+        };
+        let bytes = serde_yaml::to_string(&record).map_err(|e| DiskBindingError::Malformed {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let tmp = self
+            .dir
+            .join(format!(".{disk}.{:016x}.tmp", rand::random::<u64>()));
+        write_exclusive(&tmp, bytes.as_bytes())?;
+        let published = std::fs::hard_link(&tmp, &path);
+        if let Err(e) = std::fs::remove_file(&tmp) {
+            tracing::warn!(path = %tmp.display(), error = %e, "leftover disk-binding temporary");
+        }
+        match published {
+            Ok(()) => {
+                sync_dir(&self.dir)?;
+                tracing::info!(disk = %disk, owner = %claimant, "disk bound to node");
+                Ok(claimant.clone())
+            }
+            // Another claim won the race: its record is complete (linked after it was written).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_owner(&path, disk)?
+                .ok_or_else(|| DiskBindingError::Malformed {
+                    path,
+                    reason: "vanished right after a concurrent claim".into(),
+                }),
+            Err(source) => Err(DiskBindingError::Io { path, source }),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DiskBindings for FileDiskBindings {
+    async fn claim(
+        &self,
+        disk: &DiskUuid,
+        claimant: &DiskOwner,
+    ) -> Result<DiskOwner, DiskBindingError> {
+        let (store, disk, claimant) = (self.clone(), disk.clone(), claimant.clone());
+        tokio::task::spawn_blocking(move || store.claim_blocking(&disk, &claimant))
+            .await
+            .map_err(|e| DiskBindingError::Task(e.to_string()))?
+    }
+}
+
+/// Creates `path` (`O_CREAT|O_EXCL`, 0600), writes `bytes` and syncs it.
+fn write_exclusive(path: &Path, bytes: &[u8]) -> Result<(), DiskBindingError> {
+    let io = |source| DiskBindingError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), DiskBindingError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| DiskBindingError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+fn read_owner(path: &Path, disk: &DiskUuid) -> Result<Option<DiskOwner>, DiskBindingError> {
+    let malformed = |reason: String| DiskBindingError::Malformed {
+        path: path.to_owned(),
+        reason,
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(DiskBindingError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut text = String::new();
+    file.take(MAX_RECORD_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|source| DiskBindingError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    if text.len() as u64 > MAX_RECORD_BYTES {
+        return Err(malformed(format!("larger than {MAX_RECORD_BYTES} bytes")));
+    }
+    let record: Record = serde_yaml::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+    if record.disk_uuid != disk.as_str() {
+        return Err(malformed(format!(
+            "records disk {:?}, expected {disk}",
+            record.disk_uuid
+        )));
+    }
+    let ak_fingerprint = hex::decode(&record.ak_sha256)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            malformed(format!(
+                "ak_sha256 {:?} is not 32 hex bytes",
+                record.ak_sha256
+            ))
+        })?;
+    Ok(Some(DiskOwner {
+        node_name: record.node_name,
+        ak_fingerprint,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DISK: &str = "4f7c3b2a-1d9e-4c8b-a6f5-0e1d2c3b4a59";
+
+    fn owner(name: &str, ak: u8) -> DiskOwner {
+        DiskOwner {
+            node_name: name.into(),
+            ak_fingerprint: [ak; 32],
+        }
+    }
+
+    #[test]
+    fn uuid_form() {
+        assert_eq!(
+            DiskUuid::parse("0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0")
+                .unwrap()
+                .as_str(),
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+        );
+        for bad in [
+            "",
+            "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f",
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg",
+            "{0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0}",
+            "../../etc/passwd",
+        ] {
+            assert_eq!(DiskUuid::parse(bad), Err(BadDiskUuid { found: bad.into() }));
+        }
+    }
+
+    #[tokio::test]
+    async fn first_claim_wins_and_the_record_is_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("bindings");
+        let store = FileDiskBindings::open(&dir).unwrap();
+        let disk = DiskUuid::parse(DISK).unwrap();
+        assert_eq!(store.owner(&disk).unwrap(), None);
+        assert_eq!(
+            store.claim(&disk, &owner("a", 1)).await.unwrap(),
+            owner("a", 1)
+        );
+        assert_eq!(
+            store.claim(&disk, &owner("b", 2)).await.unwrap(),
+            owner("a", 1)
+        );
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(format!("{DISK}.yaml"))), 0o600);
+        // Only the record: no temporary left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_fails_closed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileDiskBindings::open(tmp.path()).unwrap();
+        let disk = DiskUuid::parse(DISK).unwrap();
+        std::fs::write(tmp.path().join(format!("{DISK}.yaml")), "node_name: [").unwrap();
+        assert!(matches!(
+            store.claim(&disk, &owner("a", 1)).await,
+            Err(DiskBindingError::Malformed { .. })
+        ));
+        // A record for another disk copied over this one's name is refused too.
+        let other = DiskUuid::parse("00000000-0000-0000-0000-000000000000").unwrap();
+        store.claim(&other, &owner("a", 1)).await.unwrap();
+        std::fs::copy(
+            tmp.path().join(format!("{other}.yaml")),
+            tmp.path().join(format!("{DISK}.yaml")),
+        )
+        .unwrap();
+        assert!(matches!(
+            store.claim(&disk, &owner("b", 2)).await,
+            Err(DiskBindingError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_loose_directory_is_tightened() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        FileDiskBindings::open(tmp.path()).unwrap();
+        let mode = std::fs::metadata(tmp.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+}
