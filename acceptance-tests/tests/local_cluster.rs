@@ -11,7 +11,7 @@
 //!
 //! Needs `make build` (provider, bootstrapper and `attest` in target/debug), swtpm and openssl.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -100,8 +100,7 @@ struct Node {
 
 #[derive(Debug, serde::Deserialize)]
 struct SwtpmJson {
-    server_port: u16,
-    ctrl_port: u16,
+    socket: PathBuf,
 }
 
 #[derive(serde::Deserialize)]
@@ -344,12 +343,17 @@ fn destroy_and_check(tf: &Terraform, root: &Path) {
     let marker = root.display().to_string();
     let ports = ports_of(root);
     assert!(!ports.is_empty());
+    let sockets = tpm_sockets_of(root);
+    assert!(!sockets.is_empty());
     let destroy = tf.destroy(&[]).ok();
     eprintln!("{:?}: destroy took {:?}", tf.version, destroy.elapsed);
     assert!(!root.exists(), "destroy must remove {marker}");
     let left = processes_mentioning(&marker);
     assert!(left.is_empty(), "processes left after destroy: {left:?}");
     assert_ports_free(&ports);
+    for socket in sockets {
+        assert!(!socket.exists(), "TPM socket {} left", socket.display());
+    }
 }
 
 /// Runs `terraform apply`, kills the provider (SIGKILL) and Terraform once `ready` holds for
@@ -463,8 +467,20 @@ fn cluster_in_state(tf: &Terraform) -> Option<serde_json::Value> {
         .map(|i| i["attributes"].clone())
 }
 
-/// Every port the cluster's nodes hold: the node ports on each node's address, and each
-/// swtpm's server and control port on 127.0.0.1.
+/// Every node's TPM sockets (data, control): swtpm listens on no TCP port.
+fn tpm_sockets_of(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for n in nodes(root) {
+        if let Some(t) = n.swtpm {
+            let mut ctrl = t.socket.clone().into_os_string();
+            ctrl.push(".ctrl");
+            out.extend([t.socket, PathBuf::from(ctrl)]);
+        }
+    }
+    out
+}
+
+/// Every port the cluster's nodes hold: the node ports on each node's address.
 fn ports_of(root: &Path) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for n in nodes(root) {
@@ -476,11 +492,6 @@ fn ports_of(root: &Path) -> Vec<SocketAddr> {
             ports::JOIN,
         ] {
             out.push(SocketAddr::new(ip, port));
-        }
-        if let Some(t) = n.swtpm {
-            for port in [t.server_port, t.ctrl_port] {
-                out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-            }
         }
     }
     out

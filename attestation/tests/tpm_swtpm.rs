@@ -348,6 +348,7 @@ fn detached_swtpm_outlives_its_launcher_and_stops() {
     assert_eq!(again, handle);
     again.stop().unwrap();
     assert!(!handle.is_alive());
+    assert!(!handle.socket.exists(), "socket removed on stop");
     assert!(Tpm::open(&handle.tcti()).is_err());
     handle.stop().unwrap();
 }
@@ -356,11 +357,12 @@ fn detached_swtpm_outlives_its_launcher_and_stops() {
 fn dropping_swtpm_kills_it() {
     let (_dir, swtpm) = tpm_support::swtpm();
     let pid = swtpm.pid();
-    let (server, ctrl) = swtpm.ports();
-    assert_ne!(server, ctrl);
+    let (socket, ctrl) = (swtpm.socket().to_owned(), swtpm.ctrl_socket());
+    assert!(socket.exists() && ctrl.exists());
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     drop(swtpm);
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!socket.exists() && !ctrl.exists(), "sockets removed");
 }
 
 #[test]

@@ -64,7 +64,7 @@ impl std::fmt::Debug for Tpm {
 const PCRS_PER_READ: usize = 8;
 
 impl Tpm {
-    /// Opens a TPM from a TCTI string such as `swtpm:host=127.0.0.1,port=2321` or
+    /// Opens a TPM from a TCTI string such as `swtpm:path=/node/tpm/swtpm.sock` or
     /// `device:/dev/tpmrm0`.
     pub fn open(tcti: &str) -> Result<Self, TpmError> {
         let conf = TctiNameConf::from_str(tcti).map_err(|e| TpmError::Operation {

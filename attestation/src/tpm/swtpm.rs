@@ -1,8 +1,14 @@
-//! Running swtpm (a software TPM 2.0) on loopback TCP: as a child owned by the caller (tests,
+//! Running swtpm (a software TPM 2.0) on unix sockets: as a child owned by the caller (tests,
 //! one instance each, since swtpm serves one client at a time) or detached (the local platform,
 //! where the TPM must outlive the process that started it). The binary is `$SWTPM` or `swtpm`.
+//!
+//! The TPM is the node's identity (its attestation key) and its measured-boot record, so only
+//! the launcher's user may talk to it: the data socket and its control socket (`<data>.ctrl`,
+//! where the swtpm TCTI looks for it) live in the state directory, which is made mode 0700, and
+//! are created 0600; the TPM state files are 0600 too. Nothing listens on TCP.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,12 +17,18 @@ use serde::{Deserialize, Serialize};
 
 use super::TpmError;
 
-const START_ATTEMPTS: usize = 8;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const PID_FILE: &str = "swtpm.pid";
 const LOG_FILE: &str = "swtpm.log";
+const SOCKET_FILE: &str = "swtpm.sock";
+/// The swtpm TCTI (tpm2-tss >= 3.2) finds the control channel at the data socket plus this.
+const CTRL_SUFFIX: &str = ".ctrl";
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// Where sockets go when the state directory's path is too long for a unix socket.
+const SHORT_DIR_PREFIX: &str = "constellation-swtpm-";
 
 fn binary() -> String {
     std::env::var("SWTPM").unwrap_or_else(|_| "swtpm".to_owned())
@@ -29,37 +41,84 @@ fn swtpm_error(message: impl Into<String>) -> TpmError {
     }
 }
 
-/// Two free consecutive loopback ports (server, control = server + 1: the swtpm TCTI derives
-/// the control port that way). Free now; a racing process may still take them, which the
-/// callers detect and retry.
-fn free_ports() -> Result<(u16, u16), TpmError> {
-    let bind = |port: u16| TcpListener::bind((Ipv4Addr::LOCALHOST, port));
-    for _ in 0..64 {
-        let server = bind(0)
-            .and_then(|l| l.local_addr())
-            .map_err(|e| TpmError::io("pick a free loopback port", e))?
-            .port();
-        let Some(ctrl) = server.checked_add(1) else {
-            continue;
-        };
-        let both = bind(server).and_then(|a| bind(ctrl).map(|b| (a, b)));
-        if both.is_ok() {
-            return Ok((server, ctrl));
-        }
-    }
-    Err(swtpm_error("no two consecutive free loopback ports found"))
+fn ctrl_path(socket: &Path) -> PathBuf {
+    let mut ctrl = socket.as_os_str().to_owned();
+    ctrl.push(CTRL_SUFFIX);
+    PathBuf::from(ctrl)
 }
 
-fn command(state_dir: &Path, server: u16, ctrl: u16, daemon: bool) -> Command {
+/// Creates `dir` (mode 0700) or makes an existing one 0700; the chmod also proves we own it.
+fn make_private_dir(dir: &Path) -> Result<(), TpmError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| TpmError::io(format!("create {}", dir.display()), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| TpmError::io(format!("make {} private (0700)", dir.display()), e))
+}
+
+/// The state directory, private and absolute (swtpm resolves it itself; a detached instance must
+/// not depend on our working directory).
+fn prepare_state_dir(state_dir: &Path) -> Result<PathBuf, TpmError> {
+    make_private_dir(state_dir)?;
+    state_dir
+        .canonicalize()
+        .map_err(|e| TpmError::io(format!("resolve {}", state_dir.display()), e))
+}
+
+/// The data socket's path: in the state directory, or, when that path is too long for a unix
+/// socket, in a fresh private directory under the temporary directory (created exclusively, so
+/// nobody can have prepared it).
+fn socket_path(state_dir: &Path) -> Result<PathBuf, TpmError> {
+    let in_state = state_dir.join(SOCKET_FILE);
+    if ctrl_path(&in_state).as_os_str().len() <= MAX_SOCKET_PATH {
+        return Ok(in_state);
+    }
+    let dir =
+        std::env::temp_dir().join(format!("{SHORT_DIR_PREFIX}{:016x}", rand::random::<u64>()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| TpmError::io(format!("create {}", dir.display()), e))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| TpmError::io(format!("make {} private (0700)", dir.display()), e))?;
+    let socket = dir.join(SOCKET_FILE);
+    if ctrl_path(&socket).as_os_str().len() > MAX_SOCKET_PATH {
+        let _ = std::fs::remove_dir(&dir);
+        return Err(swtpm_error(format!(
+            "socket path {} is too long for a unix socket",
+            socket.display()
+        )));
+    }
+    Ok(socket)
+}
+
+/// Removes what a stopped swtpm may leave: its sockets, and the socket directory when it is
+/// not the state directory.
+fn remove_sockets(socket: &Path, state_dir: &Path) {
+    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(ctrl_path(socket));
+    if let Some(dir) = socket.parent() {
+        if dir != state_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn command(state_dir: &Path, socket: &Path, daemon: bool) -> Command {
     let mut cmd = Command::new(binary());
     cmd.arg("socket")
         .arg("--tpm2")
         .arg("--server")
-        .arg(format!("type=tcp,port={server},bindaddr=127.0.0.1"))
+        .arg(format!("type=unixio,path={},mode=0600", socket.display()))
         .arg("--ctrl")
-        .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
+        .arg(format!(
+            "type=unixio,path={},mode=0600",
+            ctrl_path(socket).display()
+        ))
         .arg("--tpmstate")
-        .arg(format!("dir={}", state_dir.display()))
+        .arg(format!("dir={},mode=0600", state_dir.display()))
         .arg("--flags")
         .arg("not-need-init,startup-clear")
         .arg("--pid")
@@ -75,19 +134,10 @@ fn command(state_dir: &Path, server: u16, ctrl: u16, daemon: bool) -> Command {
     cmd
 }
 
-fn accepts(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-}
-
-fn prepare_state_dir(state_dir: &Path) -> Result<PathBuf, TpmError> {
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| TpmError::io(format!("create {}", state_dir.display()), e))?;
-    // swtpm resolves the state directory itself; give it an absolute path so a detached
-    // instance does not depend on our working directory.
-    state_dir
-        .canonicalize()
-        .map_err(|e| TpmError::io(format!("resolve {}", state_dir.display()), e))
+/// Both channels accept a connection (swtpm serves one client at a time: this one closes at
+/// once).
+fn ready(socket: &Path) -> bool {
+    UnixStream::connect(ctrl_path(socket)).is_ok() && UnixStream::connect(socket).is_ok()
 }
 
 fn stderr_of(child: &mut Child) -> String {
@@ -99,81 +149,64 @@ fn stderr_of(child: &mut Child) -> String {
     s.trim().to_owned()
 }
 
-/// A swtpm child process on loopback, killed and reaped on drop.
+/// A swtpm child process, killed and reaped on drop.
 #[derive(Debug)]
 pub struct Swtpm {
     child: Child,
-    server_port: u16,
-    ctrl_port: u16,
+    socket: PathBuf,
     state_dir: PathBuf,
 }
 
 impl Swtpm {
-    /// Starts swtpm with its state in `state_dir` (created if missing; existing state, i.e. the
-    /// TPM's seeds, is reused). Returns once the TPM accepts connections.
+    /// Starts swtpm with its state in `state_dir` (created if missing and made private;
+    /// existing state, i.e. the TPM's seeds, is reused). Returns once the TPM accepts
+    /// connections.
     pub fn start(state_dir: &Path) -> Result<Swtpm, TpmError> {
         let state_dir = prepare_state_dir(state_dir)?;
-        let mut last_error = String::new();
-        for _ in 0..START_ATTEMPTS {
-            let (server, ctrl) = free_ports()?;
-            let mut child = command(&state_dir, server, ctrl, false)
-                .spawn()
-                .map_err(|e| swtpm_error(format!("cannot run: {e}")))?;
-            let deadline = Instant::now() + READY_TIMEOUT;
-            let outcome = loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => {
-                        break Err(format!(
-                            "exited at startup ({status}): {}",
-                            stderr_of(&mut child)
-                        ))
-                    }
-                    Ok(None) => {}
-                    Err(e) => break Err(format!("cannot poll: {e}")),
-                }
-                if accepts(ctrl) && accepts(server) {
-                    // A port taken by someone else would also accept: make sure ours is alive
-                    // after its bind would have failed.
-                    std::thread::sleep(POLL);
-                    match child.try_wait() {
-                        Ok(None) => break Ok(()),
-                        Ok(Some(status)) => {
-                            break Err(format!(
-                                "exited at startup ({status}): {}",
-                                stderr_of(&mut child)
-                            ))
-                        }
-                        Err(e) => break Err(format!("cannot poll: {e}")),
-                    }
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break Err(format!(
-                        "ports {server}/{ctrl} not ready after {READY_TIMEOUT:?}"
-                    ));
-                }
-                std::thread::sleep(POLL);
-            };
-            match outcome {
-                Ok(()) => {
-                    tracing::debug!(pid = child.id(), server, ctrl, "swtpm started");
-                    return Ok(Swtpm {
-                        child,
-                        server_port: server,
-                        ctrl_port: ctrl,
-                        state_dir,
-                    });
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "swtpm start failed, retrying with new ports");
-                    last_error = e;
-                }
+        let socket = socket_path(&state_dir)?;
+        let mut child = match command(&state_dir, &socket, false).spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                remove_sockets(&socket, &state_dir);
+                return Err(swtpm_error(format!("cannot run: {e}")));
             }
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let outcome = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    break Err(format!(
+                        "exited at startup ({status}): {}",
+                        stderr_of(&mut child)
+                    ))
+                }
+                Ok(None) => {}
+                Err(e) => break Err(format!("cannot poll: {e}")),
+            }
+            if ready(&socket) {
+                break Ok(());
+            }
+            if Instant::now() > deadline {
+                break Err(format!(
+                    "{} not ready after {READY_TIMEOUT:?}",
+                    socket.display()
+                ));
+            }
+            std::thread::sleep(POLL);
+        };
+        let swtpm = Swtpm {
+            child,
+            socket,
+            state_dir,
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::debug!(pid = swtpm.child.id(), socket = %swtpm.socket.display(), "swtpm started");
+                Ok(swtpm)
+            }
+            // Dropping `swtpm` kills and reaps the child and removes its sockets.
+            Err(e) => Err(swtpm_error(e)),
         }
-        Err(swtpm_error(format!(
-            "could not start after {START_ATTEMPTS} attempts: {last_error}"
-        )))
     }
 
     /// Starts swtpm as a daemon that outlives this process (`--daemon`, pid file in
@@ -181,60 +214,69 @@ impl Swtpm {
     pub fn spawn_detached(state_dir: &Path) -> Result<SwtpmHandle, TpmError> {
         let state_dir = prepare_state_dir(state_dir)?;
         let pid_file = state_dir.join(PID_FILE);
-        let mut last_error = String::new();
-        for _ in 0..START_ATTEMPTS {
-            let _ = std::fs::remove_file(&pid_file);
-            let (server, ctrl) = free_ports()?;
-            // The launcher forks the daemon after binding its sockets and exits: a failed bind
-            // (port collision) shows up as a non-zero exit here.
-            let output = command(&state_dir, server, ctrl, true)
-                .output()
-                .map_err(|e| swtpm_error(format!("cannot run: {e}")))?;
-            if !output.status.success() {
-                last_error = format!(
-                    "exited with {}: {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
-                continue;
+        let _ = std::fs::remove_file(&pid_file);
+        let socket = socket_path(&state_dir)?;
+        // The launcher forks the daemon after binding its sockets and exits.
+        let output = match command(&state_dir, &socket, true).output() {
+            Ok(output) => output,
+            Err(e) => {
+                remove_sockets(&socket, &state_dir);
+                return Err(swtpm_error(format!("cannot run: {e}")));
             }
-            let handle = SwtpmHandle {
-                pid: read_pid(&pid_file)?,
-                server_port: server,
-                ctrl_port: ctrl,
-                state_dir: state_dir.clone(),
-            };
-            let deadline = Instant::now() + READY_TIMEOUT;
-            while !(accepts(ctrl) && accepts(server)) {
-                if Instant::now() > deadline || !handle.is_alive() {
-                    break;
-                }
-                std::thread::sleep(POLL);
-            }
-            if handle.is_alive() && accepts(server) {
-                tracing::debug!(pid = handle.pid, server, ctrl, "detached swtpm started");
-                return Ok(handle);
-            }
-            let _ = handle.stop();
-            last_error = format!("daemon pid {} did not become ready", handle.pid);
+        };
+        if !output.status.success() {
+            remove_sockets(&socket, &state_dir);
+            return Err(swtpm_error(format!(
+                "exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
         }
-        Err(swtpm_error(format!(
-            "could not start detached after {START_ATTEMPTS} attempts: {last_error}"
-        )))
+        let pid = match read_pid(&pid_file) {
+            Ok(pid) => pid,
+            Err(e) => {
+                remove_sockets(&socket, &state_dir);
+                return Err(e);
+            }
+        };
+        let handle = SwtpmHandle {
+            pid,
+            socket,
+            state_dir,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !ready(&handle.socket) {
+            if Instant::now() > deadline || !handle.is_alive() {
+                let _ = handle.stop();
+                return Err(swtpm_error(format!(
+                    "daemon pid {} did not become ready on {}",
+                    handle.pid,
+                    handle.socket.display()
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
+        tracing::debug!(pid = handle.pid, socket = %handle.socket.display(), "detached swtpm started");
+        Ok(handle)
     }
 
     /// The TCTI string for tss-esapi and tpm2-tools (`-T`).
     pub fn tcti(&self) -> String {
-        tcti(self.server_port)
+        tcti(&self.socket)
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    /// (server port, control port).
-    pub fn ports(&self) -> (u16, u16) {
-        (self.server_port, self.ctrl_port)
+    /// The data socket; the control socket is the same path plus `.ctrl`.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The control socket (`swtpm_ioctl --unix`).
+    pub fn ctrl_socket(&self) -> PathBuf {
+        ctrl_path(&self.socket)
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -246,11 +288,12 @@ impl Drop for Swtpm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        remove_sockets(&self.socket, &self.state_dir);
     }
 }
 
-fn tcti(server_port: u16) -> String {
-    format!("swtpm:host=127.0.0.1,port={server_port}")
+fn tcti(socket: &Path) -> String {
+    format!("swtpm:path={}", socket.display())
 }
 
 fn read_pid(pid_file: &Path) -> Result<u32, TpmError> {
@@ -286,23 +329,23 @@ fn read_pid(pid_file: &Path) -> Result<u32, TpmError> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwtpmHandle {
     pub pid: u32,
-    pub server_port: u16,
-    pub ctrl_port: u16,
+    /// The data socket; the control socket is the same path plus `.ctrl`.
+    pub socket: PathBuf,
     pub state_dir: PathBuf,
 }
 
 impl SwtpmHandle {
     pub fn tcti(&self) -> String {
-        tcti(self.server_port)
+        tcti(&self.socket)
     }
 
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
-    /// (server port, control port).
-    pub fn ports(&self) -> (u16, u16) {
-        (self.server_port, self.ctrl_port)
+    /// The control socket (`swtpm_ioctl --unix`).
+    pub fn ctrl_socket(&self) -> PathBuf {
+        ctrl_path(&self.socket)
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -334,6 +377,7 @@ impl SwtpmHandle {
     /// Sends SIGTERM (then SIGKILL after a grace period) and waits until it is gone.
     pub fn stop(&self) -> Result<(), TpmError> {
         let Some(pid) = self.running_pid() else {
+            remove_sockets(&self.socket, &self.state_dir);
             return Ok(());
         };
         for signal in ["-TERM", "-KILL"] {
@@ -350,6 +394,7 @@ impl SwtpmHandle {
             while Instant::now() < deadline {
                 if !self.is_alive() {
                     let _ = std::fs::remove_file(self.pid_file());
+                    remove_sockets(&self.socket, &self.state_dir);
                     return Ok(());
                 }
                 std::thread::sleep(POLL);

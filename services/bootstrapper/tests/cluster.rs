@@ -327,8 +327,8 @@ async fn workers_join_with_known_answer_disk_keys_and_rejoin_after_restart() {
         let key = kdf::derive_key(&[0x11; 32], &[0x22; 32], &uuid, 32).unwrap();
         constellation_bootstrapper::statedisk::verify_key(&disk_of(w), key.expose()).unwrap();
         assert!(
-            !w.dir.join("state/disk.initial-key").exists(),
-            "first-boot key forgotten"
+            !w.dir.join("state/disk.first-boot").exists(),
+            "first-boot key replaced"
         );
     }
 
@@ -369,12 +369,13 @@ fn the_platform_starts_and_stops_three_nodes_repeatedly_without_leaks() {
                     n.name
                 );
             }
-            // The node's swtpm listened on two loopback ports (server, control).
-            let (server, ctrl) = n.swtpm.as_ref().expect("a running node has a TPM").ports();
-            for port in [server, ctrl] {
+            // The node's swtpm listened on two unix sockets (data, control).
+            let tpm = n.swtpm.as_ref().expect("a running node has a TPM");
+            for socket in [tpm.socket.clone(), tpm.ctrl_socket()] {
                 assert!(
-                    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok(),
-                    "swtpm port {port} of {} released",
+                    !socket.exists(),
+                    "swtpm socket {} of {} removed",
+                    socket.display(),
                     n.name
                 );
             }
@@ -464,9 +465,11 @@ async fn a_worker_from_a_modified_binary_is_refused_admission() {
         "no cluster ID: nothing was issued"
     );
     assert!(
-        bad.dir.join("state/disk.initial-key").exists(),
+        bad.dir.join("state/disk.first-boot").exists(),
         "no disk key was received"
     );
+    // ... and its first-boot key was never written to disk (it lives in the node's memory).
+    assert!(!bad.dir.join("state/disk.initial-key").exists());
     let cp_log = std::fs::read_to_string(cp.log_path()).unwrap();
     assert!(!cp_log.contains("join ticket issued"), "{cp_log}");
 }
