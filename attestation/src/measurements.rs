@@ -1,6 +1,15 @@
 //! The measurements policy: expected SHA-256 values per PCR index, each enforced or warn-only.
 //!
-//! JSON form: `{"<index>": {"expected": "<hex>", "warnOnly": bool}}`.
+//! JSON form: `{"<index>": {"expected": "<hex>", "warnOnly": bool}}`, each index written in
+//! canonical decimal (`"4"`, never `"04"`, `"+4"` or `" 4"`) and at most once, so one file
+//! cannot hold two entries for the same PCR of which a reader would pick either.
+//!
+//! A policy must mean something: [`Measurements::validate`] refuses one that is empty, whose
+//! every entry is warn-only, or that does not enforce [`CLUSTER_ID_PCR`].
+//! [`Measurements::from_json`] applies it, so every policy read from a file or metadata has
+//! passed it. The one verifier that cannot know PCR 15 (a joiner checking the join service,
+//! which carries the cluster ID the joiner has not learnt yet) says so explicitly with
+//! [`Measurements::without_cluster_id`] instead of a warn-only PCR 15.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -50,10 +59,36 @@ pub enum MeasurementsError {
     IndexOutOfRange { index: u32 },
     #[error("PCR index {0:?} is not a decimal number")]
     BadIndex(String),
+    #[error("PCR index {found:?} is not canonical: expected {canonical:?} (no leading zeros, signs or spaces)")]
+    NonCanonicalIndex { found: String, canonical: String },
+    #[error("PCR index {index} is given twice")]
+    DuplicateIndex { index: u32 },
     #[error("no measurements given: a policy with nothing to check would accept anything")]
     Empty,
+    #[error(
+        "every measurement is warn-only (PCRs {warn_only:?}): such a policy would accept anything"
+    )]
+    AllWarnOnly { warn_only: Vec<u32> },
+    #[error("PCR[{CLUSTER_ID_PCR}] (cluster ID) must be enforced: expected an enforced entry, found {found}")]
+    ClusterIdPcrNotEnforced { found: ClusterIdPcrState },
     #[error("{} enforced PCR(s) differ: {}", .0.len(), MismatchList(.0))]
     Mismatch(Vec<MeasurementMismatch>),
+}
+
+/// What a refused policy had at [`CLUSTER_ID_PCR`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterIdPcrState {
+    Missing,
+    WarnOnly,
+}
+
+impl fmt::Display for ClusterIdPcrState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClusterIdPcrState::Missing => "no entry",
+            ClusterIdPcrState::WarnOnly => "a warn-only entry",
+        })
+    }
 }
 
 /// One PCR whose value differed from (or was missing against) the policy.
@@ -106,20 +141,67 @@ pub struct PolicyOutcome {
 }
 
 impl Measurements {
-    /// Parses the JSON form and checks every index is a valid PCR index.
+    /// Parses the JSON form (canonical, unique, in-range indices) and [`validate`]s the policy.
+    ///
+    /// [`validate`]: Measurements::validate
     pub fn from_json(bytes: &[u8]) -> Result<Self, MeasurementsError> {
-        let raw: BTreeMap<String, Measurement> = serde_json::from_slice(bytes)?;
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let entries = (&mut de).deserialize_map(EntriesVisitor)?;
+        de.end()?;
+        let out = Self::from_entries(entries)?;
+        out.validate()?;
+        Ok(out)
+    }
+
+    /// Builds the map from (index text, entry) pairs in file order: each index canonical
+    /// decimal, in range and not seen before.
+    fn from_entries(entries: Vec<(String, Measurement)>) -> Result<Self, MeasurementsError> {
         let mut out = BTreeMap::new();
-        for (k, v) in raw {
-            let index: u32 = k
-                .parse()
-                .map_err(|_| MeasurementsError::BadIndex(k.clone()))?;
-            if index > MAX_PCR_INDEX {
-                return Err(MeasurementsError::IndexOutOfRange { index });
+        for (k, v) in entries {
+            let index = parse_index(&k)?;
+            if out.insert(index, v).is_some() {
+                return Err(MeasurementsError::DuplicateIndex { index });
             }
-            out.insert(index, v);
         }
         Ok(Self(out))
+    }
+
+    /// Refuses a policy that would accept anything, or any cluster's node: empty, every entry
+    /// warn-only, or [`CLUSTER_ID_PCR`] missing or warn-only.
+    pub fn validate(&self) -> Result<(), MeasurementsError> {
+        self.validate_enforces_something()?;
+        match self.0.get(&CLUSTER_ID_PCR) {
+            Some(m) if !m.warn_only => Ok(()),
+            Some(_) => Err(MeasurementsError::ClusterIdPcrNotEnforced {
+                found: ClusterIdPcrState::WarnOnly,
+            }),
+            None => Err(MeasurementsError::ClusterIdPcrNotEnforced {
+                found: ClusterIdPcrState::Missing,
+            }),
+        }
+    }
+
+    /// Non-empty and at least one entry enforced.
+    fn validate_enforces_something(&self) -> Result<(), MeasurementsError> {
+        if self.0.is_empty() {
+            return Err(MeasurementsError::Empty);
+        }
+        if self.0.values().all(|m| m.warn_only) {
+            return Err(MeasurementsError::AllWarnOnly {
+                warn_only: self.indices(),
+            });
+        }
+        Ok(())
+    }
+
+    /// This (validated) policy for a verifier that cannot know the cluster ID, i.e. a joiner
+    /// checking a member of the cluster it is joining: [`CLUSTER_ID_PCR`] is dropped
+    /// deliberately, and what remains must still enforce something.
+    pub fn without_cluster_id(mut self) -> Result<Self, MeasurementsError> {
+        self.validate()?;
+        self.0.remove(&CLUSTER_ID_PCR);
+        self.validate_enforces_something()?;
+        Ok(self)
     }
 
     pub fn to_json(&self) -> String {
@@ -127,15 +209,13 @@ impl Measurements {
     }
 
     /// Compares actual PCR values to the policy. Enforced mismatches (or enforced PCRs absent
-    /// from `actual`) fail; warn-only mismatches are returned as warnings. An empty policy is
-    /// rejected: it would accept any evidence.
+    /// from `actual`) fail; warn-only mismatches are returned as warnings. A policy that
+    /// enforces nothing (empty or all warn-only) is rejected: it would accept any evidence.
     pub fn check(
         &self,
         actual: &BTreeMap<u32, Digest>,
     ) -> Result<PolicyOutcome, MeasurementsError> {
-        if self.0.is_empty() {
-            return Err(MeasurementsError::Empty);
-        }
+        self.validate_enforces_something()?;
         let mut failures = Vec::new();
         let mut warnings = Vec::new();
         for (&index, m) in &self.0 {
@@ -179,22 +259,59 @@ impl Serialize for Measurements {
     }
 }
 
+/// Deserialization applies the syntax rules of [`Measurements::from_json`] (canonical, unique,
+/// in-range indices) but not [`Measurements::validate`]: stored state may hold any policy the
+/// program built; policies from users go through `from_json`.
 impl<'de> Deserialize<'de> for Measurements {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw: BTreeMap<String, Measurement> = BTreeMap::deserialize(d)?;
-        let mut out = BTreeMap::new();
-        for (k, v) in raw {
-            let index: u32 = k.parse().map_err(|_| {
-                serde::de::Error::custom(format!("PCR index {k:?} is not a decimal number"))
-            })?;
-            if index > MAX_PCR_INDEX {
+        let entries = d.deserialize_map(EntriesVisitor)?;
+        Self::from_entries(entries).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A PCR index in canonical decimal form, within the bank.
+fn parse_index(text: &str) -> Result<u32, MeasurementsError> {
+    // Surrounding spaces parse too, so " 4" is reported as an alias of 4, not as garbage.
+    let index: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| MeasurementsError::BadIndex(text.to_owned()))?;
+    let canonical = index.to_string();
+    if canonical != text {
+        return Err(MeasurementsError::NonCanonicalIndex {
+            found: text.to_owned(),
+            canonical,
+        });
+    }
+    if index > MAX_PCR_INDEX {
+        return Err(MeasurementsError::IndexOutOfRange { index });
+    }
+    Ok(index)
+}
+
+/// Reads a JSON object's entries in order, keeping duplicates (a map would silently keep one).
+struct EntriesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for EntriesVisitor {
+    type Value = Vec<(String, Measurement)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map from PCR index to {expected, warnOnly}")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(entry) = map.next_entry::<String, Measurement>()? {
+            // More entries than PCRs cannot be a valid policy; stop before allocating more.
+            if out.len() > MAX_PCR_INDEX as usize {
                 return Err(serde::de::Error::custom(format!(
-                    "PCR index {index} is out of range"
+                    "more than {} PCR entries",
+                    MAX_PCR_INDEX + 1
                 )));
             }
-            out.insert(index, v);
+            out.push(entry);
         }
-        Ok(Self(out))
+        Ok(out)
     }
 }
 
@@ -253,9 +370,10 @@ mod tests {
     #[test]
     fn json_round_trip_and_index_checks() {
         let json = format!(
-            r#"{{"4": {{"expected": "{}", "warnOnly": false}}, "9": {{"expected": "{}", "warnOnly": true}}}}"#,
+            r#"{{"4": {{"expected": "{}", "warnOnly": false}}, "9": {{"expected": "{}", "warnOnly": true}}, "15": {{"expected": "{}"}}}}"#,
             hex::encode(d(4)),
-            hex::encode(d(9))
+            hex::encode(d(9)),
+            hex::encode(d(0))
         );
         let m = Measurements::from_json(json.as_bytes()).unwrap();
         assert_eq!(m.0[&4], Measurement::enforce(d(4)));

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use constellation_attestation::measurements::{Digest, Measurements, CLUSTER_ID_PCR};
+use constellation_attestation::measurements::{Digest, Measurements};
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_attestation::{ValidationError, Validator, Variant, Verdict};
@@ -60,10 +60,12 @@ pub fn policy_for(
     cluster: &ClusterMetadata,
     scope: Scope,
 ) -> Result<QemuVtpmValidator, ValidationError> {
-    let mut measurements = Measurements::from_json(cluster.measurements_json.as_bytes())?;
-    if scope == Scope::ControlPlaneMember {
-        measurements.0.remove(&CLUSTER_ID_PCR);
-    }
+    let measurements = Measurements::from_json(cluster.measurements_json.as_bytes())?;
+    let measurements = match scope {
+        Scope::FreshNode => measurements,
+        // The joiner does not know the cluster ID yet: PCR 15 is dropped explicitly.
+        Scope::ControlPlaneMember => measurements.without_cluster_id()?,
+    };
     let pinned = cluster
         .nodes
         .iter()

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use constellation_attestation::cluster::{verify_cluster, VerifyError};
-use constellation_attestation::measurements::{Measurements, CLUSTER_ID_PCR};
+use constellation_attestation::measurements::Measurements;
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 
@@ -32,9 +32,8 @@ pub struct VerifyArgs {
 pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let json = std::fs::read(&a.measurements)
         .with_context(|| format!("reading {}", a.measurements.display()))?;
-    let mut measurements = Measurements::from_json(&json)?;
     // An initialized node's PCR 15 carries the cluster ID: checked separately below.
-    measurements.0.remove(&CLUSTER_ID_PCR);
+    let measurements = Measurements::from_json(&json)?.without_cluster_id()?;
     let mut aks = Vec::new();
     for path in &a.ak_pub {
         let pem =
