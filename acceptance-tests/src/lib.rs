@@ -154,8 +154,17 @@ impl Terraform {
     /// A fresh directory `<tmp>/work` plus `<tmp>/mirror/registry.terraform.io/...` holding a
     /// copy of the built provider.
     pub fn new(version: TfVersion) -> Result<Self, HarnessError> {
+        Self::with_provider(version, &provider_binary()?)
+    }
+
+    /// Like [`Terraform::new`] with another build of the provider, such as the FAKE-backend
+    /// binary `terraform-provider-constellation-fake` of this crate (pass its
+    /// `env!("CARGO_BIN_EXE_...")`).
+    pub fn with_provider(version: TfVersion, provider: &Path) -> Result<Self, HarnessError> {
         let bin = terraform_binary(version)?;
-        let provider = provider_binary()?;
+        if !provider.is_file() {
+            return Err(HarnessError::ProviderMissing(provider.to_owned()));
+        }
         let root = tempfile::Builder::new()
             .prefix("tf-acc-")
             .tempdir()
@@ -169,7 +178,7 @@ impl Terraform {
         std::fs::create_dir_all(&platform_dir).map_err(io("create mirror"))?;
         std::fs::create_dir_all(root.path().join("work")).map_err(io("create work dir"))?;
         std::fs::copy(
-            &provider,
+            provider,
             platform_dir.join(format!("{PROVIDER_BINARY}_v{PROVIDER_VERSION}")),
         )
         .map_err(io(format!("copy {}", provider.display())))?;
@@ -217,8 +226,7 @@ impl Terraform {
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE")
             .env_remove("TF_LOG")
-            .env_remove("CONSTELLATION_BOOTSTRAPPER")
-            .env_remove("CONSTELLATION_PROVIDER_FAKE_BACKEND");
+            .env_remove("CONSTELLATION_BOOTSTRAPPER");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -1,8 +1,9 @@
 //! `constellation_cluster` schema, plan rules, drift and import with a real Terraform
-//! (1.0.3 and 1.15.5) and the provider's FAKE backend (`CONSTELLATION_PROVIDER_FAKE_BACKEND=1`):
-//! no nodes are started, the fake keeps one JSON record per cluster.
+//! (1.0.3 and 1.15.5) and the provider built with the FAKE backend (this crate's binary
+//! `terraform-provider-constellation-fake`): no nodes are started, the fake keeps one JSON
+//! record per cluster.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use acceptance_tests::{Terraform, TfVersion, REQUIRED_PROVIDERS};
 
@@ -58,11 +59,12 @@ struct Fixture {
 }
 
 fn setup(version: TfVersion) -> Fixture {
-    let tf = Terraform::new(version).unwrap_or_else(|e| panic!("{e}"));
+    let fake_provider = Path::new(env!("CARGO_BIN_EXE_terraform-provider-constellation-fake"));
+    let tf = Terraform::with_provider(version, fake_provider).unwrap_or_else(|e| panic!("{e}"));
     let boot = tf.scratch().join("bootstrapper");
     std::fs::write(&boot, b"#!/bin/sh\n").unwrap();
     let fake_dir = tf.scratch().join("fake");
-    let tf = tf.env("CONSTELLATION_PROVIDER_FAKE_BACKEND", "1").env(
+    let tf = tf.env(
         "CONSTELLATION_PROVIDER_FAKE_DIR",
         fake_dir.display().to_string(),
     );

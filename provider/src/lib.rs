@@ -48,3 +48,37 @@ pub async fn serve(backend: Arc<dyn ClusterBackend>) -> Result<(), ServeError> {
     )
     .await
 }
+
+/// A provider binary's whole life: logging, the runtime, [`serve`] with the backend `backend`
+/// makes, and the exit code. The real binary passes the local backend; the acceptance tests'
+/// fake-provider binary passes the fake.
+pub fn run(backend: impl FnOnce() -> Arc<dyn ClusterBackend>) -> std::process::ExitCode {
+    log::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let served = runtime.block_on(serve(backend()));
+    // Terraform waits for the plugin process to exit after Shutdown (three times per plan):
+    // do not wait for idle runtime threads to wind down.
+    runtime.shutdown_background();
+    match served {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(ServeError::NotLaunchedByTerraform) => {
+            eprintln!("{}", ServeError::NotLaunchedByTerraform);
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            // Display only: no backtrace, whatever RUST_BACKTRACE says.
+            tracing::error!("{e}");
+            eprintln!("terraform-provider-constellation: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

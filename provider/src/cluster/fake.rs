@@ -1,5 +1,6 @@
-//! FAKE cluster backend, for the provider's own tests only: it starts nothing and attests
-//! nothing. Selected by `CONSTELLATION_PROVIDER_FAKE_BACKEND=1`.
+//! FAKE cluster backend, for tests only: it starts nothing and attests nothing. Compiled only
+//! with the cargo feature `fake-backend`, which the acceptance tests enable for their own
+//! binary `terraform-provider-constellation-fake`; the provider binary has no way to select it.
 //!
 //! Every Terraform command starts a new provider process, so the fake keeps each cluster
 //! as a JSON record in a folder (`$CONSTELLATION_PROVIDER_FAKE_DIR`, default
@@ -15,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use super::model::*;
 
-pub const FAKE_BACKEND_ENV: &str = "CONSTELLATION_PROVIDER_FAKE_BACKEND";
 pub const FAKE_DIR_ENV: &str = "CONSTELLATION_PROVIDER_FAKE_DIR";
 
 #[derive(Debug, Clone)]

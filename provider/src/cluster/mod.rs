@@ -1,5 +1,6 @@
 //! Resource `constellation_cluster` and the backend seam behind it.
 
+#[cfg(feature = "fake-backend")]
 pub mod fake;
 pub mod journal;
 pub mod local;
