@@ -22,6 +22,9 @@ pub const AWS_REPORT_B64: &str = "snp-aws/report.b64";
 pub const AWS_VLEK: &str = "snp-aws/vlek.pem";
 pub const BADSIG_REPORT: &str = "snp-aws/report-vlek-2023-badsig.bin";
 pub const VLEK_2023: &str = "snp-aws/vlek-2023.pem";
+/// AMD's Genoa ASK and ARK, in the crate's embedded-roots folder (src/snp/roots/README.md).
+pub const GENOA_ASK: &str = "../src/snp/roots/genoa-ask.pem";
+pub const GENOA_ARK: &str = "../src/snp/roots/genoa-ark.pem";
 
 /// Inside every Azure certificate's validity period (VCEK 2023-08-30..2030-08-30).
 pub const AZURE_VALID_AT: &str = "2026-11-23T00:00:00Z";
@@ -113,7 +116,7 @@ pub fn azure_tcb_and_measurement_policy() -> SnpPolicy {
             snp: 6,
             microcode: 93,
         },
-        measurement: Some(measurement),
+        allowed_measurements: Some(vec![measurement]),
         ..SnpPolicy::default()
     }
 }

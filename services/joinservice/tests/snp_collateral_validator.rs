@@ -116,9 +116,9 @@ async fn a_fetcher_serving_another_chips_vcek_is_refused_with_both_chip_ids() {
 /// Chains that must not vouch for the real VCEK, each refused with its reason.
 #[tokio::test]
 async fn a_fetcher_serving_a_wrong_chain_is_refused_with_the_reason() {
-    let genoa_ask = first_der("amd-roots/genoa-ask.pem");
-    let genoa_ark = first_der("amd-roots/genoa-ark.pem");
-    let mut asvk_chain = pem_ders("constellation-go/amd-certs/milan-asvk-ark.pem");
+    let genoa_ask = first_der(GENOA_ASK);
+    let genoa_ark = first_der(GENOA_ARK);
+    let mut asvk_chain = pem_ders(ASVK_ARK);
     let asvk = asvk_chain.remove(0);
     let real = azure_collateral();
     type Expect = fn(&SnpError) -> bool;

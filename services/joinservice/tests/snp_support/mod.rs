@@ -14,7 +14,8 @@ use tokio::sync::watch;
 pub use constellation_attestation::testing::real_evidence::{
     aws_report, aws_tcb_policy, azure_tcb_and_measurement_policy, first_der, pem_ders, read,
     ASK_ARK, ASVK_ARK, AWS_REPORT_DATA, AWS_VALID_AT, AWS_VLEK, AZURE_MEASUREMENT, AZURE_REPORT,
-    AZURE_RUNTIME_DATA, AZURE_VALID_AT, AZURE_VCEK_DER, AZURE_VCEK_EXPIRED_AT,
+    AZURE_RUNTIME_DATA, AZURE_VALID_AT, AZURE_VCEK_DER, AZURE_VCEK_EXPIRED_AT, GENOA_ARK,
+    GENOA_ASK,
 };
 
 /// The Azure report's REPORTED_TCB as the raw u64: bl 2, tee 0, snp 6, ucode 93.
