@@ -12,6 +12,7 @@
 //! - `testing` (feature `testing`): a small rcgen PKI and a real PyKMIP server launcher.
 
 pub mod cluster;
+pub mod config;
 pub mod kmip;
 pub mod kmsplugin;
 pub mod master;

@@ -45,7 +45,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "TPM",
         config.daemon.reload_interval,
         || stop.begun(),
-        || tpm::open_issuer(&config.tcti),
+        || std::future::ready(tpm::open_issuer(&config.tcti)),
     )
     .await
     else {

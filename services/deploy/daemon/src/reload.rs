@@ -54,15 +54,18 @@ pub fn spawn(
 
 /// Retries `load` every `interval` until it succeeds, logging each new reason once; gives up
 /// only when `stop` returns true (shutdown began), with `None`.
-pub async fn until_loaded<T>(
+pub async fn until_loaded<T, F>(
     what: &'static str,
     interval: Duration,
     stop: impl Fn() -> bool,
-    mut load: impl FnMut() -> Result<T, String>,
-) -> Option<T> {
+    mut load: impl FnMut() -> F,
+) -> Option<T>
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
     let mut last = String::new();
     loop {
-        match load() {
+        match load().await {
             Ok(value) => return Some(value),
             Err(reason) => {
                 if reason != last {

@@ -23,6 +23,31 @@ pub enum SecretFileError {
     Empty { path: PathBuf },
 }
 
+/// Refuses a secret file that exists and others may read (a missing file is for the reader).
+pub fn check_private(path: &Path) -> Result<(), SecretFileError> {
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SecretFileError::Missing {
+                path: path.to_owned(),
+            })
+        }
+        Err(source) => {
+            return Err(SecretFileError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if mode & 0o007 != 0 {
+        return Err(SecretFileError::WorldReadable {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
 /// Reads `state_dir/relative`, refusing files others may read.
 pub fn read(state_dir: &Path, relative: &str) -> Result<SecretBytes, SecretFileError> {
     let path = state_dir.join(relative);
@@ -36,10 +61,7 @@ pub fn read(state_dir: &Path, relative: &str) -> Result<SecretBytes, SecretFileE
             }
         }
     };
-    let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode() & 0o777;
-    if mode & 0o007 != 0 {
-        return Err(SecretFileError::WorldReadable { path, mode });
-    }
+    check_private(&path)?;
     let bytes = SecretBytes::new(std::fs::read(&path).map_err(io)?);
     if bytes.is_empty() {
         return Err(SecretFileError::Empty { path });

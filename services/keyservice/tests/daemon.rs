@@ -1,0 +1,292 @@
+//! `constellation-keyservice` as a process: config errors name the field, --help, readiness only
+//! after the master secret and TLS files load (a world-readable key is refused), data keys over
+//! mutual TLS, SIGTERM with a request in flight, and no secret in anything it prints.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use constellation_common::secret::SecretBytes;
+use constellation_daemon::testing::{free_addr, held_unary, run, Daemon};
+use constellation_keyservice::cluster::ClusterManagedBackend;
+use constellation_keyservice::testing::{IssuedCert, TestPki};
+use constellation_keyservice::tls::{mutual_tls_client_config, TlsConnector};
+use constellation_keyservice::{MasterSecret, MasterSecretBackend};
+use constellation_proto::keyservice::key_service_client::KeyServiceClient;
+use constellation_proto::keyservice::{GetDataKeyRequest, GetDataKeyResponse};
+use constellation_proto::PROTOCOL_VERSION;
+use nix::sys::signal::Signal;
+
+const BIN: &str = env!("CARGO_BIN_EXE_constellation-keyservice");
+const PATH: &str = "/constellation.keyservice.v1.KeyService/GetDataKey";
+
+fn master() -> MasterSecret {
+    MasterSecret::new(
+        SecretBytes::new(b"daemon-test-master-secret-0123456".to_vec()),
+        SecretBytes::new(b"daemon-test-master-salt-987654321".to_vec()),
+    )
+    .unwrap()
+}
+
+fn request(id: &str) -> GetDataKeyRequest {
+    GetDataKeyRequest {
+        version: PROTOCOL_VERSION,
+        data_key_id: id.into(),
+        length: 32,
+    }
+}
+
+struct Pki {
+    pki: TestPki,
+    server: IssuedCert,
+    client: IssuedCert,
+}
+
+fn pki() -> Pki {
+    let pki = TestPki::new("key-service CA").unwrap();
+    let server = pki.issue_server("key-service", &["127.0.0.1"]).unwrap();
+    let client = pki.issue_client("join-service").unwrap();
+    Pki {
+        pki,
+        server,
+        client,
+    }
+}
+
+fn write_tls(state: &Path, pki: &Pki, key_mode: u32) {
+    let dir = state.join("keyservice-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ca.crt"), pki.pki.ca_pem()).unwrap();
+    std::fs::write(dir.join("tls.crt"), &pki.server.cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), &pki.server.key_pem).unwrap();
+    std::fs::set_permissions(
+        dir.join("tls.key"),
+        std::fs::Permissions::from_mode(key_mode),
+    )
+    .unwrap();
+}
+
+async fn write_master(state: &Path) {
+    ClusterManagedBackend::new(state.join("keyservice"))
+        .store(&master())
+        .await
+        .unwrap();
+}
+
+async fn channel(addr: std::net::SocketAddr, pki: &Pki) -> tonic::transport::Channel {
+    let tls = mutual_tls_client_config(&[pki.pki.ca_der()], pki.client.chain(), pki.client.key())
+        .unwrap();
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(TlsConnector::new(
+            tls,
+            rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+        ))
+        .await
+        .unwrap()
+}
+
+fn start(state: &Path) -> (Daemon, std::net::SocketAddr, std::net::SocketAddr) {
+    let (listen, health) = (free_addr(), free_addr());
+    let daemon = Daemon::start(
+        BIN,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--listen",
+            &listen.to_string(),
+            "--health-listen",
+            &health.to_string(),
+            "--reload-interval-ms",
+            "100",
+            "--log-format",
+            "json",
+        ],
+    );
+    (daemon, listen, health)
+}
+
+/// Nothing secret in `output`: master secret and salt (raw, hex), the derived key, the TLS key.
+fn assert_no_secret(output: &[u8], pki: &Pki, derived: &[u8]) {
+    let m = master();
+    let key_body: String = pki
+        .server
+        .key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let text = String::from_utf8_lossy(output);
+    for (what, needle) in [
+        ("master secret", m.secret().expose().to_vec()),
+        ("master salt", m.salt().expose().to_vec()),
+        (
+            "master secret (hex)",
+            hex::encode(m.secret().expose()).into_bytes(),
+        ),
+        (
+            "master salt (hex)",
+            hex::encode(m.salt().expose()).into_bytes(),
+        ),
+        ("data key (hex)", hex::encode(derived).into_bytes()),
+        ("TLS key (PEM body)", key_body.as_bytes()[..40].to_vec()),
+    ] {
+        assert!(
+            !output.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "{what} appears in the daemon's output:\n{text}"
+        );
+    }
+    assert!(
+        !output.windows(derived.len()).any(|w| w == derived),
+        "data key bytes in the output"
+    );
+}
+
+#[test]
+fn help_is_readable() {
+    let (status, out) = run(BIN, &["--help"]);
+    assert!(status.success(), "{out}");
+    for needle in [
+        "--state-dir",
+        "--listen",
+        "--kms-socket",
+        "--health-listen",
+        "/readyz",
+        "never from flags",
+    ] {
+        assert!(out.contains(needle), "--help lacks {needle}:\n{out}");
+    }
+}
+
+#[test]
+fn bad_config_fields_are_named_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let cases = [
+        (String::new(), "state_dir"),
+        ("state_dir: /does/not/exist\n".to_owned(), "state_dir"),
+        (
+            format!("state_dir: {state}\nkms_socket: relative.sock\n"),
+            "kms_socket",
+        ),
+        (format!("state_dir: {state}\nlisten: 1.2.3.4\n"), "listen"),
+        (
+            format!("state_dir: {state}\nmaster_secret: abc\n"),
+            "master_secret",
+        ),
+        (
+            format!("state_dir: {state}\ndaemon:\n  reload_interval_ms: 5\n"),
+            "daemon.reload_interval_ms",
+        ),
+    ];
+    for (i, (text, field)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("c{i}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let (status, out) = run(BIN, &["--config", path.to_str().unwrap()]);
+        assert_eq!(status.code(), Some(2), "{text}: {out}");
+        assert!(
+            out.contains(field),
+            "{text}: error does not name {field}: {out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_only_once_keys_load_and_no_secret_is_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let (daemon, listen, health) = start(dir.path());
+    daemon
+        .wait_status(health, "/healthz", 200, Duration::from_secs(20))
+        .await;
+    let not_ready = |why: &'static str| async move {
+        for _ in 0..4 {
+            let (code, body) = constellation_daemon::health::probe(health, "/readyz")
+                .await
+                .unwrap();
+            assert_eq!(code, 503, "{why}: {body}");
+            assert!(
+                tokio::net::TcpStream::connect(listen).await.is_err(),
+                "{why}: listening"
+            );
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    };
+    not_ready("empty state folder").await;
+    // A TLS key every user may read is refused.
+    write_tls(dir.path(), &pki, 0o644);
+    write_master(dir.path()).await;
+    not_ready("world-readable TLS key").await;
+    assert!(
+        daemon.output().contains("readable by every user"),
+        "{}",
+        daemon.output()
+    );
+    std::fs::set_permissions(
+        dir.path().join("keyservice-tls/tls.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    daemon
+        .wait_status(health, "/readyz", 200, Duration::from_secs(10))
+        .await;
+
+    let mut client = KeyServiceClient::new(channel(listen, &pki).await);
+    let key = client
+        .get_data_key(request("disk-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .data_key;
+    assert_eq!(key, master().derive("disk-1", 32).unwrap().expose());
+    assert_no_secret(&daemon.output_bytes(), &pki, &key);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    write_tls(dir.path(), &pki, 0o600);
+    write_master(dir.path()).await;
+    let (mut daemon, listen, health) = start(dir.path());
+    daemon
+        .wait_status(health, "/readyz", 200, Duration::from_secs(20))
+        .await;
+    let (release, held) = tokio::sync::oneshot::channel();
+    let call = tokio::spawn(held_unary::<_, GetDataKeyResponse>(
+        channel(listen, &pki).await,
+        PATH,
+        request("disk-2"),
+        held,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.signal(Signal::SIGTERM);
+    daemon
+        .wait_status(health, "/readyz", 503, Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        tokio::net::TcpStream::connect(health).await.is_ok(),
+        "exited with a request in flight:\n{}",
+        daemon.output()
+    );
+    release.send(()).unwrap();
+    let key = call
+        .await
+        .unwrap()
+        .expect("the in-flight request completes")
+        .data_key;
+    assert_eq!(key, master().derive("disk-2", 32).unwrap().expose());
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", daemon.output());
+    assert_no_secret(&daemon.output_bytes(), &pki, &key);
+}
+
+#[test]
+fn reference_doc_is_current() {
+    use clap::CommandFactory;
+    use constellation_keyservice::config::{Cli, ConfigFile};
+    let example = serde_yaml::to_string(&ConfigFile::example()).unwrap();
+    let generated = constellation_daemon::docs::render(&Cli::command(), &example);
+    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/daemons/keyservice.md");
+    constellation_daemon::docs::check_page(&page, &generated).unwrap();
+}
