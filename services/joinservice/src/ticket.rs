@@ -391,8 +391,3 @@ impl JoinService for JoinTicketIssuer {
             .map_err(Status::from)
     }
 }
-
-/// The canonical (lowercase) form of a disk UUID, the key ID of its disk key.
-pub fn normalized_disk_uuid(uuid: &str) -> Result<String, JoinError> {
-    Ok(DiskUuid::parse(uuid)?.to_string())
-}

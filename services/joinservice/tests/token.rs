@@ -120,3 +120,68 @@ fn registry_refuses_wrong_secret_unknown_id_and_malformed() {
         TokenError::Malformed
     );
 }
+
+#[test]
+fn expired_tokens_are_purged_when_a_token_is_issued() {
+    let registry = TokenRegistry::new();
+    for i in 0..100 {
+        registry
+            .issue(&format!("node-{i}"), TTL, &FixedClock::at_unix(T0 + i))
+            .unwrap();
+    }
+    assert_eq!(registry.len(), 100);
+    // At T0 + TTL + 49 the tokens issued at T0..=T0+49 have expired; the next issue drops them.
+    let fresh = registry
+        .issue("late-node", TTL, &FixedClock::at_unix(T0 + 3600 + 49))
+        .unwrap();
+    assert_eq!(registry.len(), 51);
+    registry
+        .validate(&fresh.expose(), &FixedClock::at_unix(T0 + 3600 + 49))
+        .unwrap();
+    // Periodic purging needs no issue.
+    assert_eq!(
+        registry.purge_expired(&FixedClock::at_unix(T0 + 3600 + 99)),
+        50
+    );
+    assert_eq!(registry.len(), 1);
+}
+
+#[test]
+fn a_rejoining_node_replaces_its_token_instead_of_adding_one() {
+    let registry = TokenRegistry::new();
+    let clock = FixedClock::at_unix(T0);
+    let first = registry.issue("worker-0", TTL, &clock).unwrap();
+    for _ in 0..1000 {
+        registry.issue("worker-0", TTL, &clock).unwrap();
+    }
+    let last = registry.issue("worker-0", TTL, &clock).unwrap();
+    assert_eq!(registry.len(), 1);
+    assert_eq!(
+        registry.validate(&first.expose(), &clock).unwrap_err(),
+        TokenError::Unknown {
+            id: first.id().into()
+        }
+    );
+    registry.validate(&last.expose(), &clock).unwrap();
+}
+
+#[test]
+fn a_join_flood_cannot_grow_the_token_registry_past_its_capacity() {
+    let registry = TokenRegistry::with_capacity(3);
+    let clock = FixedClock::at_unix(T0);
+    for node in ["a", "b", "c"] {
+        registry.issue(node, TTL, &clock).unwrap();
+    }
+    assert_eq!(
+        registry.issue("d", TTL, &clock).unwrap_err(),
+        TokenError::RegistryFull { capacity: 3 }
+    );
+    assert_eq!(registry.len(), 3);
+    // A node already holding a token can still rejoin (its old token makes room).
+    registry.issue("a", TTL, &clock).unwrap();
+    // Once the tokens expire, they make room too.
+    registry
+        .issue("d", TTL, &FixedClock::at_unix(T0 + 3600))
+        .unwrap();
+    assert_eq!(registry.len(), 1);
+}
