@@ -39,9 +39,10 @@ fn azure_policy() -> SnpPolicy {
         allow_debug: false,
         vmpl: 0,
         minimum_tcb: AZURE_TCB,
-        measurement: Some(arr(AZURE_MEASUREMENT)),
+        allowed_measurements: Some(vec![arr(AZURE_MEASUREMENT)]),
         allowed_id_key_digests: Some(vec![arr(AZURE_ID_KEY_DIGEST)]),
         report_data: Some(azure_report_data()),
+        ..SnpPolicy::default()
     }
 }
 
@@ -138,7 +139,7 @@ fn aws_v3_report_verifies_before_vlek_expiry() {
     assert_eq!(vek.extensions().product_name, "Milan");
     assert_eq!(vek.extensions().hw_id, None);
     let policy = SnpPolicy {
-        measurement: Some(arr(AWS_MEASUREMENT)),
+        allowed_measurements: Some(vec![arr(AWS_MEASUREMENT)]),
         report_data: Some(arr(AWS_REPORT_DATA)),
         minimum_tcb: r.reported_tcb.tcb(),
         ..SnpPolicy::default()
@@ -421,13 +422,13 @@ fn wrong_report_data_is_rejected() {
 #[test]
 fn wrong_measurement_is_rejected() {
     let policy = SnpPolicy {
-        measurement: Some([0xAB; 48]),
+        allowed_measurements: Some(vec![[0xAB; 48]]),
         ..azure_policy()
     };
     assert_eq!(
         snp::verify_report(&azure_report(), &azure_vek(), &policy).unwrap_err(),
-        SnpError::MeasurementMismatch {
-            expected: vec![0xAB; 48],
+        SnpError::MeasurementNotAllowed {
+            allowed: vec![vec![0xAB; 48]],
             found: hex::decode(AZURE_MEASUREMENT).unwrap()
         }
     );

@@ -246,6 +246,34 @@ impl VerifiedVek {
     }
 }
 
+/// Test hook (cargo feature `testing`, never in production builds): a VEK no chain vouches
+/// for, so tests can sign crafted reports with their own P-384 key and reach the checks that
+/// sit behind the signature (TCB consistency, guest policy, VMPL, allow-lists).
+#[cfg(feature = "testing")]
+impl VerifiedVek {
+    /// `point` is the uncompressed SEC1 P-384 public key; every certificate of the pretend
+    /// chain is valid from `not_before` to `not_after`.
+    pub fn for_testing(
+        kind: SigningKey,
+        point: &[u8],
+        extensions: VekExtensions,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Self, SnpError> {
+        let key = UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, point)
+            .parse()
+            .map_err(|e| cert_parse(CertRole::Vek, format!("P-384 public key: {e}")))?;
+        Ok(Self {
+            kind,
+            key,
+            root_product: "Milan",
+            extensions,
+            validity: [CertRole::Root, CertRole::Intermediate, CertRole::Vek]
+                .map(|role| (role, not_before, not_after)),
+        })
+    }
+}
+
 fn cert_parse(role: CertRole, reason: impl Into<String>) -> SnpError {
     SnpError::CertificateParse {
         role,

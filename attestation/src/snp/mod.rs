@@ -16,7 +16,10 @@ pub use certs::{
     OID_HWID, OID_MICROCODE, OID_PRODUCT_NAME, OID_SNP, OID_TEE,
 };
 pub use collateral::{CollateralError, VekRef, VekRequest, VekSource};
-pub use policy::SnpPolicy;
+pub use policy::{
+    AbiVersion, SnpPolicy, POLICY_MIGRATE_MA_BIT, POLICY_RESERVED_ONE_BIT,
+    POLICY_RESERVED_ZERO_MASK,
+};
 pub use report::{
     AttestationReport, CpuId, FirmwareVersion, GuestPolicy, PlatformInfo, ReportSignature,
     SigningKey, Tcb, TcbVersion, POLICY_DEBUG_BIT, REPORT_LEN, SIGNED_LEN,
@@ -27,7 +30,7 @@ use report::{report_body, signature_component, SIG_COMPONENT_LEN, SIG_R_OFFSET, 
 
 /// The checks of a full verification, in the order they run. [`SnpError::check`] names the
 /// one that failed, so everything before it in this list passed.
-pub const CHECKS: [&str; 17] = [
+pub const CHECKS: [&str; 21] = [
     "parse",
     "certificates",
     "root-pin",
@@ -39,7 +42,11 @@ pub const CHECKS: [&str; 17] = [
     "signature",
     "tcb-consistency",
     "chip-id",
+    "report-version",
     "debug",
+    "migrate-ma",
+    "policy-reserved",
+    "min-abi",
     "vmpl",
     "min-tcb",
     "measurement",
@@ -121,10 +128,25 @@ pub enum SnpError {
     #[error("CHIP_ID does not match the VCEK hwID: expected {}, found {}", hex::encode(.expected), hex::encode(.found))]
     ChipIdMismatch { expected: Vec<u8>, found: Vec<u8> },
 
+    #[error("report version not accepted: expected {minimum}..={maximum}, found {found}")]
+    ReportVersionNotAccepted {
+        minimum: u32,
+        maximum: u32,
+        found: u32,
+    },
     #[error(
         "guest policy allows debugging (bit 19): expected debug off, found policy {policy:#x}"
     )]
     DebugNotAllowed { policy: u64 },
+    #[error("guest policy allows a migration agent (MIGRATE_MA, bit 18): expected off, found policy {policy:#x}")]
+    MigrationAgentAllowed { policy: u64 },
+    #[error("guest policy reserved bits wrong (bit 17 must be one, bits 26-63 zero): found policy {policy:#x}, offending bits {bad:#x}")]
+    PolicyReservedBits { policy: u64, bad: u64 },
+    #[error("guest policy ABI below minimum: expected at least {minimum}, found {found}")]
+    AbiBelowMinimum {
+        minimum: AbiVersion,
+        found: AbiVersion,
+    },
     #[error("VMPL mismatch: expected {expected}, found {found}")]
     VmplMismatch { expected: u32, found: u32 },
     #[error(
@@ -135,8 +157,11 @@ pub enum SnpError {
         minimum: Tcb,
         found: Tcb,
     },
-    #[error("launch measurement mismatch: expected {}, found {}", hex::encode(.expected), hex::encode(.found))]
-    MeasurementMismatch { expected: Vec<u8>, found: Vec<u8> },
+    #[error("launch measurement not allowed: expected one of [{}], found {}", .allowed.iter().map(hex::encode).collect::<Vec<_>>().join(", "), hex::encode(.found))]
+    MeasurementNotAllowed {
+        allowed: Vec<Vec<u8>>,
+        found: Vec<u8>,
+    },
     #[error("ID key digest not allowed: expected one of [{}], found {}", .allowed.iter().map(hex::encode).collect::<Vec<_>>().join(", "), hex::encode(.found))]
     IdKeyDigestNotAllowed {
         allowed: Vec<Vec<u8>>,
@@ -169,10 +194,14 @@ impl SnpError {
             SignaturePadding { .. } | SignatureInvalid => "signature",
             TcbMismatch { .. } => "tcb-consistency",
             ChipIdMismatch { .. } => "chip-id",
+            ReportVersionNotAccepted { .. } => "report-version",
             DebugNotAllowed { .. } => "debug",
+            MigrationAgentAllowed { .. } => "migrate-ma",
+            PolicyReservedBits { .. } => "policy-reserved",
+            AbiBelowMinimum { .. } => "min-abi",
             VmplMismatch { .. } => "vmpl",
             TcbBelowMinimum { .. } => "min-tcb",
-            MeasurementMismatch { .. } => "measurement",
+            MeasurementNotAllowed { .. } => "measurement",
             IdKeyDigestNotAllowed { .. } => "id-key-digest",
             ReportDataMismatch { .. } => "report-data",
         }
@@ -219,19 +248,33 @@ impl SnpError {
             TcbBelowMinimum { minimum, found, .. } => {
                 pair(format!(">= {minimum}"), found.to_string())
             }
-            ChipIdMismatch { expected, found }
-            | MeasurementMismatch { expected, found }
-            | ReportDataMismatch { expected, found } => {
+            ChipIdMismatch { expected, found } | ReportDataMismatch { expected, found } => {
                 pair(hex::encode(expected), hex::encode(found))
             }
-            IdKeyDigestNotAllowed { allowed, found } => pair(
-                allowed
-                    .iter()
-                    .map(hex::encode)
-                    .collect::<Vec<_>>()
-                    .join(","),
-                hex::encode(found),
+            ReportVersionNotAccepted {
+                minimum,
+                maximum,
+                found,
+            } => pair(format!("{minimum}..={maximum}"), found.to_string()),
+            MigrationAgentAllowed { policy } => pair(
+                "MIGRATE_MA off".into(),
+                format!("policy {policy:#x} (MIGRATE_MA on)"),
             ),
+            PolicyReservedBits { policy, bad } => pair(
+                "bit 17 set, bits 26-63 clear".into(),
+                format!("policy {policy:#x} (bits {bad:#x})"),
+            ),
+            AbiBelowMinimum { minimum, found } => pair(format!(">= {minimum}"), found.to_string()),
+            MeasurementNotAllowed { allowed, found } | IdKeyDigestNotAllowed { allowed, found } => {
+                pair(
+                    allowed
+                        .iter()
+                        .map(hex::encode)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    hex::encode(found),
+                )
+            }
             DebugNotAllowed { policy } => {
                 pair("debug off".into(), format!("policy {policy:#x} (debug on)"))
             }

@@ -64,9 +64,9 @@ pub struct VerifyArgs {
     /// Minimum reported TCB, e.g. `bl=2,tee=0,snp=6,ucode=93` (omitted components are 0).
     #[arg(long, value_parser = parse_min_tcb)]
     min_tcb: Option<Tcb>,
-    /// Expected launch measurement, hex (48 bytes).
+    /// Allowed launch measurement, hex (48 bytes); repeat for several.
     #[arg(long)]
-    measurement: Option<String>,
+    measurement: Vec<String>,
     /// Allowed ID key digest, hex (48 bytes); repeat for several.
     #[arg(long)]
     id_key_digest: Vec<String>,
@@ -176,11 +176,16 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         allow_debug: args.allow_debug,
         vmpl: args.vmpl,
         minimum_tcb: args.min_tcb.unwrap_or_default(),
-        measurement: args
-            .measurement
-            .as_deref()
-            .map(|m| parse_hex::<48>("measurement", m, false))
-            .transpose()?,
+        allowed_measurements: if args.measurement.is_empty() {
+            None
+        } else {
+            Some(
+                args.measurement
+                    .iter()
+                    .map(|m| parse_hex::<48>("measurement", m, false))
+                    .collect::<anyhow::Result<_>>()?,
+            )
+        },
         allowed_id_key_digests: if args.id_key_digest.is_empty() {
             None
         } else {
@@ -196,6 +201,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             .as_deref()
             .map(|d| parse_hex::<64>("report-data", d, true))
             .transpose()?,
+        ..SnpPolicy::default()
     };
     let vek_bytes = std::fs::read(&args.signer_cert)
         .with_context(|| format!("reading {}", args.signer_cert.display()))?;
@@ -287,7 +293,7 @@ fn failed_checks(e: &SnpError) -> Vec<Check> {
 fn not_requested(name: &str, args: &VerifyArgs) -> Option<&'static str> {
     let skipped = match name {
         "min-tcb" => args.min_tcb.is_none(),
-        "measurement" => args.measurement.is_none(),
+        "measurement" => args.measurement.is_empty(),
         "id-key-digest" => args.id_key_digest.is_empty(),
         "report-data" => args.report_data.is_none(),
         _ => false,
