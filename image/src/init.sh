@@ -19,9 +19,14 @@ for dev in /sys/class/net/*; do
   ifname=${dev##*/}
   [ "$ifname" = lo ] && continue
   ip link set "$ifname" up
-  udhcpc -i "$ifname" -q -n -t 10 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1 \
-    || echo "constellation-init: no DHCP lease on $ifname"
+  if udhcpc -i "$ifname" -q -n -t 10 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1; then
+    echo "constellation-init: net $ifname $(ip -4 -o addr show dev "$ifname" | awk '{print $4}')"
+  else
+    echo "constellation-init: no DHCP lease on $ifname"
+  fi
 done
+if [ -e /dev/mapper/control ]; then dm=yes; else dm=no; fi
+echo "constellation-init: device-mapper $dm"
 echo "===CONSTELLATION-PCRS-BEGIN==="
 i=0
 while [ $i -le 23 ]; do

@@ -111,6 +111,13 @@ pub struct NodeImageInputs {
     pub busybox: PathBuf,
     /// More host binaries the node runs (e.g. `mkfs.ext4`), copied with their libraries.
     pub extra_binaries: Vec<PathBuf>,
+    /// Libraries loaded with `dlopen`, which `ldd` cannot see (the TSS's TCTI for
+    /// `/dev/tpmrm0`), copied with their own libraries.
+    pub dlopen_libraries: Vec<PathBuf>,
+    /// Drop the bootstrapper's debug sections (`objcopy --strip-debug`): a debug build is
+    /// ~80 MB, most of it debug info, and under TCG every initrd byte costs boot time
+    /// (QEMU loads it through fw_cfg, the EFI stub hashes it).
+    pub strip_debug: bool,
     pub cmdline: String,
     pub ram_mib: u32,
 }
@@ -123,6 +130,10 @@ impl NodeImageInputs {
             bootstrapper: bootstrapper.to_owned(),
             busybox: PathBuf::from("/bin/busybox"),
             extra_binaries: vec![PathBuf::from("/sbin/mkfs.ext4")],
+            dlopen_libraries: vec![PathBuf::from(
+                "/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0",
+            )],
+            strip_debug: true,
             cmdline: DEFAULT_CMDLINE.to_owned(),
             ram_mib: DEFAULT_RAM_MIB,
         }
@@ -210,10 +221,38 @@ fn add_host_file(
 
 fn add_binary(archive: &mut Archive, host: &Path, guest: &str) -> Result<(), NodeImageError> {
     add_host_file(archive, host, guest, 0o755)?;
+    add_libraries(archive, host)
+}
+
+fn add_libraries(archive: &mut Archive, host: &Path) -> Result<(), NodeImageError> {
     for lib in shared_libraries(host)? {
         add_host_file(archive, &lib, &lib.to_string_lossy(), 0o755)?;
     }
     Ok(())
+}
+
+/// `binary` without its debug sections (binutils' objcopy; its output depends only on the input).
+fn strip_debug(binary: &Path) -> Result<Vec<u8>, NodeImageError> {
+    // A private scratch directory: objcopy writes by name, which in a shared /tmp would follow
+    // whatever another user placed there.
+    let scratch = tempfile::tempdir().map_err(io_err(&std::env::temp_dir()))?;
+    let tmp = scratch.path().join("stripped");
+    let out = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(binary)
+        .arg(&tmp)
+        .output()
+        .map_err(io_err(Path::new("objcopy")))?;
+    if !out.status.success() {
+        return Err(NodeImageError::Input {
+            path: binary.to_owned(),
+            reason: format!(
+                "objcopy --strip-debug failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    read(&tmp)
 }
 
 /// Assembles the initramfs (uncompressed newc: deterministic by construction, and the
@@ -271,7 +310,19 @@ pub fn build_initramfs(inputs: &NodeImageInputs) -> Result<Vec<u8>, NodeImageErr
         0o644,
     )?;
 
-    add_binary(&mut a, &inputs.bootstrapper, GUEST_BOOTSTRAPPER)?;
+    if inputs.strip_debug {
+        a.add(
+            GUEST_BOOTSTRAPPER,
+            EntryKind::File(strip_debug(&inputs.bootstrapper)?),
+            0o755,
+        )?;
+        add_libraries(&mut a, &inputs.bootstrapper)?;
+    } else {
+        add_binary(&mut a, &inputs.bootstrapper, GUEST_BOOTSTRAPPER)?;
+    }
+    for lib in &inputs.dlopen_libraries {
+        add_binary(&mut a, lib, &lib.to_string_lossy())?;
+    }
     for extra in &inputs.extra_binaries {
         let name =
             extra
