@@ -28,8 +28,10 @@ fn refuses_to_run_without_the_magic_cookie() {
 #[test]
 fn prints_the_handshake_line_quickly() {
     let bin = provider_binary().unwrap_or_else(|e| panic!("{e}"));
+    let sockets = tempfile::tempdir().unwrap();
     let start = Instant::now();
     let mut child = Command::new(bin)
+        .env("PLUGIN_UNIX_SOCKET_DIR", sockets.path())
         .env("TF_PLUGIN_MAGIC_COOKIE", COOKIE)
         .env("PLUGIN_PROTOCOL_VERSIONS", "5,6")
         .env(
@@ -51,13 +53,14 @@ fn prints_the_handshake_line_quickly() {
     assert!(matches!(read, Some(Ok(n)) if n > 0), "no handshake line");
     let fields: Vec<&str> = line.trim_end().split('|').collect();
     assert_eq!(fields.len(), 6, "{line}");
-    assert_eq!(&fields[..3], ["1", "6", "tcp"]);
-    assert!(fields[3].starts_with("127.0.0.1:"), "{line}");
-    assert!(fields[3]
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse::<u16>().ok())
-        .is_some_and(|p| p > 0));
+    assert_eq!(&fields[..3], ["1", "6", "unix"]);
+    // The socket, in a folder of its own inside PLUGIN_UNIX_SOCKET_DIR.
+    let socket = std::path::Path::new(fields[3]);
+    assert_eq!(
+        socket.parent().and_then(|p| p.parent()),
+        Some(sockets.path()),
+        "{line}"
+    );
     assert_eq!(fields[4], "grpc");
     // Server certificate: standard base64 without padding, long enough for go-plugin to use.
     let cert = fields[5];

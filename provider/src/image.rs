@@ -13,6 +13,7 @@ use constellation_image::{ImageError, LocalImage, BOOTSTRAPPER_FILE, MANIFEST_FI
 use crate::decode::Decoder;
 use crate::diag::{AttrPath, Diagnostic, Diagnostics};
 use crate::plan::{self, Planned};
+use crate::provider_config::ProviderConfig;
 use crate::resource::{ApplyRequest, BoxFuture, PlanRequest, Resource, StateOutcome};
 use crate::schema::{Attribute, Block, Type};
 use crate::value::Value;
@@ -451,9 +452,19 @@ impl Resource for ImageResource {
         })
     }
 
-    fn import<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>> {
+    fn import<'a>(
+        &'a self,
+        id: &'a str,
+        provider: &'a ProviderConfig,
+    ) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>> {
         Box::pin(async move {
             let dir = absolute(Path::new(id));
+            provider.check_import_folder(&dir).map_err(|e| {
+                Diagnostics::from(Diagnostic::error(
+                    "Import folder not allowed",
+                    e.to_string(),
+                ))
+            })?;
             let image = LocalImage::open(&dir).map_err(|e| {
                 Diagnostics::from(Diagnostic::error(
                     "Cannot import image",
@@ -552,8 +563,25 @@ mod tests {
 
         let read = r.read(&created.state, &[]).await.unwrap();
         assert_eq!(read.state, created.state);
-        let imported = r.import(dir.to_str().unwrap()).await.unwrap();
+        let parent = dir.parent().unwrap();
+        let allowed = ProviderConfig {
+            import_dirs: vec![parent.canonicalize().unwrap()],
+        };
+        let imported = r.import(dir.to_str().unwrap(), &allowed).await.unwrap();
         assert_eq!(imported.state.get("measurements"), m);
+        // The same folder is not read when the configuration does not allow its parent.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let refused = r
+            .import(
+                dir.to_str().unwrap(),
+                &ProviderConfig::default_for(elsewhere.path()),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{refused:?}").contains("Import folder not allowed"),
+            "{refused:?}"
+        );
 
         // Same path, new content: replacement.
         std::fs::write(&bin, b"#!/bin/sh\nexit 1\n").unwrap();

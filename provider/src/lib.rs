@@ -16,6 +16,7 @@ pub mod image;
 pub mod log;
 pub mod plan;
 pub mod plugin;
+pub mod provider_config;
 pub mod resource;
 pub mod schema;
 pub mod server;

@@ -40,8 +40,16 @@ pub enum ServeError {
     NotLaunchedByTerraform,
     #[error("Terraform offers plugin protocol versions {offered:?}; this provider speaks 6")]
     ProtocolVersion { offered: String },
-    #[error("cannot listen on 127.0.0.1: {0}")]
-    Listen(std::io::Error),
+    #[error("cannot listen on a unix socket in {dir}: {source}")]
+    Listen {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "Terraform did not enable AutoMTLS (PLUGIN_CLIENT_CERT is unset), so any local user \
+         could call this provider; set {ALLOW_PLAINTEXT_ENV}=1 to serve without TLS anyway"
+    )]
+    NoAutoMtls,
     #[error("cannot create the TLS certificate: {0}")]
     Certificate(#[from] rcgen::Error),
     #[error("PLUGIN_CLIENT_CERT holds no usable PEM certificate: {0}")]
@@ -131,13 +139,17 @@ fn server_cert() -> Result<ServerCert, rcgen::Error> {
     })
 }
 
+/// The explicit opt-in to serve without AutoMTLS (e.g. a debugging harness that is not
+/// Terraform). Without it the provider refuses to start when `PLUGIN_CLIENT_CERT` is unset.
+pub const ALLOW_PLAINTEXT_ENV: &str = "CONSTELLATION_PROVIDER_INSECURE_PLAINTEXT";
+
 /// AutoMTLS, client side: Terraform makes a fresh certificate per run and hands it to us in
-/// `PLUGIN_CLIENT_CERT`. A client presenting exactly that certificate is authenticated; any
-/// other certificate is refused; a client presenting none is accepted, as go-plugin allows
-/// (it then relies on pinning our server certificate, on a loopback-only port). The
-/// certificate is pinned by its exact bytes instead of being chained with webpki, because
-/// go-plugin's certificate is a CA certificate (IsCA=true), which webpki refuses as an end
-/// entity.
+/// `PLUGIN_CLIENT_CERT`. Only a client presenting exactly that certificate completes the TLS
+/// handshake: a client with another certificate or with none is refused, as go-plugin's own
+/// servers do. Otherwise any local user could call ImportResourceState during an apply and
+/// read the master secret. The certificate is pinned by its exact bytes instead of being
+/// chained with webpki, because go-plugin's certificate is a CA certificate (IsCA=true), which
+/// webpki refuses as an end entity.
 #[derive(Debug)]
 pub struct PinnedClientCert {
     pinned: CertificateDer<'static>,
@@ -162,7 +174,7 @@ impl ClientCertVerifier for PinnedClientCert {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        true
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -209,7 +221,7 @@ impl ClientCertVerifier for PinnedClientCert {
     }
 }
 
-/// The server side of AutoMTLS: our certificate, Terraform's pinned (optional) client
+/// The server side of AutoMTLS: our certificate, Terraform's pinned (required) client
 /// certificate, HTTP/2 by ALPN. The handshake runs on ring (see [`RingP256`] for why); the
 /// client's signature is checked with aws-lc-rs, which, unlike ring, verifies go-plugin's
 /// P-521 certificate.
@@ -244,11 +256,6 @@ pub async fn serve_resources(
     // More than one rustls provider may be compiled into the workspace; pick ours.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(ServeError::Listen)?;
-    let addr = listener.local_addr().map_err(ServeError::Listen)?;
-
     // AutoMTLS: Terraform pins our self-signed server certificate from the handshake line and
     // gives us its client certificate in PLUGIN_CLIENT_CERT (see [`PinnedClientCert`]).
     let (tls_config, cert_field) = match std::env::var("PLUGIN_CLIENT_CERT") {
@@ -257,9 +264,17 @@ pub async fn serve_resources(
             let config = automtls_server_config(&client_pem, cert.der, cert.key)?;
             (Some(config), cert.der_base64)
         }
-        _ => (None, String::new()),
+        _ if std::env::var(ALLOW_PLAINTEXT_ENV).as_deref() == Ok("1") => {
+            tracing::warn!("serving WITHOUT TLS ({ALLOW_PLAINTEXT_ENV}=1)");
+            (None, String::new())
+        }
+        _ => return Err(ServeError::NoAutoMtls),
     };
 
+    // go-plugin's way on Unix: a socket in a fresh folder only this user can enter, so other
+    // local users cannot even connect.
+    let socket = PluginSocket::create()?;
+    let listener = socket.listen()?;
     let shutdown = Arc::new(Notify::new());
     let router = Server::builder()
         .add_service(crate::tfplugin6::provider_server::ProviderServer::new(
@@ -273,10 +288,11 @@ pub async fn serve_resources(
 
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "1|6|tcp|{addr}|grpc|{cert_field}").map_err(ServeError::Handshake)?;
+        writeln!(out, "1|6|unix|{}|grpc|{cert_field}", socket.path.display())
+            .map_err(ServeError::Handshake)?;
         out.flush().map_err(ServeError::Handshake)?;
     }
-    tracing::debug!(%addr, "serving tfplugin6");
+    tracing::debug!(socket = %socket.path.display(), "serving tfplugin6");
 
     // Terraform closes its connection as soon as the Shutdown response arrived; exiting then
     // (instead of after a fixed pause) saves a pause per plugin start, three per plan.
@@ -288,7 +304,7 @@ pub async fn serve_resources(
         }
         None => {
             let incoming =
-                tokio_stream::wrappers::TcpListenerStream::new(listener).map(open.tracking());
+                tokio_stream::wrappers::UnixListenerStream::new(listener).map(open.tracking());
             tokio::spawn(router.serve_with_incoming(incoming))
         }
     };
@@ -307,6 +323,66 @@ pub async fn serve_resources(
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, open.all_closed()).await;
             Ok(())
         }
+    }
+}
+
+/// The plugin's unix socket, in a folder of its own (mode 0700) under `PLUGIN_UNIX_SOCKET_DIR`
+/// (set by Terraform where it wants the socket) or the temporary folder. Both are removed when
+/// the plugin exits.
+struct PluginSocket {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+/// Longest unix socket path (sun_path holds 108 bytes including the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+impl PluginSocket {
+    fn create() -> Result<Self, ServeError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let base = std::env::var_os("PLUGIN_UNIX_SOCKET_DIR")
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!(
+            "constellation-plugin-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
+        // mkdir fails if anything (a file, a planted symlink) already has the name, so the
+        // folder is ours and fresh; the umask cannot widen 0700.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| ServeError::Listen {
+                dir: dir.clone(),
+                source,
+            })?;
+        let path = dir.join("plugin.sock");
+        let socket = Self { dir, path };
+        if socket.path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ServeError::Listen {
+                dir: socket.dir.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("the socket path is longer than {MAX_SOCKET_PATH} bytes"),
+                ),
+            });
+        }
+        Ok(socket)
+    }
+
+    fn listen(&self) -> Result<tokio::net::UnixListener, ServeError> {
+        tokio::net::UnixListener::bind(&self.path).map_err(|source| ServeError::Listen {
+            dir: self.dir.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for PluginSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -544,8 +620,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_client_without_a_certificate_is_accepted() {
-        handshake(None).await.unwrap();
+    async fn a_client_without_a_certificate_is_refused() {
+        let err = handshake(None).await.unwrap_err();
+        assert!(
+            err.contains("server: Err(\"peer sent no certificates\")"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ use std::pin::Pin;
 
 use crate::diag::Diagnostics;
 use crate::plan::Planned;
+use crate::provider_config::ProviderConfig;
 use crate::schema::Block;
 use crate::value::Value;
 
@@ -51,7 +52,13 @@ pub trait Resource: Send + Sync {
         current: &'a Value,
         private: &'a [u8],
     ) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>>;
-    fn import<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>>;
+    /// Builds the state from an import ID; any folder it reads must pass
+    /// [`ProviderConfig::check_import_folder`].
+    fn import<'a>(
+        &'a self,
+        id: &'a str,
+        provider: &'a ProviderConfig,
+    ) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>>;
 }
 
 /// A data source: read-only, computed from its configuration.

@@ -4,10 +4,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use std::sync::RwLock;
+
 use tokio::sync::{watch, Notify};
 use tonic::{Request, Response, Status};
 
 use crate::diag::{Diagnostic, Diagnostics};
+use crate::provider_config::{self, ProviderConfig};
 use crate::resource::{ApplyRequest, DataSource, PlanRequest, Resource, StateOutcome};
 use crate::schema::Block;
 use crate::tfplugin6 as pb;
@@ -29,6 +32,8 @@ pub struct ProviderService {
     data_sources: BTreeMap<&'static str, Arc<dyn DataSource>>,
     /// Bumped by StopProvider; in-flight operations watch it and abort.
     stop: watch::Sender<u64>,
+    /// Set by ConfigureProvider; no RPC that touches a cluster or reads a folder runs before.
+    config: RwLock<Option<Arc<ProviderConfig>>>,
 }
 
 impl ProviderService {
@@ -40,7 +45,17 @@ impl ProviderService {
                 .map(|d| (d.type_name(), d))
                 .collect(),
             stop: watch::channel(0).0,
+            config: RwLock::new(None),
         }
+    }
+
+    /// The provider configuration, or the diagnostic for an RPC that came before it.
+    fn configured(&self) -> Result<Arc<ProviderConfig>, Diagnostics> {
+        self.config
+            .read()
+            .map_err(|_| provider_config::not_configured())?
+            .clone()
+            .ok_or_else(provider_config::not_configured)
     }
 
     fn resource(&self, name: &str) -> Result<&Arc<dyn Resource>, Diagnostics> {
@@ -146,7 +161,7 @@ impl pb::provider_server::Provider for ProviderService {
         _: Request<pb::get_provider_schema::Request>,
     ) -> Result<Response<pb::get_provider_schema::Response>, Status> {
         Ok(Response::new(pb::get_provider_schema::Response {
-            provider: Some(empty_schema()),
+            provider: Some(provider_config::schema().to_proto()),
             resource_schemas: schema_map(&self.resources, |r| r.schema()),
             data_source_schemas: schema_map(&self.data_sources, |d| d.schema()),
             diagnostics: Vec::new(),
@@ -157,9 +172,16 @@ impl pb::provider_server::Provider for ProviderService {
 
     async fn validate_provider_config(
         &self,
-        _: Request<pb::validate_provider_config::Request>,
+        req: Request<pb::validate_provider_config::Request>,
     ) -> Result<Response<pb::validate_provider_config::Response>, Status> {
-        Ok(Response::new(Default::default()))
+        let req = req.into_inner();
+        let diagnostics = decode(req.config.as_ref(), &provider_config::schema())
+            .and_then(|config| ProviderConfig::decode(&config, &working_dir()?))
+            .err()
+            .unwrap_or_default();
+        Ok(Response::new(pb::validate_provider_config::Response {
+            diagnostics: diagnostics.to_proto(),
+        }))
     }
 
     async fn validate_resource_config(
@@ -239,9 +261,23 @@ impl pb::provider_server::Provider for ProviderService {
 
     async fn configure_provider(
         &self,
-        _: Request<pb::configure_provider::Request>,
+        req: Request<pb::configure_provider::Request>,
     ) -> Result<Response<pb::configure_provider::Response>, Status> {
-        Ok(Response::new(Default::default()))
+        let req = req.into_inner();
+        let result = decode(req.config.as_ref(), &provider_config::schema())
+            .and_then(|config| ProviderConfig::decode(&config, &working_dir()?));
+        let diagnostics = match result {
+            Ok(config) => {
+                if let Ok(mut slot) = self.config.write() {
+                    *slot = Some(Arc::new(config));
+                }
+                Diagnostics::default()
+            }
+            Err(d) => d,
+        };
+        Ok(Response::new(pb::configure_provider::Response {
+            diagnostics: diagnostics.to_proto(),
+        }))
     }
 
     async fn read_resource(
@@ -250,6 +286,7 @@ impl pb::provider_server::Provider for ProviderService {
     ) -> Result<Response<pb::read_resource::Response>, Status> {
         let req = req.into_inner();
         let result = async {
+            self.configured()?;
             let r = self.resource(&req.type_name)?;
             let current = decode(req.current_state.as_ref(), r.schema())?;
             if current.is_null() {
@@ -279,6 +316,7 @@ impl pb::provider_server::Provider for ProviderService {
     ) -> Result<Response<pb::plan_resource_change::Response>, Status> {
         let req = req.into_inner();
         let result = (|| {
+            self.configured()?;
             let r = self.resource(&req.type_name)?;
             let prior = decode(req.prior_state.as_ref(), r.schema())?;
             let proposed = decode(req.proposed_new_state.as_ref(), r.schema())?;
@@ -314,6 +352,7 @@ impl pb::provider_server::Provider for ProviderService {
     ) -> Result<Response<pb::apply_resource_change::Response>, Status> {
         let req = req.into_inner();
         let result = async {
+            self.configured()?;
             let r = self.resource(&req.type_name)?;
             let prior = decode(req.prior_state.as_ref(), r.schema())?;
             let planned = decode(req.planned_state.as_ref(), r.schema())?;
@@ -353,8 +392,9 @@ impl pb::provider_server::Provider for ProviderService {
     ) -> Result<Response<pb::import_resource_state::Response>, Status> {
         let req = req.into_inner();
         let result = async {
+            let config = self.configured()?;
             let r = self.resource(&req.type_name)?;
-            self.cancellable(r.import(&req.id)).await
+            self.cancellable(r.import(&req.id, &config)).await
         }
         .await;
         Ok(Response::new(match result {
@@ -378,7 +418,8 @@ impl pb::provider_server::Provider for ProviderService {
         req: Request<pb::read_data_source::Request>,
     ) -> Result<Response<pb::read_data_source::Response>, Status> {
         let req = req.into_inner();
-        let result = self.data_source(&req.type_name).and_then(|d| {
+        let result = self.configured().and_then(|_| {
+            let d = self.data_source(&req.type_name)?;
             let config = decode(req.config.as_ref(), d.schema())?;
             d.read(&config)
         });
@@ -404,6 +445,17 @@ impl pb::provider_server::Provider for ProviderService {
     }
 }
 
+/// Terraform starts the provider in its working directory: the root of relative paths.
+fn working_dir() -> Result<std::path::PathBuf, Diagnostics> {
+    std::env::current_dir().map_err(|e| {
+        Diagnostic::error(
+            "Cannot read the working directory",
+            format!("the provider cannot resolve its working directory: {e}"),
+        )
+        .into()
+    })
+}
+
 /// `get_provider_schema_optional`: no RPC depends on GetProviderSchema having been called, so
 /// Terraform (≥ 1.6) may serve later plugin starts of one command from its schema cache.
 fn capabilities() -> pb::ServerCapabilities {
@@ -426,5 +478,87 @@ impl crate::go_plugin::grpc_controller_server::GrpcController for Controller {
     ) -> Result<Response<crate::go_plugin::Empty>, Status> {
         self.shutdown.notify_one();
         Ok(Response::new(crate::go_plugin::Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tfplugin6::provider_server::Provider as _;
+
+    fn service() -> ProviderService {
+        ProviderService::new(
+            vec![Arc::new(crate::image::ImageResource::new())],
+            vec![Arc::new(
+                crate::attestation_data::AttestationDataSource::new(),
+            )],
+        )
+    }
+
+    fn summaries(diagnostics: &[pb::Diagnostic]) -> Vec<&str> {
+        diagnostics.iter().map(|d| d.summary.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn no_rpc_touches_a_cluster_or_folder_before_configure_provider() {
+        let p = service();
+        let import = p
+            .import_resource_state(Request::new(pb::import_resource_state::Request {
+                type_name: "constellation_image".into(),
+                id: "/".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(import.imported_resources.is_empty());
+        assert_eq!(summaries(&import.diagnostics), ["Provider not configured"]);
+        let read = p
+            .read_resource(Request::new(pb::read_resource::Request {
+                type_name: "constellation_image".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(summaries(&read.diagnostics), ["Provider not configured"]);
+        let apply = p
+            .apply_resource_change(Request::new(pb::apply_resource_change::Request {
+                type_name: "constellation_image".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(summaries(&apply.diagnostics), ["Provider not configured"]);
+        let data = p
+            .read_data_source(Request::new(pb::read_data_source::Request {
+                type_name: "constellation_attestation".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(summaries(&data.diagnostics), ["Provider not configured"]);
+
+        // After ConfigureProvider, the same import reaches the resource (which refuses `/`
+        // as a folder outside import_dirs).
+        let configured = p
+            .configure_provider(Request::new(Default::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(configured.diagnostics.is_empty());
+        let import = p
+            .import_resource_state(Request::new(pb::import_resource_state::Request {
+                type_name: "constellation_image".into(),
+                id: "/".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            summaries(&import.diagnostics),
+            ["Import folder not allowed"]
+        );
     }
 }

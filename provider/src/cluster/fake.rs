@@ -342,7 +342,11 @@ impl ClusterBackend for FakeClusterBackend {
         })
     }
 
-    fn import(&self, id: &ImportId) -> Result<ClusterState, ClusterError> {
+    fn import(
+        &self,
+        id: &ImportId,
+        _folders: &crate::provider_config::ProviderConfig,
+    ) -> Result<ClusterState, ClusterError> {
         let r = self.load(&id.name)?.ok_or_else(|| ClusterError::NotFound {
             name: id.name.clone(),
             reason: format!("no record in {}", self.dir.display()),

@@ -1059,7 +1059,11 @@ impl ClusterBackend for LocalBackend {
         })
     }
 
-    fn import(&self, id: &ImportId) -> Result<ClusterState, ClusterError> {
+    fn import(
+        &self,
+        id: &ImportId,
+        folders: &crate::provider_config::ProviderConfig,
+    ) -> Result<ClusterState, ClusterError> {
         let bad = |reason: String| ClusterError::ImportId {
             id: format!(
                 "constellation-cluster://?platform=local&name={}&...",
@@ -1081,6 +1085,9 @@ impl ClusterBackend for LocalBackend {
             }
             None => self.cluster_root(&id.name),
         };
+        folders
+            .check_import_folder(&root)
+            .map_err(|e| bad(e.to_string()))?;
         let journal = Journal::load(&root).map_err(journal_path_error(&root))?;
         let cloud = open_cloud(&root)?;
         let (journal, _cloud) = match (journal, cloud) {
@@ -1224,6 +1231,13 @@ mod tests {
         j
     }
 
+    /// A provider configuration whose import_dirs are exactly `dirs`.
+    fn allow(dirs: &[&Path]) -> crate::provider_config::ProviderConfig {
+        crate::provider_config::ProviderConfig {
+            import_dirs: dirs.iter().map(|d| d.canonicalize().unwrap()).collect(),
+        }
+    }
+
     #[test]
     fn import_rebuilds_the_state_from_the_journal() {
         let dir = tempfile::tempdir().unwrap();
@@ -1232,21 +1246,30 @@ mod tests {
         let id: ImportId = "constellation-cluster://?platform=local&name=demo"
             .parse()
             .unwrap();
-        let state = backend.import(&id).unwrap();
+        let state = backend.import(&id, &allow(&[dir.path()])).unwrap();
         assert_eq!(state.spec, j.spec);
         assert_eq!(state.outputs, outputs());
         assert_eq!(
             PlatformState::parse(&state.platform_state).unwrap().root,
             backend.cluster_root("demo")
         );
-        // cluster_dir selects the folder; other parameters are refused.
+        // cluster_dir selects the folder, if the provider configuration allows it; other
+        // parameters are refused.
         let other = tempfile::tempdir().unwrap();
         folder(other.path(), true);
         let uri = format!(
             "constellation-cluster://?platform=local&name=demo&cluster_dir={}",
             other.path().display()
         );
-        let state = backend.import(&uri.parse().unwrap()).unwrap();
+        match backend.import(&uri.parse().unwrap(), &allow(&[dir.path()])) {
+            Err(ClusterError::ImportId { reason, .. }) => {
+                assert!(reason.contains("import_dirs"), "{reason}")
+            }
+            other => panic!("an unlisted cluster_dir was read: {other:?}"),
+        }
+        let state = backend
+            .import(&uri.parse().unwrap(), &allow(&[dir.path(), other.path()]))
+            .unwrap();
         assert_eq!(
             PlatformState::parse(&state.platform_state).unwrap().root,
             other.path()
@@ -1256,7 +1279,7 @@ mod tests {
             "constellation-cluster://?platform=local&name=demo&cluster_dir=relative",
             "constellation-cluster://?platform=local&name=other",
         ] {
-            let e = backend.import(&bad.parse().unwrap());
+            let e = backend.import(&bad.parse().unwrap(), &allow(&[dir.path()]));
             assert!(
                 matches!(
                     e,
@@ -1276,10 +1299,16 @@ mod tests {
         let id: ImportId = "constellation-cluster://?platform=local&name=demo"
             .parse()
             .unwrap();
-        let e = backend.import(&id).unwrap_err().to_string();
+        let e = backend
+            .import(&id, &allow(&[dir.path()]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("terraform apply"), "{e}");
         std::fs::remove_file(Journal::path(&root)).unwrap();
-        let e = backend.import(&id).unwrap_err().to_string();
+        let e = backend
+            .import(&id, &allow(&[dir.path()]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no journal"), "{e}");
     }
 
@@ -1339,7 +1368,7 @@ mod tests {
         let id: ImportId = "constellation-cluster://?platform=local&name=demo"
             .parse()
             .unwrap();
-        match backend.import(&id) {
+        match backend.import(&id, &allow(&[dir.path()])) {
             Err(ClusterError::NotFound { reason, .. }) => {
                 assert!(reason.contains(&dir.path().join("demo").display().to_string()))
             }

@@ -452,8 +452,13 @@ pub trait ClusterBackend: Send + Sync {
         progress: &'a dyn Progress,
     ) -> BoxFuture<'a, Result<(), ClusterError>>;
 
-    /// Rebuilds the state of an existing cluster from an import ID.
-    fn import(&self, id: &ImportId) -> Result<ClusterState, ClusterError>;
+    /// Rebuilds the state of an existing cluster from an import ID, reading only folders
+    /// `folders` allows.
+    fn import(
+        &self,
+        id: &ImportId,
+        folders: &crate::provider_config::ProviderConfig,
+    ) -> Result<ClusterState, ClusterError>;
 }
 
 #[cfg(test)]

@@ -950,7 +950,11 @@ impl Resource for ClusterResource {
         })
     }
 
-    fn import<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>> {
+    fn import<'a>(
+        &'a self,
+        id: &'a str,
+        provider: &'a crate::provider_config::ProviderConfig,
+    ) -> BoxFuture<'a, Result<StateOutcome, Diagnostics>> {
         Box::pin(async move {
             let mut import_id: ImportId = id.parse().map_err(backend_error("import"))?;
             // A provider-side attribute: no platform keeps it.
@@ -963,7 +967,7 @@ impl Resource for ClusterResource {
             }
             let state = self
                 .backend
-                .import(&import_id)
+                .import(&import_id, provider)
                 .map_err(backend_error("import"))?;
             let mut value = state_value(&state);
             if let Some(path) = kubeconfig_path {

@@ -4,7 +4,8 @@
 //! `rustls::ClientConfig` (certificates, verifiers, ALPN), so the same two pieces serve mutual TLS
 //! with cluster certificates (the key service) and attested TLS (custom verifiers):
 //!
-//! - server side: [`TlsIncoming`] accepts TCP connections, runs each TLS handshake in its own task
+//! - server side: [`TlsIncoming`] accepts connections on a TCP or unix-socket [`Listener`], runs
+//!   each TLS handshake in its own task
 //!   (a slow or failing client never blocks others) and yields [`TlsServerStream`]s for
 //!   `tonic::transport::Server::serve_with_incoming_shutdown`. Every request served over such a
 //!   stream carries a [`TlsConnectInfo`] in its extensions (peer certificate chain, addresses).
@@ -29,7 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector as RustlsConnector};
@@ -47,6 +48,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// request served over the connection: `request.extensions().get::<TlsConnectInfo>()`.
 #[derive(Clone, Debug)]
 pub struct TlsConnectInfo {
+    /// The peer's address; `None` on a unix socket.
     pub remote_addr: Option<SocketAddr>,
     pub local_addr: Option<SocketAddr>,
     /// The client's certificate chain (end entity first) as verified by the server config's client
@@ -54,15 +56,50 @@ pub struct TlsConnectInfo {
     pub peer_certificates: Arc<[CertificateDer<'static>]>,
 }
 
+/// Where [`TlsIncoming`] accepts connections: a TCP listener or a unix-socket listener.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// The next connection with the peer's and our address (`None` where the socket has none).
+    fn accept_connection(
+        &self,
+    ) -> impl Future<Output = io::Result<(Self::Io, Option<SocketAddr>, Option<SocketAddr>)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+
+    async fn accept_connection(
+        &self,
+    ) -> io::Result<(TcpStream, Option<SocketAddr>, Option<SocketAddr>)> {
+        let (tcp, remote) = self.accept().await?;
+        // gRPC's small request/response frames must not wait for Nagle's delayed ACK (~40 ms).
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
+        Ok((tcp, Some(remote), local))
+    }
+}
+
+impl Listener for UnixListener {
+    type Io = UnixStream;
+
+    async fn accept_connection(
+        &self,
+    ) -> io::Result<(UnixStream, Option<SocketAddr>, Option<SocketAddr>)> {
+        let (stream, _) = self.accept().await?;
+        Ok((stream, None, None))
+    }
+}
+
 /// An accepted server-side TLS connection (handshake completed).
-pub struct TlsServerStream {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+pub struct TlsServerStream<S = TcpStream> {
+    inner: tokio_rustls::server::TlsStream<S>,
     info: TlsConnectInfo,
 }
 
-impl TlsServerStream {
-    /// The TCP stream and the rustls connection, e.g. for `export_keying_material`.
-    pub fn get_ref(&self) -> (&TcpStream, &rustls::ServerConnection) {
+impl<S> TlsServerStream<S> {
+    /// The socket and the rustls connection, e.g. for `export_keying_material`.
+    pub fn get_ref(&self) -> (&S, &rustls::ServerConnection) {
         self.inner.get_ref()
     }
 
@@ -71,7 +108,7 @@ impl TlsServerStream {
     }
 }
 
-impl Connected for TlsServerStream {
+impl<S> Connected for TlsServerStream<S> {
     type ConnectInfo = TlsConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -79,7 +116,7 @@ impl Connected for TlsServerStream {
     }
 }
 
-impl AsyncRead for TlsServerStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -89,7 +126,7 @@ impl AsyncRead for TlsServerStream {
     }
 }
 
-impl AsyncWrite for TlsServerStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -123,18 +160,18 @@ impl AsyncWrite for TlsServerStream {
 /// `Server::serve_with_incoming_shutdown`. Failed handshakes (e.g. a client without an acceptable
 /// certificate) are logged and dropped; they never end the stream. Dropping the stream stops
 /// accepting.
-pub struct TlsIncoming {
-    accepted: mpsc::Receiver<TlsServerStream>,
+pub struct TlsIncoming<S = TcpStream> {
+    accepted: mpsc::Receiver<TlsServerStream<S>>,
     accept_loop: JoinHandle<()>,
 }
 
-impl TlsIncoming {
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsIncoming<S> {
+    pub fn new<L: Listener<Io = S>>(listener: L, config: Arc<ServerConfig>) -> Self {
         Self::with_handshake_timeout(listener, config, DEFAULT_HANDSHAKE_TIMEOUT)
     }
 
-    pub fn with_handshake_timeout(
-        listener: TcpListener,
+    pub fn with_handshake_timeout<L: Listener<Io = S>>(
+        listener: L,
         config: Arc<ServerConfig>,
         handshake_timeout: Duration,
     ) -> Self {
@@ -148,32 +185,32 @@ impl TlsIncoming {
     }
 }
 
-impl Drop for TlsIncoming {
+impl<S> Drop for TlsIncoming<S> {
     fn drop(&mut self) {
         self.accept_loop.abort();
     }
 }
 
-impl Stream for TlsIncoming {
-    type Item = Result<TlsServerStream, io::Error>;
+impl<S> Stream for TlsIncoming<S> {
+    type Item = Result<TlsServerStream<S>, io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.accepted.poll_recv(cx).map(|stream| stream.map(Ok))
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+async fn accept_loop<L: Listener>(
+    listener: L,
     acceptor: TlsAcceptor,
-    sender: mpsc::Sender<TlsServerStream>,
+    sender: mpsc::Sender<TlsServerStream<L::Io>>,
     handshake_timeout: Duration,
 ) {
     loop {
-        let (tcp, remote_addr) = match listener.accept().await {
+        let (io, remote_addr, local_addr) = match listener.accept_connection().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
-                tracing::warn!(%error, "accepting a TCP connection failed");
+                tracing::warn!(%error, "accepting a connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -181,13 +218,10 @@ async fn accept_loop(
         if sender.is_closed() {
             return;
         }
-        // gRPC's small request/response frames must not wait for Nagle's delayed ACK (~40 ms).
-        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let sender = sender.clone();
         tokio::spawn(async move {
-            let local_addr = tcp.local_addr().ok();
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
                 Ok(Ok(inner)) => {
                     let peer_certificates = inner
                         .get_ref()
@@ -197,7 +231,7 @@ async fn accept_loop(
                         .unwrap_or_default()
                         .into();
                     let info = TlsConnectInfo {
-                        remote_addr: Some(remote_addr),
+                        remote_addr,
                         local_addr,
                         peer_certificates,
                     };
@@ -205,10 +239,10 @@ async fn accept_loop(
                     let _ = sender.send(TlsServerStream { inner, info }).await;
                 }
                 Ok(Err(error)) => {
-                    tracing::info!(%remote_addr, %error, "TLS handshake refused");
+                    tracing::info!(?remote_addr, %error, "TLS handshake refused");
                 }
                 Err(_) => {
-                    tracing::info!(%remote_addr, ?handshake_timeout, "TLS handshake timed out");
+                    tracing::info!(?remote_addr, ?handshake_timeout, "TLS handshake timed out");
                 }
             }
         });
