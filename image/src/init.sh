@@ -38,6 +38,13 @@ echo "===CONSTELLATION-EVENTLOG-BEGIN==="
 base64 /sys/kernel/security/tpm0/binary_bios_measurements
 echo "===CONSTELLATION-EVENTLOG-END==="
 echo "constellation-init: phase=bootstrapper uptime=$(cut -d' ' -f1 /proc/uptime)"
-/usr/bin/constellation-bootstrapper
+# The bootstrapper's arguments come from the platform, one per line, in the firmware config
+# entry opt/org.constellation/bootstrapper-args (like cloud metadata: unmeasured input).
+args=/sys/firmware/qemu_fw_cfg/by_name/opt/org.constellation/bootstrapper-args/raw
+set --
+if [ -r "$args" ]; then
+  while IFS= read -r a || [ -n "$a" ]; do set -- "$@" "$a"; done < "$args"
+fi
+/usr/bin/constellation-bootstrapper "$@"
 echo "constellation-init: bootstrapper exited with status $?"
 poweroff -f

@@ -731,7 +731,14 @@ pub struct VmConfig {
     pub user_net: Option<String>,
     /// A raw virtio disk (the state disk).
     pub state_disk: Option<PathBuf>,
+    /// The bootstrapper's arguments, one per line: a file QEMU exposes as the firmware config
+    /// entry [`FW_CFG_BOOTSTRAPPER_ARGS`], which the image's init passes on.
+    pub bootstrapper_args: Option<PathBuf>,
 }
+
+/// Firmware config entry holding the bootstrapper's arguments (not measured: the node treats
+/// it as it would cloud metadata).
+pub const FW_CFG_BOOTSTRAPPER_ARGS: &str = "opt/org.constellation/bootstrapper-args";
 
 impl VmConfig {
     pub fn args(&self) -> Vec<String> {
@@ -793,6 +800,13 @@ impl VmConfig {
                 disk.display()
             ));
             a.extend(["-device", "virtio-blk-pci,drive=state"].map(String::from));
+        }
+        if let Some(args) = &self.bootstrapper_args {
+            a.push("-fw_cfg".into());
+            a.push(format!(
+                "name={FW_CFG_BOOTSTRAPPER_ARGS},file={}",
+                args.display()
+            ));
         }
         a.extend(["-kernel".into(), self.kernel.display().to_string()]);
         a.extend(["-initrd".into(), self.initrd.display().to_string()]);

@@ -145,6 +145,10 @@ fn boot(image: &NodeImage) -> Boot {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // `--help` makes the bootstrapper print its usage and exit 0, so the init powers off and
+    // the test sees the arguments travel through fw_cfg.
+    let args = vm._dir.path().join("bootstrapper-args");
+    std::fs::write(&args, "--help\n").unwrap();
     let vars = vm._dir.path().join("OVMF_VARS.fd");
     std::fs::copy(qemu::OVMF_VARS_TEMPLATE, &vars).expect("OVMF vars template (apt package ovmf)");
     let config = VmConfig {
@@ -158,6 +162,7 @@ fn boot(image: &NodeImage) -> Boot {
         cmdline: image.manifest.cmdline.clone(),
         user_net: Some(String::new()),
         state_disk: None,
+        bootstrapper_args: Some(args),
     };
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
@@ -184,11 +189,25 @@ fn boot(image: &NodeImage) -> Boot {
     let mut console = Vec::new();
     let mut to_init = None;
     let mut kernel_uptime = 0.0;
+    let mut to_report = None;
     let deadline = start + BOOT_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let (at, line) = match rx.recv_timeout(left) {
             Ok(x) => x,
+            // The guest powered off after the bootstrapper exited: QEMU closed the console.
+            Err(mpsc::RecvTimeoutError::Disconnected) if to_report.is_some() => {
+                drop(vm);
+                let (pcrs, event_log) = parse_report(&console);
+                return Boot {
+                    pcrs,
+                    event_log,
+                    to_init: to_init.expect("init line precedes the report"),
+                    kernel_uptime,
+                    to_report: to_report.unwrap_or_default(),
+                    console,
+                };
+            }
             Err(e) => {
                 let tail = console[console.len().saturating_sub(20)..].join("\n");
                 panic!(
@@ -205,21 +224,10 @@ fn boot(image: &NodeImage) -> Boot {
                 .and_then(|u| u.parse().ok())
                 .unwrap_or(0.0);
         }
-        let done = line == EVENTLOG_END;
-        console.push(line);
-        if done {
-            let to_report = at - start;
-            drop(vm);
-            let (pcrs, event_log) = parse_report(&console);
-            return Boot {
-                pcrs,
-                event_log,
-                to_init: to_init.expect("init line precedes the report"),
-                kernel_uptime,
-                to_report,
-                console,
-            };
+        if line == EVENTLOG_END {
+            to_report = Some(at - start);
         }
+        console.push(line);
     }
 }
 
