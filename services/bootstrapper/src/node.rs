@@ -91,9 +91,15 @@ impl NodeContext {
         self.state_dir.join("disk.img")
     }
 
-    /// The device-mapper name of the state disk.
-    pub(crate) fn mapper_name(&self) -> String {
-        format!("state-{}", self.name.len())
+    /// The device-mapper name of the state disk, from its LUKS UUID (unique per disk, so per
+    /// node on a host).
+    pub(crate) fn mapper_name(&self) -> Result<String, StateDiskError> {
+        statedisk::mapper_name_of(&self.disk_path())
+    }
+
+    /// Present while the state disk still has its first-boot key (no secret in it).
+    fn first_boot_marker(&self) -> PathBuf {
+        self.state_dir.join(FIRST_BOOT_MARKER)
     }
 }
 
@@ -111,30 +117,51 @@ pub enum DiskKeyError {
     Worker(String),
 }
 
-/// Keys the state disk with the node's disk key: on first use replaces the first-boot key's
-/// keyslot with one for it (the first-boot key then opens nothing and its file is removed);
-/// always proves the key by opening the volume. A wrong key is [`StateDiskError::WrongKey`].
+/// Name of the marker file present while the state disk is keyed with its first-boot key.
+const FIRST_BOOT_MARKER: &str = "disk.first-boot";
+
+type FirstBootKey = zeroize::Zeroizing<[u8; 32]>;
+
+/// First-boot keys of the state disks this process formatted, by disk path. They live in memory
+/// only (never in a file, where they would outlive their purpose): a node restarted before its
+/// disk key arrived formats its still empty disk anew.
+static FIRST_BOOT_KEYS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<PathBuf, FirstBootKey>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn first_boot_keys(
+) -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, FirstBootKey>> {
+    FIRST_BOOT_KEYS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keys the state disk with the node's disk key: on first use replaces the first-boot key and
+/// the volume key ([`statedisk::rekey`]: the first-boot key, and anything derived from the old
+/// header, then opens nothing); always proves the key by opening the volume. A wrong key is
+/// [`StateDiskError::WrongKey`].
 pub(crate) async fn adopt_disk_key(
     node: &NodeContext,
     key: &[u8],
 ) -> Result<OpenedVolume, DiskKeyError> {
     let disk = node.disk_path();
-    let initial_key_path = node.state_dir.join("disk.initial-key");
+    let marker = node.first_boot_marker();
     let key = zeroize::Zeroizing::new(key.to_vec());
-    let name = node.mapper_name();
     tokio::task::spawn_blocking(move || {
-        if let Ok(initial) = std::fs::read(&initial_key_path) {
-            let initial = zeroize::Zeroizing::new(initial);
-            // The first-boot key sat in a file: its keyslot goes, not just the file.
-            statedisk::rekey(&disk, &initial, &key, KdfSettings::default())?;
-            std::fs::remove_file(&initial_key_path).map_err(|source| DiskKeyError::Io {
-                path: initial_key_path.clone(),
-                source,
-            })?;
-            tracing::info!(
-                "state disk re-keyed with the node's disk key; first-boot keyslot destroyed"
-            );
+        let initial = first_boot_keys().get(&disk).cloned();
+        if let Some(initial) = initial {
+            statedisk::rekey(&disk, initial.as_slice(), &key, KdfSettings::default())?;
+            first_boot_keys().remove(&disk);
+            match std::fs::remove_file(&marker) {
+                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DiskKeyError::Io {
+                        path: marker.clone(),
+                        source,
+                    })
+                }
+                _ => {}
+            }
+            tracing::info!("state disk re-keyed with the node's disk key and a new volume key");
         }
+        let name = statedisk::mapper_name_of(&disk)?;
         Ok(statedisk::open(&disk, &key, &name)?)
     })
     .await
@@ -288,14 +315,34 @@ fn start_verification_service(
     tracing::info!(%verify_addr, "verification service listening");
 }
 
+/// Formats the state disk with a first-boot key held only in memory, unless the disk already
+/// carries the node's disk key. A disk whose first-boot key died with an earlier process (the
+/// marker is still there) was never opened, so it holds nothing: it is formatted anew.
 fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
+    constellation_common::secret_file::ensure_private_dir(&node.state_dir)?;
     let path = node.disk_path();
-    if !path.exists() {
-        let throwaway: [u8; 32] = rand::random();
-        let uuid = statedisk::format(&path, STATE_DISK_BYTES, &throwaway, KdfSettings::default())?;
-        std::fs::write(node.state_dir.join("disk.initial-key"), throwaway)?;
-        tracing::info!(%uuid, "formatted the state disk with a first-boot key");
+    let marker = node.first_boot_marker();
+    if path.exists() && !marker.exists() {
+        return Ok(());
     }
+    if first_boot_keys().contains_key(&path) {
+        return Ok(());
+    }
+    // The marker goes first: a crash before the format completes leaves a disk we redo.
+    constellation_common::secret_file::write_private_atomic(&marker, b"")?;
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    let first_boot = FirstBootKey::new(rand::random());
+    let uuid = statedisk::format(
+        &path,
+        STATE_DISK_BYTES,
+        first_boot.as_slice(),
+        KdfSettings::default(),
+    )?;
+    first_boot_keys().insert(path, first_boot);
+    tracing::info!(%uuid, "formatted the state disk with a first-boot key (memory only)");
     Ok(())
 }
 

@@ -196,7 +196,10 @@ async fn recover(
     let disk_key = kdf::derive_key(master.expose(), salt.expose(), &uuid, kdf::DEFAULT_KEY_LEN)
         .map_err(|_| RecoverError::WrongMasterSecret)?;
     // Open only, never add a keyslot: a wrong secret must not be able to key the disk.
-    let (disk, name) = (node.disk_path(), node.mapper_name());
+    let name = node
+        .mapper_name()
+        .map_err(|e| RecoverError::Disk(DiskKeyError::StateDisk(e)))?;
+    let disk = node.disk_path();
     let opened =
         tokio::task::spawn_blocking(move || statedisk::open(&disk, disk_key.expose(), &name))
             .await

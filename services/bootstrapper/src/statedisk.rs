@@ -111,12 +111,6 @@ pub enum StateDiskError {
     EmptyKey,
     #[error("re-keying {path}: the new key is the old key")]
     SameKey { path: PathBuf },
-    #[error("re-keying {path}: the new keyslot {expected} is the old keyslot {found}")]
-    KeyslotMismatch {
-        path: PathBuf,
-        expected: u32,
-        found: u32,
-    },
     #[error("{path} is not a LUKS2 volume: {source}")]
     NotLuks2 {
         path: PathBuf,
@@ -285,9 +279,13 @@ pub fn add_key(
     })?
 }
 
-/// Replaces `old_key` with `new_key`: adds a keyslot for the new key, checks it opens, then
-/// destroys the old key's keyslot so the old key (a first-boot key that sat in a file) no
-/// longer opens the volume. Returns the new keyslot.
+/// Replaces the first-boot `old_key` with `new_key` *and* the volume key: checks that `old_key`
+/// opens the volume, then writes a fresh LUKS2 header with the same UUID (the disk key's ID), a
+/// new random volume key and one keyslot, for `new_key`. Anyone who copied the old header and
+/// the old key, or the old volume key itself, learns nothing about data written afterwards.
+///
+/// Only for a volume that holds no data yet (a node's state disk before it was ever opened):
+/// the data area is not re-encrypted. Returns the new keyslot.
 pub fn rekey(
     path: &Path,
     old_key: &[u8],
@@ -302,42 +300,50 @@ pub fn rekey(
     }
     on_worker(move || {
         let mut device = load_luks2(&path)?;
-        // One KDF run opens the old keyslot and yields the volume key; one more derives the new
-        // keyslot's key. No further unlock is needed to know the new key works.
-        let mut volume_key = Zeroizing::new([0u8; VOLUME_KEY_BYTES]);
-        let (old_slot, _) = device
-            .volume_key_handle()
-            .get(None, volume_key.as_mut_slice(), Some(&old_key))
-            .map_err(|source| wrong_key_or(source, &path, "reading the volume key"))?;
-        let old_slot =
-            u32::try_from(old_slot).map_err(|_| StateDiskError::WrongKey { path: path.clone() })?;
+        let old_slot = activate(&mut device, &path, None, &old_key)?;
+        let uuid = device
+            .status_handle()
+            .get_uuid()
+            .map_err(cryptsetup_error("reading UUID", &path))?;
+        drop(device);
+        // A new header over the old one (libcryptsetup wipes the old keyslots area with it).
+        let mut device = init(&path)?;
         device
             .settings_handle()
             .set_pbkdf_type(&kdf.pbkdf_type())
             .map_err(cryptsetup_error("setting PBKDF", &path))?;
+        device
+            .context_handle()
+            .format::<()>(
+                EncryptionFormat::Luks2,
+                CIPHER,
+                Some(uuid),
+                Either::Right(VOLUME_KEY_BYTES),
+                None,
+            )
+            .map_err(cryptsetup_error("writing a new LUKS2 header", &path))?;
         let new_slot = device
             .keyslot_handle()
-            .add_by_key(
-                None,
-                Some(Either::Left(volume_key.as_slice())),
-                &new_key,
-                CryptVolumeKey::empty(),
-            )
+            .add_by_key(None, None, &new_key, CryptVolumeKey::empty())
             .map_err(cryptsetup_error("adding keyslot", &path))?;
-        if new_slot == old_slot {
-            return Err(StateDiskError::KeyslotMismatch {
-                path,
-                expected: new_slot,
-                found: old_slot,
-            });
-        }
-        device
-            .keyslot_handle()
-            .destroy(old_slot)
-            .map_err(cryptsetup_error("destroying the old keyslot", &path))?;
-        tracing::info!(path = %path.display(), old_slot, new_slot, "state disk re-keyed");
+        tracing::info!(
+            path = %path.display(), old_slot, new_slot,
+            "state disk re-keyed: new volume key, the first-boot keyslot is gone"
+        );
         Ok(new_slot)
     })?
+}
+
+/// The device-mapper name of the state disk with LUKS UUID `uuid`. Each disk has its own UUID,
+/// so nodes sharing a host (and their kernel's device-mapper namespace) never collide, whatever
+/// their names.
+pub fn mapper_name(uuid: &Uuid) -> String {
+    format!("constellation-state-{}", uuid.simple())
+}
+
+/// [`mapper_name`] of the LUKS2 volume at `path`.
+pub fn mapper_name_of(path: &Path) -> Result<String, StateDiskError> {
+    Ok(mapper_name(&uuid(path)?))
 }
 
 /// Whether this kernel offers device-mapper. The `/dev/mapper/control` node alone proves

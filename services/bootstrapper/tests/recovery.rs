@@ -78,7 +78,7 @@ async fn full_control_plane_restart_then_recover_brings_the_cluster_back_with_th
     let (worker_uuid, worker_key) = disk_key(&worker);
     statedisk::verify_key(&disk_of(&cp), &cp_key).unwrap();
     statedisk::verify_key(&disk_of(&worker), &worker_key).unwrap();
-    assert!(!cp.dir.join("state/disk.initial-key").exists());
+    assert!(!cp.dir.join("state/disk.first-boot").exists());
 
     // Full control-plane restart: every node powers off, the control plane boots first.
     let cp = full_restart(&mut c, &[&worker, &cp], &cp).await;

@@ -167,19 +167,20 @@ fn rekey_replaces_the_first_boot_key_which_then_opens_nothing() {
         KdfSettings::fast_insecure_for_tests(),
     )
     .expect("rekey");
-    assert_eq!(slot, 1);
+    // A new header (new volume key) with the new key's keyslot only.
+    assert_eq!(slot, 0);
     assert_eq!(
         statedisk::verify_key(&disk, &OTHER_KEY).expect("new key"),
-        1
+        0
     );
     let err = statedisk::verify_key(&disk, &KEY).expect_err("old key must be gone");
     assert!(matches!(err, StateDiskError::WrongKey { .. }), "{err:?}");
     assert_eq!(statedisk::uuid(&disk).expect("uuid"), uuid);
-    // The independent view agrees: keyslot 0 is gone, keyslot 1 is there.
+    // The independent view agrees: exactly one keyslot.
     let dump = luks_dump(&disk);
     let keyslots = keyslots_section(&dump);
-    assert!(!keyslots.contains("  0: luks2"), "{dump}");
-    assert!(keyslots.contains("  1: luks2"), "{dump}");
+    assert!(keyslots.contains("  0: luks2"), "{dump}");
+    assert!(!keyslots.contains("  1: luks2"), "{dump}");
 
     let err = statedisk::rekey(
         &disk,
@@ -197,7 +198,7 @@ fn rekey_replaces_the_first_boot_key_which_then_opens_nothing() {
     )
     .expect_err("a destroyed key authorizes nothing");
     assert!(matches!(err, StateDiskError::WrongKey { .. }), "{err:?}");
-    assert_eq!(statedisk::verify_key(&disk, &OTHER_KEY).expect("still"), 1);
+    assert_eq!(statedisk::verify_key(&disk, &OTHER_KEY).expect("still"), 0);
 }
 
 #[test]
