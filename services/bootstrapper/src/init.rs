@@ -16,6 +16,7 @@ use constellation_common::initsecret;
 use constellation_common::kdf;
 use constellation_common::metadata::ports;
 use constellation_common::secret::SecretBytes;
+use constellation_joinservice::disk_bindings::Claim;
 use constellation_joinservice::{DiskOwner, DiskUuid};
 use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_server::InitService;
@@ -161,17 +162,20 @@ async fn bind_own_disk(node: &NodeContext, uuid: &str) -> Result<(), Status> {
         node_name: node.name.clone(),
         ak_fingerprint: ak.fingerprint(),
     };
-    let owner = node
+    match node
         .disk_bindings
         .claim(&disk, &me)
         .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    if owner != me {
-        return Err(Status::failed_precondition(format!(
+        .map_err(|e| Status::unavailable(e.to_string()))?
+    {
+        Claim::BoundTo(owner) if owner == me => Ok(()),
+        Claim::BoundTo(owner) => Err(Status::failed_precondition(format!(
             "state disk {disk} is bound to {owner}, not to this {me}"
-        )));
+        ))),
+        Claim::ClaimantHolds(held) => Err(Status::failed_precondition(format!(
+            "this {me} is bound to disk {held}, not to its state disk {disk}"
+        ))),
     }
-    Ok(())
 }
 
 async fn initialize(

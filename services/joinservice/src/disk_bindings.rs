@@ -6,9 +6,11 @@
 //! the join service refuses everyone else. The first control plane binds its own disk at Init.
 //!
 //! [`DiskBindings`] is compare-and-set (claim if absent, else report the owner), so two control
-//! planes racing to bind one disk agree on one owner. [`FileDiskBindings`] keeps one file per disk
-//! in a directory every control plane of the host shares (the cluster folder next to the
-//! platform's metadata); an etcd-backed store can replace it behind the same trait.
+//! planes racing to bind one disk agree on one owner. A node binds one disk (it has one state
+//! disk), so a compromised node cannot grow the store by claiming made-up UUIDs.
+//! [`FileDiskBindings`] keeps one file per disk and one per node in a directory every control
+//! plane of the host shares (the cluster folder next to the platform's metadata); an etcd-backed
+//! store can replace it behind the same trait.
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -94,32 +96,41 @@ pub enum DiskBindingError {
     Task(String),
 }
 
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The disk is bound to this node after the call: the claimant (now or from before) or
+    /// another node.
+    BoundTo(DiskOwner),
+    /// The claimant holds another disk already and the claimed one is unbound.
+    ClaimantHolds(DiskUuid),
+}
+
 /// Where disk bindings live. Shared by every control plane of a cluster.
 #[tonic::async_trait]
 pub trait DiskBindings: Send + Sync {
-    /// Compare-and-set: binds `disk` to `claimant` unless some node holds it already, and
-    /// returns the node that holds it after the call (`claimant`, now or from before, or another
-    /// node). Of concurrent claims of one disk, from any control plane, exactly one wins and all
-    /// see the same owner.
-    async fn claim(
-        &self,
-        disk: &DiskUuid,
-        claimant: &DiskOwner,
-    ) -> Result<DiskOwner, DiskBindingError>;
+    /// Compare-and-set: binds `disk` to `claimant` unless some node holds it already or the
+    /// claimant holds another disk. Of concurrent claims of one disk, from any control plane,
+    /// exactly one wins and all see the same owner; of one node's concurrent claims of different
+    /// disks, at most one wins.
+    async fn claim(&self, disk: &DiskUuid, claimant: &DiskOwner)
+        -> Result<Claim, DiskBindingError>;
 }
 
-/// One file per disk, `<dir>/<uuid>.yaml` (0600, in a 0700 directory).
+/// One file per disk, `<dir>/<uuid>.yaml`, and one per node, `<dir>/node-<AK SHA-256>.yaml`
+/// naming its disk (0600, in a 0700 directory). A claim publishes the node's record, then the
+/// disk's.
 ///
-/// A claim writes a temporary file created with `O_EXCL` (a file or symlink planted at its path
-/// makes the write fail) and publishes it with `link(2)`, which, unlike `rename(2)`, fails when
-/// the target exists: the publish is the compare-and-set, atomic across processes on the host,
-/// and a reader never sees a partial record.
+/// Each record is written to a temporary file created with `O_EXCL` (a file or symlink planted at
+/// its path makes the write fail) and published with `link(2)`, which, unlike `rename(2)`, fails
+/// when the target exists: the publish is the compare-and-set, atomic across processes on the
+/// host, and a reader never sees a partial record.
 #[derive(Debug, Clone)]
 pub struct FileDiskBindings {
     dir: PathBuf,
 }
 
-/// The on-disk record.
+/// The on-disk record (the same shape for a disk's and a node's file).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record {
@@ -127,6 +138,16 @@ struct Record {
     node_name: String,
     /// Hex SHA-256 of the node's attestation key.
     ak_sha256: String,
+}
+
+impl Record {
+    fn new(disk: &DiskUuid, owner: &DiskOwner) -> Self {
+        Self {
+            disk_uuid: disk.to_string(),
+            node_name: owner.node_name.clone(),
+            ak_sha256: hex::encode(owner.ak_fingerprint),
+        }
+    }
 }
 
 impl FileDiskBindings {
@@ -156,53 +177,86 @@ impl FileDiskBindings {
 
     /// The owner recorded for `disk`, if any.
     pub fn owner(&self, disk: &DiskUuid) -> Result<Option<DiskOwner>, DiskBindingError> {
-        read_owner(&self.record_path(disk), disk)
+        let path = self.disk_path(disk);
+        match read_record(&path)? {
+            None => Ok(None),
+            Some((recorded, owner)) if recorded == *disk => Ok(Some(owner)),
+            Some((recorded, _)) => Err(DiskBindingError::Malformed {
+                path,
+                reason: format!("records disk {recorded}, expected {disk}"),
+            }),
+        }
     }
 
-    fn record_path(&self, disk: &DiskUuid) -> PathBuf {
+    fn disk_path(&self, disk: &DiskUuid) -> PathBuf {
         self.dir.join(format!("{disk}.yaml"))
+    }
+
+    fn node_path(&self, node: &DiskOwner) -> PathBuf {
+        self.dir
+            .join(format!("node-{}.yaml", hex::encode(node.ak_fingerprint)))
     }
 
     fn claim_blocking(
         &self,
         disk: &DiskUuid,
         claimant: &DiskOwner,
-    ) -> Result<DiskOwner, DiskBindingError> {
-        let path = self.record_path(disk);
-        if let Some(owner) = read_owner(&path, disk)? {
-            return Ok(owner);
+    ) -> Result<Claim, DiskBindingError> {
+        if let Some(owner) = self.owner(disk)? {
+            return Ok(Claim::BoundTo(owner));
         }
-        let record = Record {
-            disk_uuid: disk.to_string(),
-            node_name: claimant.node_name.clone(),
-            ak_sha256: hex::encode(claimant.ak_fingerprint),
-        };
-        let bytes = serde_yaml::to_string(&record).map_err(|e| DiskBindingError::Malformed {
-            path: path.clone(),
+        let record = Record::new(disk, claimant);
+        // The node's one disk first: a node holding another disk binds no more.
+        let node_path = self.node_path(claimant);
+        if !self.publish(&node_path, &record)? {
+            let (held, _) = read_record(&node_path)?.ok_or_else(|| vanished(&node_path))?;
+            if held != *disk {
+                return Ok(Claim::ClaimantHolds(held));
+            }
+        }
+        let disk_path = self.disk_path(disk);
+        if self.publish(&disk_path, &record)? {
+            tracing::info!(disk = %disk, owner = %claimant, "disk bound to node");
+            return Ok(Claim::BoundTo(claimant.clone()));
+        }
+        // Another claim won the race: its record is complete (linked after it was written).
+        self.owner(disk)?
+            .map(Claim::BoundTo)
+            .ok_or_else(|| vanished(&disk_path))
+    }
+
+    /// Publishes `record` at `path` unless a file is there; true if this call published it.
+    fn publish(&self, path: &Path, record: &Record) -> Result<bool, DiskBindingError> {
+        let bytes = serde_yaml::to_string(record).map_err(|e| DiskBindingError::Malformed {
+            path: path.to_owned(),
             reason: e.to_string(),
         })?;
         let tmp = self
             .dir
-            .join(format!(".{disk}.{:016x}.tmp", rand::random::<u64>()));
+            .join(format!(".claim.{:016x}.tmp", rand::random::<u64>()));
         write_exclusive(&tmp, bytes.as_bytes())?;
-        let published = std::fs::hard_link(&tmp, &path);
+        let published = std::fs::hard_link(&tmp, path);
         if let Err(e) = std::fs::remove_file(&tmp) {
             tracing::warn!(path = %tmp.display(), error = %e, "leftover disk-binding temporary");
         }
         match published {
             Ok(()) => {
                 sync_dir(&self.dir)?;
-                tracing::info!(disk = %disk, owner = %claimant, "disk bound to node");
-                Ok(claimant.clone())
+                Ok(true)
             }
-            // Another claim won the race: its record is complete (linked after it was written).
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_owner(&path, disk)?
-                .ok_or_else(|| DiskBindingError::Malformed {
-                    path,
-                    reason: "vanished right after a concurrent claim".into(),
-                }),
-            Err(source) => Err(DiskBindingError::Io { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(source) => Err(DiskBindingError::Io {
+                path: path.to_owned(),
+                source,
+            }),
         }
+    }
+}
+
+fn vanished(path: &Path) -> DiskBindingError {
+    DiskBindingError::Malformed {
+        path: path.to_owned(),
+        reason: "vanished right after a concurrent claim".into(),
     }
 }
 
@@ -212,7 +266,7 @@ impl DiskBindings for FileDiskBindings {
         &self,
         disk: &DiskUuid,
         claimant: &DiskOwner,
-    ) -> Result<DiskOwner, DiskBindingError> {
+    ) -> Result<Claim, DiskBindingError> {
         let (store, disk, claimant) = (self.clone(), disk.clone(), claimant.clone());
         tokio::task::spawn_blocking(move || store.claim_blocking(&disk, &claimant))
             .await
@@ -245,7 +299,8 @@ fn sync_dir(dir: &Path) -> Result<(), DiskBindingError> {
         })
 }
 
-fn read_owner(path: &Path, disk: &DiskUuid) -> Result<Option<DiskOwner>, DiskBindingError> {
+/// A record's disk and owner; `None` if there is no file at `path`.
+fn read_record(path: &Path) -> Result<Option<(DiskUuid, DiskOwner)>, DiskBindingError> {
     let malformed = |reason: String| DiskBindingError::Malformed {
         path: path.to_owned(),
         reason,
@@ -271,12 +326,7 @@ fn read_owner(path: &Path, disk: &DiskUuid) -> Result<Option<DiskOwner>, DiskBin
         return Err(malformed(format!("larger than {MAX_RECORD_BYTES} bytes")));
     }
     let record: Record = serde_yaml::from_str(&text).map_err(|e| malformed(e.to_string()))?;
-    if record.disk_uuid != disk.as_str() {
-        return Err(malformed(format!(
-            "records disk {:?}, expected {disk}",
-            record.disk_uuid
-        )));
-    }
+    let disk = DiskUuid::parse(&record.disk_uuid).map_err(|e| malformed(e.to_string()))?;
     let ak_fingerprint = hex::decode(&record.ak_sha256)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -286,10 +336,13 @@ fn read_owner(path: &Path, disk: &DiskUuid) -> Result<Option<DiskOwner>, DiskBin
                 record.ak_sha256
             ))
         })?;
-    Ok(Some(DiskOwner {
-        node_name: record.node_name,
-        ak_fingerprint,
-    }))
+    Ok(Some((
+        disk,
+        DiskOwner {
+            node_name: record.node_name,
+            ak_fingerprint,
+        },
+    )))
 }
 
 #[cfg(test)]
@@ -332,19 +385,37 @@ mod tests {
         let store = FileDiskBindings::open(&dir).unwrap();
         let disk = DiskUuid::parse(DISK).unwrap();
         assert_eq!(store.owner(&disk).unwrap(), None);
-        assert_eq!(
-            store.claim(&disk, &owner("a", 1)).await.unwrap(),
-            owner("a", 1)
-        );
-        assert_eq!(
-            store.claim(&disk, &owner("b", 2)).await.unwrap(),
-            owner("a", 1)
-        );
+        for claimant in [owner("a", 1), owner("b", 2), owner("a", 1)] {
+            assert_eq!(
+                store.claim(&disk, &claimant).await.unwrap(),
+                Claim::BoundTo(owner("a", 1))
+            );
+        }
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&dir.join(format!("{DISK}.yaml"))), 0o600);
-        // Only the record: no temporary left behind.
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        let node_record = dir.join(format!("node-{}.yaml", hex::encode([1u8; 32])));
+        for record in [dir.join(format!("{DISK}.yaml")), node_record] {
+            assert_eq!(mode(&record), 0o600, "{}", record.display());
+        }
+        // The disk's and the node's record, no temporary left behind, nothing for the loser.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_node_binds_one_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileDiskBindings::open(tmp.path()).unwrap();
+        let first = DiskUuid::parse(DISK).unwrap();
+        store.claim(&first, &owner("a", 1)).await.unwrap();
+        for i in 0..10 {
+            let made_up = DiskUuid::parse(&format!("00000000-0000-0000-0000-{i:012}")).unwrap();
+            assert_eq!(
+                store.claim(&made_up, &owner("a", 1)).await.unwrap(),
+                Claim::ClaimantHolds(first.clone())
+            );
+            assert_eq!(store.owner(&made_up).unwrap(), None);
+        }
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
     }
 
     #[tokio::test]
@@ -359,7 +430,7 @@ mod tests {
         ));
         // A record for another disk copied over this one's name is refused too.
         let other = DiskUuid::parse("00000000-0000-0000-0000-000000000000").unwrap();
-        store.claim(&other, &owner("a", 1)).await.unwrap();
+        store.claim(&other, &owner("c", 3)).await.unwrap();
         std::fs::copy(
             tmp.path().join(format!("{other}.yaml")),
             tmp.path().join(format!("{DISK}.yaml")),

@@ -13,7 +13,7 @@ pub mod token;
 
 pub use attested_peer::AttestedPeerInterceptor;
 pub use collateral::{CollateralCache, CollateralFetcher};
-pub use disk_bindings::{DiskBindings, DiskOwner, DiskUuid, FileDiskBindings};
+pub use disk_bindings::{Claim, DiskBindings, DiskOwner, DiskUuid, FileDiskBindings};
 pub use pki::{ClusterPki, NodeIdentity, NodeRole};
 pub use ticket::{AttestedPeer, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory};
 pub use token::{BootstrapToken, TokenRegistry};

@@ -30,7 +30,9 @@ use constellation_proto::prost::Message as _;
 use constellation_proto::PROTOCOL_VERSION;
 use tonic::{Code, Request, Response, Status};
 
-use crate::disk_bindings::{BadDiskUuid, DiskBindingError, DiskBindings, DiskOwner, DiskUuid};
+use crate::disk_bindings::{
+    BadDiskUuid, Claim, DiskBindingError, DiskBindings, DiskOwner, DiskUuid,
+};
 use crate::pki::{ClusterPki, CsrError, NodeIdentity, NodeRole};
 use crate::token::{TokenError, TokenRegistry};
 
@@ -112,6 +114,12 @@ pub enum JoinError {
         claimant: DiskOwner,
         owner: DiskOwner,
     },
+    #[error("{claimant} asked for disk {requested} but is bound to its disk {held}")]
+    NodeHoldsAnotherDisk {
+        claimant: DiskOwner,
+        requested: String,
+        held: String,
+    },
     #[error("disk bindings: {0}")]
     DiskBindings(#[from] DiskBindingError),
     #[error("bootstrap token: {0}")]
@@ -189,7 +197,8 @@ impl From<JoinError> for Status {
             | JoinError::NodeNameMismatch { .. }
             | JoinError::UnknownNode { .. }
             | JoinError::RoleMismatch { .. }
-            | JoinError::DiskOwnedByAnotherNode { .. } => Status::permission_denied(message),
+            | JoinError::DiskOwnedByAnotherNode { .. }
+            | JoinError::NodeHoldsAnotherDisk { .. } => Status::permission_denied(message),
             JoinError::Csr(ref csr) if csr.is_identity_mismatch() => {
                 Status::permission_denied(message)
             }
@@ -331,13 +340,22 @@ impl JoinTicketIssuer {
             node_name: attested.to_owned(),
             ak_fingerprint: peer.ak_fingerprint,
         };
-        let owner = self.disks.claim(&disk, &claimant).await?;
-        if owner != claimant {
-            return Err(JoinError::DiskOwnedByAnotherNode {
-                disk_uuid: disk.to_string(),
-                claimant,
-                owner,
-            });
+        match self.disks.claim(&disk, &claimant).await? {
+            Claim::BoundTo(owner) if owner == claimant => {}
+            Claim::BoundTo(owner) => {
+                return Err(JoinError::DiskOwnedByAnotherNode {
+                    disk_uuid: disk.to_string(),
+                    claimant,
+                    owner,
+                })
+            }
+            Claim::ClaimantHolds(held) => {
+                return Err(JoinError::NodeHoldsAnotherDisk {
+                    claimant,
+                    requested: disk.to_string(),
+                    held: held.to_string(),
+                })
+            }
         }
 
         // All checks passed; now obtain and issue, the token last (the only registration).

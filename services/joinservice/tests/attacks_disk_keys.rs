@@ -20,7 +20,7 @@ use constellation_attestation::SystemClock;
 use constellation_common::kdf::{derive_key, DEFAULT_KEY_LEN};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::disk_bindings::{
-    DiskBindings, DiskOwner, DiskUuid, FileDiskBindings,
+    Claim, DiskBindings, DiskOwner, DiskUuid, FileDiskBindings,
 };
 use constellation_joinservice::pki::{ClusterPki, NodeIdentity, NodeRole};
 use constellation_joinservice::ticket::{
@@ -184,7 +184,7 @@ impl Cluster {
             )
             .await
             .unwrap();
-        assert_eq!(owner, self.node("control-0").owner());
+        assert_eq!(owner, Claim::BoundTo(self.node("control-0").owner()));
     }
 
     /// Starts a join service behind mutual aTLS on loopback, with a fresh binding-store handle.
@@ -606,8 +606,47 @@ fn racing_claims_from_many_store_handles_agree_on_one_owner() {
             })
         })
         .collect();
-    let owners: Vec<DiskOwner> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let owners: Vec<Claim> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(matches!(owners[0], Claim::BoundTo(_)), "{owners:?}");
     assert!(owners.iter().all(|o| *o == owners[0]), "{owners:?}");
-    // Exactly the record, no temporaries left by the losers.
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    // The disk's record and the claimants' node records; no temporaries left by the losers.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1 + THREADS);
+}
+
+#[tokio::test]
+async fn a_worker_cannot_grow_the_binding_store_with_made_up_disks() {
+    let cluster = Cluster::new(0);
+    let service = cluster.start_join_service().await;
+    let w0 = cluster.node("worker-0");
+    cluster
+        .join(&service, "worker-0", w0.request(WORKER_0_DISK))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let made_up = format!("0bad0bad-0000-0000-0000-{i:012}");
+        let status = cluster
+            .join(&service, "worker-0", w0.request(&made_up))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains(&made_up) && status.message().contains(WORKER_0_DISK),
+            "{}",
+            status.message()
+        );
+    }
+    // worker-0's disk record and its node record, nothing for the made-up disks.
+    assert_eq!(
+        std::fs::read_dir(cluster.bindings_dir.path())
+            .unwrap()
+            .count(),
+        2
+    );
+    assert_eq!(service.keys.calls.load(Ordering::SeqCst), 1);
+    service.shut_down().await;
 }
