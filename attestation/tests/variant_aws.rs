@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 
 use constellation_attestation::snp::{verify_report, SnpError, SnpPolicy};
 use constellation_attestation::tpm::{AkKind, QuoteError, Tpm};
-use constellation_attestation::variant::aws_sev_snp::validate_vouched_quote;
 use constellation_attestation::variant::aws_sev_snp::{
-    report_data_for_ak, AwsSevSnpEvidence, AwsSevSnpIssuer, AwsSevSnpValidator, SnpReportError,
+    report_data_for_ak, AwsSevSnpEvidence, AwsSevSnpIssuer, AwsSevSnpValidator,
 };
+use constellation_attestation::variant::snp_vtpm::{validate_vouched_quote, SnpReportError};
 use constellation_attestation::{
     IssueError, Issuer, Measurement, Measurements, ValidationError, Validator, Variant,
 };
@@ -61,7 +61,7 @@ fn snp_half_accepts_the_real_report_with_its_documented_report_data() {
         report_data: Some(documented_report_data()),
         ..v.policy.clone()
     };
-    let report = verify_report(&aws_report(), &v.vlek, &policy).unwrap();
+    let report = verify_report(&aws_report(), &v.vek, &policy).unwrap();
     assert_eq!(report.report_data, documented_report_data());
 }
 

@@ -16,11 +16,11 @@ use base64::Engine as _;
 use constellation_attestation::measurements::sha256;
 use constellation_attestation::snp::{SnpError, REPORT_LEN};
 use constellation_attestation::tpm::{AkKind, QuoteError, Tpm};
-use constellation_attestation::variant::aws_sev_snp::validate_vouched_quote;
 use constellation_attestation::variant::azure_sev_snp::{
     hcl_ak_from_runtime_data, AzureSevSnpEvidence, AzureSevSnpIssuer, AzureSevSnpValidator,
     HclReport,
 };
+use constellation_attestation::variant::snp_vtpm::validate_vouched_quote;
 use constellation_attestation::{
     Issuer, Measurement, Measurements, ValidationError, Validator, Variant,
 };

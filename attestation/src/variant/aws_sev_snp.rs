@@ -4,20 +4,20 @@
 //!
 //! The SNP report vouches for the AK (hardware root of trust instead of pinning), the quote
 //! carries the binding as extraData and the measured-boot PCRs. Evidence is JSON
-//! ([`AwsSevSnpEvidence`]); its `tpm` member is qemu-vtpm quote evidence and is checked by a
-//! [`QemuVtpmValidator`] pinned to the vouched key, so the TPM rules live in one place.
-
-use std::sync::Arc;
+//! ([`AwsSevSnpEvidence`]); what it shares with `azure-sev-snp` lives in
+//! [`super::snp_vtpm`].
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha512};
 
-use crate::measurements::{Digest, Measurements};
-use crate::snp::{verify_report_from, AttestationReport, SnpPolicy, VekSource, VerifiedVek};
+use crate::measurements::Digest;
+use crate::snp::{VekSource, VerifiedVek};
 use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
-use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmIssuer, QemuVtpmValidator};
-use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
-use crate::Clock;
+use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence, QemuVtpmIssuer};
+use crate::variant::snp_vtpm::{
+    quote_evidence, report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator,
+};
+use crate::variant::{IssueError, Issuer, ValidationError, Variant};
 
 /// The wire form of aws-sev-snp evidence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,11 +53,6 @@ impl AwsSevSnpEvidence {
 pub fn report_data_for_ak(ak_spki_der: &[u8]) -> [u8; 64] {
     Sha512::digest(ak_spki_der).into()
 }
-
-/// Why the SEV-SNP firmware (or whatever stands in for it) returned no report.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("SEV-SNP report request failed: {0}")]
-pub struct SnpReportError(pub String);
 
 /// Requests an SNP attestation report carrying `report_data` (on a guest: the SNP firmware via
 /// /dev/sev-guest or configfs-tsm; in tests: a file).
@@ -120,64 +115,29 @@ impl Issuer for AwsSevSnpIssuer {
     }
 }
 
-/// The verifier side: where the VLEK comes from, the SNP policy (minimum TCB, measurement,
-/// ...; its `report_data` is replaced by the AK's hash) and the PCR measurements.
-///
-/// `V` is the [`VekSource`]: by default one [`VerifiedVek`] (chain verified by the caller at a
-/// given time). With a collateral source (`Arc<dyn VekSource>`, e.g. the join service's cache)
-/// the VLEK for each report's reported TCB is looked up instead (a VLEK has no hwID; AWS
-/// reports mask CHIP_ID, so the key is signer and TCB).
-#[derive(Debug, Clone)]
-pub struct AwsSevSnpValidator<V = VerifiedVek> {
-    pub vlek: V,
-    pub policy: SnpPolicy,
-    pub measurements: Measurements,
-    /// "Now" for the re-check of the cached chain's validity on every report.
-    pub clock: Arc<dyn Clock>,
-}
+/// The verifier side: a [`SnpVtpmValidator`] whose report (VLEK-signed; a VLEK has no hwID
+/// and AWS reports mask CHIP_ID, so a collateral source keys it by signer and TCB) must carry
+/// REPORT_DATA = SHA-512 of the AK's SubjectPublicKeyInfo DER.
+pub type AwsSevSnpValidator<V = VerifiedVek> = SnpVtpmValidator<AwsSnp, V>;
 
-impl AwsSevSnpValidator<VerifiedVek> {
-    /// `clock` is consulted on every report: a VLEK (or its chain) that expired after
-    /// this validator was built is rejected from then on.
-    pub fn new(
-        vlek: VerifiedVek,
-        policy: SnpPolicy,
-        measurements: Measurements,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self::with_source(vlek, policy, measurements, clock)
-    }
-}
+/// The `aws-sev-snp` kind of [`SnpVtpmValidator`].
+#[derive(Debug, Clone, Copy)]
+pub struct AwsSnp;
 
-impl AwsSevSnpValidator<Arc<dyn VekSource>> {
-    /// A validator whose VLEK for each report's TCB comes from `collateral`; its chain
-    /// validity is re-checked at `clock` per report.
-    pub fn with_collateral(
-        collateral: Arc<dyn VekSource>,
-        policy: SnpPolicy,
-        measurements: Measurements,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self::with_source(collateral, policy, measurements, clock)
+impl SnpVtpmKind for AwsSnp {
+    const VARIANT: Variant = Variant::AwsSevSnp;
+
+    fn vouched_quote<V: VekSource>(
+        validator: &AwsSevSnpValidator<V>,
+        evidence: &[u8],
+    ) -> Result<(AkPublicKey, QemuVtpmEvidence), ValidationError> {
+        let evidence = AwsSevSnpEvidence::from_bytes(evidence)?;
+        let ak = validator.verify_report_for_ak(&evidence.report, &evidence.tpm.ak)?;
+        Ok((ak, evidence.tpm))
     }
 }
 
 impl<V: VekSource> AwsSevSnpValidator<V> {
-    /// A validator whose VLEK comes from `vlek` (a fixed key or a collateral source).
-    pub fn with_source(
-        vlek: V,
-        policy: SnpPolicy,
-        measurements: Measurements,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self {
-            vlek,
-            policy,
-            measurements,
-            clock,
-        }
-    }
-
     /// The SNP half: the report verifies with the VLEK for its TCB and `policy`, and its
     /// REPORT_DATA is SHA-512 of `ak_spki_der` exactly as sent. Returns the AK the report
     /// vouches for.
@@ -190,86 +150,7 @@ impl<V: VekSource> AwsSevSnpValidator<V> {
         AkPublicKey::from_spki_der(ak_spki_der)
             .map_err(|e| ValidationError::Malformed(format!("attestation key: {e}")))
     }
-
-    /// The SNP checks alone, with REPORT_DATA expected to be `report_data`; returns the
-    /// parsed report.
-    pub fn verify_report_data(
-        &self,
-        report: &[u8],
-        report_data: &[u8; 64],
-    ) -> Result<AttestationReport, ValidationError> {
-        let policy = SnpPolicy {
-            report_data: Some(*report_data),
-            ..self.policy.clone()
-        };
-        Ok(verify_report_from(
-            report,
-            &self.vlek,
-            &policy,
-            self.clock.as_ref(),
-        )?)
-    }
 }
-
-impl<V: VekSource> Validator for AwsSevSnpValidator<V> {
-    fn variant(&self) -> Variant {
-        Variant::AwsSevSnp
-    }
-
-    fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
-        let evidence = AwsSevSnpEvidence::from_bytes(evidence)?;
-        let ak = self.verify_report_for_ak(&evidence.report, &evidence.tpm.ak)?;
-        validate_vouched_quote(
-            Variant::AwsSevSnp,
-            evidence.tpm,
-            ak,
-            &self.measurements,
-            binding,
-        )
-    }
-}
-
-/// Quotes with the issuer's TPM and returns the quote evidence (AK DER included).
-pub(crate) fn quote_evidence(
-    tpm: &QemuVtpmIssuer,
-    binding: &Digest,
-) -> Result<QemuVtpmEvidence, IssueError> {
-    let bytes = tpm.issue(binding)?;
-    // Our own issuer's output always parses; a failure here is a bug, reported as such.
-    QemuVtpmEvidence::from_bytes(&bytes).map_err(|e| {
-        IssueError::Tpm(TpmError::Unexpected {
-            what: "qemu-vtpm evidence",
-            message: e.to_string(),
-        })
-    })
-}
-
-/// Logs why the report provider failed (the detail) and returns the issuer error.
-pub(crate) fn report_failed(variant: Variant, error: &SnpReportError) -> IssueError {
-    tracing::error!(%variant, %error, "no SEV-SNP report");
-    IssueError::Unsupported(variant, "the SEV-SNP report provider failed")
-}
-
-/// The TPM half of both SNP variants: the quote must be signed by `ak` (the key the SNP
-/// report vouches for, whatever key the quote evidence names), carry `binding` and satisfy
-/// `measurements`. The verdict is labelled `variant`.
-pub fn validate_vouched_quote(
-    variant: Variant,
-    mut tpm: QemuVtpmEvidence,
-    ak: AkPublicKey,
-    measurements: &Measurements,
-    binding: &Digest,
-) -> Result<Verdict, ValidationError> {
-    // The inner tag and key carry no authority: the quote is checked as qemu-vtpm evidence
-    // against the vouched key, so a quote by any other key fails its signature check.
-    tpm.variant = Variant::QemuVtpm;
-    tpm.ak = ak.to_spki_der();
-    let verdict = QemuVtpmValidator::new(vec![ak], measurements.clone())
-        .validate(&tpm.to_bytes(), binding)?;
-    Ok(Verdict { variant, ..verdict })
-}
-
-pub(crate) use super::qemu_vtpm::b64;
 
 #[cfg(test)]
 mod tests {

@@ -5,23 +5,20 @@
 //! Evidence is JSON ([`AzureSevSnpEvidence`]); its `tpm` member is qemu-vtpm quote evidence,
 //! checked against the vouched key only (the key the quote evidence names is ignored).
 
-use std::sync::Arc;
-
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::PublicKeyComponents;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::measurements::{sha256, Digest, Measurements};
-use crate::snp::{verify_report_from, SnpPolicy, VekSource, VerifiedVek};
+use crate::measurements::{sha256, Digest};
+use crate::snp::{VekSource, VerifiedVek};
 use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
-use crate::variant::aws_sev_snp::{
-    b64, quote_evidence, report_failed, validate_vouched_quote, SnpReportError,
+use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence, QemuVtpmIssuer};
+use crate::variant::snp_vtpm::{
+    quote_evidence, report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator,
 };
-use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmIssuer};
-use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
-use crate::Clock;
+use crate::variant::{IssueError, Issuer, ValidationError, Variant};
 
 /// The key ID of the vTPM attestation key in the HCL runtime data.
 pub const HCL_AK_KID: &str = "HCLAkPub";
@@ -193,65 +190,29 @@ impl Issuer for AzureSevSnpIssuer {
     }
 }
 
-/// The verifier side: where the VCEK comes from, the SNP policy (its `report_data` is
-/// replaced by the runtime data's hash) and the PCR measurements.
-///
-/// `V` is the [`VekSource`]: by default one [`VerifiedVek`] (chain verified by the caller at a
-/// given time; e.g. the VCEK the HCL path hands out), so only reports from that chip at that
-/// TCB pass. With a collateral source (`Arc<dyn VekSource>`, e.g. the join service's cache)
-/// the validator checks reports from any chip: it looks up the VCEK for each report's CHIP_ID
-/// and reported TCB.
-#[derive(Debug, Clone)]
-pub struct AzureSevSnpValidator<V = VerifiedVek> {
-    pub vcek: V,
-    pub policy: SnpPolicy,
-    pub measurements: Measurements,
-    /// "Now" for the re-check of the cached chain's validity on every report.
-    pub clock: Arc<dyn Clock>,
-}
+/// The verifier side: a [`SnpVtpmValidator`] whose report (VCEK-signed) must carry
+/// REPORT_DATA = SHA-256(runtime data) || zeros, the runtime data naming the vouched AK.
+pub type AzureSevSnpValidator<V = VerifiedVek> = SnpVtpmValidator<AzureSnp, V>;
 
-impl AzureSevSnpValidator<VerifiedVek> {
-    /// `clock` is consulted on every report: a VCEK (or its chain) that expired after
-    /// this validator was built is rejected from then on.
-    pub fn new(
-        vcek: VerifiedVek,
-        policy: SnpPolicy,
-        measurements: Measurements,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self::with_source(vcek, policy, measurements, clock)
-    }
-}
+/// The `azure-sev-snp` kind of [`SnpVtpmValidator`].
+#[derive(Debug, Clone, Copy)]
+pub struct AzureSnp;
 
-impl AzureSevSnpValidator<Arc<dyn VekSource>> {
-    /// A validator for reports from any chip: the VCEK for each report's CHIP_ID and reported
-    /// TCB comes from `collateral`; its chain validity is re-checked at `clock` per report.
-    pub fn with_collateral(
-        collateral: Arc<dyn VekSource>,
-        policy: SnpPolicy,
-        measurements: Measurements,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self::with_source(collateral, policy, measurements, clock)
+impl SnpVtpmKind for AzureSnp {
+    const VARIANT: Variant = Variant::AzureSevSnp;
+
+    fn vouched_quote<V: VekSource>(
+        validator: &AzureSevSnpValidator<V>,
+        evidence: &[u8],
+    ) -> Result<(AkPublicKey, QemuVtpmEvidence), ValidationError> {
+        let evidence = AzureSevSnpEvidence::from_bytes(evidence)?;
+        let ak =
+            validator.verify_report_and_runtime_data(&evidence.report, &evidence.runtime_data)?;
+        Ok((ak, evidence.tpm))
     }
 }
 
 impl<V: VekSource> AzureSevSnpValidator<V> {
-    /// A validator whose VCEK comes from `vcek` (a fixed key or a collateral source).
-    pub fn with_source(
-        vcek: V,
-        policy: SnpPolicy,
-        measurements: Measurements,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self {
-            vcek,
-            policy,
-            measurements,
-            clock,
-        }
-    }
-
     /// The SNP half: the report verifies with the VCEK for its chip and TCB and `policy`,
     /// REPORT_DATA is SHA-256(`runtime_data`) followed by zeros, and the runtime data names an
     /// RSA-2048 `HCLAkPub`. Returns that key: the one the report vouches for.
@@ -260,30 +221,8 @@ impl<V: VekSource> AzureSevSnpValidator<V> {
         report: &[u8],
         runtime_data: &[u8],
     ) -> Result<AkPublicKey, ValidationError> {
-        let policy = SnpPolicy {
-            report_data: Some(report_data_for_runtime_data(runtime_data)),
-            ..self.policy.clone()
-        };
-        verify_report_from(report, &self.vcek, &policy, self.clock.as_ref())?;
+        self.verify_report_data(report, &report_data_for_runtime_data(runtime_data))?;
         hcl_ak_from_runtime_data(runtime_data)
-    }
-}
-
-impl<V: VekSource> Validator for AzureSevSnpValidator<V> {
-    fn variant(&self) -> Variant {
-        Variant::AzureSevSnp
-    }
-
-    fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
-        let evidence = AzureSevSnpEvidence::from_bytes(evidence)?;
-        let ak = self.verify_report_and_runtime_data(&evidence.report, &evidence.runtime_data)?;
-        validate_vouched_quote(
-            Variant::AzureSevSnp,
-            evidence.tpm,
-            ak,
-            &self.measurements,
-            binding,
-        )
     }
 }
 

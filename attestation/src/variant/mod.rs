@@ -4,6 +4,7 @@
 pub mod aws_sev_snp;
 pub mod azure_sev_snp;
 pub mod qemu_vtpm;
+pub mod snp_vtpm;
 
 use std::collections::BTreeMap;
 use std::fmt;
