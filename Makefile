@@ -10,11 +10,14 @@ TOOLS     := $(ROOT)/tools
 TF103     := $(TOOLS)/terraform-1.0.3/terraform
 TF115     := $(TOOLS)/terraform-1.15.5/terraform
 TF115_VENV:= $(TOOLS)/terraform-1.15.5/venv
+# Helm (helm-python-sdk bundles Helm's Go SDK) and kubernetes-validate (ships the k8s schemas).
+DEPLOY_VENV := $(TOOLS)/deploy-venv
 NULL_VER  := 2.1.2
 NULL_PROVIDER := $(TOOLS)/null-mirror/registry.terraform.io/hashicorp/null/$(NULL_VER)/linux_amd64/terraform-provider-null_v$(NULL_VER)_x4
 APT_PKGS  := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin libcryptsetup-dev \
              python3-pykmip clang libclang-dev pkg-config libssl-dev openssl procps iproute2 \
-             qemu-system-x86 ovmf busybox-static binutils e2fsprogs libtss2-tcti-device0
+             qemu-system-x86 ovmf busybox-static binutils e2fsprogs libtss2-tcti-device0 \
+             skopeo umoci
 # The node image's kernel (image/): a pinned Debian cloud kernel, unpacked (never installed) into
 # tools/. Pinned for reproducible images; if the mirror dropped it, `make image-kernel` says which
 # package linux-image-cloud-amd64 depends on now, to put here.
@@ -27,7 +30,7 @@ export CHECKPOINT_DISABLE := 1
 export CONSTELLATION_TERRAFORM_1_0 := $(TF103)
 export CONSTELLATION_TERRAFORM_1_15 := $(TF115)
 
-.PHONY: help install install-apt install-terraform image-kernel build test lint bench fuzz demo demo-down clean
+.PHONY: help install install-apt install-terraform install-deploy image-kernel build test test-deploy lint bench fuzz demo demo-down clean
 
 help:
 	@echo "make demo       install what is missing, build, bring up a local cluster with Terraform"
@@ -37,7 +40,7 @@ help:
 	@echo "make bench      run the benchmarks and print figures (see docs/SPECIFICATION.md)"
 	@echo "make fuzz       longer property-test runs of every parser"
 
-install: install-apt install-terraform image-kernel
+install: install-apt install-terraform install-deploy image-kernel
 
 image-kernel: $(KERNEL_DIR)/.unpacked
 
@@ -100,11 +103,23 @@ $(TF115):
 	chmod +x $@.tmp && mv $@.tmp $@
 	$@ version | head -1
 
+install-deploy: $(DEPLOY_VENV)/.installed
+
+$(DEPLOY_VENV)/.installed:
+	@echo "install: helm-python-sdk 0.2.2 (Helm v4) and kubernetes-validate 1.37.0 from PyPI into $(DEPLOY_VENV)"
+	python3 -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML
+	touch $@
+
 build: install
 	$(CARGO) build --workspace --all-targets --locked
 
-test: install build
+test: install build test-deploy
 	$(CARGO) test --workspace --locked --no-fail-fast
+
+# The Helm chart: helm lint --strict, rendered and validated (strict schemas) for k8s 1.30 and 1.37.
+test-deploy: install
+	$(DEPLOY_VENV)/bin/python services/deploy/helm/check_chart.py 1.30.0 1.37.0
 
 lint: install
 	$(CARGO) fmt --all -- --check

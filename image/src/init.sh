@@ -27,6 +27,7 @@ for dev in /sys/class/net/*; do
 done
 if [ -e /dev/mapper/control ]; then dm=yes; else dm=no; fi
 echo "constellation-init: device-mapper $dm"
+echo "constellation-init: disks$(for b in /sys/block/*; do case ${b##*/} in loop*|ram*) ;; *) printf ' %s' "${b##*/}";; esac; done)"
 echo "===CONSTELLATION-PCRS-BEGIN==="
 i=0
 while [ $i -le 23 ]; do

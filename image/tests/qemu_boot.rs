@@ -149,6 +149,11 @@ fn boot(image: &NodeImage) -> Boot {
     // the test sees the arguments travel through fw_cfg.
     let args = vm._dir.path().join("bootstrapper-args");
     std::fs::write(&args, "--help\n").unwrap();
+    // An empty state disk, as every node has one.
+    let disk = vm._dir.path().join("state.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
     let vars = vm._dir.path().join("OVMF_VARS.fd");
     std::fs::copy(qemu::OVMF_VARS_TEMPLATE, &vars).expect("OVMF vars template (apt package ovmf)");
     let config = VmConfig {
@@ -161,7 +166,7 @@ fn boot(image: &NodeImage) -> Boot {
         initrd: image.initrd_path(),
         cmdline: image.manifest.cmdline.clone(),
         user_net: Some(String::new()),
-        state_disk: None,
+        state_disk: Some(disk),
         bootstrapper_args: Some(args),
     };
     let start = Instant::now();
