@@ -6,6 +6,9 @@
 //! (as the boot loader measures the command line/config). [`expected_measurements`] performs
 //! the same computation over the same files, so a node started from any other binary fails
 //! attestation. [`CLUSTER_ID_PCR`] must still be zero when a node is initialized or joins.
+//!
+//! The QEMU platform's bootable image (kernel, initramfs, command line) and the PCRs its real
+//! measured boot produces are in [`qemu`]; see the crate's README.md.
 
 pub mod cpio;
 pub mod eventlog;
