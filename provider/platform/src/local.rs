@@ -18,6 +18,9 @@ use constellation_attestation::tpm::{AkKind, Swtpm, SwtpmHandle, Tpm, TpmError};
 use constellation_common::metadata::{
     ports, ClusterMetadata, FileMetadata, MetadataError, NodeInfo, Role,
 };
+use constellation_common::secret_file::{
+    ensure_private_dir, write_private_atomic, SecretFileError,
+};
 use constellation_image::{
     boot_events, ImageError, ImageManifest, BOOTSTRAPPER_FILE, MANIFEST_FILE,
 };
@@ -73,6 +76,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PlatformError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Node folders hold TPM state, state disks and keys: only the launcher's user may enter.
+fn private_dir(dir: &Path) -> Result<(), PlatformError> {
+    ensure_private_dir(dir).map_err(|e: SecretFileError| PlatformError::Io {
+        path: dir.to_owned(),
+        source: e.into(),
+    })
 }
 
 /// One node as the launcher recorded it.
@@ -152,7 +163,8 @@ pub struct LocalCloud {
 impl LocalCloud {
     /// Prepares a new cluster folder (no node started yet).
     pub fn create(root: &Path, settings: ClusterSettings) -> Result<Self, PlatformError> {
-        std::fs::create_dir_all(root.join("nodes")).map_err(io_err(root))?;
+        private_dir(root)?;
+        private_dir(&root.join("nodes"))?;
         let cloud = Self {
             root: root.to_owned(),
             state: PlatformState {
@@ -204,10 +216,12 @@ impl LocalCloud {
 
     fn save(&self) -> Result<(), PlatformError> {
         let path = self.root.join(STATE_FILE);
-        let tmp = self.root.join(format!("{STATE_FILE}.tmp"));
         let bytes = serde_json::to_vec_pretty(&self.state).expect("platform state serializes");
-        std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        // Pinned AKs: a swapped file would make the platform trust another TPM.
+        write_private_atomic(&path, &bytes).map_err(|e| PlatformError::Io {
+            path: path.clone(),
+            source: e.into(),
+        })?;
         let s = &self.state.settings;
         let metadata = ClusterMetadata {
             cluster_name: s.cluster_name.clone(),
@@ -230,7 +244,8 @@ impl LocalCloud {
             role.as_str()
         );
         let dir = self.root.join("nodes").join(&name);
-        std::fs::create_dir_all(dir.join("state")).map_err(io_err(&dir))?;
+        private_dir(&dir)?;
+        private_dir(&dir.join("state"))?;
         let taken: Vec<IpAddr> = self.state.nodes.iter().map(|n| n.ip).collect();
         let ip = free_loopback_address(&taken)?;
         let record = NodeRecord {

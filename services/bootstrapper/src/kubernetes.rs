@@ -15,9 +15,8 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -437,17 +436,8 @@ fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<(), KubernetesEr
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io)?;
     }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io)?;
-    file.write_all(content).map_err(io)?;
-    Ok(())
+    // Atomic, through an exclusively created temporary (kubeconfigs and keys among these).
+    constellation_common::secret_file::write_atomic(path, content, mode).map_err(|e| io(e.into()))
 }
 
 /// RFC 3339 UTC, as Kubernetes' `metav1.Time`; the epoch if out of range.

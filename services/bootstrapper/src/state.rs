@@ -73,21 +73,17 @@ impl ControlPlaneRecord {
     }
 }
 
-/// Writes `value` as JSON atomically (temp file + fsync + rename) so a crash never leaves half
-/// a file.
+/// Writes `value` as JSON atomically, mode 0600 ([`constellation_common::secret_file`]), so a
+/// crash never leaves half a file and a planted temporary gets nothing.
 fn save_json(dir: &Path, file: &str, value: &impl Serialize) -> Result<(), StateError> {
-    use std::io::Write;
     let path = dir.join(file);
-    let tmp = dir.join(format!("{file}.tmp"));
-    let io = |source| StateError::Io {
-        path: tmp.clone(),
-        source,
-    };
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&serde_json::to_vec_pretty(value).expect("state serializes"))
-        .map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(|source| StateError::Io { path, source })
+    let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+    constellation_common::secret_file::write_private_atomic(&path, &bytes).map_err(|e| {
+        StateError::Io {
+            path: path.clone(),
+            source: e.into(),
+        }
+    })
 }
 
 impl NodeState {

@@ -11,9 +11,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -787,18 +785,10 @@ pub fn write_pki_files(dir: &Path, pki_files: &[PkiFile]) -> Result<(), PkiError
             fs::create_dir_all(parent).map_err(io)?;
         }
         let mode = if file.is_private_key { 0o600 } else { 0o644 };
-        let mut out = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&path)
-            .map_err(io)?;
-        // `mode` only applies to new files; an existing one keeps its bits unless reset.
-        out.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io)?;
-        out.write_all(file.content.expose()).map_err(io)?;
-        out.sync_all().map_err(io)?;
+        // Atomic, through an exclusively created temporary: a planted file or symlink fails the
+        // write instead of receiving a key, and readers never see a half-written certificate.
+        constellation_common::secret_file::write_atomic(&path, file.content.expose(), mode)
+            .map_err(|e| io(e.into()))?;
     }
     Ok(())
 }

@@ -3,12 +3,12 @@
 use std::fmt;
 use std::fs;
 use std::future::Future;
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use constellation_common::secret::SecretBytes;
+use constellation_common::secret_file::SecretFileError;
 use zeroize::Zeroizing;
 
 /// Length of a generated master secret and of its salt.
@@ -167,56 +167,39 @@ pub(crate) fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, Backen
     }
 }
 
-/// Writes `contents` to `path` atomically with mode 0600: a temporary file in the same directory
-/// is written and synced, then renamed over `path`, and the directory is synced. A crash leaves
-/// either no file or the complete one. Refuses if `path` already exists.
+/// Writes `contents` to `path` atomically with mode 0600 in a 0700 directory
+/// ([`constellation_common::secret_file`]: a random, exclusively created temporary in the same
+/// directory, synced and renamed; a planted temporary fails the write). A crash leaves either no
+/// file or the complete one. Refuses if `path` already exists.
 pub(crate) fn write_secret_file_atomically(
     path: &Path,
     contents: &[u8],
 ) -> Result<(), BackendError> {
-    let io_error = |operation: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| BackendError::Io {
-            operation,
-            path,
-            source,
-        }
-    };
+    use constellation_common::secret_file::{ensure_private_dir, write_private_atomic};
     if path.exists() {
         return Err(BackendError::AlreadyInitialized {
             path: path.to_path_buf(),
         });
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_error("creating directory", dir))?;
-    let file_name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(io_error("creating", &temp))?;
-        // The mode above is masked by the umask only towards fewer rights; make it exact.
-        file.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(io_error("setting permissions of", &temp))?;
-        file.write_all(contents)
-            .map_err(io_error("writing", &temp))?;
-        file.sync_all().map_err(io_error("syncing", &temp))?;
-        fs::rename(&temp, path).map_err(io_error("renaming into place", path))?;
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error("syncing directory", dir))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result
+    ensure_private_dir(dir)
+        .and_then(|()| write_private_atomic(path, contents))
+        .map_err(|e| match e {
+            SecretFileError::Io {
+                operation,
+                path,
+                source,
+            } => BackendError::Io {
+                operation,
+                path,
+                source,
+            },
+            other => BackendError::Io {
+                operation: "writing",
+                path: path.to_path_buf(),
+                source: other.into(),
+            },
+        })
 }
 
 /// Describes a JSON parse error without echoing any of the (secret) input.
