@@ -118,8 +118,11 @@ test: install build test-deploy
 	$(CARGO) test --workspace --locked --no-fail-fast
 
 # The Helm chart: helm lint --strict, rendered and validated (strict schemas) for k8s 1.30 and 1.37.
+# The daemons' OCI images: written by constellation-oci, checked with skopeo and umoci.
 test-deploy: install
 	$(DEPLOY_VENV)/bin/python services/deploy/helm/check_chart.py 1.30.0 1.37.0
+	$(CARGO) build --locked -p constellation-oci -p constellation-joinservice -p constellation-keyservice -p constellation-verify --bins
+	services/deploy/oci/check_images.sh $(ROOT)/target/debug $(ROOT)/target/oci
 
 lint: install
 	$(CARGO) fmt --all -- --check
