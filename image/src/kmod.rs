@@ -36,14 +36,17 @@ fn canonical(name: &str) -> String {
     name.replace('-', "_")
 }
 
+fn bytes<const N: usize>(b: &[u8], off: usize) -> Option<[u8; N]> {
+    b.get(off..off.checked_add(N)?)?.try_into().ok()
+}
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+    bytes(b, off).map(u16::from_le_bytes)
 }
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+    bytes(b, off).map(u32::from_le_bytes)
 }
 fn u64_at(b: &[u8], off: usize) -> Option<usize> {
-    usize::try_from(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?)).ok()
+    usize::try_from(bytes(b, off).map(u64::from_le_bytes)?).ok()
 }
 
 /// The `key=value` strings of an ELF64 module's `.modinfo` section.
