@@ -11,8 +11,6 @@
 //! It holds the same secrets as the Terraform state, in plain text; protect the cluster folder
 //! as you protect the state. The file is written atomically (temporary file, fsync, rename).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use constellation_attestation::{Measurements, Variant};
@@ -285,29 +283,17 @@ impl Journal {
     /// Writes the journal into `root` (which must exist): mode 0600, atomically, synced.
     pub fn store(&self, root: &Path) -> Result<(), JournalError> {
         let path = Self::path(root);
-        let tmp = root.join(format!("{JOURNAL_FILE}.tmp"));
-        let io = |p: &Path| {
-            let p = p.to_owned();
-            move |source| JournalError::Io { path: p, source }
-        };
         let bytes = serde_json::to_vec_pretty(&self.encode()).map_err(|_| JournalError::Field {
             path: path.clone(),
             field: "measurements",
         })?;
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        if let Ok(d) = std::fs::File::open(root) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        // Random, exclusively created temporary: a planted one fails the write, not leaks it.
+        constellation_common::secret_file::write_private_atomic(&path, &bytes).map_err(|e| {
+            JournalError::Io {
+                path: path.clone(),
+                source: e.into(),
+            }
+        })
     }
 }
 

@@ -738,23 +738,16 @@ fn private_bytes(platform_state: &str) -> Vec<u8> {
 }
 
 fn write_kubeconfig(path: &str, kubeconfig: &SecretBytes) -> Result<(), Diagnostic> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let fail = |e: std::io::Error| {
+    // Atomic, 0600, through an exclusively created random temporary: a file or symlink planted
+    // next to the kubeconfig fails the write instead of receiving the admin credentials.
+    constellation_common::secret_file::write_private_atomic(
+        std::path::Path::new(path),
+        kubeconfig.expose(),
+    )
+    .map_err(|e| {
         Diagnostic::error("Cannot write kubeconfig", format!("{path}: {e}"))
             .at(p(&["kubeconfig_path"]))
-    };
-    let tmp = format!("{path}.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(fail)?;
-    f.write_all(kubeconfig.expose()).map_err(fail)?;
-    f.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
+    })
 }
 
 fn remove_kubeconfig(path: &str) {
