@@ -497,3 +497,60 @@ fn crafted_report_for_another_chip_is_refused_through_a_vek_source() {
         snp::SourcedReportError::Snp(SnpError::MigrationAgentAllowed { policy: ma })
     );
 }
+
+/// A VEK source that counts lookups (each would be a fetch for a caching source).
+#[derive(Debug)]
+struct CountingSource {
+    vek: VerifiedVek,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl snp::VekSource for CountingSource {
+    fn vek_for(&self, _: &snp::VekRequest) -> Result<snp::VekRef<'_>, snp::CollateralError> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(snp::VekRef::Borrowed(&self.vek))
+    }
+}
+
+#[test]
+fn report_refused_on_its_lookup_fields_costs_no_vek_lookup() {
+    let chip = TestChip::new();
+    let old = Tcb { snp: 1, ..TCB };
+    let source = CountingSource {
+        vek: chip.vek(SigningKey::Vcek, old),
+        lookups: Default::default(),
+    };
+    let clock = FixedClock::at_rfc3339("2026-01-01T00:00:00Z").unwrap();
+    let lookups = || source.lookups.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Below the minimum TCB: refused before the source is asked.
+    let below = chip.report(&Fields {
+        reported_tcb: old,
+        ..Fields::default()
+    });
+    assert_eq!(
+        snp::verify_report_from(&below, &source, &strict(), &clock).unwrap_err(),
+        snp::SourcedReportError::Snp(SnpError::TcbBelowMinimum {
+            component: "snp",
+            minimum: TCB,
+            found: old
+        })
+    );
+    // Reserved TCB_VERSION bytes set (a distinct lookup key for the same TCB): malformed.
+    let mut reserved = chip.report(&Fields {
+        reported_tcb: old,
+        ..Fields::default()
+    });
+    reserved[0x180 + 3] = 1;
+    assert!(matches!(
+        snp::verify_report_from(&reserved, &source, &SnpPolicy::default(), &clock),
+        Err(snp::SourcedReportError::Collateral(
+            snp::CollateralError::MalformedRequest { .. }
+        ))
+    ));
+    assert_eq!(lookups(), 0);
+    // Within the policy, the lookup happens (and the report verifies).
+    snp::verify_report_from(&below, &source, &SnpPolicy::default(), &clock).unwrap();
+    assert_eq!(lookups(), 1);
+}

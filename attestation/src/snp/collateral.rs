@@ -50,9 +50,54 @@ impl VekRequest {
         })
     }
 
-    /// The cache key: signer kind, chip and the raw reported TCB.
+    /// The cache key: signer kind, chip and the raw reported TCB. A VLEK is the cloud's key
+    /// for every chip, so its key ignores CHIP_ID: otherwise a report could pick any of 2^512
+    /// CHIP_IDs to force a fresh lookup each time.
     pub fn key(&self) -> (SigningKey, [u8; 64], u64) {
-        (self.signing_key, self.chip_id, self.reported_tcb.raw)
+        let chip_id = match self.signing_key {
+            SigningKey::Vlek => [0; 64],
+            _ => self.chip_id,
+        };
+        (self.signing_key, chip_id, self.reported_tcb.raw)
+    }
+
+    /// Structural checks on what an unauthenticated report asks for, run before any lookup
+    /// so garbage cannot reach a fetcher: a VEK kind that exists, a CHIP_ID for a VCEK, a CPU
+    /// family with a key distribution service (Milan/Genoa 19h, Turin 1Ah), and no bits set
+    /// in the TCB_VERSION bytes the layout reserves (they would make distinct keys for one
+    /// TCB).
+    pub fn check_structure(&self) -> Result<(), CollateralError> {
+        let malformed = |field: &'static str, found: String| {
+            Err(CollateralError::MalformedRequest { field, found })
+        };
+        match self.signing_key {
+            SigningKey::Vcek if self.chip_id.iter().all(|&b| b == 0) => {
+                return Err(CollateralError::ChipIdMasked {
+                    tcb: self.reported_tcb.raw,
+                })
+            }
+            SigningKey::Vcek | SigningKey::Vlek => {}
+            other => return Err(CollateralError::UnsupportedSigner { signer: other }),
+        }
+        let turin = match self.cpuid {
+            None => false,
+            Some(c) if c.family == 0x19 => false,
+            Some(c) if c.family == 0x1A => true,
+            Some(c) => return malformed("cpuid family", format!("{:#x}", c.family)),
+        };
+        // Milan/Genoa: bytes 2..=5 reserved; Turin: bytes 4..=6 reserved.
+        let reserved: u64 = if turin {
+            0x00FF_FFFF_0000_0000
+        } else {
+            0x0000_FFFF_FFFF_0000
+        };
+        if self.reported_tcb.raw & reserved != 0 {
+            return malformed(
+                "reported TCB reserved bytes",
+                format!("{:#018x}", self.reported_tcb.raw),
+            );
+        }
+        Ok(())
     }
 
     /// Checks that `vek` is the key this request names: same kind, issued for the reported
@@ -136,6 +181,10 @@ pub enum CollateralError {
     ChipIdMasked { tcb: u64 },
     #[error("report signer {signer} has no endorsement key to look up (expected vcek or vlek)")]
     UnsupportedSigner { signer: SigningKey },
+    #[error("report is not well-formed for a collateral lookup: {field} is {found}")]
+    MalformedRequest { field: &'static str, found: String },
+    #[error("SNP collateral source busy: {what} already at its limit of {limit}")]
+    Busy { what: &'static str, limit: usize },
     #[error("no SNP collateral for {signer} of chip {} at reported TCB {tcb:#018x}: fetch failed and nothing is cached: {reason}", hex::encode(.chip_id))]
     Unavailable {
         signer: SigningKey,

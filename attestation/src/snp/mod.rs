@@ -379,10 +379,13 @@ pub enum SourcedReportError {
     Snp(#[from] SnpError),
 }
 
-/// [`verify_report_at`] for reports from any chip: parses the report, asks `source` for the
-/// VEK of its signer kind, CHIP_ID and reported TCB, re-checks that VEK's chain validity at
-/// `clock.now()` (a cached or stale VEK may have expired since it was verified), then runs
-/// the signature, consistency and policy checks.
+/// [`verify_report_at`] for reports from any chip: parses the report, checks what it asks for
+/// is well-formed ([`VekRequest::check_structure`]) and that its version and reported TCB pass
+/// `policy` ([`SnpPolicy::check_lookup_fields`]), only
+/// then asks `source` for the VEK of its signer kind, CHIP_ID and reported TCB, re-checks that
+/// VEK's chain validity at `clock.now()` (a cached or stale VEK may have expired since it was
+/// verified), then runs the signature, consistency and policy checks. (So here a forged report
+/// below the minimum TCB fails that check before any signature check.)
 pub fn verify_report_from(
     report_bytes: &[u8],
     source: &dyn VekSource,
@@ -391,6 +394,10 @@ pub fn verify_report_from(
 ) -> Result<AttestationReport, SourcedReportError> {
     let report = AttestationReport::parse(report_bytes)?;
     let request = VekRequest::for_report(&report)?;
+    // Before any lookup: what the report asks for must be well-formed, and a TCB the policy
+    // refuses anyway must not cost a fetch.
+    request.check_structure()?;
+    policy.check_lookup_fields(&report)?;
     let vek = source.vek_for(&request)?;
     vek.check_valid_at(clock)?;
     verify_parsed(&report, report_bytes, &vek, policy)?;

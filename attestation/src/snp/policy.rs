@@ -94,6 +94,14 @@ impl SnpPolicy {
         self.check_report_data(report)
     }
 
+    /// The checks on what a VEK lookup is keyed by (report version, reported TCB): run before
+    /// the lookup as well, so a report the policy refuses anyway cannot make a source fetch a
+    /// VEK for an old or made-up TCB.
+    pub fn check_lookup_fields(&self, report: &AttestationReport) -> Result<(), SnpError> {
+        self.check_report_version(report)?;
+        self.check_minimum_tcb(report)
+    }
+
     pub fn check_report_version(&self, report: &AttestationReport) -> Result<(), SnpError> {
         if !self.report_versions.contains(&report.version) {
             return Err(SnpError::ReportVersionNotAccepted {
