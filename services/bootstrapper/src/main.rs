@@ -21,7 +21,7 @@ struct Args {
     /// The platform's metadata file.
     #[arg(long)]
     metadata: PathBuf,
-    /// TCTI of the node's TPM, e.g. swtpm:host=127.0.0.1,port=2321.
+    /// TCTI of the node's TPM, e.g. swtpm:path=<node>/tpm/swtpm.sock (unix socket, private dir).
     #[arg(long)]
     tcti: String,
 }
