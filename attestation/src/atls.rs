@@ -91,7 +91,7 @@ pub enum AtlsError {
     #[error("aTLS: could not produce own evidence: {0}")]
     Issue(#[from] IssueError),
     #[error("aTLS: the peer refused our attestation: {0}")]
-    PeerRefused(String),
+    PeerRefused(crate::refusal::Refusal),
 }
 
 impl AtlsError {
@@ -150,6 +150,9 @@ struct Outcome {
     ok: bool,
     #[serde(default)]
     reason: String,
+    /// Which check refused (absent from peers that predate it: then `reason` is all we know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refusal: Option<crate::refusal::Refusal>,
 }
 
 mod hex_bytes {
@@ -511,6 +514,7 @@ impl ServerConfig {
                     &Outcome {
                         ok: true,
                         reason: String::new(),
+                        refusal: None,
                     },
                 )
                 .await?;
@@ -523,6 +527,7 @@ impl ServerConfig {
                     &Outcome {
                         ok: false,
                         reason: e.to_string(),
+                        refusal: Some((&e).into()),
                     },
                 )
                 .await;
@@ -654,7 +659,10 @@ impl ClientConfig {
             write_frame(&mut tls, &reply).await?;
             let outcome: Outcome = read_frame(&mut tls).await?;
             if !outcome.ok {
-                return Err(AtlsError::PeerRefused(outcome.reason));
+                let refusal = outcome
+                    .refusal
+                    .unwrap_or_else(|| crate::refusal::Refusal::other(&outcome.reason));
+                return Err(AtlsError::PeerRefused(refusal));
             }
         }
         Ok((tls, verdict))

@@ -9,6 +9,7 @@ pub mod atls;
 pub mod clock;
 pub mod cluster;
 pub mod measurements;
+pub mod refusal;
 pub mod signed_measurements;
 pub mod snp;
 #[cfg(feature = "testing")]
@@ -17,5 +18,6 @@ pub mod tpm;
 pub mod variant;
 
 pub use clock::{Clock, FixedClock, SystemClock};
+pub use refusal::{PcrMismatch, Refusal, RefusalCheck};
 pub use measurements::{Measurement, MeasurementMismatch, Measurements, PolicyOutcome};
 pub use variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};

@@ -122,10 +122,19 @@ async fn mutual_mode_rejects_a_client_with_wrong_measurements() {
     .unwrap();
     let (addr, server) = echo_server(server_cfg).await;
     let err = atls::connect(&addr, &client_cfg).await.unwrap_err();
-    assert!(
-        matches!(err, AtlsError::PeerRefused(ref r) if r.contains("PCR[4]")),
-        "got {err}"
+    // The refusal reaches the client as data: which check, which PCR, both digests.
+    let AtlsError::PeerRefused(ref refusal) = err else {
+        panic!("got {err}")
+    };
+    assert_eq!(
+        refusal.check,
+        constellation_attestation::RefusalCheck::Measurements
     );
+    assert_eq!(refusal.mismatches.len(), 1, "{refusal:?}");
+    assert_eq!(refusal.mismatches[0].pcr, 4);
+    assert_eq!(refusal.mismatches[0].expected, hex::encode(GOOD));
+    assert_eq!(refusal.mismatches[0].found, Some(hex::encode([2u8; 32])));
+    assert!(refusal.message.contains("PCR[4]"), "{refusal}");
     assert!(matches!(
         server.await.unwrap(),
         Err(AtlsError::Rejected(ValidationError::Measurements(_)))

@@ -5,6 +5,8 @@
 pub mod initsecret;
 pub mod kdf;
 pub mod metadata;
+pub mod node_status;
+pub mod refusal;
 pub mod secret;
 pub mod secret_file;
 pub mod tls;

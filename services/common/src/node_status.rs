@@ -1,0 +1,149 @@
+//! The node's status contract: which phase the bootstrapper is in, and, when a join service
+//! refused it, which check refused and why ([`Refusal`]). The bootstrapper writes it to
+//! [`STATUS_FILE`] in its state folder at every phase change; the platform (and the provider
+//! through it) reads it instead of searching the node's log for phrases.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::refusal::Refusal;
+
+/// The status file in the node's state folder.
+pub const STATUS_FILE: &str = "status.json";
+
+/// Where the node is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum NodePhase {
+    /// The bootstrapper runs; its listeners are coming up.
+    Started,
+    /// A control plane with no cluster state, waiting for Init (or Recover after a restart).
+    WaitingForInit,
+    /// Looking for a join service; `attempts` made so far.
+    Joining { attempts: u32 },
+    /// The last join attempt was refused by the join service at `endpoint`; the node keeps
+    /// trying (a measurement update can admit it).
+    JoinRefused {
+        endpoint: String,
+        attempts: u32,
+        refusal: Refusal,
+    },
+    /// This node ran Init: the cluster's first control plane.
+    Initialized { cluster_id: String },
+    /// This node joined (or was recovered into) the cluster.
+    Joined { cluster_id: String },
+}
+
+/// One status report of one bootstrapper process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The bootstrapper's process id: a status written by an earlier boot of the node carries
+    /// another pid, so a reader can tell it is stale.
+    pub pid: u32,
+    #[serde(flatten)]
+    pub phase: NodePhase,
+}
+
+/// Why the status could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeStatusError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the node status: {0}")]
+    Write(#[from] crate::secret_file::SecretFileError),
+    #[error("{path}: malformed node status: {source}")]
+    Malformed {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+impl NodeStatus {
+    /// The status of this process in `phase`.
+    pub fn now(phase: NodePhase) -> Self {
+        Self {
+            pid: std::process::id(),
+            phase,
+        }
+    }
+
+    /// Replaces the status file in `state_dir` atomically (a reader never sees half a file).
+    pub fn write(&self, state_dir: &Path) -> Result<(), NodeStatusError> {
+        let path = state_dir.join(STATUS_FILE);
+        let bytes = serde_json::to_vec(self).map_err(|source| NodeStatusError::Malformed {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(crate::secret_file::write_private_atomic(&path, &bytes)?)
+    }
+
+    /// The last status written in `state_dir`, `None` before the first.
+    pub fn read(state_dir: &Path) -> Result<Option<Self>, NodeStatusError> {
+        let path = state_dir.join(STATUS_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| NodeStatusError::Malformed { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(NodeStatusError::Io { path, source }),
+        }
+    }
+
+    /// The cluster ID once the node is part of a cluster.
+    pub fn cluster_id(&self) -> Option<&str> {
+        match &self.phase {
+            NodePhase::Initialized { cluster_id } | NodePhase::Joined { cluster_id } => {
+                Some(cluster_id)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::refusal::{PcrMismatch, RefusalCheck};
+
+    #[test]
+    fn a_refusal_round_trips_through_the_file_as_data() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(NodeStatus::read(dir.path()).unwrap().is_none());
+        let refused = NodeStatus::now(NodePhase::JoinRefused {
+            endpoint: "10.0.0.1:30090".into(),
+            attempts: 3,
+            refusal: Refusal {
+                check: RefusalCheck::Measurements,
+                mismatches: vec![PcrMismatch {
+                    pcr: 4,
+                    expected: "aa".into(),
+                    found: Some("bb".into()),
+                }],
+                message: "PCR[4] differs".into(),
+            },
+        });
+        refused.write(dir.path()).unwrap();
+        assert_eq!(NodeStatus::read(dir.path()).unwrap(), Some(refused));
+        let joined = NodeStatus::now(NodePhase::Joined {
+            cluster_id: "c1".into(),
+        });
+        joined.write(dir.path()).unwrap();
+        let read = NodeStatus::read(dir.path()).unwrap().unwrap();
+        assert_eq!(read.cluster_id(), Some("c1"));
+        assert_eq!(read.pid, std::process::id());
+    }
+
+    #[test]
+    fn a_damaged_status_file_is_an_error_not_a_phase() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATUS_FILE), b"{\"phase\":\"joined\"").unwrap();
+        assert!(matches!(
+            NodeStatus::read(dir.path()),
+            Err(NodeStatusError::Malformed { .. })
+        ));
+    }
+}
