@@ -106,22 +106,36 @@ fn remove_sockets(socket: &Path, state_dir: &Path) {
     }
 }
 
-fn command(state_dir: &Path, socket: &Path, daemon: bool) -> Command {
+/// Who talks to the TPM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// A TSS client on the data socket; swtpm starts the TPM itself.
+    Tss,
+    /// A QEMU vTPM: QEMU connects to the control socket only, hands swtpm the data channel
+    /// over it and powers the TPM on (its firmware sends TPM2_Startup). swtpm exits when
+    /// QEMU disconnects (`--terminate`).
+    Qemu,
+}
+
+fn command(state_dir: &Path, socket: &Path, daemon: bool, client: Client) -> Command {
     let mut cmd = Command::new(binary());
-    cmd.arg("socket")
-        .arg("--tpm2")
-        .arg("--server")
-        .arg(format!("type=unixio,path={},mode=0600", socket.display()))
-        .arg("--ctrl")
+    cmd.arg("socket").arg("--tpm2");
+    if client == Client::Tss {
+        cmd.arg("--server")
+            .arg(format!("type=unixio,path={},mode=0600", socket.display()));
+    }
+    cmd.arg("--ctrl")
         .arg(format!(
             "type=unixio,path={},mode=0600",
             ctrl_path(socket).display()
         ))
         .arg("--tpmstate")
-        .arg(format!("dir={},mode=0600", state_dir.display()))
-        .arg("--flags")
-        .arg("not-need-init,startup-clear")
-        .arg("--pid")
+        .arg(format!("dir={},mode=0600", state_dir.display()));
+    match client {
+        Client::Tss => cmd.arg("--flags").arg("not-need-init,startup-clear"),
+        Client::Qemu => cmd.arg("--terminate"),
+    };
+    cmd.arg("--pid")
         .arg(format!("file={}", state_dir.join(PID_FILE).display()))
         .arg("--log")
         .arg(format!("file={}", state_dir.join(LOG_FILE).display()));
@@ -138,6 +152,12 @@ fn command(state_dir: &Path, socket: &Path, daemon: bool) -> Command {
 /// once).
 fn ready(socket: &Path) -> bool {
     UnixStream::connect(ctrl_path(socket)).is_ok() && UnixStream::connect(socket).is_ok()
+}
+
+/// The control socket exists (a QEMU-mode swtpm: connecting would be taken as QEMU's one
+/// connection, and `--terminate` would end swtpm when it closes).
+fn ctrl_ready(socket: &Path) -> bool {
+    ctrl_path(socket).exists()
 }
 
 fn stderr_of(child: &mut Child) -> String {
@@ -164,7 +184,7 @@ impl Swtpm {
     pub fn start(state_dir: &Path) -> Result<Swtpm, TpmError> {
         let state_dir = prepare_state_dir(state_dir)?;
         let socket = socket_path(&state_dir)?;
-        let mut child = match command(&state_dir, &socket, false).spawn() {
+        let mut child = match command(&state_dir, &socket, false, Client::Tss).spawn() {
             Ok(child) => child,
             Err(e) => {
                 remove_sockets(&socket, &state_dir);
@@ -212,12 +232,24 @@ impl Swtpm {
     /// Starts swtpm as a daemon that outlives this process (`--daemon`, pid file in
     /// `state_dir`). Stop it with [`SwtpmHandle::stop`].
     pub fn spawn_detached(state_dir: &Path) -> Result<SwtpmHandle, TpmError> {
+        Self::detached(state_dir, Client::Tss)
+    }
+
+    /// Starts swtpm detached as a QEMU vTPM backend: only the control socket
+    /// ([`SwtpmHandle::ctrl_socket`], for `-chardev socket,path=...`), no data socket; the
+    /// TPM state (its seeds, hence its keys) is the same as with [`Swtpm::spawn_detached`] on
+    /// `state_dir`. swtpm exits when QEMU disconnects.
+    pub fn spawn_detached_for_qemu(state_dir: &Path) -> Result<SwtpmHandle, TpmError> {
+        Self::detached(state_dir, Client::Qemu)
+    }
+
+    fn detached(state_dir: &Path, client: Client) -> Result<SwtpmHandle, TpmError> {
         let state_dir = prepare_state_dir(state_dir)?;
         let pid_file = state_dir.join(PID_FILE);
         let _ = std::fs::remove_file(&pid_file);
         let socket = socket_path(&state_dir)?;
         // The launcher forks the daemon after binding its sockets and exits.
-        let output = match command(&state_dir, &socket, true).output() {
+        let output = match command(&state_dir, &socket, true, client).output() {
             Ok(output) => output,
             Err(e) => {
                 remove_sockets(&socket, &state_dir);
@@ -245,6 +277,10 @@ impl Swtpm {
             state_dir,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
+        let ready = |socket: &Path| match client {
+            Client::Tss => ready(socket),
+            Client::Qemu => ctrl_ready(socket),
+        };
         while !ready(&handle.socket) {
             if Instant::now() > deadline || !handle.is_alive() {
                 let _ = handle.stop();

@@ -1,6 +1,7 @@
 //! The `Metadata` seam (node side): who am I, my role, my peers, where the join service is, and
 //! the init-secret hash. The local platform serves it from a JSON file it rewrites atomically;
-//! cloud platforms answer from their metadata APIs.
+//! the QEMU platform serves the same JSON to its guests on a TCP address of their user-mode
+//! network ([`TcpMetadata`]); cloud platforms answer from their metadata APIs.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,21 @@ pub enum MetadataError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("metadata endpoint {addr}: {source}")]
+    Endpoint {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metadata endpoint {addr} sent more than {limit} bytes")]
+    TooLarge {
+        addr: std::net::SocketAddr,
+        limit: u64,
+    },
+    #[error("metadata endpoint {addr}: malformed metadata: {source}")]
+    MalformedEndpoint {
+        addr: std::net::SocketAddr,
+        source: serde_json::Error,
+    },
     #[error("this node ({0}) is not in the cluster metadata")]
     UnknownSelf(String),
 }
@@ -160,6 +176,63 @@ impl FileMetadata {
 impl Metadata for FileMetadata {
     fn cluster(&self) -> Result<ClusterMetadata, MetadataError> {
         Self::read(&self.path)
+    }
+    fn self_name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Metadata read from a TCP endpoint that sends the metadata JSON and closes the connection
+/// (QEMU platform: a `guestfwd` on the guest's user-mode network runs `cat` of the platform's
+/// metadata file on the host for every connection, so every read sees the current node list
+/// and guests cannot change it).
+#[derive(Debug, Clone)]
+pub struct TcpMetadata {
+    addr: std::net::SocketAddr,
+    name: String,
+}
+
+impl TcpMetadata {
+    /// Longest answer accepted (the JSON of a few hundred nodes is far smaller).
+    pub const MAX_BYTES: u64 = 4 << 20;
+    /// Bound on connecting and on each read.
+    pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub fn new(addr: std::net::SocketAddr, name: impl Into<String>) -> Self {
+        Self {
+            addr,
+            name: name.into(),
+        }
+    }
+
+    fn fetch(&self) -> Result<Vec<u8>, MetadataError> {
+        use std::io::Read;
+        let addr = self.addr;
+        let io = |source| MetadataError::Endpoint { addr, source };
+        let stream = std::net::TcpStream::connect_timeout(&addr, Self::TIMEOUT).map_err(io)?;
+        stream.set_read_timeout(Some(Self::TIMEOUT)).map_err(io)?;
+        let mut bytes = Vec::new();
+        stream
+            .take(Self::MAX_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > Self::MAX_BYTES {
+            return Err(MetadataError::TooLarge {
+                addr,
+                limit: Self::MAX_BYTES,
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+impl Metadata for TcpMetadata {
+    fn cluster(&self) -> Result<ClusterMetadata, MetadataError> {
+        let bytes = self.fetch()?;
+        serde_json::from_slice(&bytes).map_err(|source| MetadataError::MalformedEndpoint {
+            addr: self.addr,
+            source,
+        })
     }
     fn self_name(&self) -> &str {
         &self.name
