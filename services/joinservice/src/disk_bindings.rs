@@ -208,14 +208,20 @@ impl FileDiskBindings {
         let record = Record::new(disk, claimant);
         // The node's one disk first: a node holding another disk binds no more.
         let node_path = self.node_path(claimant);
-        if !self.publish(&node_path, &record)? {
+        let node_published = self.publish(&node_path, &record)?;
+        if !node_published {
             let (held, _) = read_record(&node_path)?.ok_or_else(|| vanished(&node_path))?;
             if held != *disk {
                 return Ok(Claim::ClaimantHolds(held));
             }
         }
         let disk_path = self.disk_path(disk);
-        if self.publish(&disk_path, &record)? {
+        let disk_published = self.publish(&disk_path, &record)?;
+        if node_published || disk_published {
+            // One directory sync makes both new names durable.
+            sync_dir(&self.dir)?;
+        }
+        if disk_published {
             tracing::info!(disk = %disk, owner = %claimant, "disk bound to node");
             return Ok(Claim::BoundTo(claimant.clone()));
         }
@@ -225,7 +231,8 @@ impl FileDiskBindings {
             .ok_or_else(|| vanished(&disk_path))
     }
 
-    /// Publishes `record` at `path` unless a file is there; true if this call published it.
+    /// Publishes `record` at `path` unless a file is there; true if this call published it (the
+    /// caller syncs the directory).
     fn publish(&self, path: &Path, record: &Record) -> Result<bool, DiskBindingError> {
         let bytes = serde_yaml::to_string(record).map_err(|e| DiskBindingError::Malformed {
             path: path.to_owned(),
@@ -240,10 +247,7 @@ impl FileDiskBindings {
             tracing::warn!(path = %tmp.display(), error = %e, "leftover disk-binding temporary");
         }
         match published {
-            Ok(()) => {
-                sync_dir(&self.dir)?;
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
             Err(source) => Err(DiskBindingError::Io {
                 path: path.to_owned(),
