@@ -17,8 +17,8 @@ pub use certs::{
 };
 pub use collateral::{CollateralError, VekRef, VekRequest, VekSource};
 pub use policy::{
-    AbiVersion, SnpPolicy, POLICY_MIGRATE_MA_BIT, POLICY_RESERVED_ONE_BIT,
-    POLICY_RESERVED_ZERO_MASK,
+    AbiVersion, SnpPolicy, SnpSettings, SnpSettingsError, POLICY_MIGRATE_MA_BIT,
+    POLICY_RESERVED_ONE_BIT, POLICY_RESERVED_ZERO_MASK,
 };
 pub use report::{
     AttestationReport, CpuId, FirmwareVersion, GuestPolicy, PlatformInfo, ReportSignature,

@@ -215,3 +215,146 @@ impl SnpPolicy {
         }
     }
 }
+
+/// The SEV-SNP attestation settings of a cluster as configured (provider schema, node
+/// metadata): every field optional, hex strings for digests, unknown fields refused. An
+/// absent field keeps the [`SnpPolicy`] default; a present allow-list, even an empty one, is
+/// enforced (see [`SnpPolicy`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnpSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_tcb: Option<Tcb>,
+    /// `"MAJOR.MINOR"`, e.g. `"1.55"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_abi: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmpl: Option<u32>,
+    /// Launch measurements, 96 hex characters each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_launch_measurements: Option<Vec<String>>,
+    /// ID-key digests, 96 hex characters each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_id_key_digests: Option<Vec<String>>,
+}
+
+/// Why [`SnpSettings`] do not make a policy: which setting, and what was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("SEV-SNP setting {setting}: expected {expected}, found {found:?}")]
+pub struct SnpSettingsError {
+    pub setting: &'static str,
+    pub expected: &'static str,
+    pub found: String,
+}
+
+impl SnpSettings {
+    /// The policy these settings describe (`report_data` unset: validators bind it).
+    pub fn policy(&self) -> Result<SnpPolicy, SnpSettingsError> {
+        let mut policy = SnpPolicy::default();
+        if let Some(tcb) = self.minimum_tcb {
+            policy.minimum_tcb = tcb;
+        }
+        if let Some(vmpl) = self.vmpl {
+            policy.vmpl = vmpl;
+        }
+        if let Some(abi) = &self.minimum_abi {
+            policy.minimum_abi = parse_abi(abi).ok_or_else(|| SnpSettingsError {
+                setting: "minimum_abi",
+                expected: "MAJOR.MINOR, each 0..=255",
+                found: abi.clone(),
+            })?;
+        }
+        policy.allowed_measurements = digests(
+            "allowed_launch_measurements",
+            self.allowed_launch_measurements.as_deref(),
+        )?;
+        policy.allowed_id_key_digests = digests(
+            "allowed_id_key_digests",
+            self.allowed_id_key_digests.as_deref(),
+        )?;
+        Ok(policy)
+    }
+}
+
+fn parse_abi(text: &str) -> Option<AbiVersion> {
+    let (major, minor) = text.split_once('.')?;
+    let canonical = |s: &str| s == "0" || (!s.starts_with('0') && !s.starts_with('+'));
+    if !canonical(major) || !canonical(minor) {
+        return None;
+    }
+    Some(AbiVersion {
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+    })
+}
+
+fn digests(
+    setting: &'static str,
+    list: Option<&[String]>,
+) -> Result<Option<Vec<[u8; 48]>>, SnpSettingsError> {
+    list.map(|list| {
+        list.iter()
+            .map(|text| {
+                let mut out = [0u8; 48];
+                hex::decode_to_slice(text, &mut out)
+                    .map(|()| out)
+                    .map_err(|_| SnpSettingsError {
+                        setting,
+                        expected: "96 hex characters (48 bytes)",
+                        found: text.clone(),
+                    })
+            })
+            .collect()
+    })
+    .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_make_the_policy_and_bad_values_name_the_setting() {
+        let json = format!(
+            r#"{{"minimum_abi": "1.55", "vmpl": 1, "allowed_launch_measurements": ["{}"], "allowed_id_key_digests": [], "minimum_tcb": {{"bootloader": 4, "tee": 0, "snp": 24, "microcode": 217}}}}"#,
+            "ab".repeat(48)
+        );
+        let settings: SnpSettings = serde_json::from_str(&json).unwrap();
+        let policy = settings.policy().unwrap();
+        assert_eq!(
+            policy.minimum_abi,
+            AbiVersion {
+                major: 1,
+                minor: 55
+            }
+        );
+        assert_eq!(policy.vmpl, 1);
+        assert_eq!(policy.allowed_measurements, Some(vec![[0xAB; 48]]));
+        assert_eq!(policy.allowed_id_key_digests, Some(vec![]));
+        assert_eq!(policy.minimum_tcb.microcode, 217);
+        assert_eq!(policy.report_data, None);
+        // Absent settings keep the defaults.
+        assert_eq!(
+            SnpSettings::default().policy().unwrap(),
+            SnpPolicy::default()
+        );
+
+        for (json, setting) in [
+            (r#"{"minimum_abi": "1"}"#, "minimum_abi"),
+            (r#"{"minimum_abi": "01.5"}"#, "minimum_abi"),
+            (r#"{"minimum_abi": "1.256"}"#, "minimum_abi"),
+            (
+                r#"{"allowed_launch_measurements": ["abcd"]}"#,
+                "allowed_launch_measurements",
+            ),
+            (
+                r#"{"allowed_id_key_digests": ["zz"]}"#,
+                "allowed_id_key_digests",
+            ),
+        ] {
+            let settings: SnpSettings = serde_json::from_str(json).unwrap();
+            assert_eq!(settings.policy().unwrap_err().setting, setting, "{json}");
+        }
+        assert!(serde_json::from_str::<SnpSettings>(r#"{"vmpl": 0, "debug": true}"#).is_err());
+    }
+}

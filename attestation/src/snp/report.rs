@@ -73,7 +73,8 @@ impl Serialize for SigningKey {
 }
 
 /// The four security-relevant TCB components, as found in a TCB_VERSION or a VEK certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tcb {
     pub bootloader: u8,
     pub tee: u8,
