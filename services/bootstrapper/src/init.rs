@@ -172,8 +172,8 @@ async fn bind_own_disk(node: &NodeContext, uuid: &str) -> Result<(), Status> {
         Claim::BoundTo(owner) => Err(Status::failed_precondition(format!(
             "state disk {disk} is bound to {owner}, not to this {me}"
         ))),
-        Claim::ClaimantHolds(held) => Err(Status::failed_precondition(format!(
-            "this {me} is bound to disk {held}, not to its state disk {disk}"
+        Claim::ClaimantAtLimit { held } => Err(Status::failed_precondition(format!(
+            "this {me} holds the most disks a node may bind ({held:?}), not its state disk {disk}"
         ))),
     }
 }

@@ -6,8 +6,10 @@
 //! the join service refuses everyone else. The first control plane binds its own disk at Init.
 //!
 //! [`DiskBindings`] is compare-and-set (claim if absent, else report the owner), so two control
-//! planes racing to bind one disk agree on one owner. A node binds one disk (it has one state
-//! disk), so a compromised node cannot grow the store by claiming made-up UUIDs.
+//! planes racing to bind one disk agree on one owner. A node binds at most
+//! [`MAX_DISKS_PER_NODE`] disks (it has one state disk, formatted anew with a new UUID only if it
+//! restarts before its disk key arrives), so a compromised node cannot grow the store by claiming
+//! made-up UUIDs.
 //! [`FileDiskBindings`] keeps one file per disk and one per node in a directory every control
 //! plane of the host shares (the cluster folder next to the platform's metadata); an etcd-backed
 //! store can replace it behind the same trait.
@@ -18,6 +20,10 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// Disks one node may bind: its state disk, plus a few for restarts between a claim and the
+/// re-key (the node then formats its never-opened disk anew, with a new UUID).
+pub const MAX_DISKS_PER_NODE: usize = 4;
 
 /// Largest binding file read back; a real one is ~200 bytes.
 const MAX_RECORD_BYTES: u64 = 4096;
@@ -102,24 +108,24 @@ pub enum Claim {
     /// The disk is bound to this node after the call: the claimant (now or from before) or
     /// another node.
     BoundTo(DiskOwner),
-    /// The claimant holds another disk already and the claimed one is unbound.
-    ClaimantHolds(DiskUuid),
+    /// The claimed disk is unbound but the claimant holds [`MAX_DISKS_PER_NODE`] other disks.
+    ClaimantAtLimit { held: Vec<DiskUuid> },
 }
 
 /// Where disk bindings live. Shared by every control plane of a cluster.
 #[tonic::async_trait]
 pub trait DiskBindings: Send + Sync {
     /// Compare-and-set: binds `disk` to `claimant` unless some node holds it already or the
-    /// claimant holds another disk. Of concurrent claims of one disk, from any control plane,
-    /// exactly one wins and all see the same owner; of one node's concurrent claims of different
-    /// disks, at most one wins.
+    /// claimant holds [`MAX_DISKS_PER_NODE`] disks. Of concurrent claims of one disk, from any
+    /// control plane, exactly one wins and all see the same owner; a node's concurrent claims of
+    /// different disks bind at most [`MAX_DISKS_PER_NODE`].
     async fn claim(&self, disk: &DiskUuid, claimant: &DiskOwner)
         -> Result<Claim, DiskBindingError>;
 }
 
-/// One file per disk, `<dir>/<uuid>.yaml`, and one per node, `<dir>/node-<AK SHA-256>.yaml`
-/// naming its disk (0600, in a 0700 directory). A claim publishes the node's record, then the
-/// disk's.
+/// One file per disk, `<dir>/<uuid>.yaml`, and one per disk a node holds,
+/// `<dir>/node-<AK SHA-256>-<slot>.yaml` (0600, in a 0700 directory). A claim takes a free slot of
+/// the node (or the one naming this disk, on a retry), then publishes the disk's record.
 ///
 /// Each record is written to a temporary file created with `O_EXCL` (a file or symlink planted at
 /// its path makes the write fail) and published with `link(2)`, which, unlike `rename(2)`, fails
@@ -192,9 +198,34 @@ impl FileDiskBindings {
         self.dir.join(format!("{disk}.yaml"))
     }
 
-    fn node_path(&self, node: &DiskOwner) -> PathBuf {
-        self.dir
-            .join(format!("node-{}.yaml", hex::encode(node.ak_fingerprint)))
+    fn slot_path(&self, node: &DiskOwner, slot: usize) -> PathBuf {
+        self.dir.join(format!(
+            "node-{}-{slot}.yaml",
+            hex::encode(node.ak_fingerprint)
+        ))
+    }
+
+    /// Takes a slot of `claimant` for `disk`: `Ok(Ok(published))`, or the disks of its full
+    /// slots.
+    fn take_slot(
+        &self,
+        disk: &DiskUuid,
+        claimant: &DiskOwner,
+        record: &Record,
+    ) -> Result<Result<bool, Vec<DiskUuid>>, DiskBindingError> {
+        let mut held = Vec::new();
+        for slot in 0..MAX_DISKS_PER_NODE {
+            let path = self.slot_path(claimant, slot);
+            if self.publish(&path, record)? {
+                return Ok(Ok(true));
+            }
+            let (slot_disk, _) = read_record(&path)?.ok_or_else(|| vanished(&path))?;
+            if slot_disk == *disk {
+                return Ok(Ok(false));
+            }
+            held.push(slot_disk);
+        }
+        Ok(Err(held))
     }
 
     fn claim_blocking(
@@ -206,15 +237,11 @@ impl FileDiskBindings {
             return Ok(Claim::BoundTo(owner));
         }
         let record = Record::new(disk, claimant);
-        // The node's one disk first: a node holding another disk binds no more.
-        let node_path = self.node_path(claimant);
-        let node_published = self.publish(&node_path, &record)?;
-        if !node_published {
-            let (held, _) = read_record(&node_path)?.ok_or_else(|| vanished(&node_path))?;
-            if held != *disk {
-                return Ok(Claim::ClaimantHolds(held));
-            }
-        }
+        // The node's slot first: a node holding its limit of disks binds no more.
+        let node_published = match self.take_slot(disk, claimant, &record)? {
+            Ok(published) => published,
+            Err(held) => return Ok(Claim::ClaimantAtLimit { held }),
+        };
         let disk_path = self.disk_path(disk);
         let disk_published = self.publish(&disk_path, &record)?;
         if node_published || disk_published {
@@ -397,7 +424,7 @@ mod tests {
         }
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
-        let node_record = dir.join(format!("node-{}.yaml", hex::encode([1u8; 32])));
+        let node_record = dir.join(format!("node-{}-0.yaml", hex::encode([1u8; 32])));
         for record in [dir.join(format!("{DISK}.yaml")), node_record] {
             assert_eq!(mode(&record), 0o600, "{}", record.display());
         }
@@ -406,20 +433,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_node_binds_one_disk() {
+    async fn a_node_binds_at_most_its_limit_of_disks() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileDiskBindings::open(tmp.path()).unwrap();
-        let first = DiskUuid::parse(DISK).unwrap();
-        store.claim(&first, &owner("a", 1)).await.unwrap();
-        for i in 0..10 {
-            let made_up = DiskUuid::parse(&format!("00000000-0000-0000-0000-{i:012}")).unwrap();
+        let disk = |i: usize| DiskUuid::parse(&format!("00000000-0000-0000-0000-{i:012}")).unwrap();
+        for i in 0..MAX_DISKS_PER_NODE {
             assert_eq!(
-                store.claim(&made_up, &owner("a", 1)).await.unwrap(),
-                Claim::ClaimantHolds(first.clone())
+                store.claim(&disk(i), &owner("a", 1)).await.unwrap(),
+                Claim::BoundTo(owner("a", 1))
             );
-            assert_eq!(store.owner(&made_up).unwrap(), None);
         }
-        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+        let held: Vec<DiskUuid> = (0..MAX_DISKS_PER_NODE).map(disk).collect();
+        for i in MAX_DISKS_PER_NODE..MAX_DISKS_PER_NODE + 10 {
+            assert_eq!(
+                store.claim(&disk(i), &owner("a", 1)).await.unwrap(),
+                Claim::ClaimantAtLimit { held: held.clone() }
+            );
+            assert_eq!(store.owner(&disk(i)).unwrap(), None);
+        }
+        // Its bound disks still answer, and other nodes still bind.
+        assert_eq!(
+            store.claim(&disk(0), &owner("a", 1)).await.unwrap(),
+            Claim::BoundTo(owner("a", 1))
+        );
+        store.claim(&disk(99), &owner("b", 2)).await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            2 * MAX_DISKS_PER_NODE + 2
+        );
     }
 
     #[tokio::test]

@@ -114,11 +114,12 @@ pub enum JoinError {
         claimant: DiskOwner,
         owner: DiskOwner,
     },
-    #[error("{claimant} asked for disk {requested} but is bound to its disk {held}")]
-    NodeHoldsAnotherDisk {
+    #[error("{claimant} asked for disk {requested} but holds the most disks a node may bind: {}",
+        held.join(", "))]
+    NodeAtDiskLimit {
         claimant: DiskOwner,
         requested: String,
-        held: String,
+        held: Vec<String>,
     },
     #[error("disk bindings: {0}")]
     DiskBindings(#[from] DiskBindingError),
@@ -198,7 +199,7 @@ impl From<JoinError> for Status {
             | JoinError::UnknownNode { .. }
             | JoinError::RoleMismatch { .. }
             | JoinError::DiskOwnedByAnotherNode { .. }
-            | JoinError::NodeHoldsAnotherDisk { .. } => Status::permission_denied(message),
+            | JoinError::NodeAtDiskLimit { .. } => Status::permission_denied(message),
             JoinError::Csr(ref csr) if csr.is_identity_mismatch() => {
                 Status::permission_denied(message)
             }
@@ -349,11 +350,11 @@ impl JoinTicketIssuer {
                     owner,
                 })
             }
-            Claim::ClaimantHolds(held) => {
-                return Err(JoinError::NodeHoldsAnotherDisk {
+            Claim::ClaimantAtLimit { held } => {
+                return Err(JoinError::NodeAtDiskLimit {
                     claimant,
                     requested: disk.to_string(),
-                    held: held.to_string(),
+                    held: held.iter().map(DiskUuid::to_string).collect(),
                 })
             }
         }

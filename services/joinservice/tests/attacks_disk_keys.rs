@@ -20,7 +20,7 @@ use constellation_attestation::SystemClock;
 use constellation_common::kdf::{derive_key, DEFAULT_KEY_LEN};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::disk_bindings::{
-    Claim, DiskBindings, DiskOwner, DiskUuid, FileDiskBindings,
+    Claim, DiskBindings, DiskOwner, DiskUuid, FileDiskBindings, MAX_DISKS_PER_NODE,
 };
 use constellation_joinservice::pki::{ClusterPki, NodeIdentity, NodeRole};
 use constellation_joinservice::ticket::{
@@ -622,10 +622,18 @@ async fn a_worker_cannot_grow_the_binding_store_with_made_up_disks() {
         .join(&service, "worker-0", w0.request(WORKER_0_DISK))
         .await
         .unwrap();
-    for i in 0..5 {
-        let made_up = format!("0bad0bad-0000-0000-0000-{i:012}");
+    let made_up = |i: usize| format!("0bad0bad-0000-0000-0000-{i:012}");
+    // A few more disks are allowed (a node restarted before its re-key formats a new one)...
+    for i in 1..MAX_DISKS_PER_NODE {
+        cluster
+            .join(&service, "worker-0", w0.request(&made_up(i)))
+            .await
+            .unwrap();
+    }
+    // ...then every further made-up disk is refused, naming the disks it holds.
+    for i in MAX_DISKS_PER_NODE..MAX_DISKS_PER_NODE + 5 {
         let status = cluster
-            .join(&service, "worker-0", w0.request(&made_up))
+            .join(&service, "worker-0", w0.request(&made_up(i)))
             .await
             .unwrap_err();
         assert_eq!(
@@ -635,18 +643,26 @@ async fn a_worker_cannot_grow_the_binding_store_with_made_up_disks() {
             status.message()
         );
         assert!(
-            status.message().contains(&made_up) && status.message().contains(WORKER_0_DISK),
+            status.message().contains(&made_up(i)) && status.message().contains(WORKER_0_DISK),
             "{}",
             status.message()
         );
     }
-    // worker-0's disk record and its node record, nothing for the made-up disks.
+    // Per bound disk one disk record and one node slot; nothing for the refused ones.
     assert_eq!(
         std::fs::read_dir(cluster.bindings_dir.path())
             .unwrap()
             .count(),
-        2
+        2 * MAX_DISKS_PER_NODE
     );
-    assert_eq!(service.keys.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        service.keys.calls.load(Ordering::SeqCst),
+        MAX_DISKS_PER_NODE
+    );
+    // Its own disk still works.
+    cluster
+        .join(&service, "worker-0", w0.request(WORKER_0_DISK))
+        .await
+        .unwrap();
     service.shut_down().await;
 }
