@@ -6,7 +6,9 @@
 
 pub mod attested_peer;
 pub mod collateral;
+pub mod config;
 pub mod disk_bindings;
+pub mod keyclient;
 pub mod pki;
 pub mod ticket;
 pub mod token;

@@ -1,0 +1,149 @@
+//! `constellation-joinservice`: the join service as its own daemon (see docs/daemons/joinservice.md).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use constellation_attestation::{atls, SystemClock};
+use constellation_daemon::{health, logging, reload, shutdown, tpm};
+use constellation_joinservice::attested_peer::AttestedPeerInterceptor;
+use constellation_joinservice::config::{
+    load_state, Cli, Config, Policy, PolicyStore, PolicyValidator,
+};
+use constellation_joinservice::keyclient::KeyServiceClients;
+use constellation_joinservice::ticket::{JoinTicketConfig, JoinTicketIssuer};
+use constellation_joinservice::token::TokenRegistry;
+use constellation_joinservice::FileDiskBindings;
+use constellation_proto::join::join_service_server::JoinServiceServer;
+
+fn main() -> ExitCode {
+    let config = match Cli::parse().resolve() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("constellation-joinservice: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(config.daemon.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "join service failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let health = health::Health::new("state, TPM and policy not loaded yet");
+    let health_listener = health::bind(config.daemon.health_listen).await?;
+    tokio::spawn(health::serve(health_listener, health.clone()));
+    let shutdown = shutdown::on_signal(health.clone())?;
+    tracing::info!(listen = %config.listen, health = %config.daemon.health_listen,
+        state_dir = %config.state_dir.display(), cluster = %config.cluster_name,
+        key_services = ?config.key_service_endpoints, "join service starting");
+
+    let interval = config.daemon.reload_interval;
+    let stop = || shutdown.begun();
+    let Some(state) = reload::until_loaded(
+        "cluster PKI and measurement secrets",
+        interval,
+        stop,
+        || std::future::ready(load_state(&config.state_dir, &config.cluster_name)),
+    )
+    .await
+    else {
+        return Ok(());
+    };
+    let Some(issuer) = reload::until_loaded("TPM", interval, stop, || {
+        std::future::ready(tpm::open_issuer(&config.tcti))
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let (measurements_file, nodes_file) =
+        (config.measurements_file.clone(), config.nodes_file.clone());
+    let Some(policy) =
+        reload::until_loaded("measurements and node directory", interval, stop, || {
+            std::future::ready(Policy::load(&measurements_file, &nodes_file))
+        })
+        .await
+    else {
+        return Ok(());
+    };
+    tracing::info!(policy = %policy.describe(), "policy loaded");
+    let store = Arc::new(PolicyStore::new(policy));
+    let reloading = store.clone();
+    reload::spawn(
+        "measurements and node directory",
+        vec![measurements_file.clone(), nodes_file.clone()],
+        interval,
+        move || {
+            let policy = Policy::load(&measurements_file, &nodes_file)?;
+            let loaded = policy.describe();
+            reloading.replace(policy);
+            Ok(loaded)
+        },
+    )?;
+
+    let clock = Arc::new(SystemClock);
+    let pki = Arc::new(state.pki);
+    let keys = KeyServiceClients::new(
+        &pki,
+        &config.node_name,
+        config.node_ip,
+        clock.as_ref(),
+        config.key_service_endpoints.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let tickets = JoinTicketIssuer::new(
+        Arc::new(keys),
+        store.clone(),
+        Arc::new(
+            FileDiskBindings::open(&config.disk_bindings_dir)
+                .map_err(|e| anyhow::anyhow!("disk_bindings_dir: {e}"))?,
+        ),
+        pki,
+        Arc::new(TokenRegistry::default()),
+        clock,
+        JoinTicketConfig {
+            measurement_salt: state.measurement_salt,
+            measurement_secret: state.measurement_secret,
+            api_server_endpoint: config.api_server_endpoint.clone(),
+            kubernetes_version: config.kubernetes_version.clone(),
+            token_ttl: config.token_ttl,
+        },
+    );
+    let atls_config =
+        atls::ServerConfig::mutual(Arc::new(issuer), Arc::new(PolicyValidator(store.clone())))?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let lookup = store.clone();
+    let service = JoinServiceServer::with_interceptor(
+        tickets,
+        AttestedPeerInterceptor::new(move |ak| lookup.node_for(ak)),
+    );
+    let server = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            atls::incoming(listener, atls_config),
+            shutdown.clone().wait(),
+        );
+    tracing::info!(listen = %config.listen, "join service listening (mutual aTLS)");
+    health.set_ready();
+    let served = async {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "join service transport failed");
+        }
+    };
+    shutdown::drain(shutdown.clone(), config.daemon.shutdown_grace, served).await;
+    tracing::info!("join service stopped");
+    Ok(())
+}
