@@ -8,3 +8,4 @@ pub mod policy;
 pub mod recover;
 pub mod state;
 pub mod statedisk;
+pub mod vm;

@@ -1,9 +1,21 @@
 //! `constellation-bootstrapper`: the node daemon. The local platform starts one per node after
-//! measuring it into the node's TPM.
+//! measuring it into the node's TPM; in a QEMU node image the image's init starts it with the
+//! arguments the platform put into the firmware config (`--platform qemu ...`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use constellation_bootstrapper::vm::{self, VmSettings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Platform {
+    /// A host process: metadata file, swtpm TCTI, state disk as a file in the node folder.
+    Local,
+    /// A QEMU guest: metadata endpoint, the vTPM, the state disk as a block device mounted
+    /// (dm-crypt) at the state folder.
+    Qemu,
+}
 
 #[derive(Parser)]
 #[command(
@@ -15,15 +27,25 @@ struct Args {
     /// This node's name in the cluster metadata.
     #[arg(long)]
     name: String,
-    /// The node's folder (state, logs).
+    /// Where the node runs.
+    #[arg(long, value_enum, default_value = "local")]
+    platform: Platform,
+    /// The node's folder (state, logs). Default on qemu: /run/constellation.
     #[arg(long = "node-dir")]
-    node_dir: PathBuf,
-    /// The platform's metadata file.
+    node_dir: Option<PathBuf>,
+    /// The platform's metadata file (local).
     #[arg(long)]
-    metadata: PathBuf,
-    /// TCTI of the node's TPM, e.g. swtpm:path=<node>/tpm/swtpm.sock (unix socket, private dir).
+    metadata: Option<PathBuf>,
+    /// The platform's metadata endpoint (qemu), e.g. 10.42.0.250:80.
+    #[arg(long = "metadata-endpoint")]
+    metadata_endpoint: Option<SocketAddr>,
+    /// The state disk's block device (qemu).
+    #[arg(long = "state-device", default_value = vm::GUEST_STATE_DEVICE)]
+    state_device: PathBuf,
+    /// TCTI of the node's TPM, e.g. swtpm:path=/.../swtpm.sock. Default on qemu:
+    /// device:/dev/tpmrm0.
     #[arg(long)]
-    tcti: String,
+    tcti: Option<String>,
 }
 
 #[tokio::main]
@@ -35,11 +57,32 @@ async fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
     let a = Args::parse();
-    constellation_bootstrapper::node::run(constellation_bootstrapper::node::NodeConfig {
-        name: a.name,
-        node_dir: a.node_dir,
-        metadata_path: a.metadata,
-        tcti: a.tcti,
-    })
-    .await
+    let config = match a.platform {
+        Platform::Local => constellation_bootstrapper::node::NodeConfig {
+            name: a.name,
+            node_dir: a
+                .node_dir
+                .ok_or_else(|| anyhow::anyhow!("--node-dir is required on the local platform"))?,
+            metadata_path: a
+                .metadata
+                .ok_or_else(|| anyhow::anyhow!("--metadata is required on the local platform"))?,
+            tcti: a
+                .tcti
+                .ok_or_else(|| anyhow::anyhow!("--tcti is required on the local platform"))?,
+            vm: None,
+        },
+        Platform::Qemu => constellation_bootstrapper::node::NodeConfig {
+            name: a.name,
+            node_dir: a.node_dir.unwrap_or_else(|| vm::GUEST_NODE_DIR.into()),
+            metadata_path: PathBuf::new(),
+            tcti: a.tcti.unwrap_or_else(|| vm::GUEST_TCTI.to_owned()),
+            vm: Some(VmSettings {
+                metadata_endpoint: a.metadata_endpoint.ok_or_else(|| {
+                    anyhow::anyhow!("--metadata-endpoint is required on the qemu platform")
+                })?,
+                state_device: a.state_device,
+            }),
+        },
+    };
+    constellation_bootstrapper::node::run(config).await
 }

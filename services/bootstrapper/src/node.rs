@@ -15,7 +15,7 @@ use constellation_attestation::measurements::{sha256, CLUSTER_ID_PCR};
 use constellation_attestation::tpm::{AkKind, Tpm};
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmIssuer;
 use constellation_attestation::{Clock, SystemClock};
-use constellation_common::metadata::{ports, FileMetadata, Metadata, Role};
+use constellation_common::metadata::{ports, FileMetadata, Metadata, Role, TcpMetadata};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::pki::{write_pki_files, ClusterPki, PkiFile};
 use constellation_joinservice::ticket::JoinTicketConfig;
@@ -51,6 +51,9 @@ pub struct NodeConfig {
     pub node_dir: PathBuf,
     pub metadata_path: PathBuf,
     pub tcti: String,
+    /// Set when the node runs in a QEMU guest: metadata endpoint and state block device
+    /// ([`crate::vm`]); `metadata_path` is then unused.
+    pub vm: Option<crate::vm::VmSettings>,
 }
 
 /// Everything the node's services share.
@@ -69,6 +72,8 @@ pub struct NodeContext {
     /// `phase` first, then `binding`.
     pub binding: Mutex<Binding>,
     pub installer: Box<dyn KubernetesInstaller>,
+    /// The QEMU guest's devices, when the node runs in one.
+    pub vm: Option<crate::vm::VmSettings>,
 }
 
 /// What extended PCR 15 with the cluster ID in this boot: exactly one of them may.
@@ -88,7 +93,10 @@ pub enum Binding {
 
 impl NodeContext {
     pub(crate) fn disk_path(&self) -> PathBuf {
-        self.state_dir.join("disk.img")
+        match &self.vm {
+            Some(vm) => vm.state_device.clone(),
+            None => self.state_dir.join("disk.img"),
+        }
     }
 
     /// The device-mapper name of the state disk, from its LUKS UUID (unique per disk, so per
@@ -115,6 +123,8 @@ pub enum DiskKeyError {
     },
     #[error("state disk worker: {0}")]
     Worker(String),
+    #[error("state volume: {0}")]
+    Volume(#[from] crate::vm::VmError),
 }
 
 /// Name of the marker file present while the state disk is keyed with its first-boot key.
@@ -145,8 +155,10 @@ pub(crate) async fn adopt_disk_key(
     let disk = node.disk_path();
     let marker = node.first_boot_marker();
     let key = zeroize::Zeroizing::new(key.to_vec());
+    let (vm, state_dir) = (node.vm.is_some(), node.state_dir.clone());
     tokio::task::spawn_blocking(move || {
         let initial = first_boot_keys().get(&disk).cloned();
+        let fresh = initial.is_some();
         if let Some(initial) = initial {
             statedisk::rekey(&disk, initial.as_slice(), &key, KdfSettings::default())?;
             first_boot_keys().remove(&disk);
@@ -162,7 +174,11 @@ pub(crate) async fn adopt_disk_key(
             tracing::info!("state disk re-keyed with the node's disk key and a new volume key");
         }
         let name = statedisk::mapper_name_of(&disk)?;
-        Ok(statedisk::open(&disk, &key, &name)?)
+        let opened = statedisk::open(&disk, &key, &name)?;
+        if vm {
+            crate::vm::mount_state_volume(&opened, fresh, &state_dir)?;
+        }
+        Ok(opened)
     })
     .await
     .map_err(|e| DiskKeyError::Worker(e.to_string()))?
@@ -213,7 +229,10 @@ fn connection_refused(e: &anyhow::Error) -> bool {
 
 /// Runs the node until the process is stopped.
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    let metadata: Arc<dyn Metadata> = Arc::new(FileMetadata::new(&cfg.metadata_path, &cfg.name));
+    let metadata: Arc<dyn Metadata> = match &cfg.vm {
+        Some(vm) => Arc::new(TcpMetadata::new(vm.metadata_endpoint, &cfg.name)),
+        None => Arc::new(FileMetadata::new(&cfg.metadata_path, &cfg.name)),
+    };
     let me = metadata.self_info()?;
     let tpm = Tpm::open(&cfg.tcti)?;
     let issuer = Arc::new(QemuVtpmIssuer::new(
@@ -224,10 +243,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let state_dir = cfg.node_dir.join("state");
     std::fs::create_dir_all(&state_dir)?;
     // In the cluster folder next to the metadata: every control plane of the host shares it.
-    let cluster_dir = cfg
-        .metadata_path
-        .parent()
-        .unwrap_or(std::path::Path::new("."));
+    // A VM has its own (outside the state folder, which the state volume is mounted over).
+    let cluster_dir = match &cfg.vm {
+        Some(_) => cfg.node_dir.as_path(),
+        None => cfg
+            .metadata_path
+            .parent()
+            .unwrap_or(std::path::Path::new(".")),
+    };
     let disk_bindings = Arc::new(FileDiskBindings::open(cluster_dir.join("disk-bindings"))?);
     let state = NodeState::load(&state_dir)?;
     tracing::info!(node = %cfg.name, role = me.role.as_str(), ip = %me.ip, phase = ?state.phase, "bootstrapper starting");
@@ -243,7 +266,11 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         phase: Arc::new(Mutex::new(state.clone())),
         binding: Mutex::new(Binding::Unbound),
         installer: Box::new(NoneInstaller),
+        vm: cfg.vm.clone(),
     });
+    if node.vm.is_some() {
+        crate::vm::report_status_on_console(node.state_dir.clone());
+    }
     tracing::info!(
         "Kubernetes installer: {} (Kubernetes binaries are not part of the local platform)",
         node.installer.name()
@@ -322,7 +349,12 @@ fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
     constellation_common::secret_file::ensure_private_dir(&node.state_dir)?;
     let path = node.disk_path();
     let marker = node.first_boot_marker();
-    if path.exists() && !marker.exists() {
+    if node.vm.is_some() {
+        // The marker would not survive a reboot of the guest: the header says it instead.
+        if !crate::vm::state_device_needs_format(&path)? {
+            return Ok(());
+        }
+    } else if path.exists() && !marker.exists() {
         return Ok(());
     }
     if first_boot_keys().contains_key(&path) {
@@ -330,9 +362,14 @@ fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
     }
     // The marker goes first: a crash before the format completes leaves a disk we redo.
     constellation_common::secret_file::write_private_atomic(&marker, b"")?;
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-        _ => {}
+    if node.vm.is_some() {
+        // A block device is not removed; a stale header and keyslots are erased.
+        crate::vm::clear_state_device(&path)?;
+    } else {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
     }
     let first_boot = FirstBootKey::new(rand::random());
     let uuid = statedisk::format(

@@ -192,6 +192,12 @@ pub fn format(
             .keyslot_handle()
             .add_by_key(None, None, &key, CryptVolumeKey::empty())
             .map_err(cryptsetup_error("adding keyslot", &path))?;
+        // The header itself says the volume still has its first-boot key (a VM has no other
+        // place that survives a reboot); [`rekey`]'s fresh header carries no label.
+        device
+            .context_handle()
+            .set_label(Some(FIRST_BOOT_LABEL), None)
+            .map_err(cryptsetup_error("setting the first-boot label", &path))?;
         let uuid = device
             .status_handle()
             .get_uuid()
@@ -199,6 +205,74 @@ pub fn format(
         tracing::info!(path = %path.display(), %uuid, ?kdf, "formatted LUKS2 state disk");
         Ok(uuid)
     })?
+}
+
+/// LUKS2 label of a volume keyed with a first-boot key (not a secret: it says only that the
+/// volume holds no data yet and nobody will ever open it with that key).
+pub const FIRST_BOOT_LABEL: &str = "constellation-first-boot";
+/// LUKS2 binary header: magic, and where the 48-byte label starts.
+const LUKS2_MAGIC: &[u8] = b"LUKS\xba\xbe";
+const LUKS2_LABEL: std::ops::Range<usize> = 24..72;
+/// Bytes [`wipe_header`] zeroes: LUKS2's default metadata and keyslots area (16 MiB).
+pub const HEADER_AREA_BYTES: usize = 16 << 20;
+
+/// What the start of a device says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeKind {
+    /// No LUKS2 header: a blank (or foreign) disk.
+    NotLuks2,
+    /// A LUKS2 volume still keyed with its first-boot key ([`FIRST_BOOT_LABEL`]).
+    FirstBoot,
+    /// A LUKS2 volume keyed with a node's disk key.
+    Keyed,
+}
+
+/// Reads the primary LUKS2 binary header of `path` (no libcryptsetup, no key).
+pub fn volume_kind(path: &Path) -> Result<VolumeKind, StateDiskError> {
+    use std::io::Read;
+    let mut header = [0u8; 72];
+    let read = fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .map_err(|source| StateDiskError::Io {
+            operation: "reading the header of",
+            path: path.to_path_buf(),
+            source,
+        });
+    if let Err(StateDiskError::Io { source, .. }) = &read {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            return Ok(VolumeKind::NotLuks2);
+        }
+    }
+    read?;
+    if &header[..6] != LUKS2_MAGIC || header[6..8] != [0, 2] {
+        return Ok(VolumeKind::NotLuks2);
+    }
+    let label = &header[LUKS2_LABEL];
+    let label = &label[..label.iter().position(|b| *b == 0).unwrap_or(label.len())];
+    Ok(if label == FIRST_BOOT_LABEL.as_bytes() {
+        VolumeKind::FirstBoot
+    } else {
+        VolumeKind::Keyed
+    })
+}
+
+/// Zeroes the first [`HEADER_AREA_BYTES`] of a block device (or file): both LUKS2 headers and
+/// the keyslots go, so [`format`] may write a new volume. Only for a volume whose first-boot
+/// key is lost (it never held data).
+pub fn wipe_header(path: &Path) -> Result<(), StateDiskError> {
+    use std::io::Write;
+    let io_error = |source| StateDiskError::Io {
+        operation: "wiping the header of",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_error)?;
+    f.write_all(&vec![0u8; HEADER_AREA_BYTES])
+        .and_then(|()| f.sync_all())
+        .map_err(io_error)
 }
 
 /// Checks that `key` opens a keyslot of the volume, without activating anything (works without

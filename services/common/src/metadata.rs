@@ -22,6 +22,11 @@ pub mod ports {
     pub const KUBE_API: u16 = 6443;
 }
 
+/// Prefix of the status lines a QEMU guest's bootstrapper prints on its serial console: the
+/// prefix, then the node's status (`node_status::NodeStatus`) as one line of JSON, once per
+/// change. The host cannot read files inside the guest; the platform parses these lines.
+pub const CONSOLE_STATUS_PREFIX: &str = "constellation-status: ";
+
 /// A node's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
