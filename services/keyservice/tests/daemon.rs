@@ -87,22 +87,32 @@ async fn channel(addr: std::net::SocketAddr, pki: &Pki) -> tonic::transport::Cha
 }
 
 fn start(state: &Path) -> (Daemon, std::net::SocketAddr, std::net::SocketAddr) {
+    start_with(state, &[])
+}
+
+fn start_with(
+    state: &Path,
+    extra: &[&str],
+) -> (Daemon, std::net::SocketAddr, std::net::SocketAddr) {
     let (listen, health) = (free_addr(), free_addr());
-    let daemon = Daemon::start(
-        BIN,
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--listen",
-            &listen.to_string(),
-            "--health-listen",
-            &health.to_string(),
-            "--reload-interval-ms",
-            "100",
-            "--log-format",
-            "json",
-        ],
-    );
+    let mut args = vec![
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--listen",
+        &listen.to_string(),
+        "--health-listen",
+        &health.to_string(),
+        "--reload-interval-ms",
+        "100",
+        "--log-format",
+        "json",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start(BIN, &args);
     (daemon, listen, health)
 }
 
@@ -279,6 +289,75 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{}", daemon.output());
     assert_no_secret(&daemon.output_bytes(), &pki, &key);
+}
+
+/// The KMS v2 plugin as the API server uses it: Status, Encrypt with a uid, Decrypt with the
+/// key ID and annotations Encrypt returned; the socket is 0600 and gone after SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn kms_plugin_socket_serves_the_apiserver_and_goes_away_on_sigterm() {
+    use constellation_proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
+    use constellation_proto::kmsv2::{DecryptRequest, EncryptRequest, StatusRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    write_tls(dir.path(), &pki, 0o600);
+    write_master(dir.path()).await;
+    let socket = dir.path().join("kms.sock");
+    let (mut daemon, _listen, health) =
+        start_with(dir.path(), &["--kms-socket", socket.to_str().unwrap()]);
+    daemon
+        .wait_status(health, "/readyz", 200, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let path = socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://kms.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut kms = KeyManagementServiceClient::new(channel);
+    let status = kms.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (status.version.as_str(), status.healthz.as_str()),
+        ("v2", "ok")
+    );
+    let dek = b"a DEK the API server wants wrapped".to_vec();
+    let enc = kms
+        .encrypt(EncryptRequest {
+            plaintext: dek.clone(),
+            uid: "uid-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(enc.key_id, status.key_id);
+    let dec = kms
+        .decrypt(DecryptRequest {
+            ciphertext: enc.ciphertext,
+            uid: "uid-2".into(),
+            key_id: enc.key_id,
+            annotations: enc.annotations,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dec.plaintext, dek);
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{}", daemon.output());
+    assert!(!socket.exists(), "the socket outlived the daemon");
+    assert!(!daemon
+        .output_bytes()
+        .windows(dek.len())
+        .any(|w| w == dek.as_slice()));
 }
 
 #[test]
