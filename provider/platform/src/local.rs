@@ -51,6 +51,8 @@ pub enum PlatformError {
     Tpm { node: String, source: TpmError },
     #[error("image: {0}")]
     Image(#[from] ImageError),
+    #[error("node image: {0}")]
+    NodeImage(#[from] constellation_image::qemu::NodeImageError),
     #[error("metadata: {0}")]
     Metadata(#[from] MetadataError),
     #[error("node {node}: the TPM's attestation key changed (pinned {pinned}, now {found}); refusing to boot it")]
@@ -79,7 +81,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PlatformError + '_ {
 }
 
 /// Node folders hold TPM state, state disks and keys: only the launcher's user may enter.
-fn private_dir(dir: &Path) -> Result<(), PlatformError> {
+pub(crate) fn private_dir(dir: &Path) -> Result<(), PlatformError> {
     ensure_private_dir(dir).map_err(|e: SecretFileError| PlatformError::Io {
         path: dir.to_owned(),
         source: e.into(),
@@ -614,6 +616,10 @@ impl Cloud for LocalCloud {
         std::fs::remove_dir_all(&record.dir).map_err(io_err(&record.dir))
     }
 
+    fn restart_node(&mut self, name: &str) -> Result<NodeRecord, PlatformError> {
+        self.boot(name)
+    }
+
     fn init_endpoint(&self) -> Option<String> {
         self.state
             .nodes
@@ -624,7 +630,7 @@ impl Cloud for LocalCloud {
 }
 
 /// A loopback address (127.a.b.c, outside 127.0.0.0/16) on which every node port is free.
-fn free_loopback_address(taken: &[IpAddr]) -> Result<IpAddr, PlatformError> {
+pub(crate) fn free_loopback_address(taken: &[IpAddr]) -> Result<IpAddr, PlatformError> {
     use rand::Rng;
     let mut rng = rand::thread_rng();
     for _ in 0..200 {
