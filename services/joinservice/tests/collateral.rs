@@ -14,6 +14,8 @@ use constellation_joinservice::collateral::{CollateralCache, Freshness};
 use snp_support::{azure_collateral, azure_report, LocalFetcher, ManualClock, AZURE_VALID_AT};
 
 const TTL: Duration = Duration::from_secs(600);
+/// The default negative TTL (`CollateralLimits::default().negative_ttl`).
+const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
 fn request() -> VekRequest {
     VekRequest::for_report(&AttestationReport::parse(&azure_report()).unwrap()).unwrap()
@@ -86,13 +88,21 @@ async fn vendor_error_after_expiry_serves_the_stale_entry_until_it_recovers() {
     assert_eq!(stale.freshness, Freshness::Stale);
     assert!(Arc::ptr_eq(&stale.vek, &first.vek));
     assert_eq!(fetcher.fetch_count(), 2);
-    // Each later call retries (nothing fresh to serve), still falling back to the stale value.
+    // Within the negative TTL the failure is remembered: stale value, no new fetch.
+    assert_eq!(
+        cache.get(&request()).await.unwrap().freshness,
+        Freshness::Stale
+    );
+    assert_eq!(fetcher.fetch_count(), 2);
+    // After it, a call retries (nothing fresh to serve), still falling back to the stale value.
+    clock.advance(NEGATIVE_TTL);
     assert_eq!(
         cache.get(&request()).await.unwrap().freshness,
         Freshness::Stale
     );
     assert_eq!(fetcher.fetch_count(), 3);
     fetcher.set_down(false);
+    clock.advance(NEGATIVE_TTL);
     assert_eq!(
         cache.get(&request()).await.unwrap().freshness,
         Freshness::Fresh
@@ -120,7 +130,7 @@ async fn a_refused_refresh_serves_the_verified_stale_entry() {
 async fn vendor_error_with_nothing_cached_is_a_typed_error_for_every_waiter() {
     let fetcher = LocalFetcher::with_delay(azure_collateral(), Duration::from_millis(100));
     fetcher.set_down(true);
-    let (cache, _clock) = cache_over(&fetcher);
+    let (cache, clock) = cache_over(&fetcher);
     let tasks: Vec<_> = (0..10)
         .map(|_| {
             let cache = cache.clone();
@@ -150,8 +160,14 @@ async fn vendor_error_with_nothing_cached_is_a_typed_error_for_every_waiter() {
         assert!(msg.contains("0x5d06000000000002"), "{msg}");
     }
     assert_eq!(fetcher.fetch_count(), 1);
-    // The failure is not cached: the next call tries again.
+    // The failure is remembered for the negative TTL (same error, no fetch), then retried.
     fetcher.set_down(false);
+    assert!(matches!(
+        cache.get(&request()).await,
+        Err(CollateralError::Unavailable { .. })
+    ));
+    assert_eq!(fetcher.fetch_count(), 1);
+    clock.advance(NEGATIVE_TTL);
     cache.get(&request()).await.unwrap();
     assert_eq!(fetcher.fetch_count(), 2);
 }

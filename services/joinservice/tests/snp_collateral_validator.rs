@@ -20,7 +20,7 @@ use constellation_attestation::variant::azure_sev_snp::{
 };
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmEvidence;
 use constellation_attestation::{Measurements, ValidationError, Validator, Variant};
-use constellation_joinservice::collateral::{Collateral, CollateralCache};
+use constellation_joinservice::collateral::{Collateral, CollateralCache, CollateralLimits};
 use snp_support::*;
 
 const TTL: Duration = Duration::from_secs(3600);
@@ -108,7 +108,11 @@ async fn a_fetcher_serving_another_chips_vcek_is_refused_with_both_chip_ids() {
         other => panic!("expected ChipIdMismatch, got {other:?}"),
     }
     assert!(msg.contains(&hex::encode(&claimed)), "{msg}");
-    // Not cached under the wrong key: the next try fetches again.
+    // Not cached as good under the wrong key: the refusal is remembered for the negative TTL
+    // (no new fetch), after it the next try fetches again.
+    check_azure(&s.validator, report.clone()).await.unwrap_err();
+    assert_eq!(s.fetcher.fetch_count(), 1);
+    s.clock.advance(CollateralLimits::default().negative_ttl);
     check_azure(&s.validator, report).await.unwrap_err();
     assert_eq!(s.fetcher.fetch_count(), 2);
 }
