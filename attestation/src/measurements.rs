@@ -196,11 +196,12 @@ impl Measurements {
 
     /// This (validated) policy for a verifier that cannot know the cluster ID, i.e. a joiner
     /// checking a member of the cluster it is joining: [`CLUSTER_ID_PCR`] is dropped
-    /// deliberately, and what remains must still enforce something.
+    /// deliberately. What remains may be all warn-only (an operator who relaxed the image
+    /// PCRs): such a verifier then rests on the pinned control-plane keys, which is why this
+    /// view exists only through this call and is never parsed from a file.
     pub fn without_cluster_id(mut self) -> Result<Self, MeasurementsError> {
         self.validate()?;
         self.0.remove(&CLUSTER_ID_PCR);
-        self.validate_enforces_something()?;
         Ok(self)
     }
 
@@ -209,13 +210,17 @@ impl Measurements {
     }
 
     /// Compares actual PCR values to the policy. Enforced mismatches (or enforced PCRs absent
-    /// from `actual`) fail; warn-only mismatches are returned as warnings. A policy that
-    /// enforces nothing (empty or all warn-only) is rejected: it would accept any evidence.
+    /// from `actual`) fail; warn-only mismatches are returned as warnings. An empty policy is
+    /// rejected: it would accept any evidence. (All-warn-only policies are refused where
+    /// policies come from outside, [`Measurements::from_json`]; the one derived view that may
+    /// be all warn-only is [`Measurements::without_cluster_id`].)
     pub fn check(
         &self,
         actual: &BTreeMap<u32, Digest>,
     ) -> Result<PolicyOutcome, MeasurementsError> {
-        self.validate_enforces_something()?;
+        if self.0.is_empty() {
+            return Err(MeasurementsError::Empty);
+        }
         let mut failures = Vec::new();
         let mut warnings = Vec::new();
         for (&index, m) in &self.0 {
@@ -357,7 +362,7 @@ pub fn cluster_id_pcr(cluster_id: &[u8]) -> Digest {
 }
 
 /// The PCR that binds a node to its cluster (extended with the cluster ID at init/join).
-pub const CLUSTER_ID_PCR: u32 = 15;
+pub const CLUSTER_ID_PCR: u32 = crate::pcr::CLUSTER_ID;
 
 #[cfg(test)]
 mod tests {

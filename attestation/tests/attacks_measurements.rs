@@ -31,19 +31,18 @@ fn policy(entries: &[String]) -> Vec<u8> {
 }
 
 #[test]
-fn all_warn_only_policy_is_refused_at_parse_and_at_check() {
+fn all_warn_only_policy_is_refused_at_parse() {
     let json = policy(&[entry("4", 4, true), entry("15", 0, true)]);
     match Measurements::from_json(&json) {
         Err(MeasurementsError::AllWarnOnly { warn_only }) => assert_eq!(warn_only, vec![4, 15]),
         other => panic!("expected AllWarnOnly, got {other:?}"),
     }
-    // Built in code rather than parsed: the check itself refuses it, whatever the evidence.
-    let built = Measurements(BTreeMap::from([
+    let validated = Measurements(BTreeMap::from([
         (4, Measurement::warn_only([4; 32])),
         (9, Measurement::warn_only([9; 32])),
-    ]));
-    let matching = BTreeMap::from([(4, [4; 32]), (9, [9; 32])]);
-    match built.check(&matching) {
+    ]))
+    .validate();
+    match validated {
         Err(MeasurementsError::AllWarnOnly { warn_only }) => assert_eq!(warn_only, vec![4, 9]),
         other => panic!("expected AllWarnOnly, got {other:?}"),
     }
@@ -72,15 +71,30 @@ fn policy_leaving_cluster_id_pcr_unenforced_is_refused() {
 }
 
 #[test]
-fn joiner_view_cannot_launder_a_policy_that_enforces_only_the_cluster_id() {
-    // Enforcing only PCR 15 (everything else warn-only) passes `validate`, but once the
-    // joiner drops PCR 15 nothing enforced is left: refused, not an accept-all validator.
-    let json = policy(&[entry("4", 4, true), entry("15", 0, false)]);
-    let m = Measurements::from_json(&json).unwrap();
-    match m.without_cluster_id() {
-        Err(MeasurementsError::AllWarnOnly { warn_only }) => assert_eq!(warn_only, vec![4]),
-        other => panic!("expected AllWarnOnly, got {other:?}"),
+fn joiner_view_is_only_derived_from_a_valid_policy() {
+    // The PCR-15-less view cannot be had from a policy that fails validation...
+    let json = policy(&[entry("4", 4, false), entry("15", 0, true)]);
+    let unchecked = Measurements(BTreeMap::from([
+        (4, Measurement::enforce([4; 32])),
+        (CLUSTER_ID_PCR, Measurement::warn_only([0; 32])),
+    ]));
+    assert!(Measurements::from_json(&json).is_err());
+    match unchecked.without_cluster_id() {
+        Err(MeasurementsError::ClusterIdPcrNotEnforced { found }) => {
+            assert_eq!(found, ClusterIdPcrState::WarnOnly)
+        }
+        other => panic!("expected ClusterIdPcrNotEnforced, got {other:?}"),
     }
+    // ...and it cannot be written to a file and parsed back as a policy.
+    let full =
+        Measurements::from_json(&policy(&[entry("4", 4, false), entry("15", 0, false)])).unwrap();
+    let view = full.without_cluster_id().unwrap();
+    assert!(matches!(
+        Measurements::from_json(view.to_json().as_bytes()),
+        Err(MeasurementsError::ClusterIdPcrNotEnforced {
+            found: ClusterIdPcrState::Missing
+        })
+    ));
 }
 
 #[test]
