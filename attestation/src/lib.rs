@@ -9,6 +9,7 @@ pub mod atls;
 pub mod clock;
 pub mod cluster;
 pub mod measurements;
+pub mod pcr;
 pub mod refusal;
 pub mod signed_measurements;
 pub mod snp;
@@ -20,4 +21,7 @@ pub mod variant;
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use refusal::{PcrMismatch, Refusal, RefusalCheck};
 pub use measurements::{Measurement, MeasurementMismatch, Measurements, PolicyOutcome};
-pub use variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
+pub use variant::{
+    issuer_for, validator_for, IssueError, Issuer, ValidationError, Validator, ValidatorPolicy,
+    Variant, Verdict,
+};

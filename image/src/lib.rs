@@ -21,12 +21,13 @@ use std::path::{Path, PathBuf};
 use constellation_attestation::measurements::{
     pcr_extend, sha256, Digest, Measurement, Measurements, CLUSTER_ID_PCR,
 };
+use constellation_attestation::pcr;
 use serde::{Deserialize, Serialize};
 
-/// PCR extended with the bootstrapper binary's digest.
-pub const PCR_BOOTSTRAPPER: u32 = 4;
-/// PCR extended with the image manifest's digest.
-pub const PCR_MANIFEST: u32 = 9;
+/// PCR extended with the bootstrapper binary's digest (the boot application's PCR).
+pub const PCR_BOOTSTRAPPER: u32 = pcr::BOOT_APP;
+/// PCR extended with the image manifest's digest (the kernel configuration's PCR).
+pub const PCR_MANIFEST: u32 = pcr::KERNEL_CONFIG;
 
 /// File names inside a local image folder.
 pub const BOOTSTRAPPER_FILE: &str = "constellation-bootstrapper";

@@ -14,6 +14,11 @@ use std::path::{Path, PathBuf};
 use constellation_attestation::measurements::{
     pcr_extend, sha256, Digest, Measurement, Measurements, CLUSTER_ID_PCR,
 };
+// Which PCR carries what is the attestation crate's PCR layout, named here for this chain.
+use constellation_attestation::pcr::{
+    BOOT_APP as PCR_BOOT_APP, BOOT_LOADER_CMDLINE as PCR_UNUSED, FIRMWARE as FIRMWARE_PCRS,
+    KERNEL_CONFIG as PCR_KERNEL_CONFIG,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::cpio::{Archive, CpioError, EntryKind};
@@ -380,14 +385,6 @@ const KNOWN_FIRMWARE: &[KnownFirmware] = &[KnownFirmware {
     ram_mib: 1024,
     events: include!("ovmf_2022_11_6_deb12u2_1024mib.events"),
 }];
-
-/// PCRs whose value depends on the firmware build only.
-const FIRMWARE_PCRS: [u32; 7] = [0, 1, 2, 3, 5, 6, 7];
-/// Nothing in this boot chain measures into PCR 8 (no GRUB); a non-zero value means
-/// something unexpected ran.
-const PCR_UNUSED: u32 = 8;
-const PCR_BOOT_APP: u32 = 4;
-const PCR_KERNEL_CONFIG: u32 = 9;
 
 fn separator() -> Digest {
     sha256(&[0u8; 4])

@@ -1,15 +1,15 @@
 //! Data source `constellation_attestation`: the attestation defaults of one variant, as this
 //! provider and its node images apply them, for use in `constellation_cluster.attestation`.
 //!
-//! Nothing is fetched: every value comes from constants of this code base (the image crate's
-//! measured PCRs, the bootstrapper's quoted PCRs, the variants' validators). With `image` (a
+//! Nothing is fetched: every value comes from the attestation crate (the PCR layout in
+//! `constellation_attestation::pcr`, each variant's facts in `Variant::facts`). With `image` (a
 //! local image folder, qemu-vtpm only) it also returns that image's expected measurements.
 
 use std::path::Path;
 
-use constellation_attestation::measurements::CLUSTER_ID_PCR;
-use constellation_attestation::Variant;
-use constellation_image::{LocalImage, PCR_BOOTSTRAPPER, PCR_MANIFEST};
+use constellation_attestation::variant::AkTrust;
+use constellation_attestation::{pcr, Variant};
+use constellation_image::LocalImage;
 
 use crate::decode::Decoder;
 use crate::diag::{AttrPath, Diagnostics};
@@ -17,58 +17,6 @@ use crate::image::{measurements_to_value, measurements_type};
 use crate::resource::DataSource;
 use crate::schema::{Attribute, Block, Type};
 use crate::value::Value;
-
-/// PCRs every node quotes (the bootstrapper's `QUOTED_PCRS`, services/bootstrapper/src/node.rs).
-pub const QUOTED_PCRS: std::ops::RangeInclusive<u32> = 0..=15;
-
-/// PCRs a Constellation image carries enforced measurements for: the bootstrapper binary,
-/// the image manifest and the cluster ID (zero until the node is initialized or joins).
-pub const ENFORCED_PCRS: [u32; 3] = [PCR_BOOTSTRAPPER, PCR_MANIFEST, CLUSTER_ID_PCR];
-
-/// The defaults of one variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VariantDefaults {
-    /// The evidence contains an AMD SEV-SNP attestation report.
-    pub sev_snp: bool,
-    /// This provider build has a validator for the variant.
-    pub verifier_available: bool,
-    /// The AK is trusted because it was pinned at provisioning (qemu-vtpm), not because
-    /// hardware vouches for it. `None` when there is no validator to say.
-    pub ak_pinned: Option<bool>,
-    /// Default minimum TCB (bootloader, tee, snp, microcode) for SEV-SNP variants: no
-    /// minimum beyond an authentic report (`SnpPolicy::default()`), i.e. all zero.
-    pub minimum_tcb: Option<[u8; 4]>,
-}
-
-pub fn defaults(variant: Variant) -> VariantDefaults {
-    let snp_tcb = Some([0; 4]);
-    match variant {
-        Variant::QemuVtpm => VariantDefaults {
-            sev_snp: false,
-            verifier_available: true,
-            ak_pinned: Some(true),
-            minimum_tcb: None,
-        },
-        Variant::AzureSevSnp | Variant::AwsSevSnp => VariantDefaults {
-            sev_snp: true,
-            verifier_available: true,
-            ak_pinned: Some(false),
-            minimum_tcb: snp_tcb,
-        },
-        Variant::GcpSevSnp => VariantDefaults {
-            sev_snp: true,
-            verifier_available: false,
-            ak_pinned: None,
-            minimum_tcb: snp_tcb,
-        },
-        Variant::GcpSevEs => VariantDefaults {
-            sev_snp: false,
-            verifier_available: false,
-            ak_pinned: None,
-            minimum_tcb: None,
-        },
-    }
-}
 
 const TCB_ATTRIBUTES: [&str; 4] = [
     "bootloader_version",
@@ -232,26 +180,28 @@ impl DataSource for AttestationDataSource {
                 measurements_to_value(&image.measurements)
             }
         };
-        let defaults = defaults(variant);
+        let facts = variant.facts();
         let mut state = Value::object([
             ("variant", Value::string(variant.as_str())),
             ("image", config.get("image").clone()),
             ("measurements", measurements),
-            ("quoted_pcrs", pcr_list(QUOTED_PCRS)),
-            ("enforced_pcrs", pcr_list(ENFORCED_PCRS)),
+            ("quoted_pcrs", pcr_list(facts.quoted_pcrs.clone())),
+            ("enforced_pcrs", pcr_list(pcr::ENFORCED)),
             (
                 "ak_pinned",
-                defaults.ak_pinned.map_or(Value::Null, Value::Bool),
+                facts
+                    .ak_trust
+                    .map_or(Value::Null, |t| Value::Bool(t == AkTrust::Pinned)),
             ),
-            ("sev_snp", Value::Bool(defaults.sev_snp)),
+            ("sev_snp", Value::Bool(facts.sev_snp)),
             (
                 "verifier_available",
-                Value::Bool(defaults.verifier_available),
+                Value::Bool(facts.validator_available()),
             ),
         ]);
         for (i, name) in TCB_ATTRIBUTES.into_iter().enumerate() {
-            let v = defaults
-                .minimum_tcb
+            let v = facts
+                .default_minimum_tcb
                 .map_or(Value::Null, |t| Value::Number(f64::from(t[i])));
             state.set(name, v);
         }
@@ -291,6 +241,7 @@ mod tests {
         assert_eq!(q.get("sev_snp"), &Value::Bool(false));
         assert!(q.get("microcode_version").is_null());
         assert_eq!(q.get("enforced_pcrs"), &pcr_list([4, 9, 15]));
+        assert_eq!(q.get("quoted_pcrs"), &pcr_list(0..=15));
         let a = ds.read(&config("aws-sev-snp", Value::Null)).unwrap();
         assert_eq!(a.get("ak_pinned"), &Value::Bool(false));
         assert_eq!(a.get("bootloader_version"), &Value::Number(0.0));

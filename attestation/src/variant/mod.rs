@@ -1,10 +1,18 @@
 //! Attestation variants: one module per variant, each with its issuer (node side) and its
-//! validator (verifier side), selected by [`Variant`] with stable string names.
+//! validator (verifier side), selected by [`Variant`] with stable string names. Callers get
+//! them from [`factory`] ([`validator_for`], [`issuer_for`]), which also holds each variant's
+//! facts ([`Variant::facts`]).
 
 pub mod aws_sev_snp;
 pub mod azure_sev_snp;
+pub mod factory;
 pub mod qemu_vtpm;
 pub mod snp_vtpm;
+
+pub use factory::{
+    issuer_for, validator_for, AkAnchor, AkTrust, FactoryError, SnpSettings, ValidatorPolicy,
+    VariantFacts, VariantIssuer,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -111,6 +119,9 @@ pub enum ValidationError {
     Measurements(#[from] MeasurementsError),
     #[error("evidence binding mismatch: expected {expected}, found {found}")]
     BindingMismatch { expected: String, found: String },
+    /// The configured policy yields no validator (unknown anchor for the variant, ...).
+    #[error("attestation policy: {0}")]
+    Policy(#[from] FactoryError),
 }
 
 impl From<crate::snp::SourcedReportError> for ValidationError {

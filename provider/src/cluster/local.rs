@@ -15,8 +15,7 @@ use constellation_attestation::atls::{self, AtlsError, ClientConfig};
 use constellation_attestation::cluster::verify_cluster;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::tpm::AkPublicKey;
-use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
-use constellation_attestation::{Measurements, Variant};
+use constellation_attestation::{validator_for, Measurements, ValidatorPolicy, Variant};
 use constellation_common::metadata::{ports, Role};
 use constellation_common::secret::SecretBytes;
 use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord, PlatformError};
@@ -126,8 +125,10 @@ async fn check_node(
     let ak = pinned_ak(node).map_err(|e| e.to_string())?;
     let mut m = measurements.clone();
     m.0.remove(&CLUSTER_ID_PCR);
-    let validator = QemuVtpmValidator::new(vec![ak], m);
-    verify_cluster(&node.endpoint(ports::VERIFY), &validator, Some(cluster_id))
+    // The local platform's nodes attest with qemu-vtpm (`check_variant`).
+    let validator = validator_for(Variant::QemuVtpm, ValidatorPolicy::pinned(vec![ak], m))
+        .map_err(|e| e.to_string())?;
+    verify_cluster(&node.endpoint(ports::VERIFY), &*validator, Some(cluster_id))
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -328,12 +329,18 @@ async fn initialize(
     init_secret: &SecretBytes,
     progress: &dyn Progress,
 ) -> Result<ClusterOutputs, ClusterError> {
-    let validator = QemuVtpmValidator::new(vec![pinned_ak(node)?], spec.image.measurements.clone());
+    let policy = ValidatorPolicy::pinned(vec![pinned_ak(node)?], spec.image.measurements.clone());
+    let validator = validator_for(spec.attestation.variant, policy).map_err(|e| {
+        ClusterError::Attestation {
+            node: node.name.clone(),
+            reason: e.to_string(),
+        }
+    })?;
     let attestation = |e: AtlsError| ClusterError::Attestation {
         node: node.name.clone(),
         reason: e.to_string(),
     };
-    let config = ClientConfig::server_only(Arc::new(validator)).map_err(attestation)?;
+    let config = ClientConfig::server_only(validator).map_err(attestation)?;
     let endpoint = node.endpoint(ports::BOOTSTRAPPER);
     let (channel, _verdict) = atls::channel(&endpoint, config)
         .await

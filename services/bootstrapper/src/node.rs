@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use constellation_attestation::atls;
 use constellation_attestation::measurements::{sha256, CLUSTER_ID_PCR};
-use constellation_attestation::tpm::{AkKind, Tpm};
-use constellation_attestation::variant::qemu_vtpm::QemuVtpmIssuer;
-use constellation_attestation::{Clock, SystemClock};
+use constellation_attestation::variant::{issuer_for, VariantIssuer};
+use constellation_attestation::{Clock, SystemClock, Variant};
 use constellation_common::metadata::{ports, FileMetadata, Metadata, Role, TcpMetadata};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::pki::{write_pki_files, ClusterPki, PkiFile};
@@ -34,8 +33,6 @@ use crate::recover::RecoverServer;
 use crate::state::{ControlPlaneRecord, NodeState, Phase};
 use crate::statedisk::{self, KdfSettings, OpenedVolume, StateDiskError};
 
-/// The PCRs every quote of this node covers.
-pub const QUOTED_PCRS: std::ops::RangeInclusive<u32> = 0..=15;
 /// Longest pause between two join attempts.
 pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause after the first failed join attempt, before jitter; doubles per attempt up to
@@ -64,7 +61,7 @@ pub struct NodeContext {
     pub metadata: Arc<dyn Metadata>,
     /// Which node each state disk belongs to, shared by the cluster's control planes.
     pub disk_bindings: Arc<dyn DiskBindings>,
-    pub issuer: Arc<QemuVtpmIssuer>,
+    pub issuer: Arc<VariantIssuer>,
     pub clock: Arc<dyn Clock>,
     /// The lifecycle phase; Init holds this lock while it runs (exactly-once).
     pub phase: Arc<Mutex<NodeState>>,
@@ -234,12 +231,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         None => Arc::new(FileMetadata::new(&cfg.metadata_path, &cfg.name)),
     };
     let me = metadata.self_info()?;
-    let tpm = Tpm::open(&cfg.tcti)?;
-    let issuer = Arc::new(QemuVtpmIssuer::new(
-        tpm,
-        AkKind::EcdsaP256,
-        QUOTED_PCRS.collect(),
-    )?);
+    // The cluster's variant decides what the node issues (and which PCRs it quotes).
+    let variant: Variant = metadata.cluster()?.attestation_variant.parse()?;
+    let issuer = Arc::new(issuer_for(variant, &cfg.tcti)?);
     let state_dir = cfg.node_dir.join("state");
     std::fs::create_dir_all(&state_dir)?;
     // In the cluster folder next to the metadata: every control plane of the host shares it.
@@ -328,7 +322,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 /// platform takes its answer as "the node is up" (a control plane then already serves Init).
 fn start_verification_service(
     me: &constellation_common::metadata::NodeInfo,
-    issuer: Arc<QemuVtpmIssuer>,
+    issuer: Arc<VariantIssuer>,
 ) {
     let verify_addr = SocketAddr::new(me.ip, ports::VERIFY);
     let verify_issuer: Arc<dyn constellation_attestation::Issuer> = issuer;

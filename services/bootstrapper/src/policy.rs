@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use constellation_attestation::measurements::{Digest, Measurements};
 use constellation_attestation::tpm::AkPublicKey;
-use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
-use constellation_attestation::{ValidationError, Validator, Variant, Verdict};
+use constellation_attestation::{
+    validator_for, ValidationError, Validator, ValidatorPolicy, Variant, Verdict,
+};
 use constellation_common::metadata::{ClusterMetadata, Metadata, Role};
 
 /// Which peers a validator accepts.
@@ -46,7 +47,7 @@ impl ClusterValidator {
             .map(|n| n.name.clone())
     }
 
-    fn current(&self) -> Result<QemuVtpmValidator, ValidationError> {
+    fn current(&self) -> Result<Arc<dyn Validator>, ValidationError> {
         let cluster = self
             .metadata
             .cluster()
@@ -55,11 +56,21 @@ impl ClusterValidator {
     }
 }
 
-/// The validator a scope implies for the given metadata.
+/// The cluster's attestation variant, as the metadata names it.
+fn variant_of(cluster: &ClusterMetadata) -> Result<Variant, ValidationError> {
+    cluster
+        .attestation_variant
+        .parse()
+        .map_err(|e| ValidationError::Malformed(format!("cluster metadata: {e}")))
+}
+
+/// The validator a scope implies for the given metadata: the metadata's variant, the nodes'
+/// pinned keys as its anchor.
 pub fn policy_for(
     cluster: &ClusterMetadata,
     scope: Scope,
-) -> Result<QemuVtpmValidator, ValidationError> {
+) -> Result<Arc<dyn Validator>, ValidationError> {
+    let variant = variant_of(cluster)?;
     let measurements = Measurements::from_json(cluster.measurements_json.as_bytes())?;
     let measurements = match scope {
         Scope::FreshNode => measurements,
@@ -73,12 +84,20 @@ pub fn policy_for(
         .filter_map(|n| hex::decode(&n.ak_spki_hex).ok())
         .filter_map(|der| AkPublicKey::from_spki_der(&der).ok())
         .collect();
-    Ok(QemuVtpmValidator::new(pinned, measurements))
+    Ok(validator_for(
+        variant,
+        ValidatorPolicy::pinned(pinned, measurements),
+    )?)
 }
 
 impl Validator for ClusterValidator {
     fn variant(&self) -> Variant {
-        Variant::QemuVtpm
+        // Unreadable metadata validates nothing (`current` fails); qemu-vtpm is only the label.
+        self.metadata
+            .cluster()
+            .ok()
+            .and_then(|c| variant_of(&c).ok())
+            .unwrap_or(Variant::QemuVtpm)
     }
 
     fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use constellation_attestation::cluster::{verify_cluster, VerifyError};
 use constellation_attestation::measurements::Measurements;
 use constellation_attestation::tpm::AkPublicKey;
-use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
+use constellation_attestation::{validator_for, ValidatorPolicy, Variant};
 
 use crate::verdict::{report, Check};
 
@@ -21,6 +21,10 @@ pub struct VerifyArgs {
     /// Expected measurements, JSON `{"<index>": {"expected": "<hex>", "warnOnly": bool}}`.
     #[arg(long)]
     measurements: PathBuf,
+    /// The node's attestation variant (the local platform's nodes use qemu-vtpm); its
+    /// attestation key is trusted because it is pinned with --ak-pub.
+    #[arg(long, default_value = "qemu-vtpm")]
+    variant: Variant,
     /// The node's pinned attestation key (PEM public key); repeat for several nodes.
     #[arg(long = "ak-pub", required = true)]
     ak_pub: Vec<PathBuf>,
@@ -49,13 +53,13 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         .map(hex::decode)
         .transpose()
         .context("--cluster-id is not hex")?;
-    let validator = QemuVtpmValidator::new(aks, measurements);
+    let validator = validator_for(a.variant, ValidatorPolicy::pinned(aks, measurements))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let result = runtime.block_on(verify_cluster(
         &a.endpoint,
-        &validator,
+        &*validator,
         cluster_id.as_deref(),
     ));
     let mut checks = Vec::new();

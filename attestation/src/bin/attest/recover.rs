@@ -4,13 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use constellation_attestation::atls::{self, AtlsError, ClientConfig};
 use constellation_attestation::measurements::Measurements;
 use constellation_attestation::tpm::AkPublicKey;
-use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
+use constellation_attestation::{validator_for, ValidatorPolicy, Variant};
 use constellation_proto::recover::recover_service_client::RecoverServiceClient;
 use constellation_proto::recover::RecoverRequest;
 use constellation_proto::PROTOCOL_VERSION;
@@ -26,6 +25,10 @@ pub struct RecoverArgs {
     /// A waiting node is not bound yet, so PCR 15 is checked as given (zero for an image).
     #[arg(long)]
     measurements: PathBuf,
+    /// The node's attestation variant (the local platform's nodes use qemu-vtpm); its
+    /// attestation key is trusted because it is pinned with --ak-pub.
+    #[arg(long, default_value = "qemu-vtpm")]
+    variant: Variant,
     /// The node's pinned attestation key (PEM public key).
     #[arg(long = "ak-pub")]
     ak_pub: PathBuf,
@@ -62,8 +65,8 @@ pub fn recover(a: RecoverArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("AK public key {}", a.ak_pub.display()))?;
     let master_secret = read_secret(&a.master_secret_file)?;
     let master_salt = read_secret(&a.salt_file)?;
-    let config =
-        ClientConfig::server_only(Arc::new(QemuVtpmValidator::new(vec![ak], measurements)))?;
+    let validator = validator_for(a.variant, ValidatorPolicy::pinned(vec![ak], measurements))?;
+    let config = ClientConfig::server_only(validator)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
