@@ -255,6 +255,12 @@ impl QemuCloud {
         Ok(name)
     }
 
+    /// Adds `count` node records of `role` (not started); boot them with
+    /// [`QemuCloud::boot_many`] (several at once boot concurrently).
+    pub fn add_nodes(&mut self, role: Role, count: usize) -> Result<Vec<String>, PlatformError> {
+        (0..count).map(|_| self.add_node(role)).collect()
+    }
+
     fn entry(&self, name: &str) -> Result<QemuNode, PlatformError> {
         self.state
             .nodes
@@ -501,9 +507,7 @@ pub fn last_console_status(console: &str) -> Option<NodeStatus> {
 
 impl Cloud for QemuCloud {
     fn create_nodes(&mut self, role: Role, count: usize) -> Result<Vec<NodeRecord>, PlatformError> {
-        let names = (0..count)
-            .map(|_| self.add_node(role))
-            .collect::<Result<Vec<_>, _>>()?;
+        let names = self.add_nodes(role, count)?;
         self.boot_many(&names).into_iter().collect()
     }
 
