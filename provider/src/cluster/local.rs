@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use constellation_attestation::atls::{self, AtlsError, ClientConfig};
-use constellation_attestation::cluster::verify_cluster;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::tpm::AkPublicKey;
+use constellation_attest::verify_cluster;
 use constellation_attestation::{validator_for, Measurements, ValidatorPolicy, Variant};
 use constellation_common::metadata::{ports, Role};
 use constellation_common::secret::SecretBytes;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use constellation_attestation::atls::{self, AtlsError};
-use constellation_attestation::cluster::{verify_cluster, VerifyError};
+use constellation_attest::{verify_cluster, VerifyError};
 use constellation_attestation::measurements::{Digest, Measurement, Measurements, CLUSTER_ID_PCR};
 use constellation_attestation::tpm::QuoteError;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;

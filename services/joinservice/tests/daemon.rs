@@ -165,6 +165,10 @@ impl Fixture {
     }
 
     fn start(&self) -> (Daemon, SocketAddr, SocketAddr) {
+        self.start_polling_every("100")
+    }
+
+    fn start_polling_every(&self, reload_interval_ms: &str) -> (Daemon, SocketAddr, SocketAddr) {
         let (listen, health) = (free_addr(), free_addr());
         let args: Vec<String> = vec![
             "--listen".into(),
@@ -194,7 +198,7 @@ impl Fixture {
             "--disk-bindings-dir".into(),
             self.dir.path().join("disk-bindings").display().to_string(),
             "--reload-interval-ms".into(),
-            "100".into(),
+            reload_interval_ms.into(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         (Daemon::start(BIN, &args), listen, health)
@@ -425,6 +429,34 @@ async fn hot_reload_of_measurements_and_node_directory() {
         "{out}"
     );
     f.assert_no_secret(&daemon.output_bytes());
+}
+
+/// SIGHUP reloads at once, without waiting for the next poll (here a minute away).
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_policy_at_once() {
+    let f = Fixture::new().await;
+    f.write_state();
+    f.write_measurements(false);
+    f.write_nodes(true);
+    let (daemon, listen, health) = f.start_polling_every("60000");
+    daemon
+        .wait_status(health, "/readyz", 200, Duration::from_secs(20))
+        .await;
+    f.join(listen)
+        .await
+        .expect_err("PCR 4 differs from the measurements");
+    f.write_measurements(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.join(listen)
+        .await
+        .expect_err("no poll within a minute: still the old measurements");
+    daemon.signal(Signal::SIGHUP);
+    let ticket = f
+        .join_until(listen, true)
+        .await
+        .expect("admitted after SIGHUP");
+    f.assert_disk_key(&ticket);
+    assert!(daemon.output().contains("sighup"), "{}", daemon.output());
 }
 
 #[tokio::test(flavor = "multi_thread")]
