@@ -1,0 +1,41 @@
+//! Attested TLS (aTLS): a TLS 1.3 channel (rustls, aws-lc-rs provider) whose first exchange
+//! carries attestation evidence bound to a fresh nonce from the verifier **and** to this TLS
+//! session.
+//!
+//! The certificates are ephemeral and self-signed; the peer's identity comes only from the
+//! evidence. Right after the handshake both ends compute the RFC 5705/8446 exporter value for
+//! the session. The attester's evidence binds
+//! `SHA-256("constellation-atls-v1" || role || verifier nonce || exporter)`, so:
+//! - replayed evidence fails (it binds an old nonce: [`AtlsError::StaleNonce`]);
+//! - a relay fails: an attacker terminating TLS and forwarding a genuine node's evidence from
+//!   its own session to that node presents evidence bound to *that* session's exporter
+//!   ([`AtlsError::SessionMismatch`]);
+//! - wrong measurements fail in the validator ([`AtlsError::Rejected`]).
+//!
+//! Exchange after the handshake (frames are a u32 big-endian length then a JSON body):
+//! ```text
+//! server-only:  C -> S  Challenge{nonce_c}
+//!               S -> C  Evidence{bound to nonce_c}            (client validates)
+//! mutual:       C -> S  Challenge{nonce_c}
+//!               S -> C  Evidence{bound to nonce_c} + nonce_s  (client validates)
+//!               C -> S  Evidence{bound to nonce_s}            (server validates)
+//! ```
+//! Only when the peer's evidence is accepted is the stream handed to the application (gRPC),
+//! so no secret is ever sent to an unattested peer.
+//!
+//! The module's parts, one job each:
+//! - `protocol`: the exchange messages, their framing and the evidence binding;
+//! - `verifiers`: the rustls pieces for ephemeral certificates (provider, identity, verifiers);
+//! - `config`: [`ServerConfig`] / [`ClientConfig`], which run the handshake and the exchange;
+//! - `transport`: the accept loop, the server stream for tonic, the connector and [`channel`].
+
+mod config;
+mod error;
+mod protocol;
+mod transport;
+mod verifiers;
+
+pub use config::{ClientConfig, ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT};
+pub use error::AtlsError;
+pub use protocol::{binding, MAX_FRAME};
+pub use transport::{channel, connect, incoming, ConnectInfo, Connector, ServerStream};

@@ -1,0 +1,207 @@
+//! Moving attested connections: the server's accept loop and stream for tonic, and the client's
+//! dialer, tower connector and channel.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{AtlsError, ClientConfig, ServerConfig};
+use crate::variant::Verdict;
+
+/// What a server learns about an accepted connection; available to gRPC handlers as a request
+/// extension (`request.extensions().get::<ConnectInfo>()`).
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    pub remote_addr: Option<SocketAddr>,
+    /// The client's accepted attestation (mutual mode only).
+    pub peer: Option<Verdict>,
+}
+
+/// An accepted, attested server-side connection, ready for tonic.
+pub struct ServerStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: ConnectInfo,
+}
+
+impl fmt::Debug for ServerStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("atls::ServerStream")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl tonic::transport::server::Connected for ServerStream {
+    type ConnectInfo = ConnectInfo;
+    fn connect_info(&self) -> ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts connections on `listener`, runs each handshake concurrently, and yields only the
+/// attested ones (failures are logged with their reason and dropped). Feed the stream to
+/// `tonic::transport::Server::serve_with_incoming`.
+pub fn incoming(
+    listener: TcpListener,
+    config: ServerConfig,
+) -> tokio_stream::wrappers::ReceiverStream<Result<ServerStream, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "aTLS accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let config = config.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match config.accept(tcp).await {
+                    Ok((inner, peer)) => {
+                        let info = ConnectInfo {
+                            remote_addr: Some(addr),
+                            peer,
+                        };
+                        let _ = tx.send(Ok(ServerStream { inner, info })).await;
+                    }
+                    Err(e) => tracing::warn!(peer = %addr, error = %e, "aTLS connection refused"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A tower connector for `tonic::transport::Endpoint::connect_with_connector`: dials TCP, runs
+/// aTLS, and records the server's verdict in [`Connector::last_verdict`]. A connection that was
+/// already attested (see [`channel`]) is used first, so its typed errors reach the caller.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    config: ClientConfig,
+    last_verdict: Arc<Mutex<Option<Verdict>>>,
+    preconnected: Arc<Mutex<Option<ClientTls>>>,
+}
+
+impl Connector {
+    pub fn new(config: ClientConfig) -> Self {
+        Self {
+            config,
+            last_verdict: Arc::new(Mutex::new(None)),
+            preconnected: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The verdict on the most recently attested server.
+    pub fn last_verdict(&self) -> Option<Verdict> {
+        self.last_verdict.lock().ok().and_then(|v| v.clone())
+    }
+}
+
+/// Dials `addr` ("host:port") and runs the aTLS handshake.
+pub async fn connect(addr: &str, config: &ClientConfig) -> Result<(ClientTls, Verdict), AtlsError> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    config.connect(tcp).await
+}
+
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = Result<hyper_util::rt::TokioIo<ClientTls>, AtlsError>> + Send>>;
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<ClientTls>;
+    type Error = AtlsError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let config = self.config.clone();
+        let slot = self.last_verdict.clone();
+        let pre = self.preconnected.lock().ok().and_then(|mut p| p.take());
+        Box::pin(async move {
+            if let Some(tls) = pre {
+                return Ok(hyper_util::rt::TokioIo::new(tls));
+            }
+            let host = uri
+                .host()
+                .ok_or_else(|| AtlsError::Protocol(format!("URI {uri} has no host")))?;
+            let port = uri
+                .port_u16()
+                .ok_or_else(|| AtlsError::Protocol(format!("URI {uri} has no port")))?;
+            let addr = format!("{host}:{port}");
+            let (tls, verdict) = connect(&addr, &config).await?;
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(verdict);
+            }
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
+/// Dials `addr` ("host:port") over aTLS and returns a tonic channel plus the server's verdict.
+/// The first connection is attested here, so a refusal comes back as its typed [`AtlsError`];
+/// reconnects attest again.
+pub async fn channel(
+    addr: &str,
+    config: ClientConfig,
+) -> Result<(tonic::transport::Channel, Verdict), AtlsError> {
+    let (tls, verdict) = connect(addr, &config).await?;
+    let connector = Connector::new(config);
+    if let Ok(mut s) = connector.last_verdict.lock() {
+        *s = Some(verdict.clone());
+    }
+    if let Ok(mut p) = connector.preconnected.lock() {
+        *p = Some(tls);
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| AtlsError::Protocol(format!("bad address {addr:?}: {e}")))?
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| AtlsError::Io(io::Error::other(format!("gRPC connection to {addr}: {e}"))))?;
+    Ok((channel, verdict))
+}
