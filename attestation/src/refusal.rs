@@ -31,7 +31,7 @@ impl From<&ValidationError> for Refusal {
                     message: e.to_string(),
                 }
             }
-            ValidationError::Measurements(_) => RefusalCheck::Policy,
+            ValidationError::Measurements(_) | ValidationError::Policy(_) => RefusalCheck::Policy,
         };
         Refusal::new(check, e)
     }

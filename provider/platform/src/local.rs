@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use constellation_attestation::tpm::{AkKind, Swtpm, SwtpmHandle, Tpm, TpmError};
+use constellation_common::node_status::NodeStatus;
 use constellation_common::metadata::{
     ports, ClusterMetadata, FileMetadata, MetadataError, NodeInfo, Role,
 };
@@ -126,6 +127,20 @@ impl NodeRecord {
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("bootstrapper.log")
+    }
+
+    /// The status the node's current bootstrapper reported (its phase, and why a join service
+    /// refused it); `None` before this boot's bootstrapper wrote one. A status left by an
+    /// earlier boot carries another pid and is ignored.
+    pub fn status(&self) -> Option<NodeStatus> {
+        match NodeStatus::read(&self.dir.join("state")) {
+            Ok(Some(status)) if status.pid == self.pid && self.pid != 0 => Some(status),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(node = %self.name, "unreadable node status: {e}");
+                None
+            }
+        }
     }
 
     fn info(&self) -> NodeInfo {

@@ -15,6 +15,7 @@ use constellation_common::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
 
 use super::model::*;
+use constellation_common::metadata::Role;
 
 pub const FAKE_DIR_ENV: &str = "CONSTELLATION_PROVIDER_FAKE_DIR";
 
@@ -283,9 +284,9 @@ impl ClusterBackend for FakeClusterBackend {
                 .map(|n| UnhealthyNode {
                     name: n.name.clone(),
                     role: if n.control_plane {
-                        NodeRole::ControlPlane
+                        Role::ControlPlane
                     } else {
-                        NodeRole::Worker
+                        Role::Worker
                     },
                     reason: "fake: marked unhealthy".into(),
                 })

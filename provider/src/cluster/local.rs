@@ -94,13 +94,6 @@ fn open_cloud(root: &Path) -> Result<Option<LocalCloud>, ClusterError> {
     }
 }
 
-fn role_of(role: Role) -> NodeRole {
-    match role {
-        Role::ControlPlane => NodeRole::ControlPlane,
-        Role::Worker => NodeRole::Worker,
-    }
-}
-
 /// The node's pinned attestation key from the platform record.
 fn pinned_ak(node: &NodeRecord) -> Result<AkPublicKey, ClusterError> {
     let bad = |reason: String| ClusterError::Node {
@@ -170,58 +163,59 @@ async fn check_nodes(
     out
 }
 
-/// Removes ANSI escape sequences (the node's log may be colored).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC '[' parameters final-byte (0x40..=0x7e).
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
+/// The refusal that stops waiting for `node` at once: a join service refused its
+/// measurements, which no retry fixes. Read from the node's own status report.
+fn measurements_refusal(node: &NodeRecord) -> Option<Refusal> {
+    match node.status()?.phase {
+        NodePhase::JoinRefused { refusal, .. } if refusal.check == RefusalCheck::Measurements => {
+            Some(refusal)
         }
+        _ => None,
     }
-    out
 }
 
-/// The reason the cluster's join service refused `node`, from the node's log, when it is a
-/// measurement mismatch (which no retry fixes). Only the current boot's lines count.
-fn join_refusal(node: &NodeRecord) -> Option<String> {
-    const FAILED: &str = "join attempt failed: ";
-    let log = std::fs::read_to_string(node.log_path()).ok()?;
-    let log = strip_ansi(&log);
-    let this_boot = log
-        .rfind("bootstrapper starting")
-        .map_or(log.as_str(), |i| &log[i..]);
-    let line = this_boot.lines().rev().find(|l| l.contains(FAILED))?;
-    let reason = &line[line.find(FAILED)? + FAILED.len()..];
-    reason.contains("PCR[").then(|| reason.trim().to_owned())
+/// The node reports (in its current boot) that it holds the cluster ID: attesting it is then
+/// worth the TPM quote. A hint only; [`wait_joined`] attests anyway now and then.
+fn reports_joined(node: &NodeRecord) -> bool {
+    node.status().is_some_and(|s| s.cluster_id().is_some())
 }
 
-/// The node's log says (in its current boot) that it holds the cluster ID: attesting it is
-/// then worth the TPM quote. A hint only; [`wait_joined`] attests anyway now and then.
-fn log_says_joined(node: &NodeRecord) -> bool {
-    let Ok(log) = std::fs::read_to_string(node.log_path()) else {
-        return false;
-    };
-    let this_boot = log
-        .rfind("bootstrapper starting")
-        .map_or(log.as_str(), |i| &log[i..]);
-    this_boot.contains("joined the cluster") || this_boot.contains("initialization complete")
+/// Why a node is still pending, from its status report.
+fn pending_reason(node: &NodeRecord) -> String {
+    match node.status().map(|s| s.phase) {
+        None => "its bootstrapper has not reported yet".into(),
+        Some(NodePhase::JoinRefused {
+            endpoint, refusal, ..
+        }) => format!("the join service at {endpoint} refused it: {refusal}"),
+        Some(phase) => format!("it reports {phase:?}"),
+    }
 }
 
-/// How often [`wait_joined`] attests a node whose log does not say it joined yet.
+/// The PCRs a refusal names, as a user reads them.
+fn describe_mismatches(refusal: &Refusal) -> String {
+    if refusal.mismatches.is_empty() {
+        return refusal.message.clone();
+    }
+    refusal
+        .mismatches
+        .iter()
+        .map(|m| {
+            format!(
+                "PCR[{}]: expected {}, found {}",
+                m.pcr,
+                m.expected,
+                m.found.as_deref().unwrap_or("nothing")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How often [`wait_joined`] attests a node that does not report it joined yet.
 const JOIN_ATTEST_ANYWAY: Duration = Duration::from_secs(3);
 
 /// First and longest pause between two rounds of join checks. A round mostly reads the
-/// pending nodes' logs (attesting only those that say they joined), so it is cheap; the
+/// pending nodes' status reports (attesting only those that say they joined), so it is cheap; the
 /// longest pause is what a join can wait to be noticed.
 const JOIN_POLL_FIRST: Duration = Duration::from_millis(20);
 const JOIN_POLL_MAX: Duration = Duration::from_millis(100);
@@ -241,8 +235,8 @@ async fn wait_joined(
     let mut last_attested = Instant::now();
     let mut first_round = true;
     loop {
-        // Attesting costs the node a TPM quote (and CPU its join needs): skip nodes whose log
-        // does not say they joined yet, except on the first round and every few seconds.
+        // Attesting costs the node a TPM quote (and CPU its join needs): skip nodes that do not
+        // report they joined yet, except on the first round and every few seconds.
         let attest_all = first_round || last_attested.elapsed() >= JOIN_ATTEST_ANYWAY;
         if attest_all {
             last_attested = Instant::now();
@@ -250,25 +244,27 @@ async fn wait_joined(
         first_round = false;
         let (ready, waiting): (Vec<NodeRecord>, Vec<NodeRecord>) = pending
             .into_iter()
-            .partition(|n| attest_all || log_says_joined(n));
+            .partition(|n| attest_all || reports_joined(n));
         let results = check_nodes(&ready, measurements, cluster_id).await;
         let mut still = Vec::new();
-        let mut last_reason = String::from("its log does not say it joined yet");
-        let waiting = waiting
-            .into_iter()
-            .map(|n| (n, Err(String::from("its log does not say it joined yet"))));
+        let mut last_reason = String::new();
+        let waiting = waiting.into_iter().map(|n| {
+            let reason = pending_reason(&n);
+            (n, Err(reason))
+        });
         for (node, result) in ready.into_iter().zip(results).chain(waiting) {
             match result {
                 Ok(()) => progress.step(&format!("node {} joined and attested", node.name)),
                 Err(reason) => {
-                    if let Some(refusal) = join_refusal(&node) {
+                    if let Some(refusal) = measurements_refusal(&node) {
                         return Err(ClusterError::Refused {
                             attribute: crate::diag::AttrPath::attr(&["image", "reference"]),
                             node: node.name.clone(),
                             reason: format!(
                                 "its image {} does not match the cluster's measurements \
-                                 (image.measurements): {refusal}",
-                                node.image_dir.display()
+                                 (image.measurements): {}",
+                                node.image_dir.display(),
+                                describe_mismatches(&refusal)
                             ),
                         });
                     }
@@ -319,9 +315,6 @@ fn pem_string(what: &str, bytes: Vec<u8>) -> Result<String, ClusterError> {
     String::from_utf8(bytes).map_err(|_| ClusterError::Init(format!("{what} is not UTF-8 PEM")))
 }
 
-/// Marks the Init error of a node that is initialized already (ALREADY_EXISTS).
-const ALREADY_INITIALIZED: &str = "the node is already initialized";
-
 /// Attests the first control plane against the image's measurements, then sends Init.
 async fn initialize(
     spec: &ClusterSpec,
@@ -367,11 +360,10 @@ async fn initialize(
     };
     let init_failed = |s: tonic::Status| {
         if s.code() == tonic::Code::AlreadyExists {
-            return ClusterError::Init(format!(
-                "node {}: {ALREADY_INITIALIZED}: {}",
-                node.name,
-                s.message()
-            ));
+            return ClusterError::AlreadyInitialized {
+                node: node.name.clone(),
+                message: s.message().to_owned(),
+            };
         }
         ClusterError::Init(format!(
             "node {}: {:?}: {}",
@@ -799,13 +791,13 @@ impl LocalBackend {
                 .init_and_journal(&spec, &nodes, &mut journal, &root, progress)
                 .await
             {
-                Err(ClusterError::Init(m)) if m.contains(ALREADY_INITIALIZED) => {
+                Err(e @ ClusterError::AlreadyInitialized { .. }) => {
                     // The provider stopped after the node accepted Init but before Init's
                     // outputs reached the journal: the admin credentials are gone for good.
                     let r = root.clone();
                     let removed = blocking(move || teardown(&r)).await.is_ok();
                     return Err(ClusterError::Init(format!(
-                        "{m}. The interrupted create of cluster {:?} initialized it, but the \
+                        "{e}. The interrupted create of cluster {:?} initialized it, but the \
                          provider stopped before it recorded Init's outputs (admin \
                          credentials) in {}; they cannot be recovered. {}",
                         spec.name,
@@ -1012,7 +1004,7 @@ impl ClusterBackend for LocalBackend {
                 if let Err(reason) = result {
                     unhealthy.push(UnhealthyNode {
                         name: node.name.clone(),
-                        role: role_of(node.role),
+                        role: node.role,
                         reason,
                     });
                 }
@@ -1026,7 +1018,7 @@ impl ClusterBackend for LocalBackend {
                 for i in have..want as usize {
                     unhealthy.push(UnhealthyNode {
                         name: format!("{}-{}-missing-{i}", state.spec.name, role.as_str()),
-                        role: role_of(role),
+                        role,
                         reason: "node is missing from the cluster folder".into(),
                     });
                 }
@@ -1342,30 +1334,69 @@ mod tests {
     }
 
     #[test]
-    fn a_join_refusal_is_read_from_the_current_boot_of_the_log() {
+    fn a_join_refusal_is_read_from_the_current_boot_status_as_data() {
+        use constellation_common::node_status::NodeStatus;
+        use constellation_common::refusal::PcrMismatch;
         let dir = tempfile::tempdir().unwrap();
         let mut node = record("c-worker-1", Role::Worker);
         node.dir = dir.path().to_owned();
-        let log = node.log_path();
-        let refused = "\u{1b}[33m WARN\u{1b}[0m join attempt failed: join service 1.2.3.4:30090: \
-                       attestation: PCR[4]: expected aa, found bb \u{1b}[3mattempt\u{1b}[0m=1";
-        std::fs::write(
-            &log,
-            format!("INFO bootstrapper starting\nWARN join attempt failed: connection refused\n{refused}\n"),
-        )
+        node.pid = std::process::id();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        let state = dir.path().join("state");
+        assert!(measurements_refusal(&node).is_none());
+        assert_eq!(
+            pending_reason(&node),
+            "its bootstrapper has not reported yet"
+        );
+        let refusal = Refusal {
+            check: RefusalCheck::Measurements,
+            mismatches: vec![PcrMismatch {
+                pcr: 4,
+                expected: "aa".into(),
+                found: Some("bb".into()),
+            }],
+            message: "1 enforced PCR(s) differ".into(),
+        };
+        NodeStatus::now(NodePhase::JoinRefused {
+            endpoint: "1.2.3.4:30090".into(),
+            attempts: 1,
+            refusal: refusal.clone(),
+        })
+        .write(&state)
         .unwrap();
-        let reason = join_refusal(&node).unwrap();
-        assert!(reason.contains("PCR[4]: expected aa, found bb"), "{reason}");
-        assert!(!reason.contains('\u{1b}'), "{reason}");
-        assert!(!log_says_joined(&node));
-        // A later boot that has not been refused (yet) shows no refusal.
-        let mut text = std::fs::read_to_string(&log).unwrap();
-        text.push_str("INFO bootstrapper starting\nWARN join attempt failed: connection refused\n");
-        std::fs::write(&log, &text).unwrap();
-        assert!(join_refusal(&node).is_none());
-        text.push_str("INFO joined the cluster\n");
-        std::fs::write(&log, &text).unwrap();
-        assert!(log_says_joined(&node));
+        assert_eq!(measurements_refusal(&node), Some(refusal.clone()));
+        assert_eq!(
+            describe_mismatches(&refusal),
+            "PCR[4]: expected aa, found bb"
+        );
+        assert!(!reports_joined(&node));
+        // A refusal of another kind does not stop the wait; a status from an earlier boot (other
+        // pid) counts for nothing.
+        NodeStatus::now(NodePhase::JoinRefused {
+            endpoint: "1.2.3.4:30090".into(),
+            attempts: 2,
+            refusal: Refusal::new(RefusalCheck::DiskBinding, "disk owned by c-worker-0"),
+        })
+        .write(&state)
+        .unwrap();
+        assert!(measurements_refusal(&node).is_none());
+        assert!(pending_reason(&node).contains("disk owned by c-worker-0"));
+        node.pid += 1;
+        NodeStatus::now(NodePhase::JoinRefused {
+            endpoint: "1.2.3.4:30090".into(),
+            attempts: 1,
+            refusal,
+        })
+        .write(&state)
+        .unwrap();
+        assert!(measurements_refusal(&node).is_none());
+        node.pid -= 1;
+        NodeStatus::now(NodePhase::Joined {
+            cluster_id: "ab".into(),
+        })
+        .write(&state)
+        .unwrap();
+        assert!(reports_joined(&node));
     }
 
     #[test]

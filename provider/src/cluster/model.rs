@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::str::FromStr;
 
 use constellation_attestation::{Measurements, Variant};
+use constellation_common::metadata::Role;
 use constellation_common::secret::SecretBytes;
 
 use crate::diag::{AttrPath, Diagnostic};
@@ -260,26 +261,11 @@ pub struct ClusterState {
     pub platform_state: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeRole {
-    ControlPlane,
-    Worker,
-}
-
-impl NodeRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeRole::ControlPlane => "control-plane",
-            NodeRole::Worker => "worker",
-        }
-    }
-}
-
 /// A node the backend found dead, unreachable or failing attestation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnhealthyNode {
     pub name: String,
-    pub role: NodeRole,
+    pub role: Role,
     pub reason: String,
 }
 
@@ -367,6 +353,11 @@ pub enum ClusterError {
     },
     #[error("cluster initialization failed: {0}")]
     Init(String),
+    /// Init reached a node that was initialized already (the node answered ALREADY_EXISTS).
+    #[error(
+        "cluster initialization failed: node {node}: the node is already initialized: {message}"
+    )]
+    AlreadyInitialized { node: String, message: String },
     #[error("platform state is unreadable: {0}")]
     PlatformState(String),
     #[error("import ID {id:?} is invalid: {reason}")]

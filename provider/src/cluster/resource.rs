@@ -16,6 +16,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use super::model::*;
+use constellation_common::metadata::Role;
 use crate::decode::Decoder;
 use crate::diag::{AttrPath, Diagnostic, Diagnostics};
 use crate::image::measurements_type;
@@ -904,11 +905,11 @@ impl Resource for ClusterResource {
                     let cp = prior
                         .spec
                         .control_plane_count
-                        .saturating_sub(count(NodeRole::ControlPlane));
+                        .saturating_sub(count(Role::ControlPlane));
                     let workers = prior
                         .spec
                         .worker_count
-                        .saturating_sub(count(NodeRole::Worker));
+                        .saturating_sub(count(Role::Worker));
                     v.set("control_plane_count", Value::Number(f64::from(cp)));
                     v.set("worker_count", Value::Number(f64::from(workers)));
                     v.set("host", Value::string(state.outputs.host.clone()));

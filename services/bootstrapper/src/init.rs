@@ -287,6 +287,12 @@ async fn initialize(
     state
         .save(&node.state_dir)
         .map_err(|e| Status::internal(e.to_string()))?;
+    crate::node::report(
+        node,
+        constellation_common::node_status::NodePhase::Initialized {
+            cluster_id: hex::encode(cluster_id),
+        },
+    );
     say("initialization complete".to_owned());
 
     let admin = material.admin.clone();

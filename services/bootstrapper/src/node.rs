@@ -11,12 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use constellation_attestation::atls;
+use constellation_attestation::atls::AtlsError;
 use constellation_attestation::measurements::{sha256, CLUSTER_ID_PCR};
+use constellation_attestation::refusal::{Refusal, RefusalCheck};
+use constellation_attestation::tpm::TpmError;
 use constellation_attestation::variant::{issuer_for, VariantIssuer};
 use constellation_attestation::{Clock, SystemClock, Variant};
-use constellation_common::metadata::{ports, FileMetadata, Metadata, Role, TcpMetadata};
+use constellation_common::metadata::{
+    ports, FileMetadata, Metadata, MetadataError, Role, TcpMetadata,
+};
+use constellation_common::node_status::{NodePhase, NodeStatus};
 use constellation_common::secret::SecretBytes;
-use constellation_joinservice::pki::{write_pki_files, ClusterPki, PkiFile};
+use constellation_joinservice::pki::{write_pki_files, ClusterPki, PkiError, PkiFile};
 use constellation_joinservice::ticket::JoinTicketConfig;
 use constellation_joinservice::{DiskBindings, FileDiskBindings};
 use constellation_proto::init::init_service_server::InitServiceServer;
@@ -30,7 +36,7 @@ use crate::init::InitServer;
 use crate::kubernetes::{KubernetesInstaller, NoneInstaller};
 use crate::policy::{ClusterValidator, Scope};
 use crate::recover::RecoverServer;
-use crate::state::{ControlPlaneRecord, NodeState, Phase};
+use crate::state::{ControlPlaneRecord, NodeState, Phase, StateError};
 use crate::statedisk::{self, KdfSettings, OpenedVolume, StateDiskError};
 
 /// Longest pause between two join attempts.
@@ -215,13 +221,88 @@ pub fn refused_retry_delay(random: u64) -> Duration {
     Duration::from_millis(50 + random % 51)
 }
 
-/// Whether a join attempt failed only because nothing listened on the join port.
-fn connection_refused(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-    })
+/// Why one join attempt failed. The join loop branches on it: a closed port is retried at
+/// once, a refusal is reported in the node's status as data ([`Refusal`]).
+#[derive(Debug, thiserror::Error)]
+pub enum JoinAttemptError {
+    #[error("node metadata: {0}")]
+    Metadata(#[from] MetadataError),
+    #[error("no control-plane node to join through yet")]
+    NoEndpoint,
+    #[error("state disk: {0}")]
+    StateDisk(#[from] StateDiskError),
+    #[error("kubelet CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+    #[error("join service {endpoint}: {source}")]
+    Atls {
+        endpoint: String,
+        #[source]
+        source: AtlsError,
+    },
+    #[error("join service {endpoint} refused the join: {code:?}: {message}")]
+    Refused {
+        endpoint: String,
+        code: tonic::Code,
+        message: String,
+        /// The structured reason, when the join service sent one.
+        refusal: Option<Refusal>,
+    },
+    #[error("join ticket carries a {found}-byte cluster ID, expected 32")]
+    TicketClusterIdLength { found: usize },
+    #[error("join ticket is for cluster {ticket} but this node belongs to cluster {mine}")]
+    OtherCluster { ticket: String, mine: String },
+    #[error("join ticket names an unknown PKI file {0:?}")]
+    UnknownPkiFile(String),
+    #[error("{0}")]
+    DiskKey(#[from] DiskKeyError),
+    #[error("TPM: {0}")]
+    Tpm(#[from] TpmError),
+    #[error("node state: {0}")]
+    State(#[from] StateError),
+    #[error("cluster PKI: {0}")]
+    Pki(#[from] PkiError),
+}
+
+impl JoinAttemptError {
+    /// Whether the attempt failed only because nothing listened on the join port.
+    fn connection_refused(&self) -> bool {
+        matches!(self, JoinAttemptError::Atls { source: AtlsError::Io(io), .. }
+            if io.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
+
+    /// The join service that refused this node and why, if one did.
+    pub fn refusal(&self) -> Option<(&str, Refusal)> {
+        match self {
+            JoinAttemptError::Atls {
+                endpoint,
+                source: source @ AtlsError::PeerRefused(_),
+            } => Some((endpoint, source.into())),
+            JoinAttemptError::Refused {
+                endpoint,
+                refusal: Some(refusal),
+                ..
+            } => Some((endpoint, refusal.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// The join service's structured refusal (status details) as the node reports it.
+fn refusal_of_status(status: &tonic::Status) -> Option<Refusal> {
+    use constellation_proto::join::join_refusal::Reason;
+    let reason = constellation_joinservice::ticket::refusal_of(status)?.reason?;
+    let check = match reason {
+        Reason::DiskOwnedByAnotherNode(_) => RefusalCheck::DiskBinding,
+        Reason::RoleMismatch(_) => RefusalCheck::Role,
+    };
+    Some(Refusal::new(check, status.message()))
+}
+
+/// Records the node's phase for the platform; a failure to write is logged, never fatal.
+pub(crate) fn report(node: &NodeContext, phase: NodePhase) {
+    if let Err(e) = NodeStatus::now(phase).write(&node.state_dir) {
+        tracing::warn!("cannot write the node status: {e}");
+    }
 }
 
 /// Runs the node until the process is stopped.
@@ -270,6 +351,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         node.installer.name()
     );
 
+    report(&node, NodePhase::Started);
+
     // The state disk exists from first boot on, keyed with a throwaway key until the node gets
     // its real disk key (Init derives it, a join ticket carries it).
     ensure_state_disk(&node)?;
@@ -302,6 +385,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                 }
             });
             tracing::info!(%addr, "waiting for {what} (aTLS) or a join service");
+            report(&node, NodePhase::WaitingForInit);
             serves_init_or_recover = true;
         }
     }
@@ -389,19 +473,32 @@ async fn join_loop(node: Arc<NodeContext>) -> anyhow::Result<()> {
                 tracing::info!("joined the cluster");
                 std::future::pending::<()>().await;
             }
-            Err(e) if connection_refused(&e) => {
-                tracing::debug!(attempt, "no join service listening yet: {e:#}");
+            Err(e) if e.connection_refused() => {
+                tracing::debug!(attempt, "no join service listening yet: {e}");
                 tokio::time::sleep(refused_retry_delay(rand::random())).await;
                 continue;
             }
-            Err(e) => tracing::warn!(attempt, "join attempt failed: {e:#}"),
+            Err(e) => {
+                tracing::warn!(attempt, "join attempt failed: {e}");
+                let phase = match e.refusal() {
+                    Some((endpoint, refusal)) => NodePhase::JoinRefused {
+                        endpoint: endpoint.to_owned(),
+                        attempts: attempt + 1,
+                        refusal,
+                    },
+                    None => NodePhase::Joining {
+                        attempts: attempt + 1,
+                    },
+                };
+                report(&node, phase);
+            }
         }
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(retry_delay(attempt, rand::random())).await;
     }
 }
 
-async fn join_once(node: &Arc<NodeContext>) -> anyhow::Result<()> {
+async fn join_once(node: &Arc<NodeContext>) -> Result<(), JoinAttemptError> {
     // Init or Recover may have happened meanwhile: this node then serves the control plane.
     if *node.binding.lock().await != Binding::Unbound {
         std::future::pending::<()>().await;
@@ -409,10 +506,9 @@ async fn join_once(node: &Arc<NodeContext>) -> anyhow::Result<()> {
     let cluster = node.metadata.cluster()?;
     let me = node.metadata.self_info()?;
     let endpoints = cluster.join_endpoints(&node.name);
-    anyhow::ensure!(
-        !endpoints.is_empty(),
-        "no control-plane node to join through yet"
-    );
+    if endpoints.is_empty() {
+        return Err(JoinAttemptError::NoEndpoint);
+    }
     let uuid = statedisk::uuid(&node.disk_path())?.to_string();
     let csr = kubelet_csr(&node.name, me.ip)?;
     let mut last = None;
@@ -427,14 +523,14 @@ async fn join_once(node: &Arc<NodeContext>) -> anyhow::Result<()> {
         .await
         {
             Ok(ticket) => return apply_ticket(node, ticket).await,
-            Err(e) => last = Some(e.context(format!("join service {endpoint}"))),
+            Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no join endpoint answered")))
+    Err(last.unwrap_or(JoinAttemptError::NoEndpoint))
 }
 
 /// A kubelet CSR (PEM) for this node: CN system:node:<name>, O system:nodes, SAN its name and IP.
-fn kubelet_csr(name: &str, ip: std::net::IpAddr) -> anyhow::Result<(String, rcgen::KeyPair)> {
+fn kubelet_csr(name: &str, ip: std::net::IpAddr) -> Result<(String, rcgen::KeyPair), rcgen::Error> {
     use rcgen::{CertificateParams, DnType, SanType};
     let key = rcgen::KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![name.to_owned()])?;
@@ -455,13 +551,17 @@ async fn request_ticket(
     disk_uuid: &str,
     csr_pem: &str,
     is_control_plane: bool,
-) -> anyhow::Result<IssueJoinTicketResponse> {
+) -> Result<IssueJoinTicketResponse, JoinAttemptError> {
     let validator = Arc::new(ClusterValidator::new(
         node.metadata.clone(),
         Scope::ControlPlaneMember,
     ));
-    let config = atls::ClientConfig::mutual(validator, node.issuer.clone())?;
-    let (channel, _verdict) = atls::channel(endpoint, config).await?;
+    let atls_error = |source| JoinAttemptError::Atls {
+        endpoint: endpoint.to_owned(),
+        source,
+    };
+    let config = atls::ClientConfig::mutual(validator, node.issuer.clone()).map_err(atls_error)?;
+    let (channel, _verdict) = atls::channel(endpoint, config).await.map_err(atls_error)?;
     let ticket = JoinServiceClient::new(channel)
         .issue_join_ticket(IssueJoinTicketRequest {
             version: PROTOCOL_VERSION,
@@ -471,7 +571,12 @@ async fn request_ticket(
             node_name: node.name.clone(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .map_err(|status| JoinAttemptError::Refused {
+            endpoint: endpoint.to_owned(),
+            code: status.code(),
+            message: status.message().to_owned(),
+            refusal: refusal_of_status(&status),
+        })?
         .into_inner();
     Ok(ticket)
 }
@@ -481,7 +586,7 @@ async fn request_ticket(
 async fn apply_ticket(
     node: &Arc<NodeContext>,
     ticket: IssueJoinTicketResponse,
-) -> anyhow::Result<()> {
+) -> Result<(), JoinAttemptError> {
     let mut phase = node.phase.lock().await;
     let mut binding = node.binding.lock().await;
     if *binding != Binding::Unbound {
@@ -489,17 +594,18 @@ async fn apply_ticket(
         return Ok(());
     }
     let cluster_id = ticket.cluster_id.clone();
-    anyhow::ensure!(
-        cluster_id.len() == 32,
-        "join ticket carries a {}-byte cluster ID",
-        cluster_id.len()
-    );
+    if cluster_id.len() != 32 {
+        return Err(JoinAttemptError::TicketClusterIdLength {
+            found: cluster_id.len(),
+        });
+    }
     if let Some(mine) = phase.cluster_id() {
-        anyhow::ensure!(
-            mine == hex::encode(&cluster_id),
-            "join ticket is for cluster {} but this node belongs to cluster {mine}",
-            hex::encode(&cluster_id)
-        );
+        if mine != hex::encode(&cluster_id) {
+            return Err(JoinAttemptError::OtherCluster {
+                ticket: hex::encode(&cluster_id),
+                mine: mine.to_owned(),
+            });
+        }
     }
     let opened = adopt_disk_key(node, &ticket.state_disk_key).await?;
     tracing::info!(
@@ -520,6 +626,12 @@ async fn apply_ticket(
         };
         phase.save(&node.state_dir)?;
     }
+    report(
+        node,
+        NodePhase::Joined {
+            cluster_id: hex::encode(&cluster_id),
+        },
+    );
     drop((binding, phase));
     if control_plane {
         // The node has joined either way; a join service that cannot start must not look like a
@@ -556,16 +668,15 @@ async fn serve_joins(
 fn remember_control_plane(
     node: &NodeContext,
     ticket: &IssueJoinTicketResponse,
-) -> anyhow::Result<()> {
+) -> Result<(), JoinAttemptError> {
     let files: Vec<PkiFile> = ticket
         .control_plane_files
         .iter()
         .map(|f| {
-            PkiFile::known(&f.name, f.content.clone()).ok_or_else(|| {
-                anyhow::anyhow!("join ticket names an unknown PKI file {:?}", f.name)
-            })
+            PkiFile::known(&f.name, f.content.clone())
+                .ok_or_else(|| JoinAttemptError::UnknownPkiFile(f.name.clone()))
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     write_pki_files(&node.state_dir.join("pki"), &files)?;
     ControlPlaneRecord {
         cluster_name: node.metadata.cluster()?.cluster_name,
@@ -590,18 +701,56 @@ mod tests {
                 "{d:?}"
             );
         }
-        let refused =
-            anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
-                .context("join service 10.0.0.1:30090");
-        assert!(connection_refused(&refused));
-        let refused_atls = anyhow::Error::new(atls::AtlsError::Io(std::io::Error::from(
+        let atls_failure = |source| JoinAttemptError::Atls {
+            endpoint: "10.0.0.1:30090".into(),
+            source,
+        };
+        let refused = atls_failure(atls::AtlsError::Io(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused,
         )));
-        assert!(connection_refused(&refused_atls));
-        let rejected = anyhow::anyhow!("attestation failed: PCR[4] differs");
-        assert!(!connection_refused(&rejected));
-        let reset = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert!(!connection_refused(&reset));
+        assert!(refused.connection_refused());
+        assert!(refused.refusal().is_none());
+        let reset = atls_failure(atls::AtlsError::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(!reset.connection_refused());
+        assert!(!JoinAttemptError::NoEndpoint.connection_refused());
+    }
+
+    #[test]
+    fn a_refusal_by_the_join_service_is_reported_as_data() {
+        let measurements = Refusal {
+            check: RefusalCheck::Measurements,
+            mismatches: vec![constellation_attestation::refusal::PcrMismatch {
+                pcr: 4,
+                expected: "aa".into(),
+                found: Some("bb".into()),
+            }],
+            message: "PCR[4] differs".into(),
+        };
+        let refused = JoinAttemptError::Atls {
+            endpoint: "10.0.0.1:30090".into(),
+            source: atls::AtlsError::PeerRefused(measurements.clone()),
+        };
+        assert!(!refused.connection_refused());
+        assert_eq!(refused.refusal(), Some(("10.0.0.1:30090", measurements)));
+        let disk = JoinAttemptError::Refused {
+            endpoint: "10.0.0.2:30090".into(),
+            code: tonic::Code::PermissionDenied,
+            message: "disk owned by another node".into(),
+            refusal: Some(Refusal::new(RefusalCheck::DiskBinding, "disk owned")),
+        };
+        assert_eq!(
+            disk.refusal().map(|(_, r)| r.check),
+            Some(RefusalCheck::DiskBinding)
+        );
+        let unstructured = JoinAttemptError::Refused {
+            endpoint: "10.0.0.2:30090".into(),
+            code: tonic::Code::Unavailable,
+            message: "try later".into(),
+            refusal: None,
+        };
+        assert!(unstructured.refusal().is_none());
     }
 
     #[test]

@@ -255,6 +255,12 @@ async fn recover(
         phase: phase.phase.clone(),
     }
     .save(&node.state_dir)?;
+    crate::node::report(
+        node,
+        constellation_common::node_status::NodePhase::Joined {
+            cluster_id: expected.to_string(),
+        },
+    );
     Ok(format!(
         "recovered cluster {expected}: state disk unlocked, PCR 15 bound, key service and join \
          service running"
