@@ -7,7 +7,6 @@
 
 pub mod atls;
 pub mod clock;
-pub mod cluster;
 pub mod measurements;
 pub mod pcr;
 pub mod refusal;
@@ -17,10 +16,11 @@ pub mod snp;
 pub mod testing;
 pub mod tpm;
 pub mod variant;
+pub mod verification;
 
 pub use clock::{Clock, FixedClock, SystemClock};
-pub use refusal::{PcrMismatch, Refusal, RefusalCheck};
 pub use measurements::{Measurement, MeasurementMismatch, Measurements, PolicyOutcome};
+pub use refusal::{PcrMismatch, Refusal, RefusalCheck};
 pub use variant::{
     issuer_for, validator_for, IssueError, Issuer, ValidationError, Validator, ValidatorPolicy,
     Variant, Verdict,

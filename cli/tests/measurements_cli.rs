@@ -3,7 +3,11 @@
 
 use std::process::Command;
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/test_data/measurements/");
+// The signed sample is the attestation crate's test data.
+const DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../attestation/test_data/measurements/"
+);
 
 fn run(file: &str) -> (i32, serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_attest"))

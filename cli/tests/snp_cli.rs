@@ -1,11 +1,9 @@
 //! `attest show snp` / `attest verify snp` on the real evidence: exit codes and JSON.
 
-mod snp_common;
-
 use std::process::Command;
 
+use constellation_attestation::testing::real_evidence::*;
 use serde_json::Value;
-use snp_common::*;
 
 fn attest(args: &[&str]) -> (i32, Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_attest"))

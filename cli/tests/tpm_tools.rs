@@ -1,6 +1,8 @@
 //! Cross-stack: quotes produced by tpm2-tools (an independent TPM software stack) against swtpm,
 //! verified by `verify_quote` and by `attest verify tpm-quote`.
 
+// The attestation crate's swtpm and tpm2-tools helpers, shared rather than copied.
+#[path = "../../attestation/tests/tpm_support/mod.rs"]
 mod tpm_support;
 
 use std::collections::BTreeMap;

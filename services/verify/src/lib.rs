@@ -9,7 +9,7 @@ pub mod config;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use constellation_attestation::cluster::{binding, verify_cluster, VerifyError};
+pub use constellation_attestation::verification::binding;
 use constellation_attestation::Issuer;
 use constellation_proto::verify::verify_service_server::{VerifyService, VerifyServiceServer};
 use constellation_proto::verify::{GetAttestationRequest, GetAttestationResponse};
