@@ -71,7 +71,7 @@ impl Variant {
 
 /// The SEV-SNP half of an SNP-plus-vTPM policy.
 #[derive(Clone)]
-pub struct SnpSettings {
+pub struct SnpAnchor {
     /// Where each report's VCEK/VLEK comes from (a fixed verified key or a collateral cache).
     pub vek: Arc<dyn VekSource>,
     /// Firmware, TCB and guest policy requirements; REPORT_DATA is set by the variant.
@@ -80,9 +80,9 @@ pub struct SnpSettings {
     pub clock: Arc<dyn Clock>,
 }
 
-impl std::fmt::Debug for SnpSettings {
+impl std::fmt::Debug for SnpAnchor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnpSettings")
+        f.debug_struct("SnpAnchor")
             .field("vek", &self.vek)
             .field("policy", &self.policy)
             .finish_non_exhaustive()
@@ -95,7 +95,7 @@ pub enum AkAnchor {
     /// Keys pinned at provisioning ([`AkTrust::Pinned`]); evidence by any other key fails.
     Pinned(Vec<AkPublicKey>),
     /// SEV-SNP settings ([`AkTrust::SnpReport`]).
-    Snp(SnpSettings),
+    Snp(SnpAnchor),
 }
 
 impl AkAnchor {
@@ -126,7 +126,7 @@ impl ValidatorPolicy {
     }
 
     /// A policy trusting the keys SEV-SNP reports vouch for under `snp`.
-    pub fn snp(snp: SnpSettings, measurements: Measurements) -> Self {
+    pub fn snp(snp: SnpAnchor, measurements: Measurements) -> Self {
         Self {
             measurements,
             anchor: AkAnchor::Snp(snp),

@@ -10,7 +10,7 @@ pub mod qemu_vtpm;
 pub mod snp_vtpm;
 
 pub use factory::{
-    issuer_for, validator_for, AkAnchor, AkTrust, FactoryError, SnpSettings, ValidatorPolicy,
+    issuer_for, validator_for, AkAnchor, AkTrust, FactoryError, SnpAnchor, ValidatorPolicy,
     VariantFacts, VariantIssuer,
 };
 
