@@ -46,7 +46,11 @@ fn main() {
     let nonce = sha256(b"bench nonce");
     let (ak, evidence, quote) = {
         let mut tpm = Tpm::open(&swtpm.tcti()).expect("open swtpm");
-        tpm.pcr_extend(15, &sha256(b"cluster")).expect("extend");
+        tpm.pcr_extend(
+            constellation_attestation::pcr::CLUSTER_ID,
+            &sha256(b"cluster"),
+        )
+        .expect("extend");
         let ak = tpm.attestation_key(AkKind::EcdsaP256).expect("AK");
         let quote = tpm.quote(&nonce, &PCRS).expect("quote");
         let issuer = QemuVtpmIssuer::new(tpm, AkKind::EcdsaP256, PCRS.to_vec()).expect("issuer");
