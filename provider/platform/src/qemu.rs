@@ -294,7 +294,10 @@ impl QemuCloud {
             format!("dhcpstart={guest}"),
         ];
         for port in FORWARDED {
-            opts.push(format!("hostfwd=tcp:{}:{port}-{guest}:{port}", node.record.ip));
+            opts.push(format!(
+                "hostfwd=tcp:{}:{port}-{guest}:{port}",
+                node.record.ip
+            ));
         }
         opts.push(format!(
             "guestfwd=tcp:{METADATA_ENDPOINT}-cmd:cat {}",
@@ -376,7 +379,11 @@ impl QemuCloud {
             ram_mib: image.manifest.ram_mib,
             firmware_code: self.state.firmware_code.clone(),
             firmware_vars: vars,
-            tpm_socket: record.swtpm.as_ref().map(|s| s.ctrl_socket()).unwrap_or_default(),
+            tpm_socket: record
+                .swtpm
+                .as_ref()
+                .map(|s| s.ctrl_socket())
+                .unwrap_or_default(),
             kernel: image.kernel_path(),
             initrd: image.initrd_path(),
             cmdline: image.manifest.cmdline.clone(),
@@ -387,14 +394,12 @@ impl QemuCloud {
         let console = Self::console_path(&record);
         // A fresh console per boot: every status line in it is this boot's.
         match std::fs::remove_file(&console) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_err(&console)(e))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&console)(e)),
             _ => {}
         }
         let qemu = Path::new("qemu-system-x86_64");
-        record.pid = process::spawn_detached(qemu, &config.args(), &console, &[])
-            .map_err(io_err(qemu))?;
+        record.pid =
+            process::spawn_detached(qemu, &config.args(), &console, &[]).map_err(io_err(qemu))?;
         self.replace(record.clone())?;
         tracing::info!(node = %record.name, ip = %record.ip, guest = %node.guest_ip, pid = record.pid, "VM started");
         Ok(record)

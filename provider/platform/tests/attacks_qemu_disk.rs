@@ -65,7 +65,10 @@ async fn a_state_disk_copied_into_another_vm_is_refused_its_key_and_not_mounted(
         RefusalCheck::DiskBinding,
         "refused because the disk belongs to another node: {refusal}"
     );
-    assert!(status.cluster_id().is_none(), "the thief is not in the cluster");
+    assert!(
+        status.cluster_id().is_none(),
+        "the thief is not in the cluster"
+    );
     let console = std::fs::read_to_string(QemuCloud::console_path(&thief)).unwrap();
     assert!(
         !console.contains("state volume mounted"),

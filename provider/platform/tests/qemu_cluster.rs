@@ -26,7 +26,11 @@ async fn a_control_plane_and_a_worker_vm_form_a_cluster_on_encrypted_disks() {
     let t0 = Instant::now();
     let (mut cluster, measurements, build_time) = new_cluster(&scratch);
     let root = cluster.cloud().root().to_owned();
-    let accel = if cluster.cloud().uses_kvm() { "KVM" } else { "TCG" };
+    let accel = if cluster.cloud().uses_kvm() {
+        "KVM"
+    } else {
+        "TCG"
+    };
 
     // Both VMs boot at once; the worker retries its join until the control plane serves it.
     let t_boot = Instant::now();
@@ -53,7 +57,10 @@ async fn a_control_plane_and_a_worker_vm_form_a_cluster_on_encrypted_disks() {
         s.cluster_id() == Some(cluster_hex.as_str())
     })
     .await;
-    let cp_status = cluster.cloud().node_status(&cp).expect("control plane status");
+    let cp_status = cluster
+        .cloud()
+        .node_status(&cp)
+        .expect("control plane status");
     assert_eq!(cp_status.cluster_id(), Some(cluster_hex.as_str()));
 
     // Both nodes attest with the image's measurements and PCR 15 = the cluster ID.
@@ -103,9 +110,15 @@ async fn a_control_plane_and_a_worker_vm_form_a_cluster_on_encrypted_disks() {
         );
         for (what, secret) in [
             ("master secret", MASTER_SECRET.to_vec()),
-            ("master secret (hex)", hex::encode(MASTER_SECRET).into_bytes()),
+            (
+                "master secret (hex)",
+                hex::encode(MASTER_SECRET).into_bytes(),
+            ),
             ("disk key", disk_key.expose().to_vec()),
-            ("disk key (hex)", hex::encode(disk_key.expose()).into_bytes()),
+            (
+                "disk key (hex)",
+                hex::encode(disk_key.expose()).into_bytes(),
+            ),
             ("cluster ID (hex)", cluster_hex.clone().into_bytes()),
         ] {
             assert!(

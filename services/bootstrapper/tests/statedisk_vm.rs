@@ -17,7 +17,10 @@ fn the_header_tells_blank_first_boot_and_keyed_volumes_apart() {
 
     let kdf = KdfSettings::fast_insecure_for_tests();
     statedisk::format(&disk, 32 << 20, &[1; 32], kdf).unwrap();
-    assert_eq!(statedisk::volume_kind(&disk).unwrap(), VolumeKind::FirstBoot);
+    assert_eq!(
+        statedisk::volume_kind(&disk).unwrap(),
+        VolumeKind::FirstBoot
+    );
     assert!(vm::state_device_needs_format(&disk).unwrap());
 
     // A lost first-boot key: the header is wiped and a new volume can be formatted.
@@ -39,11 +42,17 @@ fn a_short_or_foreign_device_is_not_a_volume() {
     let dir = tempfile::tempdir().unwrap();
     let short = dir.path().join("short");
     std::fs::write(&short, b"LUKS").unwrap();
-    assert_eq!(statedisk::volume_kind(&short).unwrap(), VolumeKind::NotLuks2);
+    assert_eq!(
+        statedisk::volume_kind(&short).unwrap(),
+        VolumeKind::NotLuks2
+    );
     let luks1 = dir.path().join("luks1");
     let mut h = vec![0u8; 4096];
     h[..6].copy_from_slice(b"LUKS\xba\xbe");
     h[6..8].copy_from_slice(&[0, 1]);
     std::fs::write(&luks1, &h).unwrap();
-    assert_eq!(statedisk::volume_kind(&luks1).unwrap(), VolumeKind::NotLuks2);
+    assert_eq!(
+        statedisk::volume_kind(&luks1).unwrap(),
+        VolumeKind::NotLuks2
+    );
 }

@@ -47,7 +47,10 @@ fn reads_the_metadata_the_endpoint_sends_and_finds_itself() {
 fn malformed_and_oversized_answers_are_refused_naming_the_endpoint() {
     let addr = serve_once(b"{not json".to_vec());
     let err = TcpMetadata::new(addr, "x").cluster().unwrap_err();
-    assert!(matches!(err, MetadataError::MalformedEndpoint { .. }), "{err}");
+    assert!(
+        matches!(err, MetadataError::MalformedEndpoint { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 
     let addr = serve_once(vec![b' '; TcpMetadata::MAX_BYTES as usize + 10]);

@@ -117,15 +117,16 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// The LUKS2 UUID in a volume's primary binary header (offset 168, 40 bytes, NUL-padded).
 pub fn luks_uuid(disk: &[u8]) -> String {
-    assert_eq!(&disk[..6], b"LUKS\xba\xbe", "the state disk is a LUKS volume");
+    assert_eq!(
+        &disk[..6],
+        b"LUKS\xba\xbe",
+        "the state disk is a LUKS volume"
+    );
     let raw = &disk[168..208];
     String::from_utf8(raw[..raw.iter().position(|b| *b == 0).unwrap()].to_vec()).unwrap()
 }
 
-pub async fn init(
-    node: &NodeRecord,
-    measurements: &Measurements,
-) -> (Vec<u8>, Duration, Duration) {
+pub async fn init(node: &NodeRecord, measurements: &Measurements) -> (Vec<u8>, Duration, Duration) {
     let start = Instant::now();
     let validator = QemuVtpmValidator::new(vec![pinned(node)], measurements.clone());
     let config = ClientConfig::server_only(Arc::new(validator)).unwrap();
