@@ -67,7 +67,8 @@ impl AttestationDataSource {
                 Attribute::computed(
                     "enforced_pcrs",
                     pcrs,
-                    "PCR indices an image's measurements enforce: 4 (bootstrapper), 9 (image manifest), 15 (cluster ID).",
+                    "PCR indices every image's measurements enforce: 4 (boot application: the kernel, or the local platform's bootstrapper), \
+                     9 (kernel command line and initrd, or the local platform's image manifest), 15 (cluster ID).",
                 ),
                 Attribute::computed(
                     "ak_pinned",
