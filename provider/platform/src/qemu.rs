@@ -10,7 +10,8 @@
 //! - The node's ports ([`ports`]) are forwarded from a loopback address of its own on the host
 //!   (127.a.b.c, [`NodeRecord::ip`]): the provider attests and initializes through them.
 //! - Peers: in a guest, the join port of every control plane known when the VM starts is a
-//!   `guestfwd` that relays (host busybox `nc`) to that control plane's host forward.
+//!   `guestfwd` that relays (host busybox `nc`) to that control plane's host forward. A VM does
+//!   not reach control planes added after it started (until it is restarted).
 //! - Metadata: `10.42.0.250:80` is a `guestfwd` that runs `cat` of the cluster's metadata file
 //!   for each connection ([`METADATA_ENDPOINT`]): guests always read the current node list (so a
 //!   control plane sees workers added later) and cannot change it. No server process runs.

@@ -8,6 +8,20 @@
 //!
 //! The node reports its status ([`NodeStatus`]) on the serial console, one JSON line per change
 //! after [`CONSOLE_STATUS_PREFIX`]: the host cannot read the guest's files.
+//!
+//! Choices and limits (tested in `provider/platform/tests/qemu_cluster.rs` and
+//! `attacks_qemu_disk.rs`):
+//! - Whether the disk still has its first-boot key is read from the LUKS2 header's label
+//!   ([`statedisk::FIRST_BOOT_LABEL`]): the guest has no other storage that survives a reboot.
+//! - dm-crypt only (aes-xts-plain64, 512-bit volume key), no dm-integrity yet: integrity tags
+//!   must be initialized by writing the whole device, once after formatting and again after the
+//!   re-key (which replaces the volume key); that cost under TCG has not been measured.
+//! - The join service's disk bindings live in the node folder on the guest's tmpfs, outside
+//!   the state volume (they are written before the volume is mounted): a rebooted control plane
+//!   forgets them.
+//! - The node's phase file is read before the volume is mounted, so a rebooted control-plane VM
+//!   starts as uninitialized (serves Init, not Recover); a rebooted worker rejoins and mounts
+//!   its existing volume.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
