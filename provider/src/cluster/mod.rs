@@ -2,9 +2,13 @@
 
 #[cfg(feature = "fake-backend")]
 pub mod fake;
+mod initialize;
+mod join_wait;
 pub mod journal;
-pub mod local;
+pub mod local_backend;
 pub mod model;
+mod node_checks;
+mod reconcile;
 pub mod resource;
 
 pub use model::{
