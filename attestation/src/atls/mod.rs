@@ -27,7 +27,8 @@
 //! - `protocol`: the exchange messages, their framing and the evidence binding;
 //! - `verifiers`: the rustls pieces for ephemeral certificates (provider, identity, verifiers);
 //! - `config`: [`ServerConfig`] / [`ClientConfig`], which run the handshake and the exchange;
-//! - `transport`: the accept loop, the server stream for tonic, the connector and [`channel`].
+//! - `transport`: the server side as a step of the accept loop of `constellation_common::tls`
+//!   (one accept loop and one server stream for TLS and aTLS), the connector and [`channel`].
 
 mod config;
 mod error;

@@ -1,16 +1,15 @@
 //! Moving attested connections: the server's accept loop and stream for tonic, and the client's
 //! dialer, tower connector and channel.
 
-use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use constellation_common::tls::{Handshake, Incoming, TlsServerStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{AtlsError, ClientConfig, ServerConfig};
@@ -26,91 +25,37 @@ pub struct ConnectInfo {
 }
 
 /// An accepted, attested server-side connection, ready for tonic.
-pub struct ServerStream {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    info: ConnectInfo,
-}
-
-impl fmt::Debug for ServerStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("atls::ServerStream")
-            .field("info", &self.info)
-            .finish()
-    }
-}
-
-impl tonic::transport::server::Connected for ServerStream {
-    type ConnectInfo = ConnectInfo;
-    fn connect_info(&self) -> ConnectInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for ServerStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for ServerStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+pub type ServerStream = TlsServerStream<TcpStream, ConnectInfo>;
 
 /// Accepts connections on `listener`, runs each handshake concurrently, and yields only the
 /// attested ones (failures are logged with their reason and dropped). Feed the stream to
-/// `tonic::transport::Server::serve_with_incoming`.
-pub fn incoming(
-    listener: TcpListener,
-    config: ServerConfig,
-) -> tokio_stream::wrappers::ReceiverStream<Result<ServerStream, io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, addr) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "aTLS accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = tx.closed() => return,
-            };
-            let _ = tcp.set_nodelay(true);
-            let config = config.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match config.accept(tcp).await {
-                    Ok((inner, peer)) => {
-                        let info = ConnectInfo {
-                            remote_addr: Some(addr),
-                            peer,
-                        };
-                        let _ = tx.send(Ok(ServerStream { inner, info })).await;
-                    }
-                    Err(e) => tracing::warn!(peer = %addr, error = %e, "aTLS connection refused"),
-                }
-            });
+/// `tonic::transport::Server::serve_with_incoming`. The accept loop is the one of
+/// [`constellation_common::tls`]; aTLS plugs in its handshake-plus-attestation step.
+pub fn incoming(listener: TcpListener, config: ServerConfig) -> Incoming<ServerStream> {
+    Incoming::spawn(listener, config, 64)
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<IO> for ServerConfig {
+    type Stream = TlsServerStream<IO, ConnectInfo>;
+
+    async fn handshake(
+        &self,
+        io: IO,
+        remote_addr: Option<SocketAddr>,
+        _local_addr: Option<SocketAddr>,
+    ) -> Option<Self::Stream> {
+        match self.accept(io).await {
+            Ok((inner, peer)) => Some(TlsServerStream::new(
+                inner,
+                ConnectInfo { remote_addr, peer },
+            )),
+            Err(e) => {
+                let peer = remote_addr.map(|a| a.to_string()).unwrap_or_default();
+                tracing::warn!(%peer, error = %e, "aTLS connection refused");
+                None
+            }
         }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
 }
 
 type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;

@@ -9,6 +9,8 @@
 //!   (a slow or failing client never blocks others) and yields [`TlsServerStream`]s for
 //!   `tonic::transport::Server::serve_with_incoming_shutdown`. Every request served over such a
 //!   stream carries a [`TlsConnectInfo`] in its extensions (peer certificate chain, addresses).
+//!   The accept loop is generic over its per-connection [`Handshake`]: aTLS (in
+//!   constellation-attestation) runs its handshake-plus-attestation step in the same loop.
 //! - client side: [`TlsConnector`] is a tower service for
 //!   `tonic::transport::Endpoint::connect_with_connector`. Give the endpoint an `http://host:port`
 //!   URI: the connector does the TLS, tonic must not try to.
@@ -91,32 +93,45 @@ impl Listener for UnixListener {
     }
 }
 
-/// An accepted server-side TLS connection (handshake completed).
-pub struct TlsServerStream<S = TcpStream> {
+/// An accepted server-side TLS connection (handshake completed) and what the server learned
+/// about it (`I`: [`TlsConnectInfo`] here, the attestation verdict for aTLS).
+pub struct TlsServerStream<S = TcpStream, I = TlsConnectInfo> {
     inner: tokio_rustls::server::TlsStream<S>,
-    info: TlsConnectInfo,
+    info: I,
 }
 
-impl<S> TlsServerStream<S> {
+impl<S, I> TlsServerStream<S, I> {
+    pub fn new(inner: tokio_rustls::server::TlsStream<S>, info: I) -> Self {
+        Self { inner, info }
+    }
+
     /// The socket and the rustls connection, e.g. for `export_keying_material`.
     pub fn get_ref(&self) -> (&S, &rustls::ServerConnection) {
         self.inner.get_ref()
     }
 
-    pub fn info(&self) -> &TlsConnectInfo {
+    pub fn info(&self) -> &I {
         &self.info
     }
 }
 
-impl<S> Connected for TlsServerStream<S> {
-    type ConnectInfo = TlsConnectInfo;
+impl<S, I: std::fmt::Debug> std::fmt::Debug for TlsServerStream<S, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsServerStream")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, I: Clone + Send + Sync + 'static> Connected for TlsServerStream<S, I> {
+    type ConnectInfo = I;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.info.clone()
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin, I: Unpin> AsyncRead for TlsServerStream<S, I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -126,7 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin, I: Unpin> AsyncWrite for TlsServerStream<S, I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -156,16 +171,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<S> {
     }
 }
 
-/// A stream of TLS connections accepted on a listener, for
-/// `Server::serve_with_incoming_shutdown`. Failed handshakes (e.g. a client without an acceptable
-/// certificate) are logged and dropped; they never end the stream. Dropping the stream stops
-/// accepting.
-pub struct TlsIncoming<S = TcpStream> {
-    accepted: mpsc::Receiver<TlsServerStream<S>>,
+/// The per-connection step of an accept loop, from an accepted socket to a stream ready for
+/// tonic: a TLS handshake here, a handshake plus attestation in aTLS. Each runs in its own task,
+/// so a slow or failing client never blocks others; a refused connection is logged by the step
+/// (each knows what its refusals mean) and dropped.
+pub trait Handshake<Io>: Clone + Send + Sync + 'static {
+    type Stream: Send + 'static;
+
+    /// The connection ready for the application, or `None` when it was refused.
+    fn handshake(
+        &self,
+        io: Io,
+        remote_addr: Option<SocketAddr>,
+        local_addr: Option<SocketAddr>,
+    ) -> impl Future<Output = Option<Self::Stream>> + Send;
+}
+
+/// A stream of connections accepted on a listener and passed through a [`Handshake`], for
+/// `Server::serve_with_incoming_shutdown`. Refused connections never end the stream. Dropping
+/// the stream stops accepting.
+pub struct Incoming<T> {
+    accepted: mpsc::Receiver<T>,
     accept_loop: JoinHandle<()>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsIncoming<S> {
+/// TLS connections accepted on a listener (a client without an acceptable certificate is
+/// refused).
+pub type TlsIncoming<S = TcpStream> = Incoming<TlsServerStream<S>>;
+
+impl<T: Send + 'static> Incoming<T> {
+    /// Accepts on `listener` and runs `handshake` on each connection; at most `backlog` ready
+    /// connections wait for the server to take them.
+    pub fn spawn<L, H>(listener: L, handshake: H, backlog: usize) -> Self
+    where
+        L: Listener,
+        H: Handshake<L::Io, Stream = T>,
+    {
+        let (sender, accepted) = mpsc::channel(backlog);
+        let accept_loop = tokio::spawn(accept_loop(listener, handshake, sender));
+        Self {
+            accepted,
+            accept_loop,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Incoming<TlsServerStream<S>> {
     pub fn new<L: Listener<Io = S>>(listener: L, config: Arc<ServerConfig>) -> Self {
         Self::with_handshake_timeout(listener, config, DEFAULT_HANDSHAKE_TIMEOUT)
     }
@@ -175,35 +226,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsIncoming<S> {
         config: Arc<ServerConfig>,
         handshake_timeout: Duration,
     ) -> Self {
-        let (sender, accepted) = mpsc::channel(16);
-        let acceptor = TlsAcceptor::from(config);
-        let accept_loop = tokio::spawn(accept_loop(listener, acceptor, sender, handshake_timeout));
-        Self {
-            accepted,
-            accept_loop,
-        }
+        let handshake = TlsHandshake {
+            acceptor: TlsAcceptor::from(config),
+            timeout: handshake_timeout,
+        };
+        Self::spawn(listener, handshake, 16)
     }
 }
 
-impl<S> Drop for TlsIncoming<S> {
+impl<T> Drop for Incoming<T> {
     fn drop(&mut self) {
         self.accept_loop.abort();
     }
 }
 
-impl<S> Stream for TlsIncoming<S> {
-    type Item = Result<TlsServerStream<S>, io::Error>;
+impl<T> Stream for Incoming<T> {
+    type Item = Result<T, io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.accepted.poll_recv(cx).map(|stream| stream.map(Ok))
     }
 }
 
-async fn accept_loop<L: Listener>(
+async fn accept_loop<L: Listener, H: Handshake<L::Io>>(
     listener: L,
-    acceptor: TlsAcceptor,
-    sender: mpsc::Sender<TlsServerStream<L::Io>>,
-    handshake_timeout: Duration,
+    handshake: H,
+    sender: mpsc::Sender<H::Stream>,
 ) {
     loop {
         let (io, remote_addr, local_addr) = match listener.accept_connection().await {
@@ -218,34 +266,59 @@ async fn accept_loop<L: Listener>(
         if sender.is_closed() {
             return;
         }
-        let acceptor = acceptor.clone();
+        let handshake = handshake.clone();
         let sender = sender.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
-                Ok(Ok(inner)) => {
-                    let peer_certificates = inner
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .map(|chain| chain.to_vec())
-                        .unwrap_or_default()
-                        .into();
-                    let info = TlsConnectInfo {
-                        remote_addr,
-                        local_addr,
-                        peer_certificates,
-                    };
-                    // A closed receiver means the server is shutting down; drop the connection.
-                    let _ = sender.send(TlsServerStream { inner, info }).await;
-                }
-                Ok(Err(error)) => {
-                    tracing::info!(?remote_addr, %error, "TLS handshake refused");
-                }
-                Err(_) => {
-                    tracing::info!(?remote_addr, ?handshake_timeout, "TLS handshake timed out");
-                }
+            if let Some(stream) = handshake.handshake(io, remote_addr, local_addr).await {
+                // A closed receiver means the server is shutting down; drop the connection.
+                let _ = sender.send(stream).await;
             }
         });
+    }
+}
+
+/// The plain TLS step: the handshake within a time limit.
+#[derive(Clone)]
+struct TlsHandshake {
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<S> for TlsHandshake {
+    type Stream = TlsServerStream<S>;
+
+    async fn handshake(
+        &self,
+        io: S,
+        remote_addr: Option<SocketAddr>,
+        local_addr: Option<SocketAddr>,
+    ) -> Option<TlsServerStream<S>> {
+        let handshake_timeout = self.timeout;
+        match tokio::time::timeout(handshake_timeout, self.acceptor.accept(io)).await {
+            Ok(Ok(inner)) => {
+                let peer_certificates = inner
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|chain| chain.to_vec())
+                    .unwrap_or_default()
+                    .into();
+                let info = TlsConnectInfo {
+                    remote_addr,
+                    local_addr,
+                    peer_certificates,
+                };
+                Some(TlsServerStream { inner, info })
+            }
+            Ok(Err(error)) => {
+                tracing::info!(?remote_addr, %error, "TLS handshake refused");
+                None
+            }
+            Err(_) => {
+                tracing::info!(?remote_addr, ?handshake_timeout, "TLS handshake timed out");
+                None
+            }
+        }
     }
 }
 
