@@ -730,6 +730,9 @@ impl ClusterBackend for LocalBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use constellation_attestation::Measurements;
+    use constellation_common::node_status::NodePhase;
+    use constellation_common::refusal::{Refusal, RefusalCheck};
     use std::net::{IpAddr, Ipv4Addr};
 
     fn record(name: &str, role: Role) -> NodeRecord {
