@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use constellation_attestation::tpm::{AkKind, Swtpm, SwtpmHandle, Tpm, TpmError};
-use constellation_common::node_status::NodeStatus;
 use constellation_common::metadata::{
     ports, ClusterMetadata, FileMetadata, MetadataError, NodeInfo, Role,
 };
+use constellation_common::node_status::NodeStatus;
 use constellation_common::secret_file::{
     ensure_private_dir, write_private_atomic, SecretFileError,
 };

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use constellation_attestation::atls::{self, AtlsError};
 use constellation_attest::{verify_cluster, VerifyError};
+use constellation_attestation::atls::{self, AtlsError};
 use constellation_attestation::measurements::{Digest, Measurement, Measurements, CLUSTER_ID_PCR};
 use constellation_attestation::tpm::QuoteError;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;

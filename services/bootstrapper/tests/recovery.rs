@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use constellation_attestation::atls;
 use constellation_attest::verify_cluster;
+use constellation_attestation::atls;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_bootstrapper::statedisk;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use constellation_attestation::atls;
 use constellation_attest::verify_cluster;
+use constellation_attestation::atls;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
