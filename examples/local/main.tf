@@ -3,7 +3,10 @@
 #
 #   terraform init -plugin-dir=<mirror>   # see docs/index.md
 #   terraform apply
-#   KUBECONFIG=$(terraform output -raw kubeconfig_path) kubectl get nodes
+#   attest verify cluster --endpoint <node>:30081 ...   # what `make demo` prints for each node
+#
+# No Kubernetes control plane runs on the nodes yet (no Kubernetes binaries on this machine):
+# the kubeconfig is issued by the cluster's CA but points at an endpoint where nothing listens.
 #
 # The cluster lives in .constellation/clusters/local-demo. Its journal.json (mode 0600) holds
 # the cluster's secrets, like the Terraform state: an apply interrupted while creating the
