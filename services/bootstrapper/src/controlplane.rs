@@ -31,8 +31,8 @@ use constellation_proto::keyservice::GetDataKeyRequest;
 use constellation_proto::PROTOCOL_VERSION;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use crate::context::NodeContext;
 use crate::kubernetes::InitParams;
-use crate::node::NodeContext;
 use crate::policy::{ClusterValidator, Scope};
 
 /// How long bootstrap tokens handed to joining nodes live.

@@ -26,8 +26,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::context::{extend_cluster_id, Binding, NodeContext};
 use crate::controlplane::{self, ControlPlaneSecrets, KmsChoice, NetworkSettings};
-use crate::node::{adopt_disk_key, extend_cluster_id, Binding, NodeContext};
+use crate::disk_key::adopt_disk_key;
 use crate::state::{ControlPlaneRecord, NodeState, Phase};
 use crate::statedisk;
 
@@ -287,7 +288,7 @@ async fn initialize(
     state
         .save(&node.state_dir)
         .map_err(|e| Status::internal(e.to_string()))?;
-    crate::node::report(
+    crate::context::report(
         node,
         constellation_common::node_status::NodePhase::Initialized {
             cluster_id: hex::encode(cluster_id),

@@ -1,6 +1,8 @@
 //! The bootstrapper: the node daemon that initializes or joins a cluster.
 
+pub mod context;
 pub mod controlplane;
+pub mod disk_key;
 pub mod init;
 pub mod kubernetes;
 pub mod node;

@@ -12,19 +12,18 @@ use std::time::Duration;
 
 use constellation_attestation::atls;
 use constellation_attestation::atls::AtlsError;
-use constellation_attestation::measurements::{sha256, CLUSTER_ID_PCR};
 use constellation_attestation::refusal::{Refusal, RefusalCheck};
 use constellation_attestation::tpm::TpmError;
 use constellation_attestation::variant::{issuer_for, VariantIssuer};
-use constellation_attestation::{Clock, SystemClock, Variant};
+use constellation_attestation::{SystemClock, Variant};
 use constellation_common::metadata::{
     ports, FileMetadata, Metadata, MetadataError, Role, TcpMetadata,
 };
-use constellation_common::node_status::{NodePhase, NodeStatus};
+use constellation_common::node_status::NodePhase;
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::pki::{write_pki_files, ClusterPki, PkiError, PkiFile};
 use constellation_joinservice::ticket::JoinTicketConfig;
-use constellation_joinservice::{DiskBindings, FileDiskBindings};
+use constellation_joinservice::FileDiskBindings;
 use constellation_proto::init::init_service_server::InitServiceServer;
 use constellation_proto::join::join_service_client::JoinServiceClient;
 use constellation_proto::join::{IssueJoinTicketRequest, IssueJoinTicketResponse};
@@ -32,20 +31,22 @@ use constellation_proto::recover::recover_service_server::RecoverServiceServer;
 use constellation_proto::PROTOCOL_VERSION;
 use tokio::sync::Mutex;
 
+use crate::context::{extend_cluster_id, report};
+pub use crate::context::{Binding, NodeContext};
+pub use crate::disk_key::DiskKeyError;
+use crate::disk_key::{adopt_disk_key, ensure_state_disk};
 use crate::init::InitServer;
-use crate::kubernetes::{KubernetesInstaller, NoneInstaller};
+use crate::kubernetes::NoneInstaller;
 use crate::policy::{ClusterValidator, Scope};
 use crate::recover::RecoverServer;
 use crate::state::{ControlPlaneRecord, NodeState, Phase, StateError};
-use crate::statedisk::{self, KdfSettings, OpenedVolume, StateDiskError};
+use crate::statedisk::{self, StateDiskError};
 
 /// Longest pause between two join attempts.
 pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause after the first failed join attempt, before jitter; doubles per attempt up to
 /// [`MAX_RETRY_INTERVAL`].
 const FIRST_RETRY_INTERVAL: Duration = Duration::from_millis(200);
-/// Size of the state disk's backing file on the local platform.
-const STATE_DISK_BYTES: u64 = 32 << 20;
 
 /// How the launcher configured this node.
 #[derive(Debug, Clone)]
@@ -57,146 +58,6 @@ pub struct NodeConfig {
     /// Set when the node runs in a QEMU guest: metadata endpoint and state block device
     /// ([`crate::vm`]); `metadata_path` is then unused.
     pub vm: Option<crate::vm::VmSettings>,
-}
-
-/// Everything the node's services share.
-pub struct NodeContext {
-    pub name: String,
-    pub node_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub metadata: Arc<dyn Metadata>,
-    /// Which node each state disk belongs to, shared by the cluster's control planes.
-    pub disk_bindings: Arc<dyn DiskBindings>,
-    pub issuer: Arc<VariantIssuer>,
-    pub clock: Arc<dyn Clock>,
-    /// The lifecycle phase; Init holds this lock while it runs (exactly-once).
-    pub phase: Arc<Mutex<NodeState>>,
-    /// What bound this node to its cluster since it booted (extended PCR 15). Lock order:
-    /// `phase` first, then `binding`.
-    pub binding: Mutex<Binding>,
-    pub installer: Box<dyn KubernetesInstaller>,
-    /// The QEMU guest's devices, when the node runs in one.
-    pub vm: Option<crate::vm::VmSettings>,
-}
-
-/// What extended PCR 15 with the cluster ID in this boot: exactly one of them may.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Binding {
-    /// Nothing yet: the node waits for Init, a join ticket or Recover.
-    Unbound,
-    /// Init ran on this node.
-    Initialized,
-    /// A join service issued this node a ticket.
-    Joined,
-    /// The operator recovered this control plane with its master secret.
-    Recovered,
-    /// Recover failed after PCR 15 was extended; only a restart helps.
-    Broken,
-}
-
-impl NodeContext {
-    pub(crate) fn disk_path(&self) -> PathBuf {
-        match &self.vm {
-            Some(vm) => vm.state_device.clone(),
-            None => self.state_dir.join("disk.img"),
-        }
-    }
-
-    /// The device-mapper name of the state disk, from its LUKS UUID (unique per disk, so per
-    /// node on a host).
-    pub(crate) fn mapper_name(&self) -> Result<String, StateDiskError> {
-        statedisk::mapper_name_of(&self.disk_path())
-    }
-
-    /// Present while the state disk still has its first-boot key (no secret in it).
-    fn first_boot_marker(&self) -> PathBuf {
-        self.state_dir.join(FIRST_BOOT_MARKER)
-    }
-}
-
-/// Why the node could not key or unlock its state disk. Never contains key material.
-#[derive(Debug, thiserror::Error)]
-pub enum DiskKeyError {
-    #[error(transparent)]
-    StateDisk(#[from] StateDiskError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("state disk worker: {0}")]
-    Worker(String),
-    #[error("state volume: {0}")]
-    Volume(#[from] crate::vm::VmError),
-}
-
-/// Name of the marker file present while the state disk is keyed with its first-boot key.
-const FIRST_BOOT_MARKER: &str = "disk.first-boot";
-
-type FirstBootKey = zeroize::Zeroizing<[u8; 32]>;
-
-/// First-boot keys of the state disks this process formatted, by disk path. They live in memory
-/// only (never in a file, where they would outlive their purpose): a node restarted before its
-/// disk key arrived formats its still empty disk anew.
-static FIRST_BOOT_KEYS: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<PathBuf, FirstBootKey>>,
-> = std::sync::LazyLock::new(Default::default);
-
-fn first_boot_keys(
-) -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, FirstBootKey>> {
-    FIRST_BOOT_KEYS.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Keys the state disk with the node's disk key: on first use replaces the first-boot key and
-/// the volume key ([`statedisk::rekey`]: the first-boot key, and anything derived from the old
-/// header, then opens nothing); always proves the key by opening the volume. A wrong key is
-/// [`StateDiskError::WrongKey`].
-pub(crate) async fn adopt_disk_key(
-    node: &NodeContext,
-    key: &[u8],
-) -> Result<OpenedVolume, DiskKeyError> {
-    let disk = node.disk_path();
-    let marker = node.first_boot_marker();
-    let key = zeroize::Zeroizing::new(key.to_vec());
-    let (vm, state_dir) = (node.vm.is_some(), node.state_dir.clone());
-    tokio::task::spawn_blocking(move || {
-        let initial = first_boot_keys().get(&disk).cloned();
-        let fresh = initial.is_some();
-        if let Some(initial) = initial {
-            statedisk::rekey(&disk, initial.as_slice(), &key, KdfSettings::default())?;
-            first_boot_keys().remove(&disk);
-            match std::fs::remove_file(&marker) {
-                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(DiskKeyError::Io {
-                        path: marker.clone(),
-                        source,
-                    })
-                }
-                _ => {}
-            }
-            tracing::info!("state disk re-keyed with the node's disk key and a new volume key");
-        }
-        let name = statedisk::mapper_name_of(&disk)?;
-        let opened = statedisk::open(&disk, &key, &name)?;
-        if vm {
-            crate::vm::mount_state_volume(&opened, fresh, &state_dir)?;
-        }
-        Ok(opened)
-    })
-    .await
-    .map_err(|e| DiskKeyError::Worker(e.to_string()))?
-}
-
-/// Binds the node to its cluster: one extend of PCR 15 with SHA-256(cluster ID).
-pub(crate) fn extend_cluster_id(
-    node: &NodeContext,
-    cluster_id: &[u8],
-) -> Result<(), constellation_attestation::tpm::TpmError> {
-    let event = sha256(cluster_id);
-    node.issuer
-        .with_tpm(|tpm| tpm.pcr_extend(CLUSTER_ID_PCR, &event))?;
-    tracing::info!(cluster_id = %hex::encode(cluster_id), "extended PCR {CLUSTER_ID_PCR} with the cluster ID");
-    Ok(())
 }
 
 /// Pause before the next join attempt after `attempt` (1-based) failed ones: full jitter,
@@ -296,13 +157,6 @@ fn refusal_of_status(status: &tonic::Status) -> Option<Refusal> {
         Reason::RoleMismatch(_) => RefusalCheck::Role,
     };
     Some(Refusal::new(check, status.message()))
-}
-
-/// Records the node's phase for the platform; a failure to write is logged, never fatal.
-pub(crate) fn report(node: &NodeContext, phase: NodePhase) {
-    if let Err(e) = NodeStatus::now(phase).write(&node.state_dir) {
-        tracing::warn!("cannot write the node status: {e}");
-    }
 }
 
 /// Runs the node until the process is stopped.
@@ -418,47 +272,6 @@ fn start_verification_service(
         }
     });
     tracing::info!(%verify_addr, "verification service listening");
-}
-
-/// Formats the state disk with a first-boot key held only in memory, unless the disk already
-/// carries the node's disk key. A disk whose first-boot key died with an earlier process (the
-/// marker is still there) was never opened, so it holds nothing: it is formatted anew.
-fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
-    constellation_common::secret_file::ensure_private_dir(&node.state_dir)?;
-    let path = node.disk_path();
-    let marker = node.first_boot_marker();
-    if node.vm.is_some() {
-        // The marker would not survive a reboot of the guest: the header says it instead.
-        if !crate::vm::state_device_needs_format(&path)? {
-            return Ok(());
-        }
-    } else if path.exists() && !marker.exists() {
-        return Ok(());
-    }
-    if first_boot_keys().contains_key(&path) {
-        return Ok(());
-    }
-    // The marker goes first: a crash before the format completes leaves a disk we redo.
-    constellation_common::secret_file::write_private_atomic(&marker, b"")?;
-    if node.vm.is_some() {
-        // A block device is not removed; a stale header and keyslots are erased.
-        crate::vm::clear_state_device(&path)?;
-    } else {
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
-    }
-    let first_boot = FirstBootKey::new(rand::random());
-    let uuid = statedisk::format(
-        &path,
-        STATE_DISK_BYTES,
-        first_boot.as_slice(),
-        KdfSettings::default(),
-    )?;
-    first_boot_keys().insert(path, first_boot);
-    tracing::info!(%uuid, "formatted the state disk with a first-boot key (memory only)");
-    Ok(())
 }
 
 /// Joins through any control-plane node's join service, retrying with jitter.

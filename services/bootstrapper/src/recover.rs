@@ -27,9 +27,10 @@ use constellation_proto::recover::{RecoverRequest, RecoverResponse};
 use constellation_proto::PROTOCOL_VERSION;
 use tonic::{Request, Response, Status};
 
+use crate::context::{extend_cluster_id, Binding, NodeContext};
 use crate::controlplane;
+use crate::disk_key::DiskKeyError;
 use crate::init::{MASTER_SECRET_MIN_LEN, SALT_LEN};
-use crate::node::{extend_cluster_id, Binding, DiskKeyError, NodeContext};
 use crate::state::{ControlPlaneRecord, NodeState};
 use crate::statedisk::{self, StateDiskError};
 
@@ -255,7 +256,7 @@ async fn recover(
         phase: phase.phase.clone(),
     }
     .save(&node.state_dir)?;
-    crate::node::report(
+    crate::context::report(
         node,
         constellation_common::node_status::NodePhase::Joined {
             cluster_id: expected.to_string(),
