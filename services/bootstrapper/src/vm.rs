@@ -29,7 +29,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use constellation_common::metadata::CONSOLE_STATUS_PREFIX;
-use constellation_common::node_status::NodeStatus;
+use constellation_common::node_status::{NodeStatus, STATUS_FILE};
 
 use crate::statedisk::{self, OpenedVolume, StateDiskError, VolumeKind};
 
@@ -151,6 +151,18 @@ pub fn mount_state_volume(
         path: state_dir.to_owned(),
         source: e.into(),
     })?;
+    // The status on the volume is an earlier boot's (the pid cannot tell: a guest's boot is
+    // deterministic); this boot reports its own next.
+    let stale = state_dir.join(STATUS_FILE);
+    match std::fs::remove_file(&stale) {
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+            return Err(VmError::Io {
+                path: stale,
+                source,
+            })
+        }
+        _ => {}
+    }
     tracing::info!(volume = %mapper_path.display(), dir = %state_dir.display(), "state volume mounted");
     Ok(())
 }
