@@ -15,7 +15,7 @@ use constellation_attestation::atls;
 use constellation_common::metadata::{ports, Role};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::attested_peer::AttestedPeerInterceptor;
-use constellation_joinservice::pki::{ClientCredentials, ClusterPki, NodeIdentity, NodeRole};
+use constellation_joinservice::pki::{ClientCredentials, ClusterPki, NodeIdentity};
 use constellation_joinservice::ticket::{
     DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory,
 };
@@ -325,10 +325,7 @@ impl NodeDirectory for MetadataDirectory {
         let n = cluster.node(name)?;
         Some(NodeIdentity {
             name: n.name.clone(),
-            role: match n.role {
-                Role::ControlPlane => NodeRole::ControlPlane,
-                Role::Worker => NodeRole::Worker,
-            },
+            role: n.role,
             ips: vec![n.ip],
             dns_names: vec![n.name.clone()],
         })

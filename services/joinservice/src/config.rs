@@ -21,7 +21,7 @@ use constellation_daemon::secrets;
 use constellation_daemon::settings::{DaemonSettings, DaemonSettingsFile};
 use serde::{Deserialize, Serialize};
 
-use crate::pki::{ClusterPki, NodeIdentity, NodeRole};
+use crate::pki::{ClusterPki, NodeIdentity};
 use crate::ticket::NodeDirectory;
 
 /// Default port of the health server.
@@ -379,10 +379,7 @@ impl NodeDirectory for PolicyStore {
         let n = policy.nodes.iter().find(|n| n.name == name)?;
         Some(NodeIdentity {
             name: n.name.clone(),
-            role: match n.role {
-                Role::ControlPlane => NodeRole::ControlPlane,
-                Role::Worker => NodeRole::Worker,
-            },
+            role: n.role,
             ips: vec![n.ip],
             dns_names: vec![n.name.clone()],
         })

@@ -33,8 +33,9 @@ use tonic::{Code, Request, Response, Status};
 use crate::disk_bindings::{
     BadDiskUuid, Claim, DiskBindingError, DiskBindings, DiskOwner, DiskUuid,
 };
-use crate::pki::{ClusterPki, CsrError, NodeIdentity, NodeRole};
+use crate::pki::{ClusterPki, CsrError, NodeIdentity};
 use crate::token::{TokenError, TokenRegistry};
+use constellation_common::metadata::Role;
 
 /// The attested identity of the caller, put into the request extensions by the aTLS layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,8 +151,8 @@ impl JoinError {
                 listed,
             } => join_refusal::Reason::RoleMismatch(RoleMismatch {
                 node_name: name.clone(),
-                requested_control_plane: *requested == role_name(NodeRole::ControlPlane),
-                listed_control_plane: *listed == role_name(NodeRole::ControlPlane),
+                requested_control_plane: *requested == role_name(Role::ControlPlane),
+                listed_control_plane: *listed == role_name(Role::ControlPlane),
             }),
             _ => return None,
         };
@@ -161,11 +162,8 @@ impl JoinError {
     }
 }
 
-fn role_name(role: NodeRole) -> &'static str {
-    match role {
-        NodeRole::ControlPlane => "control-plane",
-        NodeRole::Worker => "worker",
-    }
+fn role_name(role: Role) -> &'static str {
+    role.as_str()
 }
 
 fn attested_node(owner: &DiskOwner) -> AttestedNode {
@@ -322,9 +320,9 @@ impl JoinTicketIssuer {
                 name: attested.to_owned(),
             })?;
         let requested = if req.is_control_plane {
-            NodeRole::ControlPlane
+            Role::ControlPlane
         } else {
-            NodeRole::Worker
+            Role::Worker
         };
         if requested != node.role {
             return Err(JoinError::RoleMismatch {
@@ -365,7 +363,7 @@ impl JoinTicketIssuer {
             .pki
             .sign_kubelet_cert(&csr, self.clock.as_ref())
             .map_err(JoinError::Csr)?;
-        let control_plane_files = if node.role == NodeRole::ControlPlane {
+        let control_plane_files = if node.role == Role::ControlPlane {
             self.pki
                 .shared_files()
                 .into_iter()

@@ -8,6 +8,7 @@
 
 mod common;
 
+use constellation_common::metadata::Role;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use constellation_common::secret::SecretBytes;
 use constellation_joinservice::disk_bindings::{
     Claim, DiskBindings, DiskOwner, DiskUuid, FileDiskBindings, MAX_DISKS_PER_NODE,
 };
-use constellation_joinservice::pki::{ClusterPki, NodeIdentity, NodeRole};
+use constellation_joinservice::pki::{ClusterPki, NodeIdentity};
 use constellation_joinservice::ticket::{
     refusal_of, DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer,
 };
@@ -90,7 +91,7 @@ impl Node {
             version: PROTOCOL_VERSION,
             disk_uuid: disk_uuid.into(),
             csr_pem: common::kubelet_csr(&self.identity).into_bytes(),
-            is_control_plane: self.identity.role == NodeRole::ControlPlane,
+            is_control_plane: self.identity.role == Role::ControlPlane,
             node_name: self.identity.name.clone(),
         }
     }
@@ -127,7 +128,7 @@ impl JoinService {
 
 fn control_plane(name: &str, ip: &str) -> NodeIdentity {
     NodeIdentity {
-        role: NodeRole::ControlPlane,
+        role: Role::ControlPlane,
         ..common::worker(name, ip)
     }
 }

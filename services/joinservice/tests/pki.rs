@@ -2,6 +2,7 @@
 
 mod common;
 
+use constellation_common::metadata::Role;
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -10,8 +11,8 @@ use base64::Engine as _;
 use common::*;
 use constellation_attestation::FixedClock;
 use constellation_joinservice::pki::{
-    files, ClusterPki, CsrError, NodeIdentity, NodeRole, PkiError, CA_VALIDITY,
-    CLOCK_SKEW_BACKDATE, LEAF_VALIDITY,
+    files, ClusterPki, CsrError, NodeIdentity, PkiError, CA_VALIDITY, CLOCK_SKEW_BACKDATE,
+    LEAF_VALIDITY,
 };
 
 const NOW: u64 = 1_750_000_000;
@@ -23,7 +24,7 @@ fn pki() -> ClusterPki {
 fn node() -> NodeIdentity {
     NodeIdentity {
         name: "worker-0".into(),
-        role: NodeRole::Worker,
+        role: Role::Worker,
         ips: vec!["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
         dns_names: vec!["worker-0".into(), "worker-0.cluster.internal".into()],
     }

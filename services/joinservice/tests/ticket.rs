@@ -2,6 +2,7 @@
 
 mod common;
 
+use constellation_common::metadata::Role;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use constellation_attestation::FixedClock;
 use constellation_common::kdf::{cluster_id, derive_key};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::disk_bindings::FileDiskBindings;
-use constellation_joinservice::pki::{ClusterPki, NodeIdentity, NodeRole};
+use constellation_joinservice::pki::{ClusterPki, NodeIdentity};
 use constellation_joinservice::ticket::{
     AttestedPeer, DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer,
 };
@@ -69,7 +70,7 @@ fn fixture_with(keys: FakeKeyService) -> Fixture {
         worker("worker-0", "10.0.0.10"),
         worker("worker-1", "10.0.0.11"),
         NodeIdentity {
-            role: NodeRole::ControlPlane,
+            role: Role::ControlPlane,
             ..worker("control-1", "10.0.0.2")
         },
     ] {

@@ -1,6 +1,7 @@
 //! Kubelet certificate requests: parsed once, self-signature verified, checked against the node's
 //! identity from the platform's metadata, then signed by the cluster CA.
 
+use constellation_common::metadata::Role;
 use std::net::IpAddr;
 
 use aws_lc_rs::signature;
@@ -26,18 +27,12 @@ const OID_ORGANIZATION: der::oid::ObjectIdentifier =
     der::oid::ObjectIdentifier::new_unwrap("2.5.4.10");
 pub(super) const CSR_PEM_LABEL: &str = "CERTIFICATE REQUEST";
 
-/// What a node is in the cluster, as the platform's metadata says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeRole {
-    ControlPlane,
-    Worker,
-}
-
 /// What the platform's metadata says about a node: the names its kubelet certificate may carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeIdentity {
     pub name: String,
-    pub role: NodeRole,
+    /// What the node is in the cluster, as the platform's metadata says.
+    pub role: Role,
     pub ips: Vec<IpAddr>,
     pub dns_names: Vec<String>,
 }

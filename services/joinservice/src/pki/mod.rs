@@ -24,8 +24,7 @@ mod kubeconfig;
 
 pub use ca::{ClusterPki, CA_VALIDITY, CLOCK_SKEW_BACKDATE, LEAF_VALIDITY};
 pub use csr::{
-    CsrError, NodeIdentity, NodeRole, VerifiedKubeletCsr, NODES_ORGANIZATION,
-    NODE_COMMON_NAME_PREFIX,
+    CsrError, NodeIdentity, VerifiedKubeletCsr, NODES_ORGANIZATION, NODE_COMMON_NAME_PREFIX,
 };
 pub use files::{write_pki_files, PkiFile};
 pub use keyservice_ca::{
@@ -93,7 +92,7 @@ mod tests {
     fn node() -> NodeIdentity {
         NodeIdentity {
             name: "worker-0".into(),
-            role: NodeRole::Worker,
+            role: constellation_common::metadata::Role::Worker,
             ips: vec!["10.0.0.7".parse().unwrap()],
             dns_names: vec!["worker-0".into()],
         }

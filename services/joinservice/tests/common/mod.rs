@@ -2,6 +2,7 @@
 //! issued certificates made independently with x509-cert and aws-lc-rs.
 #![allow(dead_code)]
 
+use constellation_common::metadata::Role;
 use std::net::IpAddr;
 
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
@@ -11,7 +12,7 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{ExtendedKeyUsage, SubjectAltName};
 use x509_cert::Certificate;
 
-use constellation_joinservice::pki::{NodeIdentity, NodeRole};
+use constellation_joinservice::pki::NodeIdentity;
 
 pub const CN_OID: &str = "2.5.4.3";
 pub const O_OID: &str = "2.5.4.10";
@@ -52,7 +53,7 @@ pub fn kubelet_csr(node: &NodeIdentity) -> String {
 pub fn worker(name: &str, ip: &str) -> NodeIdentity {
     NodeIdentity {
         name: name.into(),
-        role: NodeRole::Worker,
+        role: Role::Worker,
         ips: vec![ip.parse().expect("IP")],
         dns_names: vec![name.into()],
     }
