@@ -320,7 +320,7 @@ impl FromStr for ImportId {
         let name = params
             .remove("name")
             .ok_or_else(|| bad("parameter \"name\" is missing".into()))?;
-        crate::cluster::resource::check_name(&name).map_err(bad)?;
+        check_name(&name).map_err(bad)?;
         Ok(Self {
             platform,
             name,
@@ -450,6 +450,26 @@ pub trait ClusterBackend: Send + Sync {
         id: &ImportId,
         folders: &crate::provider_config::ProviderConfig,
     ) -> Result<ClusterState, ClusterError>;
+}
+
+/// Cluster names: 1..=30 chars of `a-z`, `0-9`, `-`, starting with a letter, no trailing `-`
+/// (the name prefixes node names and DNS labels).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 30
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "name {name:?} must be 1 to 30 characters of a-z, 0-9 and '-', start with a letter \
+             and not end with '-'"
+        ))
+    }
 }
 
 #[cfg(test)]
