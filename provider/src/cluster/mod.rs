@@ -1,5 +1,6 @@
 //! Resource `constellation_cluster` and the backend seam behind it.
 
+pub mod attributes;
 pub mod codec;
 #[cfg(feature = "fake-backend")]
 pub mod fake;
@@ -11,7 +12,6 @@ pub mod model;
 mod node_checks;
 mod reconcile;
 pub mod resource;
-pub mod schema;
 
 pub use model::{
     ClusterBackend, ClusterError, ClusterOutputs, ClusterReadResult, ClusterSpec, ClusterState,

@@ -1,5 +1,5 @@
 //! Resource `constellation_cluster`: plan rules and the CRUD and import calls on the
-//! [`ClusterBackend`]; the schema lives in `schema`, the value mapping in `codec`.
+//! [`ClusterBackend`]; the schema lives in `attributes`, the value mapping in `codec`.
 //!
 //!
 //! Drift: Read asks the backend which nodes are dead or fail attestation and records the
@@ -14,9 +14,9 @@ use constellation_common::metadata::Role;
 use constellation_common::secret::SecretBytes;
 use rand::RngCore;
 
+use super::attributes::schema;
 use super::codec::*;
 use super::model::*;
-use super::schema::schema;
 use crate::decode::Decoder;
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::plan::{self, Planned};
