@@ -14,7 +14,7 @@ use constellation_attestation::measurements::{Digest, Measurements};
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_attestation::{ValidationError, Validator, Variant, Verdict};
-use constellation_common::metadata::{ports, NodeInfo, Role};
+use constellation_common::metadata::{ports, NodeInfo};
 use constellation_common::secret::SecretBytes;
 use constellation_daemon::config::{existing_dir, invalid, load_file, required, ConfigError};
 use constellation_daemon::secrets;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use constellation_attestation::{atls, SystemClock};
-use constellation_daemon::{health, logging, reload, shutdown, tpm};
+use constellation_daemon::{health, reload, shutdown, tpm};
 use constellation_joinservice::attested_peer::AttestedPeerInterceptor;
 use constellation_joinservice::config::{
     load_state, Cli, Config, Policy, PolicyStore, PolicyValidator,
@@ -17,28 +17,13 @@ use constellation_joinservice::FileDiskBindings;
 use constellation_proto::join::join_service_server::JoinServiceServer;
 
 fn main() -> ExitCode {
-    let config = match Cli::parse().resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("constellation-joinservice: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    logging::init(config.daemon.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "join service failed");
-            ExitCode::FAILURE
-        }
-    }
+    constellation_daemon::main(
+        "constellation-joinservice",
+        "join service",
+        Cli::parse().resolve(),
+        |config| config.daemon.log_format,
+        |config| async { run(config).await.map_err(|e| format!("{e:#}")) },
+    )
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

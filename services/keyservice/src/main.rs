@@ -3,34 +3,19 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use constellation_daemon::{health, logging, reload, shutdown};
+use constellation_daemon::{health, reload, shutdown};
 use constellation_keyservice::config::{load_material, Cli, Config};
 use constellation_keyservice::kmsplugin::{serve_unix, KmsV2Plugin};
 use constellation_keyservice::KeyService;
 
 fn main() -> ExitCode {
-    let config = match Cli::parse().resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("constellation-keyservice: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    logging::init(config.daemon.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "key service failed");
-            ExitCode::FAILURE
-        }
-    }
+    constellation_daemon::main(
+        "constellation-keyservice",
+        "key service",
+        Cli::parse().resolve(),
+        |config| config.daemon.log_format,
+        |config| async { run(config).await.map_err(|e| format!("{e:#}")) },
+    )
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -4,33 +4,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use constellation_daemon::{health, logging, reload, shutdown, tpm};
+use constellation_daemon::{health, reload, shutdown, tpm};
 use constellation_verify::config::{Cli, Config};
 use constellation_verify::VerifyServer;
 
 fn main() -> ExitCode {
-    let config = match Cli::parse().resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("constellation-verify: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    logging::init(config.daemon.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "verification service failed");
-            ExitCode::FAILURE
-        }
-    }
+    constellation_daemon::main(
+        "constellation-verify",
+        "verification service",
+        Cli::parse().resolve(),
+        |config| config.daemon.log_format,
+        |config| async { run(config).await.map_err(|e| format!("{e:#}")) },
+    )
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
