@@ -167,8 +167,9 @@ fn single_entry(
     }
 }
 
-/// The shared libraries and dynamic loader `binary` needs, as absolute paths (via `ldd`).
-fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, NodeImageError> {
+/// The shared libraries and dynamic loader `binary` needs, as absolute paths (via `ldd`); none
+/// for a static binary. Also used to build the daemons' OCI images.
+pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, NodeImageError> {
     let out = std::process::Command::new("ldd")
         .arg(binary)
         .output()

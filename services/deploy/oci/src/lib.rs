@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
@@ -59,44 +58,13 @@ pub fn add_file(rootfs: &mut RootFs, path: &str, mode: u32, data: Vec<u8>) {
     rootfs.insert(path.to_owned(), Entry::File { mode, data });
 }
 
-/// The absolute library paths `ldd` reports for `binary` (including the dynamic loader).
+/// The absolute library paths `ldd` reports for `binary` (including the dynamic loader): the
+/// node image's own resolver, so the VM image and the OCI images agree on what a binary needs.
 pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, OciError> {
-    let out = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .map_err(io(binary))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        // A static binary: ldd says so and exits non-zero; it needs no libraries.
-        if text.contains("not a dynamic executable")
-            || String::from_utf8_lossy(&out.stderr).contains("not a dynamic executable")
-        {
-            return Ok(Vec::new());
-        }
-        return Err(OciError::Ldd {
-            path: binary.to_owned(),
-            message: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    let mut libs = Vec::new();
-    for line in text.lines() {
-        let candidate = match line.split_once("=>") {
-            Some((_, rest)) => rest.trim(),
-            None => line.trim(),
-        };
-        if let Some(path) = candidate.split_whitespace().next() {
-            if path == "not" {
-                return Err(OciError::Ldd {
-                    path: binary.to_owned(),
-                    message: format!("missing library: {}", line.trim()),
-                });
-            }
-            if path.starts_with('/') {
-                libs.push(PathBuf::from(path));
-            }
-        }
-    }
-    Ok(libs)
+    constellation_image::qemu::shared_libraries(binary).map_err(|e| OciError::Ldd {
+        path: binary.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// The root filesystem of a daemon image: `binary` at `/usr/local/bin/<name>`, its libraries
