@@ -20,7 +20,7 @@ use constellation_joinservice::ticket::{
     DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory,
 };
 use constellation_joinservice::token::{BootstrapToken, TokenRegistry};
-use constellation_keyservice::cluster::ClusterManagedBackend;
+use constellation_keyservice::cluster_managed::ClusterManagedBackend;
 use constellation_keyservice::kmip::{
     KekSource, KmipBackend, KmipSettings, RetryPolicy, StoredKmipSettings,
 };

@@ -20,7 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{ClusterManagedBackend, CLUSTER_SECRET_FILE};
+use crate::cluster_managed::{ClusterManagedBackend, CLUSTER_SECRET_FILE};
 use crate::master::{MasterSecret, MasterSecretBackend};
 
 /// Directory of the master secret under the state folder.

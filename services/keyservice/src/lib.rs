@@ -1,7 +1,7 @@
 //! The key service: data keys derived from the cluster's master secret.
 //!
 //! - [`master`]: the master secret and the [`MasterSecretBackend`] trait (where it comes from);
-//!   backends [`cluster::ClusterManagedBackend`] (a 0600 file on the state disk) and
+//!   backends [`cluster_managed::ClusterManagedBackend`] (a 0600 file on the state disk) and
 //!   [`kmip::KmipBackend`] (wrapped by a KEK in an external KMS reached over KMIP).
 //! - [`service`]: the gRPC `KeyService` (`GetDataKey` = HKDF as in `constellation_common::kdf`)
 //!   and [`serve`], reachable only over mutual TLS.
@@ -11,7 +11,7 @@
 //!   wrapping the apiserver's DEKs with a KEK derived from the master secret.
 //! - `testing` (feature `testing`): a small rcgen PKI and a real PyKMIP server launcher.
 
-pub mod cluster;
+pub mod cluster_managed;
 pub mod config;
 pub mod kmip;
 pub mod kmsplugin;

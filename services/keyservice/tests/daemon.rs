@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use constellation_common::secret::SecretBytes;
 use constellation_daemon::testing::{free_addr, held_unary, run, Daemon};
-use constellation_keyservice::cluster::ClusterManagedBackend;
+use constellation_keyservice::cluster_managed::ClusterManagedBackend;
 use constellation_keyservice::testing::{IssuedCert, TestPki};
 use constellation_keyservice::tls::{mutual_tls_client_config, TlsConnector};
 use constellation_keyservice::{MasterSecret, MasterSecretBackend};

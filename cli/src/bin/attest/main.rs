@@ -8,12 +8,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod cluster;
 mod measurements;
 mod recover;
 mod snp;
 mod tpm;
 mod verdict;
+mod verify_node;
 
 #[derive(Parser)]
 #[command(
@@ -54,7 +54,7 @@ enum VerifyCommand {
     /// A measurements file against its detached cosign-style signature.
     Measurements(measurements::VerifyArgs),
     /// A running cluster node, through its verification service.
-    Cluster(cluster::VerifyArgs),
+    Cluster(verify_node::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         Command::Verify(VerifyCommand::Snp(a)) => snp::verify(a),
         Command::Verify(VerifyCommand::TpmQuote(a)) => tpm::verify(a),
         Command::Verify(VerifyCommand::Measurements(a)) => measurements::verify(a),
-        Command::Verify(VerifyCommand::Cluster(a)) => cluster::verify(a),
+        Command::Verify(VerifyCommand::Cluster(a)) => verify_node::verify(a),
         Command::Recover(a) => recover::recover(a),
     };
     match result {

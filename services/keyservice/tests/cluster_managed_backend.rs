@@ -5,7 +5,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 
 use common::{data_key, RunningKeyService};
-use constellation_keyservice::cluster::{ClusterManagedBackend, CLUSTER_SECRET_FILE};
+use constellation_keyservice::cluster_managed::{ClusterManagedBackend, CLUSTER_SECRET_FILE};
 use constellation_keyservice::{BackendError, KeyService, MasterSecret, MasterSecretBackend};
 
 #[tokio::test]
