@@ -4,12 +4,16 @@
 use std::fmt;
 
 use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::rsa::{PublicEncryptingKey, PublicKeyComponents};
+use aws_lc_rs::rsa::PublicEncryptingKey;
+#[cfg(feature = "tpm-device")]
+use aws_lc_rs::rsa::PublicKeyComponents;
 use aws_lc_rs::signature::{ParsedPublicKey, ECDSA_P256_SHA256_FIXED, RSA_PKCS1_2048_8192_SHA256};
 use const_oid::ObjectIdentifier;
 use der::Decode;
 use spki::SubjectPublicKeyInfoRef;
+#[cfg(feature = "tpm-device")]
 use tss_esapi::interface_types::ecc::EccCurve;
+#[cfg(feature = "tpm-device")]
 use tss_esapi::structures::Public;
 
 use super::signature::TpmSignature;
@@ -105,6 +109,7 @@ impl AkPublicKey {
         Self::from_spki_der(&der)
     }
 
+    #[cfg(feature = "tpm-device")]
     /// From the public area the TPM returned for the key (`create_primary`, `read_public`).
     pub fn from_tpm_public(public: &Public) -> Result<Self, QuoteError> {
         match public {

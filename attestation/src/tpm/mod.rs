@@ -6,6 +6,7 @@
 
 mod ak;
 mod attest;
+#[cfg(feature = "tpm-device")]
 mod device;
 mod signature;
 mod swtpm;
@@ -14,6 +15,7 @@ mod wire;
 
 pub use ak::{AkKind, AkPublicKey};
 pub use attest::{ClockInfo, PcrSelection, QuoteAttest, TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE};
+#[cfg(feature = "tpm-device")]
 pub use device::{QuoteEvidence, Tpm};
 pub use signature::{TpmSignature, TPM_ALG_ECDSA, TPM_ALG_RSASSA, TPM_ALG_SHA256};
 pub use swtpm::{Swtpm, SwtpmHandle};
@@ -99,6 +101,7 @@ pub enum TpmError {
 }
 
 impl TpmError {
+    #[cfg(feature = "tpm-device")]
     fn tss(operation: &'static str, e: tss_esapi::Error) -> Self {
         TpmError::Operation {
             operation,

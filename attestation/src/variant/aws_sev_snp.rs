@@ -12,11 +12,15 @@ use sha2::{Digest as _, Sha512};
 
 use crate::measurements::Digest;
 use crate::snp::{VekSource, VerifiedVek};
-use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
-use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence, QemuVtpmIssuer};
-use crate::variant::snp_vtpm::{
-    quote_evidence, report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator,
-};
+use crate::tpm::{AkKind, AkPublicKey, TpmError};
+#[cfg(feature = "tpm-device")]
+use crate::tpm::Tpm;
+use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence};
+#[cfg(feature = "tpm-device")]
+use crate::variant::qemu_vtpm::QemuVtpmIssuer;
+use crate::variant::snp_vtpm::{report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator};
+#[cfg(feature = "tpm-device")]
+use crate::variant::snp_vtpm::quote_evidence;
 use crate::variant::{IssueError, Issuer, ValidationError, Variant};
 
 /// The wire form of aws-sev-snp evidence.
@@ -69,12 +73,14 @@ where
     }
 }
 
+#[cfg(feature = "tpm-device")]
 /// The node side: an SNP report vouching for the TPM's AK plus a quote bound to the binding.
 pub struct AwsSevSnpIssuer {
     tpm: QemuVtpmIssuer,
     reports: Box<dyn SnpReportProvider>,
 }
 
+#[cfg(feature = "tpm-device")]
 impl AwsSevSnpIssuer {
     /// Quotes `pcrs` with the TPM's `ak` on each `issue`; `reports` supplies the SNP report.
     pub fn new(
@@ -95,6 +101,7 @@ impl AwsSevSnpIssuer {
     }
 }
 
+#[cfg(feature = "tpm-device")]
 impl Issuer for AwsSevSnpIssuer {
     fn variant(&self) -> Variant {
         Variant::AwsSevSnp

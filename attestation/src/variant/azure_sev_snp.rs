@@ -13,11 +13,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::measurements::{sha256, Digest};
 use crate::snp::{VekSource, VerifiedVek};
-use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
-use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence, QemuVtpmIssuer};
-use crate::variant::snp_vtpm::{
-    quote_evidence, report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator,
-};
+use crate::tpm::{AkKind, AkPublicKey, TpmError};
+#[cfg(feature = "tpm-device")]
+use crate::tpm::Tpm;
+use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence};
+#[cfg(feature = "tpm-device")]
+use crate::variant::qemu_vtpm::QemuVtpmIssuer;
+use crate::variant::snp_vtpm::{report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator};
+#[cfg(feature = "tpm-device")]
+use crate::variant::snp_vtpm::quote_evidence;
 use crate::variant::{IssueError, Issuer, ValidationError, Variant};
 
 /// The key ID of the vTPM attestation key in the HCL runtime data.
@@ -144,6 +148,7 @@ where
     }
 }
 
+#[cfg(feature = "tpm-device")]
 /// The node side: the HCL report plus a quote bound to the binding. On Azure the TPM's AK must
 /// be the HCL's RSA-2048 AK for the evidence to validate.
 pub struct AzureSevSnpIssuer {
@@ -151,6 +156,7 @@ pub struct AzureSevSnpIssuer {
     hcl: Box<dyn HclReportProvider>,
 }
 
+#[cfg(feature = "tpm-device")]
 impl AzureSevSnpIssuer {
     pub fn new(
         tpm: Tpm,
@@ -169,6 +175,7 @@ impl AzureSevSnpIssuer {
     }
 }
 
+#[cfg(feature = "tpm-device")]
 impl Issuer for AzureSevSnpIssuer {
     fn variant(&self) -> Variant {
         Variant::AzureSevSnp

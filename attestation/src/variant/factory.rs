@@ -8,10 +8,14 @@ use std::sync::Arc;
 
 use crate::measurements::{Digest, Measurements};
 use crate::snp::{SnpPolicy, VekSource};
-use crate::tpm::{AkKind, AkPublicKey, Tpm, TpmError};
+use crate::tpm::{AkKind, AkPublicKey, TpmError};
+#[cfg(feature = "tpm-device")]
+use crate::tpm::Tpm;
 use crate::variant::aws_sev_snp::AwsSevSnpValidator;
 use crate::variant::azure_sev_snp::AzureSevSnpValidator;
-use crate::variant::qemu_vtpm::{QemuVtpmIssuer, QemuVtpmValidator};
+use crate::variant::qemu_vtpm::QemuVtpmValidator;
+#[cfg(feature = "tpm-device")]
+use crate::variant::qemu_vtpm::QemuVtpmIssuer;
 use crate::variant::{IssueError, Issuer, Validator, Variant};
 use crate::{pcr, Clock};
 
@@ -193,6 +197,7 @@ pub fn validator_for(
     })
 }
 
+#[cfg(feature = "tpm-device")]
 /// The node side of a variant: issues its evidence and owns the TPM connection (swtpm serves
 /// one client, so PCR extends go through [`VariantIssuer::with_tpm`]).
 pub struct VariantIssuer {
@@ -200,6 +205,7 @@ pub struct VariantIssuer {
     tpm: QemuVtpmIssuer,
 }
 
+#[cfg(feature = "tpm-device")]
 impl VariantIssuer {
     /// Runs `f` with exclusive access to the TPM (e.g. to extend [`pcr::CLUSTER_ID`]).
     pub fn with_tpm<T>(
@@ -215,6 +221,7 @@ impl VariantIssuer {
     }
 }
 
+#[cfg(feature = "tpm-device")]
 impl Issuer for VariantIssuer {
     fn variant(&self) -> Variant {
         self.variant
@@ -225,6 +232,7 @@ impl Issuer for VariantIssuer {
     }
 }
 
+#[cfg(feature = "tpm-device")]
 /// The issuer for `variant` on this machine: opens the TPM at `tcti` (a TCTI string such as
 /// `device:/dev/tpmrm0` or `swtpm:path=...`) and quotes the variant's PCRs with its AK.
 /// SEV-SNP variants need a guest report device this code base has no driver for: they return

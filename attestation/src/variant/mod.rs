@@ -9,9 +9,10 @@ pub mod factory;
 pub mod qemu_vtpm;
 pub mod snp_vtpm;
 
+#[cfg(feature = "tpm-device")]
+pub use factory::{issuer_for, VariantIssuer};
 pub use factory::{
-    issuer_for, validator_for, AkAnchor, AkTrust, FactoryError, SnpAnchor, ValidatorPolicy,
-    VariantFacts, VariantIssuer,
+    validator_for, AkAnchor, AkTrust, FactoryError, SnpAnchor, ValidatorPolicy, VariantFacts,
 };
 
 use std::collections::BTreeMap;

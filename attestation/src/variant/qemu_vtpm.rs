@@ -12,7 +12,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::measurements::{Digest, MeasurementMismatch, Measurements, MeasurementsError};
-use crate::tpm::{verify_quote, AkKind, AkPublicKey, Tpm, TpmError};
+use crate::tpm::{verify_quote, AkKind, AkPublicKey, TpmError};
+#[cfg(feature = "tpm-device")]
+use crate::tpm::Tpm;
 use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
 
 /// The wire form of qemu-vtpm evidence.
@@ -48,12 +50,14 @@ impl QemuVtpmEvidence {
     }
 }
 
+#[cfg(feature = "tpm-device")]
 /// The node side: quotes `pcrs` with the TPM's attestation key.
 pub struct QemuVtpmIssuer {
     tpm: Mutex<Tpm>,
     pcrs: Vec<u32>,
 }
 
+#[cfg(feature = "tpm-device")]
 impl QemuVtpmIssuer {
     /// Loads the attestation key of `ak` and quotes `pcrs` (which must include every PCR the
     /// verifier's measurements name) on each `issue`.
@@ -84,6 +88,7 @@ impl QemuVtpmIssuer {
     }
 }
 
+#[cfg(feature = "tpm-device")]
 impl Issuer for QemuVtpmIssuer {
     fn variant(&self) -> Variant {
         Variant::QemuVtpm

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use crate::measurements::{Digest, Measurements};
 use crate::snp::{verify_report_from, AttestationReport, SnpPolicy, VekSource, VerifiedVek};
 use crate::tpm::{AkPublicKey, TpmError};
-use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmIssuer, QemuVtpmValidator};
+use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmValidator};
+#[cfg(feature = "tpm-device")]
+use crate::variant::qemu_vtpm::QemuVtpmIssuer;
 use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
 use crate::Clock;
 
@@ -171,6 +173,7 @@ pub fn validate_vouched_quote(
 }
 
 /// Quotes with the issuer's TPM and returns the quote evidence (AK DER included).
+#[cfg(feature = "tpm-device")]
 pub(crate) fn quote_evidence(
     tpm: &QemuVtpmIssuer,
     binding: &Digest,
