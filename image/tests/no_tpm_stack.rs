@@ -26,7 +26,8 @@ fn the_image_crate_links_no_tpm_stack_and_no_grpc() {
     );
     let tree = String::from_utf8_lossy(&out.stdout);
     assert!(
-        tree.lines().any(|l| l.starts_with("constellation-attestation ")),
+        tree.lines()
+            .any(|l| l.starts_with("constellation-attestation ")),
         "the attestation crate should be a dependency:\n{tree}"
     );
     for forbidden in ["tss-esapi", "tonic", "tokio ", "rustls", "h2 "] {

@@ -12,15 +12,15 @@ use sha2::{Digest as _, Sha512};
 
 use crate::measurements::Digest;
 use crate::snp::{VekSource, VerifiedVek};
-use crate::tpm::{AkKind, AkPublicKey, TpmError};
 #[cfg(feature = "tpm-device")]
 use crate::tpm::Tpm;
-use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence};
+use crate::tpm::{AkKind, AkPublicKey, TpmError};
 #[cfg(feature = "tpm-device")]
 use crate::variant::qemu_vtpm::QemuVtpmIssuer;
-use crate::variant::snp_vtpm::{report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator};
+use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence};
 #[cfg(feature = "tpm-device")]
 use crate::variant::snp_vtpm::quote_evidence;
+use crate::variant::snp_vtpm::{report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator};
 use crate::variant::{IssueError, Issuer, ValidationError, Variant};
 
 /// The wire form of aws-sev-snp evidence.

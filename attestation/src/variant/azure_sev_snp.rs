@@ -13,15 +13,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::measurements::{sha256, Digest};
 use crate::snp::{VekSource, VerifiedVek};
-use crate::tpm::{AkKind, AkPublicKey, TpmError};
 #[cfg(feature = "tpm-device")]
 use crate::tpm::Tpm;
-use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence};
+use crate::tpm::{AkKind, AkPublicKey, TpmError};
 #[cfg(feature = "tpm-device")]
 use crate::variant::qemu_vtpm::QemuVtpmIssuer;
-use crate::variant::snp_vtpm::{report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator};
+use crate::variant::qemu_vtpm::{b64, QemuVtpmEvidence};
 #[cfg(feature = "tpm-device")]
 use crate::variant::snp_vtpm::quote_evidence;
+use crate::variant::snp_vtpm::{report_failed, SnpReportError, SnpVtpmKind, SnpVtpmValidator};
 use crate::variant::{IssueError, Issuer, ValidationError, Variant};
 
 /// The key ID of the vTPM attestation key in the HCL runtime data.

@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use crate::measurements::{Digest, Measurements};
 use crate::snp::{SnpPolicy, VekSource};
-use crate::tpm::{AkKind, AkPublicKey, TpmError};
 #[cfg(feature = "tpm-device")]
 use crate::tpm::Tpm;
+use crate::tpm::{AkKind, AkPublicKey, TpmError};
 use crate::variant::aws_sev_snp::AwsSevSnpValidator;
 use crate::variant::azure_sev_snp::AzureSevSnpValidator;
-use crate::variant::qemu_vtpm::QemuVtpmValidator;
 #[cfg(feature = "tpm-device")]
 use crate::variant::qemu_vtpm::QemuVtpmIssuer;
+use crate::variant::qemu_vtpm::QemuVtpmValidator;
 use crate::variant::{IssueError, Issuer, Validator, Variant};
 use crate::{pcr, Clock};
 

@@ -12,9 +12,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::measurements::{Digest, MeasurementMismatch, Measurements, MeasurementsError};
-use crate::tpm::{verify_quote, AkKind, AkPublicKey, TpmError};
 #[cfg(feature = "tpm-device")]
 use crate::tpm::Tpm;
+use crate::tpm::{verify_quote, AkKind, AkPublicKey, TpmError};
 use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
 
 /// The wire form of qemu-vtpm evidence.

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use crate::measurements::{Digest, Measurements};
 use crate::snp::{verify_report_from, AttestationReport, SnpPolicy, VekSource, VerifiedVek};
 use crate::tpm::{AkPublicKey, TpmError};
-use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmValidator};
 #[cfg(feature = "tpm-device")]
 use crate::variant::qemu_vtpm::QemuVtpmIssuer;
+use crate::variant::qemu_vtpm::{QemuVtpmEvidence, QemuVtpmValidator};
 use crate::variant::{IssueError, Issuer, ValidationError, Validator, Variant, Verdict};
 use crate::Clock;
 
