@@ -81,6 +81,40 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PlatformError + '_ {
     }
 }
 
+/// Reads a cluster folder's platform state (`platform.json`), local or QEMU.
+pub(crate) fn load_state<S: serde::de::DeserializeOwned>(root: &Path) -> Result<S, PlatformError> {
+    let path = root.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    serde_json::from_slice(&bytes).map_err(|source| PlatformError::State { path, source })
+}
+
+/// Writes a cluster folder's platform state and the metadata its nodes read. Both hold the
+/// pinned AKs, so they are written atomically, 0600: a swapped file would make the platform
+/// (or a join service) trust another TPM.
+pub(crate) fn save_state(
+    root: &Path,
+    state: &impl Serialize,
+    settings: &ClusterSettings,
+    nodes: Vec<NodeInfo>,
+    metadata_path: &Path,
+) -> Result<(), PlatformError> {
+    let path = root.join(STATE_FILE);
+    let bytes = serde_json::to_vec_pretty(state).expect("platform state serializes");
+    write_private_atomic(&path, &bytes).map_err(|e| PlatformError::Io {
+        path: path.clone(),
+        source: e.into(),
+    })?;
+    let metadata = ClusterMetadata {
+        cluster_name: settings.cluster_name.clone(),
+        init_secret_hash: settings.init_secret_hash.clone(),
+        attestation_variant: settings.attestation_variant.clone(),
+        measurements_json: settings.measurements_json.clone(),
+        nodes,
+    };
+    FileMetadata::write(metadata_path, &metadata)?;
+    Ok(())
+}
+
 /// Node folders hold TPM state, state disks and keys: only the launcher's user may enter.
 pub(crate) fn private_dir(dir: &Path) -> Result<(), PlatformError> {
     ensure_private_dir(dir).map_err(|e: SecretFileError| PlatformError::Io {
@@ -196,13 +230,9 @@ impl LocalCloud {
 
     /// Opens an existing cluster folder.
     pub fn open(root: &Path) -> Result<Self, PlatformError> {
-        let path = root.join(STATE_FILE);
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        let state = serde_json::from_slice(&bytes)
-            .map_err(|source| PlatformError::State { path, source })?;
         Ok(Self {
             root: root.to_owned(),
-            state,
+            state: load_state(root)?,
         })
     }
 
@@ -232,23 +262,14 @@ impl LocalCloud {
     }
 
     fn save(&self) -> Result<(), PlatformError> {
-        let path = self.root.join(STATE_FILE);
-        let bytes = serde_json::to_vec_pretty(&self.state).expect("platform state serializes");
-        // Pinned AKs: a swapped file would make the platform trust another TPM.
-        write_private_atomic(&path, &bytes).map_err(|e| PlatformError::Io {
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let s = &self.state.settings;
-        let metadata = ClusterMetadata {
-            cluster_name: s.cluster_name.clone(),
-            init_secret_hash: s.init_secret_hash.clone(),
-            attestation_variant: s.attestation_variant.clone(),
-            measurements_json: s.measurements_json.clone(),
-            nodes: self.state.nodes.iter().map(NodeRecord::info).collect(),
-        };
-        FileMetadata::write(&self.metadata_path(), &metadata)?;
-        Ok(())
+        let nodes = self.state.nodes.iter().map(NodeRecord::info).collect();
+        save_state(
+            &self.root,
+            &self.state,
+            &self.state.settings,
+            nodes,
+            &self.metadata_path(),
+        )
     }
 
     /// Adds a node record (not started) with a fresh name, folder and loopback address.

@@ -29,19 +29,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use constellation_attestation::tpm::{AkKind, Swtpm, Tpm};
-use constellation_common::metadata::{
-    ports, ClusterMetadata, FileMetadata, NodeInfo, Role, CONSOLE_STATUS_PREFIX,
-};
+use constellation_common::metadata::{ports, NodeInfo, Role, CONSOLE_STATUS_PREFIX};
 use constellation_common::node_status::NodeStatus;
 use constellation_common::secret_file::write_private_atomic;
 use constellation_image::qemu::{self as image, Accel, NodeImage, VmConfig};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use crate::local::{free_loopback_address, private_dir, ClusterSettings};
+use crate::local::{free_loopback_address, load_state, private_dir, save_state, ClusterSettings};
 use crate::{process, Cloud, NodeRecord, PlatformError};
 
-const STATE_FILE: &str = "platform.json";
 const METADATA_FILE: &str = "metadata.json";
 const CONSOLE_FILE: &str = "console.log";
 const STATE_DISK_FILE: &str = "state.img";
@@ -148,13 +145,9 @@ impl QemuCloud {
 
     /// Opens an existing cluster folder.
     pub fn open(root: &Path) -> Result<Self, PlatformError> {
-        let path = root.join(STATE_FILE);
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        let state = serde_json::from_slice(&bytes)
-            .map_err(|source| PlatformError::State { path, source })?;
         Ok(Self {
             root: root.to_owned(),
-            state,
+            state: load_state(root)?,
         })
     }
 
@@ -194,32 +187,24 @@ impl QemuCloud {
     }
 
     fn save(&self) -> Result<(), PlatformError> {
-        let path = self.root.join(STATE_FILE);
-        let bytes = serde_json::to_vec_pretty(&self.state).expect("platform state serializes");
-        write_private_atomic(&path, &bytes).map_err(|e| PlatformError::Io {
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let s = &self.state.settings;
-        let metadata = ClusterMetadata {
-            cluster_name: s.cluster_name.clone(),
-            init_secret_hash: s.init_secret_hash.clone(),
-            attestation_variant: s.attestation_variant.clone(),
-            measurements_json: s.measurements_json.clone(),
-            nodes: self
-                .state
-                .nodes
-                .iter()
-                .map(|n| NodeInfo {
-                    name: n.record.name.clone(),
-                    role: n.record.role,
-                    ip: IpAddr::V4(n.guest_ip),
-                    ak_spki_hex: n.record.ak_spki_hex.clone(),
-                })
-                .collect(),
-        };
-        FileMetadata::write(&self.metadata_path(), &metadata)?;
-        Ok(())
+        let nodes = self
+            .state
+            .nodes
+            .iter()
+            .map(|n| NodeInfo {
+                name: n.record.name.clone(),
+                role: n.record.role,
+                ip: IpAddr::V4(n.guest_ip),
+                ak_spki_hex: n.record.ak_spki_hex.clone(),
+            })
+            .collect();
+        save_state(
+            &self.root,
+            &self.state,
+            &self.state.settings,
+            nodes,
+            &self.metadata_path(),
+        )
     }
 
     fn add_node(&mut self, role: Role) -> Result<String, PlatformError> {
