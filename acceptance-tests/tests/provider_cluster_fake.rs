@@ -120,6 +120,22 @@ fn lifecycle(version: TfVersion) {
     let plan = tf.plan(&[]);
     assert_eq!(plan.code, 0, "no-op plan:\n{plan}");
 
+    // kubernetes_version cannot change yet (no Kubernetes runs on the nodes): the plan is refused
+    // with the reason, instead of recording an upgrade that never happens.
+    let main_tf = tf.work_dir().join("main.tf");
+    let original = std::fs::read_to_string(&main_tf).unwrap();
+    tf.write_config(&original.replace("\"v1.31.1\"", "\"v1.32.0\""))
+        .unwrap();
+    let refused = tf.plan(&[]);
+    assert_eq!(refused.code, 1, "{refused}");
+    assert!(
+        refused
+            .stderr
+            .contains("Kubernetes upgrades are not supported yet"),
+        "{refused}"
+    );
+    tf.write_config(&original).unwrap();
+
     // worker_count changes in place.
     let plan = tf.plan(&["-var", "workers=3"]);
     assert_eq!(plan.code, 2, "{plan}");

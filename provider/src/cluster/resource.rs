@@ -18,7 +18,7 @@ use super::attributes::schema;
 use super::codec::*;
 use super::model::*;
 use crate::decode::Decoder;
-use crate::diag::{Diagnostic, Diagnostics};
+use crate::diag::{AttrPath, Diagnostic, Diagnostics};
 use crate::plan::{self, Planned};
 use crate::resource::{ApplyRequest, BoxFuture, PlanRequest, Resource, StateOutcome};
 use crate::schema::Block;
@@ -93,6 +93,7 @@ impl Resource for ClusterResource {
             if diags.has_errors() {
                 return Err(diags);
             }
+            refuse_kubernetes_version_change(req.prior, req.proposed)?;
         }
         Ok(plan::plan(&self.schema, req.prior, req.proposed))
     }
@@ -276,6 +277,31 @@ impl Resource for ClusterResource {
     }
 }
 
+/// A change of `kubernetes_version` on an existing cluster is refused at plan time: no
+/// Kubernetes control plane runs on the nodes yet, so accepting it would record an upgrade that
+/// never happened.
+fn refuse_kubernetes_version_change(prior: &Value, proposed: &Value) -> Result<(), Diagnostics> {
+    let (Some(old), Some(new)) = (
+        prior.get("kubernetes_version").as_str(),
+        proposed.get("kubernetes_version").as_str(),
+    ) else {
+        return Ok(());
+    };
+    if old == new {
+        return Ok(());
+    }
+    Err(Diagnostic::error(
+        "Kubernetes upgrades are not supported yet",
+        format!(
+            "kubernetes_version changed from {old:?} to {new:?}, but no Kubernetes control plane \
+             runs on the nodes yet (no Kubernetes binaries on this platform), so there is \
+             nothing to upgrade. Keep {old:?}, or create a new cluster."
+        ),
+    )
+    .at(AttrPath::attr(&["kubernetes_version"]))
+    .into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +360,25 @@ mod tests {
                     .unwrap_or_default()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_kubernetes_version_change_is_refused_at_plan_time() {
+        let prior = config();
+        let mut proposed = config();
+        assert!(refuse_kubernetes_version_change(&prior, &proposed).is_ok());
+        proposed.set("kubernetes_version", Value::string("v1.32.0"));
+        let refused = refuse_kubernetes_version_change(&prior, &proposed).unwrap_err();
+        assert_eq!(refused.0.len(), 1);
+        assert_eq!(
+            refused.0[0].summary,
+            "Kubernetes upgrades are not supported yet"
+        );
+        assert!(refused.0[0].detail.contains("\"v1.31.1\" to \"v1.32.0\""));
+        // A create (null prior) and an unknown value plan as usual.
+        assert!(refuse_kubernetes_version_change(&Value::Null, &proposed).is_ok());
+        proposed.set("kubernetes_version", Value::Unknown);
+        assert!(refuse_kubernetes_version_change(&prior, &proposed).is_ok());
     }
 
     #[test]
