@@ -139,6 +139,15 @@ pub fn run(bin: &str, args: &[&str]) -> (ExitStatus, String) {
     (out.status, text)
 }
 
+/// Runs `bin --help` and asserts it succeeds and mentions every one of `needles`.
+pub fn assert_help_mentions(bin: &str, needles: &[&str]) {
+    let (status, out) = run(bin, &["--help"]);
+    assert!(status.success(), "{out}");
+    for needle in needles {
+        assert!(out.contains(needle), "--help lacks {needle}:\n{out}");
+    }
+}
+
 /// A swtpm process on fixed loopback ports (server `port`, control `port + 1`), killed on drop.
 pub struct SwtpmProcess(Child);
 
