@@ -10,4 +10,6 @@ pub mod policy;
 pub mod recover;
 pub mod state;
 pub mod statedisk;
+pub mod supervisor;
+pub mod tpm_mux;
 pub mod vm;

@@ -43,6 +43,52 @@ pub struct NodeStatus {
     pub pid: u32,
     #[serde(flatten)]
     pub phase: NodePhase,
+    /// The service daemons the bootstrapper supervises on this node and how each is doing.
+    /// Absent in status files written before daemons were supervised (read as none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub daemons: Vec<DaemonHealth>,
+}
+
+/// One supervised daemon as its supervisor last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonHealth {
+    /// The daemon's name (e.g. `joinservice`).
+    pub name: String,
+    /// The running process, if one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(flatten)]
+    pub state: DaemonState,
+    /// How often the supervisor started it again after it exited.
+    pub restarts: u32,
+    /// How the last process ended (`exit status: 1`, `signal: 9 (SIGKILL)`), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+}
+
+/// A supervised daemon's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum DaemonState {
+    /// Started; its readiness endpoint has not answered yet.
+    Starting,
+    /// Its readiness endpoint answers 200.
+    Ready,
+    /// Its readiness endpoint answers, but not ready (the daemon's reason).
+    NotReady { reason: String },
+    /// It exited; the supervisor starts it again after `delay_ms` (exponential back-off).
+    BackingOff { delay_ms: u64 },
+    /// It could not be started at all (binary missing, configuration not writable); retried
+    /// with back-off like a crash.
+    FailedToStart { reason: String },
+    /// The supervisor stopped it (the node shuts down).
+    Stopped,
+}
+
+impl DaemonHealth {
+    pub fn is_ready(&self) -> bool {
+        self.state == DaemonState::Ready
+    }
 }
 
 /// Why the status could not be read or written.
@@ -68,7 +114,19 @@ impl NodeStatus {
         Self {
             pid: std::process::id(),
             phase,
+            daemons: Vec::new(),
         }
+    }
+
+    /// This status with the supervised daemons' health.
+    pub fn with_daemons(mut self, daemons: Vec<DaemonHealth>) -> Self {
+        self.daemons = daemons;
+        self
+    }
+
+    /// The supervised daemon called `name`, if this node runs one.
+    pub fn daemon(&self, name: &str) -> Option<&DaemonHealth> {
+        self.daemons.iter().find(|d| d.name == name)
     }
 
     /// Replaces the status file in `state_dir` atomically (a reader never sees half a file).
@@ -135,6 +193,45 @@ mod tests {
         let read = NodeStatus::read(dir.path()).unwrap().unwrap();
         assert_eq!(read.cluster_id(), Some("c1"));
         assert_eq!(read.pid, std::process::id());
+    }
+
+    #[test]
+    fn daemon_health_round_trips_and_old_files_without_it_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // A status file as written before daemons were supervised.
+        std::fs::write(
+            dir.path().join(STATUS_FILE),
+            br#"{"pid":7,"phase":"joined","cluster_id":"c1"}"#,
+        )
+        .unwrap();
+        let old = NodeStatus::read(dir.path()).unwrap().unwrap();
+        assert_eq!(old.cluster_id(), Some("c1"));
+        assert!(old.daemons.is_empty());
+        let status = NodeStatus::now(NodePhase::Initialized {
+            cluster_id: "c2".into(),
+        })
+        .with_daemons(vec![
+            DaemonHealth {
+                name: "keyservice".into(),
+                pid: Some(42),
+                state: DaemonState::Ready,
+                restarts: 0,
+                last_exit: None,
+            },
+            DaemonHealth {
+                name: "joinservice".into(),
+                pid: None,
+                state: DaemonState::BackingOff { delay_ms: 400 },
+                restarts: 2,
+                last_exit: Some("signal: 9 (SIGKILL)".into()),
+            },
+        ]);
+        status.write(dir.path()).unwrap();
+        let read = NodeStatus::read(dir.path()).unwrap().unwrap();
+        assert_eq!(read, status);
+        assert!(read.daemon("keyservice").unwrap().is_ready());
+        assert_eq!(read.daemon("joinservice").unwrap().restarts, 2);
+        assert!(read.daemon("verify").is_none());
     }
 
     #[test]
