@@ -44,7 +44,9 @@ impl From<&AtlsError> for Refusal {
             AtlsError::PeerRefused(r) => r.clone(),
             AtlsError::StaleNonce { .. } => Refusal::new(RefusalCheck::Nonce, e),
             AtlsError::SessionMismatch { .. } => Refusal::new(RefusalCheck::Binding, e),
-            AtlsError::Protocol(_) => Refusal::new(RefusalCheck::Malformed, e),
+            AtlsError::Protocol(_) | AtlsError::FrameTooLarge { .. } => {
+                Refusal::new(RefusalCheck::Malformed, e)
+            }
             _ => Refusal::new(RefusalCheck::Other, e),
         }
     }

@@ -8,25 +8,31 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use constellation_common::limits::{ListenerLimits, WorkGate};
+
 use super::protocol::{
     check_peer, exporter, fresh_nonce, issue, read_frame, session_id, write_frame, Challenge,
-    EvidenceMessage, Outcome, Role,
+    EvidenceMessage, Outcome, Role, MAX_CHALLENGE_FRAME, MAX_FRAME, MAX_NONCE_LEN, MIN_NONCE_LEN,
 };
 use super::verifiers::{ephemeral_identity, provider, EvidenceIsIdentity};
 use super::AtlsError;
 use crate::variant::{Issuer, Validator, Verdict};
 
-/// Handshake plus attestation exchange must finish within this time.
+/// A client's handshake plus attestation exchange must finish within this time (the server's
+/// bound is its [`ListenerLimits::handshake_timeout`]).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The attesting server's side: proves itself with `issuer`; in mutual mode also requires the
-/// client to attest to `client_validator`.
+/// client to attest to `client_validator`. Its [`ListenerLimits`] (default: the documented
+/// defaults) bound the handshake's time, the listener's connections and its TPM quotes.
 #[derive(Clone)]
 pub struct ServerConfig {
     issuer: Arc<dyn Issuer>,
     client_validator: Option<Arc<dyn Validator>>,
     tls: Arc<rustls::ServerConfig>,
-    timeout: Duration,
+    limits: ListenerLimits,
+    /// Shared by every connection of this config: the quotes it issues run a few at a time.
+    quote_gate: WorkGate,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -75,20 +81,29 @@ impl ServerConfig {
         // with the client's certificate) would only cost work and memory.
         tls.send_tls13_tickets = 0;
         tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        let limits = ListenerLimits::default();
         Ok(Self {
             issuer,
             client_validator,
             tls: Arc::new(tls),
-            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            quote_gate: limits.work_gate("TPM quote"),
+            limits,
         })
     }
 
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+    /// The same identity under other limits (a fresh quote gate sized by them).
+    pub fn with_limits(mut self, limits: ListenerLimits) -> Self {
+        self.quote_gate = limits.work_gate("TPM quote");
+        self.limits = limits;
         self
     }
 
-    /// Runs the TLS handshake and the attestation exchange on an accepted connection.
+    pub fn limits(&self) -> &ListenerLimits {
+        &self.limits
+    }
+
+    /// Runs the TLS handshake and the attestation exchange on an accepted connection, within
+    /// the limits' handshake timeout.
     pub async fn accept<IO>(
         &self,
         io: IO,
@@ -96,12 +111,15 @@ impl ServerConfig {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        tokio::time::timeout(self.timeout, self.accept_inner(io))
+        let timeout = self.limits.handshake_timeout;
+        tokio::time::timeout(timeout, self.accept_unbounded(io))
             .await
-            .map_err(|_| AtlsError::Timeout(self.timeout))?
+            .map_err(|_| AtlsError::Timeout(timeout))?
     }
 
-    async fn accept_inner<IO>(
+    /// [`Self::accept`] without its deadline: the accept loop of `constellation_common::tls`
+    /// applies the same one to every handshake step.
+    pub(super) async fn accept_unbounded<IO>(
         &self,
         io: IO,
     ) -> Result<(tokio_rustls::server::TlsStream<IO>, Option<Verdict>), AtlsError>
@@ -113,15 +131,25 @@ impl ServerConfig {
             .await
             .map_err(|e| AtlsError::Tls(e.to_string()))?;
         let session = session_id(&exporter(tls.get_ref().1)?);
-        let challenge: Challenge = read_frame(&mut tls).await?;
-        if challenge.version != 1 || challenge.nonce.len() < 16 {
+        let challenge: Challenge = read_frame(&mut tls, MAX_CHALLENGE_FRAME).await?;
+        if challenge.version != 1
+            || !(MIN_NONCE_LEN..=MAX_NONCE_LEN).contains(&challenge.nonce.len())
+        {
             return Err(AtlsError::Protocol(format!(
-                "challenge version {} with a {}-byte nonce (need version 1, at least 16 bytes)",
+                "challenge version {} with a {}-byte nonce (need version 1, \
+                 {MIN_NONCE_LEN}..={MAX_NONCE_LEN} bytes)",
                 challenge.version,
                 challenge.nonce.len()
             )));
         }
-        let evidence = issue(&self.issuer, Role::Server, &challenge.nonce, &session).await?;
+        let evidence = issue(
+            &self.issuer,
+            Role::Server,
+            &challenge.nonce,
+            &session,
+            Some(&self.quote_gate),
+        )
+        .await?;
         let our_nonce = if self.client_validator.is_some() {
             fresh_nonce()
         } else {
@@ -138,7 +166,7 @@ impl ServerConfig {
         let Some(validator) = &self.client_validator else {
             return Ok((tls, None));
         };
-        let client_msg: EvidenceMessage = read_frame(&mut tls).await?;
+        let client_msg: EvidenceMessage = read_frame(&mut tls, MAX_FRAME).await?;
         match check_peer(validator, Role::Client, &client_msg, &our_nonce, &session).await {
             Ok(verdict) => {
                 write_frame(
@@ -272,7 +300,7 @@ impl ClientConfig {
             },
         )
         .await?;
-        let msg: EvidenceMessage = read_frame(&mut tls).await?;
+        let msg: EvidenceMessage = read_frame(&mut tls, MAX_FRAME).await?;
         let verdict = check_peer(&self.validator, Role::Server, &msg, &nonce, &session).await?;
         if let Some(issuer) = &self.issuer {
             if msg.challenge.len() < 16 {
@@ -280,7 +308,7 @@ impl ClientConfig {
                     "server sent no challenge in mutual mode".into(),
                 ));
             }
-            let evidence = issue(issuer, Role::Client, &msg.challenge, &session).await?;
+            let evidence = issue(issuer, Role::Client, &msg.challenge, &session, None).await?;
             let reply = EvidenceMessage {
                 version: 1,
                 nonce: msg.challenge,
@@ -289,7 +317,7 @@ impl ClientConfig {
                 challenge: Vec::new(),
             };
             write_frame(&mut tls, &reply).await?;
-            let outcome: Outcome = read_frame(&mut tls).await?;
+            let outcome: Outcome = read_frame(&mut tls, MAX_FRAME).await?;
             if !outcome.ok {
                 let refusal = outcome
                     .refusal

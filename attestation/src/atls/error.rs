@@ -16,6 +16,10 @@ pub enum AtlsError {
     Timeout(Duration),
     #[error("aTLS: malformed exchange message: {0}")]
     Protocol(String),
+    #[error("aTLS: exchange frame of {length} bytes exceeds the limit of {max}")]
+    FrameTooLarge { length: usize, max: usize },
+    #[error("aTLS: {0}")]
+    Busy(#[from] constellation_common::limits::GateError),
     #[error("aTLS: peer's evidence answers another nonce (replayed evidence?): expected {expected}, found {found}")]
     StaleNonce { expected: String, found: String },
     #[error("aTLS: peer's evidence is bound to another TLS session (relay?): expected {expected}, found {found}")]

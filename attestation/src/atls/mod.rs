@@ -38,5 +38,5 @@ mod verifiers;
 
 pub use config::{ClientConfig, ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use error::AtlsError;
-pub use protocol::{binding, MAX_FRAME};
+pub use protocol::{binding, MAX_CHALLENGE_FRAME, MAX_FRAME};
 pub use transport::{channel, connect, incoming, ConnectInfo, Connector, ServerStream};

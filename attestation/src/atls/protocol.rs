@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use constellation_common::limits::WorkGate;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -18,7 +19,14 @@ pub(super) const EXPORTER_LABEL: &[u8] = b"EXPORTER-constellation-atls-v1";
 pub(super) const BINDING_DOMAIN: &[u8] = b"constellation-atls-v1";
 /// Largest exchange frame accepted (evidence with an event log fits easily).
 pub const MAX_FRAME: usize = 1 << 20;
+/// Largest challenge frame a server reads: version and a nonce of at most [`MAX_NONCE_LEN`]
+/// bytes in hex fit in a few hundred bytes, so a client cannot make the server wait for (or
+/// buffer) an evidence-sized frame before it spent anything.
+pub const MAX_CHALLENGE_FRAME: usize = 1024;
 pub(super) const NONCE_LEN: usize = 32;
+/// Shortest and longest nonce a challenge may carry.
+pub(super) const MIN_NONCE_LEN: usize = 16;
+pub(super) const MAX_NONCE_LEN: usize = 64;
 
 /// Which side produced evidence (prevents reflecting one side's evidence to the other).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,10 +124,10 @@ pub(super) async fn write_frame<S: AsyncWrite + Unpin, T: Serialize>(
 ) -> Result<(), AtlsError> {
     let body = serde_json::to_vec(msg).map_err(|e| AtlsError::Protocol(e.to_string()))?;
     if body.len() > MAX_FRAME {
-        return Err(AtlsError::Protocol(format!(
-            "frame of {} bytes exceeds {MAX_FRAME}",
-            body.len()
-        )));
+        return Err(AtlsError::FrameTooLarge {
+            length: body.len(),
+            max: MAX_FRAME,
+        });
     }
     // One buffer, so length and body travel in one TLS record.
     let mut frame = Vec::with_capacity(4 + body.len());
@@ -130,19 +138,26 @@ pub(super) async fn write_frame<S: AsyncWrite + Unpin, T: Serialize>(
     Ok(())
 }
 
+/// Reads one frame of at most `max` bytes. The buffer grows only as the body's bytes arrive:
+/// a length prefix alone allocates nothing.
 pub(super) async fn read_frame<S: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
     s: &mut S,
+    max: usize,
 ) -> Result<T, AtlsError> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(AtlsError::Protocol(format!(
-            "frame of {len} bytes exceeds {MAX_FRAME}"
+    let length = u32::from_be_bytes(len) as usize;
+    if length > max {
+        return Err(AtlsError::FrameTooLarge { length, max });
+    }
+    let mut body = Vec::new();
+    s.take(length as u64).read_to_end(&mut body).await?;
+    if body.len() != length {
+        return Err(AtlsError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("frame ended after {} of {length} bytes", body.len()),
         )));
     }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await?;
     serde_json::from_slice(&body).map_err(|e| AtlsError::Protocol(e.to_string()))
 }
 
@@ -153,19 +168,26 @@ pub(super) fn exporter<C>(conn: &rustls::ConnectionCommon<C>) -> Result<[u8; 32]
     Ok(out)
 }
 
+/// Our evidence for the peer. Issuers talk to a TPM synchronously, so this runs on the
+/// blocking pool; a server passes its quote gate so a flood of handshakes queues for the TPM
+/// in order instead of piling up blocked threads.
 pub(super) async fn issue(
     issuer: &Arc<dyn Issuer>,
     role: Role,
     nonce: &[u8],
     session: &[u8],
+    gate: Option<&WorkGate>,
 ) -> Result<Vec<u8>, AtlsError> {
     let issuer = issuer.clone();
     let b = binding_for(role, nonce, session);
-    // Issuers talk to a TPM synchronously; keep that off the async workers.
-    tokio::task::spawn_blocking(move || issuer.issue(&b))
-        .await
-        .map_err(|e| AtlsError::Protocol(format!("issuer task failed: {e}")))?
-        .map_err(AtlsError::Issue)
+    let quote = move || issuer.issue(&b);
+    let issued = match gate {
+        Some(gate) => gate.run_blocking(quote).await?,
+        None => tokio::task::spawn_blocking(quote)
+            .await
+            .map_err(|e| AtlsError::Protocol(format!("issuer task failed: {e}")))?,
+    };
+    issued.map_err(AtlsError::Issue)
 }
 
 /// Checks the claims and then the evidence of a peer in `role`.

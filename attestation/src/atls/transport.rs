@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use constellation_common::tls::{Handshake, Incoming, TlsServerStream};
+use constellation_common::tls::{ConnectionSlot, Handshake, Incoming, TlsServerStream};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -25,14 +25,16 @@ pub struct ConnectInfo {
 }
 
 /// An accepted, attested server-side connection, ready for tonic.
-pub type ServerStream = TlsServerStream<TcpStream, ConnectInfo>;
+pub type ServerStream = TlsServerStream<ConnectionSlot<TcpStream>, ConnectInfo>;
 
-/// Accepts connections on `listener`, runs each handshake concurrently, and yields only the
-/// attested ones (failures are logged with their reason and dropped). Feed the stream to
-/// `tonic::transport::Server::serve_with_incoming`. The accept loop is the one of
-/// [`constellation_common::tls`]; aTLS plugs in its handshake-plus-attestation step.
+/// Accepts connections on `listener` under the config's [`ServerConfig::limits`], runs each
+/// handshake concurrently, and yields only the attested ones (failures are logged with their
+/// reason and dropped). Feed the stream to `tonic::transport::Server::serve_with_incoming`
+/// (built by `limits.server()`). The accept loop is the one of [`constellation_common::tls`];
+/// aTLS plugs in its handshake-plus-attestation step.
 pub fn incoming(listener: TcpListener, config: ServerConfig) -> Incoming<ServerStream> {
-    Incoming::spawn(listener, config, 64)
+    let limits = *config.limits();
+    Incoming::spawn(listener, config, &limits, 64)
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<IO> for ServerConfig {
@@ -44,7 +46,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<IO> for Serv
         remote_addr: Option<SocketAddr>,
         _local_addr: Option<SocketAddr>,
     ) -> Option<Self::Stream> {
-        match self.accept(io).await {
+        match self.accept_unbounded(io).await {
             Ok((inner, peer)) => Some(TlsServerStream::new(
                 inner,
                 ConnectInfo { remote_addr, peer },

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use constellation_attestation::atls;
+use constellation_common::limits::ListenerLimits;
 use constellation_common::metadata::{ports, Role};
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::attested_peer::AttestedPeerInterceptor;
@@ -25,7 +26,6 @@ use constellation_keyservice::kmip::{
     KekSource, KmipBackend, KmipSettings, RetryPolicy, StoredKmipSettings,
 };
 use constellation_keyservice::{KeyService, MasterSecret, MasterSecretBackend};
-use constellation_proto::join::join_service_server::JoinServiceServer;
 use constellation_proto::keyservice::key_service_client::KeyServiceClient;
 use constellation_proto::keyservice::GetDataKeyRequest;
 use constellation_proto::PROTOCOL_VERSION;
@@ -567,21 +567,22 @@ async fn start_join_service(
         Scope::FreshNode,
     ));
     let atls_config = atls::ServerConfig::mutual(node.issuer.clone(), joiner_validator.clone())
-        .map_err(|e| serve_err(e.to_string()))?;
+        .map_err(|e| serve_err(e.to_string()))?
+        .with_limits(ListenerLimits::default());
     let addr = SocketAddr::new(me.ip, ports::JOIN);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| serve_err(e.to_string()))?;
-    let service = JoinServiceServer::with_interceptor(
-        issuer,
-        AttestedPeerInterceptor::new(move |ak| joiner_validator.node_for(ak)),
-    );
-    let incoming = atls::incoming(listener, atls_config);
+    let peers = AttestedPeerInterceptor::new(move |ak| joiner_validator.node_for(ak));
     tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming)
-            .await
+        if let Err(e) = constellation_joinservice::server::serve(
+            listener,
+            atls_config,
+            issuer,
+            peers,
+            std::future::pending(),
+        )
+        .await
         {
             tracing::error!("join service stopped: {e}");
         }

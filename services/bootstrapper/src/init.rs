@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_common::initsecret;
 use constellation_common::kdf;
+use constellation_common::limits::{ListenerLimits, WorkGate};
 use constellation_common::metadata::ports;
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::disk_bindings::Claim;
@@ -39,11 +40,18 @@ pub const SALT_LEN: usize = 32;
 /// The Init service of one node.
 pub struct InitServer {
     node: Arc<NodeContext>,
+    /// Argon2 checks of the init secret (19 MiB and tens of milliseconds each) run a few at a
+    /// time: anyone who completes aTLS can send Init, so a flood of wrong secrets must neither
+    /// exhaust memory nor starve the right one.
+    secret_check_gate: WorkGate,
 }
 
 impl InitServer {
-    pub fn new(node: Arc<NodeContext>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<NodeContext>, limits: &ListenerLimits) -> Self {
+        Self {
+            node,
+            secret_check_gate: limits.work_gate("init-secret check"),
+        }
     }
 }
 
@@ -106,9 +114,9 @@ impl InitService for InitServer {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let hash = metadata.init_secret_hash.clone();
         let secret = SecretBytes::new(r.init_secret.clone());
-        tokio::task::spawn_blocking(move || initsecret::verify(secret.expose(), &hash))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
+        self.secret_check_gate
+            .run_blocking(move || initsecret::verify(secret.expose(), &hash))
+            .await?
             .map_err(|e| {
                 tracing::warn!("Init refused: {e}");
                 Status::unauthenticated(e.to_string())

@@ -16,6 +16,7 @@ use constellation_attestation::refusal::{Refusal, RefusalCheck};
 use constellation_attestation::tpm::TpmError;
 use constellation_attestation::variant::{issuer_for, VariantIssuer};
 use constellation_attestation::{SystemClock, Variant};
+use constellation_common::limits::ListenerLimits;
 use constellation_common::metadata::{
     ports, FileMetadata, Metadata, MetadataError, Role, TcpMetadata,
 };
@@ -212,15 +213,19 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     ensure_state_disk(&node)?;
 
     let mut serves_init_or_recover = false;
+    // Every listener of the node: the documented defaults (constellation_common::limits).
+    let limits = ListenerLimits::default();
     if me.role == Role::ControlPlane {
         let serves = if state.phase == Phase::Uninitialized {
             // Serve Init (server-attested aTLS); other control planes may also let us join.
-            let init = InitServiceServer::new(InitServer::new(node.clone()));
+            let init = InitServiceServer::new(InitServer::new(node.clone(), &limits))
+                .max_decoding_message_size(limits.max_message_bytes);
             Some(("Init", tonic::service::Routes::new(init)))
         } else if ControlPlaneRecord::load(&node.state_dir)?.is_some() {
             // A restarted control plane: it holds no master secret. Either a join service
             // (another control plane) or the operator's Recover brings it back.
-            let recover = RecoverServiceServer::new(RecoverServer::new(node.clone()));
+            let recover = RecoverServiceServer::new(RecoverServer::new(node.clone(), &limits))
+                .max_decoding_message_size(limits.max_message_bytes);
             Some(("Recover", tonic::service::Routes::new(recover)))
         } else {
             None
@@ -228,9 +233,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         if let Some((what, routes)) = serves {
             let addr = SocketAddr::new(me.ip, ports::BOOTSTRAPPER);
             let listener = tokio::net::TcpListener::bind(addr).await?;
-            let config = atls::ServerConfig::server_only(issuer.clone())?;
+            let config = atls::ServerConfig::server_only(issuer.clone())?.with_limits(limits);
             tokio::spawn(async move {
-                if let Err(e) = tonic::transport::Server::builder()
+                if let Err(e) = limits
+                    .server()
                     .add_routes(routes)
                     .serve_with_incoming(atls::incoming(listener, config))
                     .await
@@ -258,20 +264,24 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
 /// The verification service, on every node. It starts after the node's other listeners: the
 /// platform takes its answer as "the node is up" (a control plane then already serves Init).
-fn start_verification_service(
+async fn start_verification_service(
     me: &constellation_common::metadata::NodeInfo,
     issuer: Arc<VariantIssuer>,
-) {
+    limits: ListenerLimits,
+) -> std::io::Result<()> {
     let verify_addr = SocketAddr::new(me.ip, ports::VERIFY);
+    let listener = tokio::net::TcpListener::bind(verify_addr).await?;
     let verify_issuer: Arc<dyn constellation_attestation::Issuer> = issuer;
     tokio::spawn(async move {
         if let Err(e) =
-            constellation_verify::serve(verify_addr, verify_issuer, std::future::pending()).await
+            constellation_verify::serve(listener, verify_issuer, limits, std::future::pending())
+                .await
         {
             tracing::error!("verification service stopped: {e}");
         }
     });
     tracing::info!(%verify_addr, "verification service listening");
+    Ok(())
 }
 
 /// Joins through any control-plane node's join service, retrying with jitter.

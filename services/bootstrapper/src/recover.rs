@@ -20,6 +20,7 @@
 use std::sync::Arc;
 
 use constellation_common::kdf;
+use constellation_common::limits::{ListenerLimits, WorkGate};
 use constellation_common::secret::SecretBytes;
 use constellation_keyservice::MasterSecret;
 use constellation_proto::recover::recover_service_server::RecoverService;
@@ -109,11 +110,17 @@ impl From<RecoverError> for Status {
 /// The Recover service of one node.
 pub struct RecoverServer {
     node: Arc<NodeContext>,
+    /// Each Recover tries a LUKS unlock (an Argon2 key derivation in libcryptsetup); they run
+    /// a few at a time with a bounded wait, so a flood of wrong secrets queues in order.
+    unlock_gate: WorkGate,
 }
 
 impl RecoverServer {
-    pub fn new(node: Arc<NodeContext>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<NodeContext>, limits: &ListenerLimits) -> Self {
+        Self {
+            node,
+            unlock_gate: limits.work_gate("state-disk unlock"),
+        }
     }
 }
 
@@ -142,7 +149,11 @@ impl RecoverService for RecoverServer {
         let master = SecretBytes::new(r.master_secret);
         let salt = SecretBytes::new(r.master_salt);
         checked?;
-        match recover(&self.node, master, salt).await {
+        match self
+            .unlock_gate
+            .run(recover(&self.node, master, salt))
+            .await?
+        {
             Ok(message) => {
                 tracing::info!("{message}");
                 Ok(Response::new(RecoverResponse { message }))

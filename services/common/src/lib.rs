@@ -4,6 +4,7 @@
 
 pub mod initsecret;
 pub mod kdf;
+pub mod limits;
 pub mod metadata;
 pub mod node_status;
 pub mod refusal;

@@ -10,7 +10,10 @@
 //!   `tonic::transport::Server::serve_with_incoming_shutdown`. Every request served over such a
 //!   stream carries a [`TlsConnectInfo`] in its extensions (peer certificate chain, addresses).
 //!   The accept loop is generic over its per-connection [`Handshake`]: aTLS (in
-//!   constellation-attestation) runs its handshake-plus-attestation step in the same loop.
+//!   constellation-attestation) runs its handshake-plus-attestation step in the same loop, and
+//!   [`FirstBytes`] serves plain TCP (the verification service). The loop applies the
+//!   listener's [`ListenerLimits`]: connection slots ([`ConnectionSlot`]) and the handshake
+//!   deadline.
 //! - client side: [`TlsConnector`] is a tower service for
 //!   `tonic::transport::Endpoint::connect_with_connector`. Give the endpoint an `http://host:port`
 //!   URI: the connector does the TLS, tonic must not try to.
@@ -33,15 +36,14 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector as RustlsConnector};
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 
-/// How long a client may take to complete the TLS handshake before it is dropped.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::limits::ListenerLimits;
 
 /// ALPN protocol id of HTTP/2, which gRPC runs on.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -90,6 +92,68 @@ impl Listener for UnixListener {
     ) -> io::Result<(UnixStream, Option<SocketAddr>, Option<SocketAddr>)> {
         let (stream, _) = self.accept().await?;
         Ok((stream, None, None))
+    }
+}
+
+/// An accepted socket holding one of its listener's [`ListenerLimits::max_connections`] slots
+/// until it is dropped (by the handshake that refused it, or by the server when the connection
+/// ends).
+pub struct ConnectionSlot<Io> {
+    io: Io,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<Io> ConnectionSlot<Io> {
+    pub fn get_ref(&self) -> &Io {
+        &self.io
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for ConnectionSlot<Io> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for ConnectionSlot<Io> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<Io: Connected> Connected for ConnectionSlot<Io> {
+    type ConnectInfo = Io::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
     }
 }
 
@@ -197,18 +261,23 @@ pub struct Incoming<T> {
 
 /// TLS connections accepted on a listener (a client without an acceptable certificate is
 /// refused).
-pub type TlsIncoming<S = TcpStream> = Incoming<TlsServerStream<S>>;
+pub type TlsIncoming<S = TcpStream> = Incoming<TlsServerStream<ConnectionSlot<S>>>;
+
+/// Plain TCP connections (no TLS: the verification service, whose answers are bound to the
+/// caller's nonce) under the same limits.
+pub type TcpIncoming = Incoming<ConnectionSlot<TcpStream>>;
 
 impl<T: Send + 'static> Incoming<T> {
-    /// Accepts on `listener` and runs `handshake` on each connection; at most `backlog` ready
-    /// connections wait for the server to take them.
-    pub fn spawn<L, H>(listener: L, handshake: H, backlog: usize) -> Self
+    /// Accepts on `listener` under `limits` and runs `handshake` on each connection within
+    /// `limits.handshake_timeout`; at most `backlog` ready connections wait for the server to
+    /// take them.
+    pub fn spawn<L, H>(listener: L, handshake: H, limits: &ListenerLimits, backlog: usize) -> Self
     where
         L: Listener,
-        H: Handshake<L::Io, Stream = T>,
+        H: Handshake<ConnectionSlot<L::Io>, Stream = T>,
     {
         let (sender, accepted) = mpsc::channel(backlog);
-        let accept_loop = tokio::spawn(accept_loop(listener, handshake, sender));
+        let accept_loop = tokio::spawn(accept_loop(listener, handshake, *limits, sender));
         Self {
             accepted,
             accept_loop,
@@ -216,21 +285,31 @@ impl<T: Send + 'static> Incoming<T> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Incoming<TlsServerStream<S>> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>
+    Incoming<TlsServerStream<ConnectionSlot<S>>>
+{
+    /// TLS under the default [`ListenerLimits`].
     pub fn new<L: Listener<Io = S>>(listener: L, config: Arc<ServerConfig>) -> Self {
-        Self::with_handshake_timeout(listener, config, DEFAULT_HANDSHAKE_TIMEOUT)
+        Self::with_limits(listener, config, &ListenerLimits::default())
     }
 
-    pub fn with_handshake_timeout<L: Listener<Io = S>>(
+    pub fn with_limits<L: Listener<Io = S>>(
         listener: L,
         config: Arc<ServerConfig>,
-        handshake_timeout: Duration,
+        limits: &ListenerLimits,
     ) -> Self {
         let handshake = TlsHandshake {
             acceptor: TlsAcceptor::from(config),
-            timeout: handshake_timeout,
         };
-        Self::spawn(listener, handshake, 16)
+        Self::spawn(listener, handshake, limits, 16)
+    }
+}
+
+impl Incoming<ConnectionSlot<TcpStream>> {
+    /// Plain TCP under `limits`: a connection is handed to the server once its first bytes
+    /// arrived.
+    pub fn plain(listener: TcpListener, limits: &ListenerLimits) -> Self {
+        Self::spawn(listener, FirstBytes, limits, 16)
     }
 }
 
@@ -248,12 +327,19 @@ impl<T> Stream for Incoming<T> {
     }
 }
 
-async fn accept_loop<L: Listener, H: Handshake<L::Io>>(
+async fn accept_loop<L: Listener, H: Handshake<ConnectionSlot<L::Io>>>(
     listener: L,
     handshake: H,
+    limits: ListenerLimits,
     sender: mpsc::Sender<H::Stream>,
 ) {
+    let slots = limits.connection_slots();
     loop {
+        // Take a slot before accepting: beyond the limit, connections wait in the kernel's
+        // backlog (and are answered in order) instead of costing us a socket and a task.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (io, remote_addr, local_addr) = match listener.accept_connection().await {
             Ok(accepted) => accepted,
             Err(error) => {
@@ -266,22 +352,30 @@ async fn accept_loop<L: Listener, H: Handshake<L::Io>>(
         if sender.is_closed() {
             return;
         }
+        let io = ConnectionSlot { io, _slot: slot };
         let handshake = handshake.clone();
         let sender = sender.clone();
+        let handshake_timeout = limits.handshake_timeout;
         tokio::spawn(async move {
-            if let Some(stream) = handshake.handshake(io, remote_addr, local_addr).await {
+            let step = handshake.handshake(io, remote_addr, local_addr);
+            match tokio::time::timeout(handshake_timeout, step).await {
                 // A closed receiver means the server is shutting down; drop the connection.
-                let _ = sender.send(stream).await;
+                Ok(Some(stream)) => {
+                    let _ = sender.send(stream).await;
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    tracing::info!(?remote_addr, ?handshake_timeout, "handshake timed out");
+                }
             }
         });
     }
 }
 
-/// The plain TLS step: the handshake within a time limit.
+/// The plain TLS step: the handshake (the accept loop bounds its time).
 #[derive(Clone)]
 struct TlsHandshake {
     acceptor: TlsAcceptor,
-    timeout: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<S> for TlsHandshake {
@@ -293,9 +387,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<S> for TlsHan
         remote_addr: Option<SocketAddr>,
         local_addr: Option<SocketAddr>,
     ) -> Option<TlsServerStream<S>> {
-        let handshake_timeout = self.timeout;
-        match tokio::time::timeout(handshake_timeout, self.acceptor.accept(io)).await {
-            Ok(Ok(inner)) => {
+        match self.acceptor.accept(io).await {
+            Ok(inner) => {
                 let peer_certificates = inner
                     .get_ref()
                     .1
@@ -310,12 +403,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<S> for TlsHan
                 };
                 Some(TlsServerStream { inner, info })
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 tracing::info!(?remote_addr, %error, "TLS handshake refused");
                 None
             }
-            Err(_) => {
-                tracing::info!(?remote_addr, ?handshake_timeout, "TLS handshake timed out");
+        }
+    }
+}
+
+/// The plain TCP step: the connection is ready once the client sent something (the HTTP/2
+/// preface), so a client that connects and stays silent never reaches the server.
+#[derive(Clone, Copy, Debug)]
+pub struct FirstBytes;
+
+impl Handshake<ConnectionSlot<TcpStream>> for FirstBytes {
+    type Stream = ConnectionSlot<TcpStream>;
+
+    async fn handshake(
+        &self,
+        io: ConnectionSlot<TcpStream>,
+        remote_addr: Option<SocketAddr>,
+        _local_addr: Option<SocketAddr>,
+    ) -> Option<ConnectionSlot<TcpStream>> {
+        let mut first = [0u8; 1];
+        match io.get_ref().peek(&mut first).await {
+            Ok(n) if n > 0 => Some(io),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::info!(?remote_addr, %error, "connection failed before its first bytes");
                 None
             }
         }

@@ -1,8 +1,9 @@
 //! The join service: admits attested nodes and issues their join tickets (disk key, bootstrap
 //! token, kubelet certificate and, for control-plane nodes, the shared CA material).
 //!
-//! Everything here is a library without network: the bootstrapper wires it behind aTLS and
-//! inserts the attested peer ([`ticket::AttestedPeer`]) into each request's extensions.
+//! Everything here is a library; [`server::serve`] puts it on the network behind mutual aTLS
+//! under the listener limits, and the interceptor inserts the attested peer
+//! ([`ticket::AttestedPeer`]) into each request's extensions.
 
 pub mod attested_peer;
 pub mod collateral;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod disk_bindings;
 pub mod keyclient;
 pub mod pki;
+pub mod server;
 pub mod ticket;
 pub mod token;
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use constellation_attestation::{atls, SystemClock};
+use constellation_common::limits::ListenerLimits;
 use constellation_daemon::{health, reload, shutdown, tpm};
 use constellation_joinservice::attested_peer::AttestedPeerInterceptor;
 use constellation_joinservice::config::{
@@ -14,7 +15,6 @@ use constellation_joinservice::keyclient::KeyServiceClients;
 use constellation_joinservice::ticket::{JoinTicketConfig, JoinTicketIssuer};
 use constellation_joinservice::token::TokenRegistry;
 use constellation_joinservice::FileDiskBindings;
-use constellation_proto::join::join_service_server::JoinServiceServer;
 
 fn main() -> ExitCode {
     constellation_daemon::main(
@@ -108,19 +108,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
     );
     let atls_config =
-        atls::ServerConfig::mutual(Arc::new(issuer), Arc::new(PolicyValidator(store.clone())))?;
+        atls::ServerConfig::mutual(Arc::new(issuer), Arc::new(PolicyValidator(store.clone())))?
+            .with_limits(ListenerLimits::default());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let lookup = store.clone();
-    let service = JoinServiceServer::with_interceptor(
+    let server = constellation_joinservice::server::serve(
+        listener,
+        atls_config,
         tickets,
         AttestedPeerInterceptor::new(move |ak| lookup.node_for(ak)),
+        shutdown.clone().wait(),
     );
-    let server = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            atls::incoming(listener, atls_config),
-            shutdown.clone().wait(),
-        );
     tracing::info!(listen = %config.listen, "join service listening (mutual aTLS)");
     health.set_ready();
     let served = async {

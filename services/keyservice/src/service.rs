@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use constellation_common::kdf::MAX_KEY_LEN;
+use constellation_common::limits::ListenerLimits;
 use constellation_proto::keyservice::key_service_server::{
     KeyService as KeyServiceRpc, KeyServiceServer,
 };
@@ -89,9 +90,10 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `service` on `listener` over TLS with `tls` until `shutdown` completes. `tls` should
-/// require client certificates (see [`crate::tls::mutual_tls_server_config`]); requests without
-/// one are refused regardless.
+/// Serves `service` on `listener` over TLS with `tls` until `shutdown` completes, under the
+/// default [`ListenerLimits`] (connections, handshake deadline, streams, request deadline,
+/// message size). `tls` should require client certificates (see
+/// [`crate::tls::mutual_tls_server_config`]); requests without one are refused regardless.
 pub async fn serve<F>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -103,9 +105,13 @@ where
 {
     let local_addr = listener.local_addr().ok();
     tracing::info!(?local_addr, "key service listening (mutual TLS)");
-    tonic::transport::Server::builder()
-        .add_service(KeyServiceServer::new(service))
-        .serve_with_incoming_shutdown(TlsIncoming::new(listener, tls), shutdown)
+    let limits = ListenerLimits::default();
+    limits
+        .server()
+        .add_service(
+            KeyServiceServer::new(service).max_decoding_message_size(limits.max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(TlsIncoming::with_limits(listener, tls, &limits), shutdown)
         .await?;
     tracing::info!(?local_addr, "key service stopped");
     Ok(())

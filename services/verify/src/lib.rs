@@ -6,14 +6,16 @@
 
 pub mod config;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use constellation_attestation::verification::binding;
 use constellation_attestation::Issuer;
+use constellation_common::limits::{ListenerLimits, WorkGate};
+use constellation_common::tls::TcpIncoming;
 use constellation_proto::verify::verify_service_server::{VerifyService, VerifyServiceServer};
 use constellation_proto::verify::{GetAttestationRequest, GetAttestationResponse};
 use constellation_proto::PROTOCOL_VERSION;
+use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 /// Smallest nonce accepted (a verifier must not let an attester choose freshness).
@@ -21,18 +23,27 @@ pub const MIN_NONCE_LEN: usize = 16;
 /// Largest nonce or user data accepted.
 pub const MAX_INPUT_LEN: usize = 1024;
 
-/// The server half: attests with the node's issuer.
+/// The server half: attests with the node's issuer, a few quotes at a time (anyone may ask, so
+/// a flood queues for the TPM in order, bounded by the limits' expensive-work wait).
 pub struct VerifyServer {
     issuer: Arc<dyn Issuer>,
+    limits: ListenerLimits,
+    quote_gate: WorkGate,
 }
 
 impl VerifyServer {
-    pub fn new(issuer: Arc<dyn Issuer>) -> Self {
-        Self { issuer }
+    pub fn new(issuer: Arc<dyn Issuer>, limits: &ListenerLimits) -> Self {
+        Self {
+            issuer,
+            limits: *limits,
+            quote_gate: limits.work_gate("TPM quote"),
+        }
     }
 
+    /// The gRPC service, decoding requests of at most the limits' message size.
     pub fn into_service(self) -> VerifyServiceServer<Self> {
-        VerifyServiceServer::new(self)
+        let max = self.limits.max_message_bytes;
+        VerifyServiceServer::new(self).max_decoding_message_size(max)
     }
 }
 
@@ -63,9 +74,10 @@ impl VerifyService for VerifyServer {
         }
         let b = binding(&r.nonce, &r.user_data);
         let issuer = self.issuer.clone();
-        let evidence = tokio::task::spawn_blocking(move || issuer.issue(&b))
-            .await
-            .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?
+        let evidence = self
+            .quote_gate
+            .run_blocking(move || issuer.issue(&b))
+            .await?
             .map_err(|e| Status::unavailable(format!("cannot attest: {e}")))?;
         Ok(Response::new(GetAttestationResponse {
             variant: self.issuer.variant().to_string(),
@@ -74,14 +86,17 @@ impl VerifyService for VerifyServer {
     }
 }
 
-/// Serves the verification service on `addr` until `shutdown` resolves.
+/// Serves the verification service on `listener` under `limits` (plain TCP: the evidence is
+/// bound to the caller's nonce) until `shutdown` resolves.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     issuer: Arc<dyn Issuer>,
+    limits: ListenerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(VerifyServer::new(issuer).into_service())
-        .serve_with_shutdown(addr, shutdown)
+    limits
+        .server()
+        .add_service(VerifyServer::new(issuer, &limits).into_service())
+        .serve_with_incoming_shutdown(TcpIncoming::plain(listener, &limits), shutdown)
         .await
 }

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use constellation_common::limits::ListenerLimits;
 use constellation_daemon::{health, reload, shutdown, tpm};
 use constellation_verify::config::{Cli, Config};
-use constellation_verify::VerifyServer;
 
 fn main() -> ExitCode {
     constellation_daemon::main(
@@ -40,12 +40,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, ak_fingerprint = %hex::encode(ak.fingerprint()), "verification service listening");
     health.set_ready();
-    let server = tonic::transport::Server::builder()
-        .add_service(VerifyServer::new(Arc::new(issuer)).into_service())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.clone().wait(),
-        );
+    let server = constellation_verify::serve(
+        listener,
+        Arc::new(issuer),
+        ListenerLimits::default(),
+        shutdown.clone().wait(),
+    );
     let served = async {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "verification service transport failed");
