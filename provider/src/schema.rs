@@ -74,6 +74,9 @@ pub struct Attribute {
     /// Computed only: the value may change on any in-place update, so plans mark it unknown.
     /// Other computed attributes keep their prior value ("use state for unknown").
     pub changes_on_update: bool,
+    /// Protocol 6.9 write-only: the value is in the configuration only, never in a plan or a
+    /// state (the server nulls it in every value it returns). Top-level, not computed.
+    pub write_only: bool,
 }
 
 impl Attribute {
@@ -86,6 +89,7 @@ impl Attribute {
             sensitive: false,
             forces_replacement: false,
             changes_on_update: false,
+            write_only: false,
         }
     }
     pub fn required(name: &'static str, ty: Type, description: &'static str) -> Self {
@@ -120,6 +124,10 @@ impl Attribute {
         self.changes_on_update = true;
         self
     }
+    pub fn write_only(mut self) -> Self {
+        self.write_only = true;
+        self
+    }
 
     pub fn is_computed(&self) -> bool {
         matches!(self.mode, Mode::Computed | Mode::OptionalComputed)
@@ -148,6 +156,7 @@ impl Attribute {
             sensitive: self.sensitive,
             description_kind: pb::StringKind::Markdown as i32,
             deprecated: false,
+            write_only: self.write_only,
         }
     }
 }
@@ -198,6 +207,14 @@ impl Block {
         self.attributes.iter().find(|a| a.name == name)
     }
 
+    /// The names of the write-only attributes.
+    pub fn write_only_attributes(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.attributes
+            .iter()
+            .filter(|a| a.write_only)
+            .map(|a| a.name)
+    }
+
     pub fn to_proto(&self) -> pb::Schema {
         pb::Schema {
             version: self.version,
@@ -239,6 +256,25 @@ mod tests {
             t.to_json().to_string(),
             r#"["map",["object",{"expected":"string","warn_only":"bool"}]]"#
         );
+    }
+
+    #[test]
+    fn write_only_reaches_the_protocol_and_is_listed() {
+        let b = Block {
+            version: 0,
+            description: "",
+            attributes: vec![
+                Attribute::optional("secret_wo", Type::String, "")
+                    .sensitive()
+                    .write_only(),
+                Attribute::optional("secret_wo_version", Type::Number, ""),
+            ],
+        };
+        let p = b.to_proto();
+        let attrs = &p.block.as_ref().unwrap().attributes;
+        assert!(attrs[0].write_only && attrs[0].sensitive && attrs[0].optional);
+        assert!(!attrs[1].write_only);
+        assert_eq!(b.write_only_attributes().collect::<Vec<_>>(), ["secret_wo"]);
     }
 
     #[test]

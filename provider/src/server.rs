@@ -104,6 +104,44 @@ fn decode(dv: Option<&pb::DynamicValue>, schema: &Block) -> Result<Value, Diagno
     value.map_err(|e| Diagnostic::error("Malformed value from Terraform", e.to_string()).into())
 }
 
+/// A value with every write-only attribute of `schema` set to null. Terraform 1.11+ requires
+/// null there in plans and states; for every version it keeps the secret out of what Terraform
+/// stores, whatever a resource returned.
+fn without_write_only(schema: &Block, mut value: Value) -> Value {
+    if !value.is_null() {
+        for name in schema.write_only_attributes() {
+            value.set(name, Value::Null);
+        }
+    }
+    value
+}
+
+/// Write-only attributes set in `config` when Terraform did not announce that it keeps them out
+/// of plan and state (Terraform before 1.11, e.g. 1.0, would store them like any attribute).
+fn refuse_write_only(schema: &Block, config: &Value, allowed: bool) -> Diagnostics {
+    let mut diagnostics = Diagnostics::default();
+    if allowed {
+        return diagnostics;
+    }
+    for name in schema.write_only_attributes() {
+        if !config.get(name).is_null() {
+            diagnostics.push(
+                Diagnostic::error(
+                    "Write-only attribute needs Terraform 1.11 or later",
+                    format!(
+                        "{name} is write-only: Terraform 1.11 and later keep it out of plan and \
+                         state. This Terraform does not support write-only attributes and would \
+                         store it in the state file, so it is refused. Upgrade Terraform, or use \
+                         the attribute without the _wo suffix (Sensitive, kept in state)."
+                    ),
+                )
+                .at(crate::diag::AttrPath::attr(&[name])),
+            );
+        }
+    }
+    diagnostics
+}
+
 fn dynamic(v: &Value) -> Option<pb::DynamicValue> {
     Some(pb::DynamicValue {
         msgpack: v.to_msgpack(),
@@ -189,9 +227,14 @@ impl pb::provider_server::Provider for ProviderService {
         req: Request<pb::validate_resource_config::Request>,
     ) -> Result<Response<pb::validate_resource_config::Response>, Status> {
         let req = req.into_inner();
+        let write_only_allowed = req
+            .client_capabilities
+            .is_some_and(|c| c.write_only_attributes_allowed);
         let diags = self.resource(&req.type_name).and_then(|r| {
             let config = decode(req.config.as_ref(), r.schema())?;
-            Ok(r.validate(&config))
+            let mut diags = refuse_write_only(r.schema(), &config, write_only_allowed);
+            diags.extend(r.validate(&config));
+            Ok(diags)
         });
         Ok(Response::new(pb::validate_resource_config::Response {
             diagnostics: diags.unwrap_or_else(|d| d).to_proto(),
@@ -292,7 +335,11 @@ impl pb::provider_server::Provider for ProviderService {
             if current.is_null() {
                 return Ok(StateOutcome::default());
             }
-            self.cancellable(r.read(&current, &req.private)).await
+            let out = self.cancellable(r.read(&current, &req.private)).await?;
+            Ok::<_, Diagnostics>(StateOutcome {
+                state: without_write_only(r.schema(), out.state),
+                ..out
+            })
         }
         .await;
         Ok(Response::new(match result {
@@ -319,13 +366,20 @@ impl pb::provider_server::Provider for ProviderService {
             self.configured()?;
             let r = self.resource(&req.type_name)?;
             let prior = decode(req.prior_state.as_ref(), r.schema())?;
-            let proposed = decode(req.proposed_new_state.as_ref(), r.schema())?;
+            // Write-only values are read from `config` only: in `proposed` they would look
+            // like a change on every plan (the prior state never holds them).
+            let proposed = without_write_only(
+                r.schema(),
+                decode(req.proposed_new_state.as_ref(), r.schema())?,
+            );
             let config = decode(req.config.as_ref(), r.schema())?;
-            r.plan(PlanRequest {
+            let mut planned = r.plan(PlanRequest {
                 prior: &prior,
                 proposed: &proposed,
                 config: &config,
-            })
+            })?;
+            planned.state = without_write_only(r.schema(), planned.state);
+            Ok::<_, Diagnostics>(planned)
         })();
         Ok(Response::new(match result {
             Ok(planned) => pb::plan_resource_change::Response {
@@ -364,7 +418,11 @@ impl pb::provider_server::Provider for ProviderService {
                     config: &config,
                     private: &req.planned_private,
                 }))
-                .await;
+                .await
+                .map(|out| StateOutcome {
+                    state: without_write_only(r.schema(), out.state),
+                    ..out
+                });
             Ok::<_, Diagnostics>(out)
         }
         .await
@@ -394,7 +452,11 @@ impl pb::provider_server::Provider for ProviderService {
         let result = async {
             let config = self.configured()?;
             let r = self.resource(&req.type_name)?;
-            self.cancellable(r.import(&req.id, &config)).await
+            let out = self.cancellable(r.import(&req.id, &config)).await?;
+            Ok::<_, Diagnostics>(StateOutcome {
+                state: without_write_only(r.schema(), out.state),
+                ..out
+            })
         }
         .await;
         Ok(Response::new(match result {
@@ -497,6 +559,114 @@ mod tests {
 
     fn summaries(diagnostics: &[pb::Diagnostic]) -> Vec<&str> {
         diagnostics.iter().map(|d| d.summary.as_str()).collect()
+    }
+
+    fn cluster_service() -> ProviderService {
+        let backend = crate::cluster::local_backend::LocalBackend::new("/nonexistent".into());
+        ProviderService::new(
+            vec![Arc::new(crate::cluster::ClusterResource::new(Arc::new(
+                backend,
+            )))],
+            Vec::new(),
+        )
+    }
+
+    fn write_only_config() -> Value {
+        let mut config = crate::cluster::resource::tests::config();
+        config.set("master_secret_wo", Value::string("5e".repeat(32)));
+        config.set("master_secret_wo_version", Value::Number(1.0));
+        config
+    }
+
+    async fn validate_cluster(
+        p: &ProviderService,
+        config: &Value,
+        caps: Option<pb::ClientCapabilities>,
+    ) -> Vec<pb::Diagnostic> {
+        p.validate_resource_config(Request::new(pb::validate_resource_config::Request {
+            type_name: "constellation_cluster".into(),
+            config: dynamic(config),
+            client_capabilities: caps,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .diagnostics
+    }
+
+    #[tokio::test]
+    async fn a_write_only_secret_is_refused_unless_terraform_keeps_it_out_of_state() {
+        let p = cluster_service();
+        let config = write_only_config();
+        // Terraform 1.0 sends no capabilities: it would store the value, so it is refused.
+        let refused = validate_cluster(&p, &config, None).await;
+        assert_eq!(
+            summaries(&refused),
+            ["Write-only attribute needs Terraform 1.11 or later"]
+        );
+        let at = refused[0]
+            .attribute
+            .as_ref()
+            .expect("points at the attribute");
+        assert_eq!(
+            at.steps[0].selector,
+            Some(pb::attribute_path::step::Selector::AttributeName(
+                "master_secret_wo".into()
+            ))
+        );
+        assert!(!refused[0].detail.contains(&"5e".repeat(32)));
+        let explicit_no = pb::ClientCapabilities {
+            deferral_allowed: true,
+            write_only_attributes_allowed: false,
+        };
+        assert_eq!(
+            validate_cluster(&p, &config, Some(explicit_no)).await.len(),
+            1
+        );
+        // Terraform 1.11+ announces it: accepted.
+        let allowed = pb::ClientCapabilities {
+            deferral_allowed: false,
+            write_only_attributes_allowed: true,
+        };
+        assert!(validate_cluster(&p, &config, Some(allowed))
+            .await
+            .is_empty());
+        // The Sensitive master_secret stays usable on every version.
+        let mut stored = crate::cluster::resource::tests::config();
+        stored.set("master_secret", Value::string("ab".repeat(32)));
+        assert!(validate_cluster(&p, &stored, None).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_write_only_secret_is_in_no_planned_state() {
+        let p = cluster_service();
+        p.configure_provider(Request::new(Default::default()))
+            .await
+            .unwrap();
+        let config = write_only_config();
+        let planned = p
+            .plan_resource_change(Request::new(pb::plan_resource_change::Request {
+                type_name: "constellation_cluster".into(),
+                prior_state: dynamic(&Value::Null),
+                proposed_new_state: dynamic(&config),
+                config: dynamic(&config),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(planned.diagnostics.is_empty(), "{:?}", planned.diagnostics);
+        let bytes = planned.planned_state.expect("a plan").msgpack;
+        let state = Value::from_msgpack(&bytes).unwrap();
+        assert!(state.get("master_secret_wo").is_null());
+        // Not "known after apply" either: no master secret is generated or kept.
+        assert!(state.get("master_secret").is_null());
+        assert_eq!(state.get("master_secret_wo_version"), &Value::Number(1.0));
+        assert!(state.get("master_secret_salt").is_unknown());
+        let secret_hex = "5e".repeat(32);
+        assert!(!bytes
+            .windows(secret_hex.len())
+            .any(|w| w == secret_hex.as_bytes()));
     }
 
     #[tokio::test]

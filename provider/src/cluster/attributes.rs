@@ -12,7 +12,7 @@ pub(super) fn schema() -> Block {
         description: "A Constellation cluster: confidential nodes that attest before they get any secret.",
         attributes: vec![
             Attribute::required("name", s.clone(), "Cluster name.").forces_replacement(),
-            Attribute::required("platform", s.clone(), "Platform; only `local` is supported now.")
+            Attribute::required("platform", s.clone(), "Platform: `local` (nodes are processes with their own swtpm) or `qemu` (nodes are QEMU VMs booting the node image).")
                 .forces_replacement(),
             Attribute::nested(
                 "image",
@@ -49,8 +49,13 @@ pub(super) fn schema() -> Block {
             )
             .forces_replacement(),
             Attribute::required("kubernetes_version", s.clone(), "Kubernetes version, e.g. `v1.31.1`."),
-            Attribute::optional_computed("master_secret", s.clone(), "Master secret, 32 bytes hex. Generated when not set.")
+            Attribute::optional_computed("master_secret", s.clone(), "Master secret, 32 bytes hex. Generated when neither it nor `master_secret_wo` is set. Kept in state (Sensitive).")
                 .sensitive()
+                .forces_replacement(),
+            Attribute::optional("master_secret_wo", s.clone(), "Write-only master secret, 32 bytes hex (Terraform 1.11 and later): sent to the first control plane at Init and kept in no plan, state or journal. Needs `master_secret_wo_version`; conflicts with `master_secret`. Recovery then needs the KMS (`kms`) or this value kept elsewhere (`attest recover`).")
+                .sensitive()
+                .write_only(),
+            Attribute::optional("master_secret_wo_version", n.clone(), "Version of `master_secret_wo` (kept in state; the secret is not). A change replaces the cluster, like a change of `master_secret`.")
                 .forces_replacement(),
             Attribute::optional_computed("master_secret_salt", s.clone(), "Master secret salt, 32 bytes hex. Generated when not set.")
                 .sensitive()

@@ -19,6 +19,10 @@ pub const MAX_NODES: u32 = 100;
 pub(super) const SECRET_ATTRS: [&str; 3] =
     ["master_secret", "master_secret_salt", "measurement_salt"];
 
+/// The write-only master secret and its version (Terraform's `<name>_wo` convention).
+pub(super) const MASTER_SECRET_WO: &str = "master_secret_wo";
+pub(super) const MASTER_SECRET_WO_VERSION: &str = "master_secret_wo_version";
+
 pub(super) fn check_kubernetes_version(v: &str) -> Result<(), String> {
     let parts: Vec<&str> = v.strip_prefix('v').unwrap_or("").split('.').collect();
     if parts.len() == 3
@@ -116,20 +120,17 @@ pub(super) fn decode_spec(v: &Value, d: &mut Decoder) -> Option<ClusterSpec> {
             "Invalid Kubernetes version",
         )
     });
-    let mut secrets = Vec::new();
-    for attr in SECRET_ATTRS {
-        let path = p(&[attr]);
-        // Null means "generate at apply"; the plan makes it unknown until then.
-        let s = match d.opt_string(v.get(attr), &path) {
-            Some(Some(h)) => d.check(parse_secret(&h), &path, &format!("Invalid {attr}")),
-            Some(None) => {
-                d.incomplete = true;
-                None
-            }
-            None => None,
-        };
-        secrets.push(s);
-    }
+    let master_secret = decode_master_secret(v, d);
+    // Null means "generate at apply"; the plan makes it unknown until then.
+    let mut salt = |attr: &str| match decode_secret(v, attr, d)? {
+        Some(s) => Some(s),
+        None => {
+            d.incomplete = true;
+            None
+        }
+    };
+    let (master_secret_salt, measurement_salt) =
+        (salt("master_secret_salt"), salt("measurement_salt"));
     let kms = decode_kms(v.get("kms"), d);
     if let Some(Some(path)) = d.opt_string(v.get("kubeconfig_path"), &p(&["kubeconfig_path"])) {
         if path.is_empty() {
@@ -140,12 +141,6 @@ pub(super) fn decode_spec(v: &Value, d: &mut Decoder) -> Option<ClusterSpec> {
             );
         }
     }
-    let mut secrets = secrets.into_iter();
-    let (master_secret, master_secret_salt, measurement_salt) = (
-        secrets.next().flatten(),
-        secrets.next().flatten(),
-        secrets.next().flatten(),
-    );
     Some(ClusterSpec {
         name: name?,
         platform: platform?,
@@ -162,6 +157,64 @@ pub(super) fn decode_spec(v: &Value, d: &mut Decoder) -> Option<ClusterSpec> {
         },
         kms: kms?,
     })
+}
+
+/// A 32-byte hex secret attribute: `Some(None)` null, `None` unknown or invalid (recorded).
+fn decode_secret(v: &Value, attr: &str, d: &mut Decoder) -> Option<Option<SecretBytes>> {
+    let path = p(&[attr]);
+    match d.opt_string(v.get(attr), &path)? {
+        Some(h) => d
+            .check(parse_secret(&h), &path, &format!("Invalid {attr}"))
+            .map(Some),
+        None => Some(None),
+    }
+}
+
+/// `master_secret` (stored, or generated when null) or `master_secret_wo` with
+/// `master_secret_wo_version` (write-only). In a state, the write-only secret is null and the
+/// version says the cluster has one.
+fn decode_master_secret(v: &Value, d: &mut Decoder) -> Option<MasterSecret> {
+    let set = |attr: &str| !v.get(attr).is_null();
+    let version_path = p(&[MASTER_SECRET_WO_VERSION]);
+    if set("master_secret") && set(MASTER_SECRET_WO) {
+        d.error(
+            &p(&[MASTER_SECRET_WO]),
+            "Conflicting master secrets",
+            "set master_secret (kept in state) or master_secret_wo (write-only), not both",
+        );
+        return None;
+    }
+    if set(MASTER_SECRET_WO) && !set(MASTER_SECRET_WO_VERSION) {
+        d.error(
+            &version_path,
+            "Missing master_secret_wo_version",
+            "master_secret_wo needs master_secret_wo_version (e.g. 1): Terraform keeps no copy \
+             of a write-only value, so the version is what records it in state",
+        );
+        return None;
+    }
+    if set("master_secret") && set(MASTER_SECRET_WO_VERSION) {
+        d.error(
+            &version_path,
+            "master_secret_wo_version without master_secret_wo",
+            "master_secret_wo_version versions master_secret_wo; master_secret needs none",
+        );
+        return None;
+    }
+    let version = d.opt_uint(v.get(MASTER_SECRET_WO_VERSION), &version_path, u32::MAX)?;
+    match version {
+        Some(version) => {
+            let secret = decode_secret(v, MASTER_SECRET_WO, d)?;
+            Some(MasterSecret::WriteOnly { version, secret })
+        }
+        None => match decode_secret(v, "master_secret", d)? {
+            Some(s) => Some(MasterSecret::Stored(s)),
+            None => {
+                d.incomplete = true;
+                None
+            }
+        },
+    }
 }
 
 pub(super) fn decode_image(v: &Value, d: &mut Decoder) -> Option<ImageRef> {
@@ -487,11 +540,21 @@ pub(super) fn set_outputs(v: &mut Value, o: &ClusterOutputs) {
     );
 }
 
+/// Writes the secrets kept in state; a write-only master secret leaves `master_secret` null
+/// and records only its version.
 pub(super) fn set_secrets(v: &mut Value, s: &ClusterSecrets) {
-    for (attr, secret) in
-        SECRET_ATTRS
-            .iter()
-            .zip([&s.master_secret, &s.master_secret_salt, &s.measurement_salt])
+    let (master_secret, version) = match &s.master_secret {
+        MasterSecret::Stored(secret) => (Value::string(hex::encode(secret.expose())), Value::Null),
+        MasterSecret::WriteOnly { version, .. } => {
+            (Value::Null, Value::Number(f64::from(*version)))
+        }
+    };
+    v.set("master_secret", master_secret);
+    v.set(MASTER_SECRET_WO, Value::Null);
+    v.set(MASTER_SECRET_WO_VERSION, version);
+    for (attr, secret) in SECRET_ATTRS[1..]
+        .iter()
+        .zip([&s.master_secret_salt, &s.measurement_salt])
     {
         v.set(attr, Value::string(hex::encode(secret.expose())));
     }
@@ -572,18 +635,6 @@ pub(super) fn state_value(state: &ClusterState) -> Value {
         (
             "kubernetes_version",
             Value::string(spec.kubernetes_version.clone()),
-        ),
-        (
-            "master_secret",
-            Value::string(hex::encode(spec.secrets.master_secret.expose())),
-        ),
-        (
-            "master_secret_salt",
-            Value::string(hex::encode(spec.secrets.master_secret_salt.expose())),
-        ),
-        (
-            "measurement_salt",
-            Value::string(hex::encode(spec.secrets.measurement_salt.expose())),
         ),
         ("kms", kms),
         ("kubeconfig_path", Value::Null),

@@ -31,7 +31,8 @@ pub struct FakeNode {
     pub healthy: bool,
 }
 
-/// The record of one fake cluster (secrets included: this is test-only plumbing).
+/// The record of one fake cluster (secrets included: this is test-only plumbing), except a
+/// write-only master secret, which no record of the provider holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FakeRecord {
     pub name: String,
@@ -41,7 +42,11 @@ pub struct FakeRecord {
     pub tcb: [Option<u8>; 4],
     pub cidrs: [String; 3],
     pub kubernetes_version: String,
-    pub secrets_hex: [String; 3],
+    /// Null when the master secret is write-only.
+    pub master_secret_hex: Option<String>,
+    pub master_secret_wo_version: Option<u32>,
+    /// Master secret salt and measurement salt.
+    pub salts_hex: [String; 2],
     pub kmip: Option<[String; 5]>,
     pub cluster_id: String,
     pub init_secret_hex: String,
@@ -142,8 +147,15 @@ impl FakeClusterBackend {
                 n.node_cidr.to_string(),
             ],
             kubernetes_version: spec.kubernetes_version.clone(),
-            secrets_hex: [
-                hex::encode(s.master_secret.expose()),
+            master_secret_hex: match &s.master_secret {
+                MasterSecret::Stored(secret) => Some(hex::encode(secret.expose())),
+                MasterSecret::WriteOnly { .. } => None,
+            },
+            master_secret_wo_version: match &s.master_secret {
+                MasterSecret::Stored(_) => None,
+                MasterSecret::WriteOnly { version, .. } => Some(*version),
+            },
+            salts_hex: [
                 hex::encode(s.master_secret_salt.expose()),
                 hex::encode(s.measurement_salt.expose()),
             ],
@@ -192,9 +204,20 @@ impl FakeClusterBackend {
             },
             kubernetes_version: r.kubernetes_version.clone(),
             secrets: ClusterSecrets {
-                master_secret: secret(&r.secrets_hex[0])?,
-                master_secret_salt: secret(&r.secrets_hex[1])?,
-                measurement_salt: secret(&r.secrets_hex[2])?,
+                master_secret: match (&r.master_secret_hex, r.master_secret_wo_version) {
+                    (Some(h), None) => MasterSecret::Stored(secret(h)?),
+                    (None, Some(version)) => MasterSecret::WriteOnly {
+                        version,
+                        secret: None,
+                    },
+                    _ => {
+                        return Err(other(
+                            "record needs master_secret_hex or master_secret_wo_version",
+                        ))
+                    }
+                },
+                master_secret_salt: secret(&r.salts_hex[0])?,
+                measurement_salt: secret(&r.salts_hex[1])?,
             },
             kms: match &r.kmip {
                 None => KmsConfig::ClusterManaged,
@@ -258,7 +281,7 @@ impl ClusterBackend for FakeClusterBackend {
                 0,
             );
             let cluster_id = hex::encode(constellation_common::kdf::cluster_id(
-                spec.secrets.master_secret.expose(),
+                spec.secrets.master_secret.for_init()?.expose(),
                 spec.secrets.measurement_salt.expose(),
             ));
             let init_secret = hex::encode(sha256(spec.secrets.master_secret_salt.expose()));

@@ -62,7 +62,7 @@ pub(super) async fn initialize(
     ));
     let request = pb::InitRequest {
         version: PROTOCOL_VERSION,
-        master_secret: spec.secrets.master_secret.expose().to_vec(),
+        master_secret: spec.secrets.master_secret.for_init()?.expose().to_vec(),
         master_salt: spec.secrets.master_secret_salt.expose().to_vec(),
         measurement_salt: spec.secrets.measurement_salt.expose().to_vec(),
         init_secret: init_secret.expose().to_vec(),

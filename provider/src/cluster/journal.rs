@@ -92,7 +92,11 @@ struct OutputsJson {
 struct JournalJson {
     version: u32,
     cluster_name: String,
-    master_secret: String,
+    /// Absent when the master secret is write-only: then only its version is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    master_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    master_secret_wo_version: Option<u32>,
     master_secret_salt: String,
     measurement_salt: String,
     init_secret: String,
@@ -196,7 +200,14 @@ impl Journal {
             },
             kubernetes_version: s.kubernetes_version,
             secrets: ClusterSecrets {
-                master_secret: secret(&j.master_secret, "master_secret")?,
+                master_secret: match (&j.master_secret, j.master_secret_wo_version) {
+                    (Some(h), None) => MasterSecret::Stored(secret(h, "master_secret")?),
+                    (None, Some(version)) => MasterSecret::WriteOnly {
+                        version,
+                        secret: None,
+                    },
+                    _ => return Err(field("master_secret")),
+                },
                 master_secret_salt: secret(&j.master_secret_salt, "master_secret_salt")?,
                 measurement_salt: secret(&j.measurement_salt, "measurement_salt")?,
             },
@@ -239,7 +250,14 @@ impl Journal {
         JournalJson {
             version: JOURNAL_VERSION,
             cluster_name: s.name.clone(),
-            master_secret: hex::encode(s.secrets.master_secret.expose()),
+            master_secret: match &s.secrets.master_secret {
+                MasterSecret::Stored(m) => Some(hex::encode(m.expose())),
+                MasterSecret::WriteOnly { .. } => None,
+            },
+            master_secret_wo_version: match &s.secrets.master_secret {
+                MasterSecret::Stored(_) => None,
+                MasterSecret::WriteOnly { version, .. } => Some(*version),
+            },
             master_secret_salt: hex::encode(s.secrets.master_secret_salt.expose()),
             measurement_salt: hex::encode(s.secrets.measurement_salt.expose()),
             init_secret: hex::encode(self.init_secret.expose()),
@@ -327,7 +345,7 @@ pub(crate) mod tests {
             },
             kubernetes_version: "v1.31.1".into(),
             secrets: ClusterSecrets {
-                master_secret: SecretBytes::new(vec![1; 32]),
+                master_secret: MasterSecret::Stored(SecretBytes::new(vec![1; 32])),
                 master_secret_salt: SecretBytes::new(vec![2; 32]),
                 measurement_salt: SecretBytes::new(vec![3; 32]),
             },
@@ -377,7 +395,7 @@ pub(crate) mod tests {
         assert!(e.contains("malformed"), "{e}");
         assert!(!e.contains(&"ab".repeat(32)), "{e}");
         let mut json = Journal::new(spec(), SecretBytes::new(vec![9; 32])).encode();
-        json.master_secret = "zz".into();
+        json.master_secret = Some("zz".into());
         std::fs::write(
             Journal::path(dir.path()),
             serde_json::to_vec(&json).unwrap(),

@@ -123,13 +123,17 @@ fn adopt_secrets(
     root: &Path,
 ) -> Result<ClusterSecrets, ClusterError> {
     let (mine, theirs) = (&spec.secrets, &journal.spec.secrets);
-    for (is_given, attr, a, b) in [
-        (
-            given.master_secret,
-            "master_secret",
-            &mine.master_secret,
-            &theirs.master_secret,
+    let differs = |attr: &str| ClusterError::InvalidInput {
+        attribute: crate::diag::AttrPath::attr(&[attr]),
+        reason: format!(
+            "the cluster folder {} holds cluster {:?}, created (or interrupted while \
+             being created) with a different {attr}; set {attr} to the value it was \
+             created with, or remove that cluster first",
+            root.display(),
+            spec.name
         ),
+    };
+    for (is_given, attr, a, b) in [
         (
             given.master_secret_salt,
             "master_secret_salt",
@@ -144,19 +148,21 @@ fn adopt_secrets(
         ),
     ] {
         if is_given && a != b {
-            return Err(ClusterError::InvalidInput {
-                attribute: crate::diag::AttrPath::attr(&[attr]),
-                reason: format!(
-                    "the cluster folder {} holds cluster {:?}, created (or interrupted while \
-                     being created) with a different {attr}; set {attr} to the value it was \
-                     created with, or remove that cluster first",
-                    root.display(),
-                    spec.name
-                ),
-            });
+            return Err(differs(attr));
         }
     }
-    Ok(theirs.clone())
+    // A write-only master secret is not in the journal: this configuration supplies it.
+    let master_secret = if given.master_secret {
+        mine.master_secret
+            .resume_with(&theirs.master_secret)
+            .ok_or_else(|| differs("master_secret"))?
+    } else {
+        theirs.master_secret.clone()
+    };
+    Ok(ClusterSecrets {
+        master_secret,
+        ..theirs.clone()
+    })
 }
 
 impl LocalBackend {
@@ -911,7 +917,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = folder(dir.path(), false);
         let mut spec = j.spec.clone();
-        spec.secrets.master_secret = SecretBytes::new(vec![0x55; 32]);
+        spec.secrets.master_secret = MasterSecret::Stored(SecretBytes::new(vec![0x55; 32]));
         // Generated for this apply: replaced by the journal's.
         let adopted = adopt_secrets(&spec, GivenSecrets::default(), &j, dir.path()).unwrap();
         assert_eq!(adopted, j.spec.secrets);

@@ -26,13 +26,17 @@ pub const SECRET_LEN: usize = 32;
 /// The platforms a cluster can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Platform {
+    /// Nodes are processes with their own swtpm.
     Local,
+    /// Nodes are QEMU VMs booting the node image.
+    Qemu,
 }
 
 impl Platform {
     pub fn as_str(self) -> &'static str {
         match self {
             Platform::Local => "local",
+            Platform::Qemu => "qemu",
         }
     }
 }
@@ -40,7 +44,7 @@ impl Platform {
 impl FromStr for Platform {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        crate::image::check_platform(s).map(|()| Platform::Local)
+        crate::image::check_platform(s)
     }
 }
 
@@ -179,10 +183,59 @@ impl fmt::Debug for KmipConfig {
     }
 }
 
+/// How the configuration gives the master secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterSecret {
+    /// `master_secret` (set or generated): kept in Terraform state and the cluster journal.
+    Stored(SecretBytes),
+    /// `master_secret_wo`: in no plan, state, journal or log. `secret` is present only during
+    /// the apply that creates the cluster (from the configuration); afterwards only the nodes'
+    /// key service (or the KMS) holds it. `version` is `master_secret_wo_version`.
+    WriteOnly {
+        version: u32,
+        secret: Option<SecretBytes>,
+    },
+}
+
+impl MasterSecret {
+    /// The bytes, when this process holds them.
+    pub fn bytes(&self) -> Option<&SecretBytes> {
+        match self {
+            MasterSecret::Stored(s) => Some(s),
+            MasterSecret::WriteOnly { secret, .. } => secret.as_ref(),
+        }
+    }
+
+    /// The bytes Init needs; a write-only secret is absent outside the creating apply.
+    pub fn for_init(&self) -> Result<&SecretBytes, ClusterError> {
+        self.bytes().ok_or_else(|| ClusterError::InvalidInput {
+            attribute: AttrPath::attr(&["master_secret_wo"]),
+            reason: "the cluster's master secret is write-only and master_secret_wo is null; \
+                     set it to the value the cluster was created with"
+                .into(),
+        })
+    }
+
+    /// The master secret of a resumed create, given the one the journal recorded: a stored
+    /// secret must equal the recorded one (the nodes may hold it already); a write-only one is
+    /// never recorded, so its version must match and its bytes come from this configuration.
+    /// `None` when they disagree.
+    pub fn resume_with(&self, recorded: &MasterSecret) -> Option<MasterSecret> {
+        match (self, recorded) {
+            (MasterSecret::Stored(a), MasterSecret::Stored(b)) => (a == b).then(|| self.clone()),
+            (
+                MasterSecret::WriteOnly { version: a, .. },
+                MasterSecret::WriteOnly { version: b, .. },
+            ) => (a == b && self.bytes().is_some()).then(|| self.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// The three cluster secrets, each [`SECRET_LEN`] bytes (Debug prints lengths only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSecrets {
-    pub master_secret: SecretBytes,
+    pub master_secret: MasterSecret,
     pub master_secret_salt: SecretBytes,
     pub measurement_salt: SecretBytes,
 }

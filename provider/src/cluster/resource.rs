@@ -94,8 +94,14 @@ impl Resource for ClusterResource {
                 return Err(diags);
             }
             refuse_kubernetes_version_change(req.prior, req.proposed)?;
+            need_write_only_secret_to_create(req.prior, req.config)?;
         }
-        Ok(plan::plan(&self.schema, req.prior, req.proposed))
+        let mut planned = plan::plan(&self.schema, req.prior, req.proposed);
+        if !req.config.get(MASTER_SECRET_WO_VERSION).is_null() {
+            // Write-only: nothing to generate, nothing to keep (not even "known after apply").
+            planned.state.set("master_secret", Value::Null);
+        }
+        Ok(planned)
     }
 
     fn apply<'a>(
@@ -130,8 +136,15 @@ impl Resource for ClusterResource {
                 master_secret_salt: given[1],
                 measurement_salt: given[2],
             };
+            // The write-only master secret is read from the configuration, for the create only
+            // (afterwards the nodes hold it): decoded from a copy, never put into new_state.
+            let mut with_secret = new_state.clone();
+            if req.prior.is_null() {
+                with_secret.set(MASTER_SECRET_WO, req.config.get(MASTER_SECRET_WO).clone());
+            }
             let mut d = Decoder::new();
-            let spec = decode_spec(&new_state, &mut d);
+            let spec = decode_spec(&with_secret, &mut d);
+            drop(with_secret);
             let spec = d.finish(spec)?;
             let progress = LogProgress {
                 cluster: spec.name.clone(),
@@ -277,6 +290,25 @@ impl Resource for ClusterResource {
     }
 }
 
+/// A new cluster whose master secret is write-only needs the secret in the configuration
+/// (e.g. `master_secret_wo_version` set but `master_secret_wo` null): refused at plan time, not
+/// after the nodes booted.
+fn need_write_only_secret_to_create(prior: &Value, config: &Value) -> Result<(), Diagnostics> {
+    if prior.is_null()
+        && !config.get(MASTER_SECRET_WO_VERSION).is_null()
+        && config.get(MASTER_SECRET_WO).is_null()
+    {
+        return Err(Diagnostic::error(
+            "Missing master_secret_wo",
+            "master_secret_wo_version is set, so the master secret is write-only, but \
+             master_secret_wo is null: a new cluster needs it for Init",
+        )
+        .at(AttrPath::attr(&[MASTER_SECRET_WO]))
+        .into());
+    }
+    Ok(())
+}
+
 /// A change of `kubernetes_version` on an existing cluster is refused at plan time: no
 /// Kubernetes control plane runs on the nodes yet, so accepting it would record an upgrade that
 /// never happened.
@@ -303,7 +335,7 @@ fn refuse_kubernetes_version_change(prior: &Value, proposed: &Value) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use constellation_attestation::{Measurement, Measurements};
 
@@ -573,6 +605,110 @@ mod tests {
             edit(&mut v);
             assert_eq!(errors_at(&v), vec![path.to_owned()], "case {path}");
         }
+    }
+
+    #[test]
+    fn a_write_only_master_secret_decodes_and_its_misuses_point_at_their_attribute() {
+        let secret = "5e".repeat(32);
+        let mut v = config();
+        v.set("master_secret_wo", Value::string(secret.clone()));
+        v.set("master_secret_wo_version", Value::Number(3.0));
+        assert!(errors_at(&v).is_empty());
+        for a in &SECRET_ATTRS[1..] {
+            v.set(a, Value::string("ab".repeat(32)));
+        }
+        let spec = decode_spec(&v, &mut Decoder::new()).expect("complete");
+        assert_eq!(
+            spec.secrets.master_secret,
+            MasterSecret::WriteOnly {
+                version: 3,
+                secret: Some(SecretBytes::new(vec![0x5e; 32]))
+            }
+        );
+        assert!(!format!("{spec:?}").contains(&secret));
+
+        // In a state the secret is null and the version says it was write-only.
+        let mut state = v.clone();
+        state.set("master_secret_wo", Value::Null);
+        let spec = decode_spec(&state, &mut Decoder::new()).expect("complete");
+        assert_eq!(
+            spec.secrets.master_secret,
+            MasterSecret::WriteOnly {
+                version: 3,
+                secret: None
+            }
+        );
+        // ...and writing the secrets back keeps it out.
+        let mut written = state.clone();
+        set_secrets(&mut written, &spec.secrets);
+        assert!(written.get("master_secret").is_null());
+        assert!(written.get("master_secret_wo").is_null());
+        assert_eq!(written.get("master_secret_wo_version"), &Value::Number(3.0));
+
+        let cases: [(&str, &[(&str, Value)]); 4] = [
+            (
+                "master_secret_wo",
+                &[("master_secret", Value::string("ab".repeat(32)))],
+            ),
+            (
+                "master_secret_wo_version",
+                &[("master_secret_wo_version", Value::Null)],
+            ),
+            (
+                "master_secret_wo",
+                &[("master_secret_wo", Value::string("abcd"))],
+            ),
+            (
+                "master_secret_wo_version",
+                &[
+                    ("master_secret_wo", Value::Null),
+                    ("master_secret", Value::string("ab".repeat(32))),
+                ],
+            ),
+        ];
+        for (path, edits) in cases {
+            let mut bad = v.clone();
+            for (attr, value) in edits {
+                bad.set(attr, value.clone());
+            }
+            assert_eq!(errors_at(&bad), vec![path.to_owned()], "case {path}");
+        }
+    }
+
+    #[test]
+    fn a_write_only_create_plans_no_master_secret_and_needs_the_secret() {
+        let r = ClusterResource::new(Arc::new(super::super::local_backend::LocalBackend::new(
+            "/nonexistent".into(),
+        )));
+        let mut v = config();
+        v.set("master_secret_wo_version", Value::Number(1.0));
+        let missing = r
+            .plan(PlanRequest {
+                prior: &Value::Null,
+                proposed: &v,
+                config: &v,
+            })
+            .unwrap_err();
+        assert_eq!(missing.0[0].summary, "Missing master_secret_wo");
+        let mut with_secret = v.clone();
+        with_secret.set("master_secret_wo", Value::string("5e".repeat(32)));
+        let planned = r
+            .plan(PlanRequest {
+                prior: &Value::Null,
+                proposed: &v,
+                config: &with_secret,
+            })
+            .unwrap();
+        assert!(planned.state.get("master_secret").is_null());
+        assert!(planned.state.get("measurement_salt").is_unknown());
+        // An existing write-only cluster needs no secret to plan.
+        assert!(r
+            .plan(PlanRequest {
+                prior: &planned.state,
+                proposed: &v,
+                config: &v,
+            })
+            .is_ok());
     }
 
     #[test]
