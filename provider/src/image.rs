@@ -1,6 +1,12 @@
 //! Resource `constellation_image`: assembles a node image and exposes its expected
 //! measurements, which the cluster resource checks every node's attestation against.
 //!
+//! - `platform = "local"`: a folder with the bootstrapper and a manifest (`LocalImage`).
+//! - `platform = "qemu"`: a bootable image (`qemu::NodeImage`: the pinned Debian kernel from
+//!   `$CONSTELLATION_KERNEL_DIR`, an initramfs with the bootstrapper, a command line) and the
+//!   PCR values OVMF and the kernel will produce when it boots, precalculated offline from the
+//!   image and the firmware file.
+//!
 //! Read policy: a missing image folder removes the resource from state (the next plan
 //! recreates it); an image whose files disagree with its manifest is an error, because
 //! silently rebuilding over a tampered image would hide the tampering.
@@ -8,8 +14,10 @@
 use std::path::{Path, PathBuf};
 
 use constellation_attestation::measurements::Measurements;
+use constellation_image::qemu::{self as node_image, NodeImage, NodeImageError, NodeImageInputs};
 use constellation_image::{ImageError, LocalImage, BOOTSTRAPPER_FILE, MANIFEST_FILE};
 
+use crate::cluster::model::Platform;
 use crate::decode::Decoder;
 use crate::diag::{AttrPath, Diagnostic, Diagnostics};
 use crate::plan::{self, Planned};
@@ -20,18 +28,22 @@ use crate::value::Value;
 
 /// Environment variable naming the default bootstrapper binary.
 pub const BOOTSTRAPPER_ENV: &str = "CONSTELLATION_BOOTSTRAPPER";
+/// Environment variable naming the unpacked Debian kernel package a QEMU image boots
+/// (`make image-kernel` puts it under `tools/kernel/`).
+pub const KERNEL_DIR_ENV: &str = "CONSTELLATION_KERNEL_DIR";
 /// Default image folder, relative to Terraform's working directory: `<this>/<version>`.
 pub const DEFAULT_IMAGE_ROOT: &str = ".constellation/images";
 
-/// The platforms a `platform` attribute may name, and whether they work yet.
-pub fn check_platform(platform: &str) -> Result<(), String> {
+/// The platform a `platform` attribute names, or why it cannot be used.
+pub fn check_platform(platform: &str) -> Result<Platform, String> {
     match platform {
-        "local" => Ok(()),
-        "qemu" | "azure" | "gcp" => Err(format!(
-            "platform {platform:?} is not supported yet; supported: \"local\""
+        "local" => Ok(Platform::Local),
+        "qemu" => Ok(Platform::Qemu),
+        "azure" | "gcp" => Err(format!(
+            "platform {platform:?} is not supported yet; supported: \"local\", \"qemu\""
         )),
         other => Err(format!(
-            "unknown platform {other:?}; known platforms: \"local\" (supported), \"qemu\", \
+            "unknown platform {other:?}; known platforms: \"local\", \"qemu\" (supported), \
              \"azure\", \"gcp\" (not supported yet)"
         )),
     }
@@ -80,7 +92,10 @@ impl ImageResource {
                 Attribute::required(
                     "platform",
                     Type::String,
-                    "Platform the image is for. Only `local` is supported now.",
+                    "Platform the image is for: `local` (the bootstrapper and a manifest) or `qemu` \
+                     (a bootable image: the kernel in `$CONSTELLATION_KERNEL_DIR` and an initramfs \
+                     with the bootstrapper; its measurements are the PCRs OVMF and the kernel \
+                     produce, precalculated).",
                 )
                 .forces_replacement(),
                 Attribute::required("version", Type::String, "Image version, e.g. `v0.1.0`.")
@@ -179,6 +194,7 @@ fn check_readable_file(p: &str) -> Result<(), String> {
 
 /// The inputs of an image, all known.
 struct ImageInputs {
+    platform: Platform,
     version: String,
     bootstrapper_path: String,
     image_dir: String,
@@ -187,10 +203,15 @@ struct ImageInputs {
 impl ImageResource {
     /// Decodes and checks the inputs; `None` with no error when some are unknown.
     fn decode(&self, v: &Value, d: &mut Decoder) -> Option<ImageInputs> {
-        let platform = d.req_string(v.get("platform"), &path("platform"));
-        if let Some(p) = &platform {
-            d.check(check_platform(p), &path("platform"), "Unsupported platform");
-        }
+        let platform = d
+            .req_string(v.get("platform"), &path("platform"))
+            .and_then(|p| {
+                d.check(
+                    check_platform(&p),
+                    &path("platform"),
+                    "Unsupported platform",
+                )
+            });
         let version = d.req_string(v.get("version"), &path("version"));
         if let Some(ver) = &version {
             d.check(
@@ -217,8 +238,8 @@ impl ImageResource {
             }
         }
         let (version, bootstrapper_path, image_dir) = (version?, bootstrapper_path?, image_dir?);
-        platform?;
         Some(ImageInputs {
+            platform: platform?,
             bootstrapper_path: bootstrapper_path?,
             image_dir: image_dir
                 .unwrap_or_else(|| default_image_dir(&version).display().to_string()),
@@ -227,38 +248,146 @@ impl ImageResource {
     }
 
     /// State of an assembled image; `image_dir` is kept as the user wrote it.
-    fn state_of(&self, image: &LocalImage, bootstrapper_path: Value, image_dir: Value) -> Value {
+    fn state_of(&self, image: &BuiltImage, bootstrapper_path: Value, image_dir: Value) -> Value {
         let reference = Value::string(absolute(&image.dir).display().to_string());
         Value::object([
-            ("platform", Value::string(image.manifest.platform.clone())),
-            ("version", Value::string(image.manifest.version.clone())),
+            ("platform", Value::string(image.platform.as_str())),
+            ("version", Value::string(image.version.clone())),
             ("bootstrapper_path", bootstrapper_path),
             ("image_dir", image_dir),
             ("id", reference.clone()),
             ("reference", reference),
             (
                 "bootstrapper_sha256",
-                Value::string(image.manifest.bootstrapper_sha256.clone()),
+                Value::string(image.bootstrapper_sha256.clone()),
             ),
             ("measurements", measurements_to_value(&image.measurements)),
         ])
     }
 }
 
-fn image_error(summary: &str, e: &ImageError) -> Diagnostic {
+/// An image of either platform, as the resource's state shows it.
+struct BuiltImage {
+    dir: PathBuf,
+    platform: Platform,
+    version: String,
+    bootstrapper_sha256: String,
+    measurements: Measurements,
+}
+
+impl From<LocalImage> for BuiltImage {
+    fn from(image: LocalImage) -> Self {
+        Self {
+            dir: image.dir,
+            platform: Platform::Local,
+            version: image.manifest.version,
+            bootstrapper_sha256: image.manifest.bootstrapper_sha256,
+            measurements: image.measurements,
+        }
+    }
+}
+
+/// Why an image could not be built or opened.
+#[derive(Debug, thiserror::Error)]
+enum BuildError {
+    #[error("{0}")]
+    Local(#[from] ImageError),
+    #[error("{0}")]
+    Qemu(#[from] NodeImageError),
+    #[error(
+        "${KERNEL_DIR_ENV} is not set: a qemu image boots the unpacked Debian kernel package it \
+         names (`make image-kernel` unpacks it into tools/kernel/)"
+    )]
+    NoKernel,
+}
+
+impl BuildError {
+    /// The image folder (or a file in it) does not exist.
+    fn is_not_found(&self) -> bool {
+        let kind = match self {
+            BuildError::Local(ImageError::Io { source, .. })
+            | BuildError::Qemu(NodeImageError::Io { source, .. }) => source.kind(),
+            _ => return false,
+        };
+        kind == std::io::ErrorKind::NotFound
+    }
+}
+
+/// A QEMU image with its measurements, precalculated for the firmware the platform boots.
+fn measured_node_image(image: NodeImage) -> Result<BuiltImage, BuildError> {
+    let measurements = image
+        .precalculate(Path::new(node_image::OVMF_CODE))?
+        .measurements;
+    Ok(BuiltImage {
+        dir: image.dir,
+        platform: Platform::Qemu,
+        version: image.manifest.version,
+        bootstrapper_sha256: image.manifest.bootstrapper_sha256,
+        measurements,
+    })
+}
+
+/// Builds the image of `platform` into `dir`.
+fn build_image(
+    platform: Platform,
+    dir: &Path,
+    bootstrapper: &Path,
+    version: &str,
+) -> Result<BuiltImage, BuildError> {
+    match platform {
+        Platform::Local => Ok(LocalImage::assemble(dir, bootstrapper, version)?.into()),
+        Platform::Qemu => {
+            let kernel = std::env::var_os(KERNEL_DIR_ENV)
+                .filter(|k| !k.is_empty())
+                .ok_or(BuildError::NoKernel)?;
+            let inputs = NodeImageInputs::new(Path::new(&kernel), bootstrapper);
+            measured_node_image(NodeImage::build(dir, &inputs, version)?)
+        }
+    }
+}
+
+/// Opens the image of `platform` in `dir`, its files checked against its manifest, and
+/// computes its measurements again.
+fn open_image(platform: Platform, dir: &Path) -> Result<BuiltImage, BuildError> {
+    match platform {
+        Platform::Local => Ok(LocalImage::open(dir)?.into()),
+        Platform::Qemu => measured_node_image(NodeImage::open(dir)?),
+    }
+}
+
+/// The platform of the image folder `dir`: a QEMU image has a node image manifest.
+fn platform_of(dir: &Path) -> Platform {
+    if dir.join(node_image::NODE_MANIFEST_FILE).exists() {
+        Platform::Qemu
+    } else {
+        Platform::Local
+    }
+}
+
+fn image_error(summary: &str, e: &BuildError) -> Diagnostic {
     Diagnostic::error(summary, e.to_string())
 }
 
-/// Removes exactly the files an image consists of, then the folder if it is empty: a
-/// user-chosen `image_dir` may hold other files, which are never deleted.
+/// Removes exactly the files an image (of either platform) consists of, then the folder if it
+/// is empty: a user-chosen `image_dir` may hold other files, which are never deleted.
 fn remove_image(dir: &Path) -> Result<Diagnostics, Diagnostic> {
     let mut warnings = Diagnostics::default();
-    for name in [
-        BOOTSTRAPPER_FILE.to_owned(),
-        MANIFEST_FILE.to_owned(),
-        format!(".{BOOTSTRAPPER_FILE}.tmp"),
-        constellation_image::DIGEST_CACHE_FILE.to_owned(),
-    ] {
+    let files = [
+        BOOTSTRAPPER_FILE,
+        MANIFEST_FILE,
+        constellation_image::DIGEST_CACHE_FILE,
+        node_image::KERNEL_FILE,
+        node_image::INITRD_FILE,
+        node_image::NODE_MANIFEST_FILE,
+    ];
+    let temporary = [
+        BOOTSTRAPPER_FILE,
+        node_image::KERNEL_FILE,
+        node_image::INITRD_FILE,
+        node_image::NODE_MANIFEST_FILE,
+    ]
+    .map(|f| format!(".{f}.tmp"));
+    for name in files.iter().map(|f| f.to_string()).chain(temporary) {
         let p = dir.join(name);
         match std::fs::remove_file(&p) {
             Ok(()) => {}
@@ -335,6 +464,14 @@ impl Resource for ImageResource {
                     state.set("image_dir", Value::string(dir));
                 }
             }
+            if state.get("platform").as_str() == Some(Platform::Qemu.as_str())
+                && std::env::var_os(KERNEL_DIR_ENV).is_none_or(|k| k.is_empty())
+            {
+                diags.push(
+                    image_error("No kernel for the QEMU image", &BuildError::NoKernel)
+                        .at(path("platform")),
+                );
+            }
             if let Some(p) = state.get("bootstrapper_path").as_str() {
                 // Only readability here; apply hashes the binary once, when it copies it.
                 if let Err(e) = check_readable_file(p) {
@@ -401,17 +538,19 @@ impl Resource for ImageResource {
             let decoded = self.decode(req.planned, &mut d);
             let inputs = d.finish(decoded)?;
             let (bootstrapper, dir) = (inputs.bootstrapper_path.clone(), inputs.image_dir.clone());
+            let (platform, version) = (inputs.platform, inputs.version.clone());
             let image = tokio::task::spawn_blocking(move || {
-                LocalImage::assemble(
+                build_image(
+                    platform,
                     &absolute(Path::new(&dir)),
                     Path::new(&bootstrapper),
-                    &inputs.version,
+                    &version,
                 )
             })
             .await
             .map_err(|e| Diagnostic::error("Image assembly task failed", e.to_string()))?
             .map_err(|e| image_error("Cannot assemble image", &e))?;
-            tracing::info!(dir = %image.dir.display(), version = %image.manifest.version, "assembled image");
+            tracing::info!(dir = %image.dir.display(), platform = image.platform.as_str(), version = %image.version, "assembled image");
             Ok(StateOutcome {
                 state: self.state_of(
                     &image,
@@ -432,7 +571,16 @@ impl Resource for ImageResource {
             let Some(dir) = current.get("reference").as_str() else {
                 return Ok(StateOutcome::default());
             };
-            match LocalImage::open(Path::new(dir)) {
+            let platform = current
+                .get("platform")
+                .as_str()
+                .and_then(|p| check_platform(p).ok())
+                .unwrap_or(Platform::Local);
+            let dir = PathBuf::from(dir);
+            let opened = tokio::task::spawn_blocking(move || open_image(platform, &dir))
+                .await
+                .map_err(|e| Diagnostic::error("Image read task failed", e.to_string()))?;
+            match opened {
                 Ok(image) => Ok(StateOutcome {
                     state: self.state_of(
                         &image,
@@ -441,10 +589,8 @@ impl Resource for ImageResource {
                     ),
                     ..Default::default()
                 }),
-                Err(ImageError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    tracing::warn!(dir, "image folder is gone; removing it from state");
+                Err(e) if e.is_not_found() => {
+                    tracing::warn!(error = %e, "image folder is gone; removing it from state");
                     Ok(StateOutcome::default())
                 }
                 Err(e) => Err(image_error("Image is damaged or was modified", &e).into()),
@@ -465,7 +611,7 @@ impl Resource for ImageResource {
                     e.to_string(),
                 ))
             })?;
-            let image = LocalImage::open(&dir).map_err(|e| {
+            let image = open_image(platform_of(&dir), &dir).map_err(|e| {
                 Diagnostics::from(Diagnostic::error(
                     "Cannot import image",
                     format!("import ID must be the image folder (the `reference` attribute): {e}"),
@@ -504,9 +650,13 @@ mod tests {
     }
 
     #[test]
-    fn platforms_other_than_local_are_refused_with_the_attribute() {
+    fn platforms_other_than_local_and_qemu_are_refused_with_the_attribute() {
         let r = ImageResource::new();
-        for p in ["azure", "gcp", "qemu"] {
+        assert!(r
+            .validate(&config("qemu", Value::string("v1")))
+            .0
+            .is_empty());
+        for p in ["azure", "gcp"] {
             let d = r.validate(&config(p, Value::string("v1")));
             assert_eq!(d.0.len(), 1, "{p}");
             assert!(d.0[0].detail.contains("not supported yet"));

@@ -33,6 +33,8 @@ use crate::{process, Cloud};
 const STATE_FILE: &str = "platform.json";
 const METADATA_FILE: &str = "metadata.json";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long local nodes get to join after Init or a reboot.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a platform operation failed.
@@ -630,15 +632,37 @@ fn boot_one(
 }
 
 impl Cloud for LocalCloud {
-    fn create_nodes(&mut self, role: Role, count: usize) -> Result<Vec<NodeRecord>, PlatformError> {
-        let image = self.state.settings.image_dir.clone();
-        self.create_nodes_from_image(role, count, &image)?
-            .into_iter()
-            .collect()
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn settings(&self) -> &ClusterSettings {
+        &self.state.settings
+    }
+
+    fn set_settings(&mut self, settings: ClusterSettings) -> Result<(), PlatformError> {
+        self.update_settings(|s| *s = settings)
+    }
+
+    fn node(&self, name: &str) -> Option<&NodeRecord> {
+        LocalCloud::node(self, name)
     }
 
     fn list_nodes(&self) -> Vec<NodeRecord> {
         self.state.nodes.clone()
+    }
+
+    fn add_nodes(
+        &mut self,
+        role: Role,
+        count: usize,
+        image_dir: &Path,
+    ) -> Result<Vec<String>, PlatformError> {
+        LocalCloud::add_nodes(self, role, count, image_dir)
+    }
+
+    fn boot_many(&mut self, names: &[String]) -> Vec<Result<NodeRecord, PlatformError>> {
+        LocalCloud::boot_many(self, names)
     }
 
     fn delete_node(&mut self, name: &str) -> Result<(), PlatformError> {
@@ -652,16 +676,12 @@ impl Cloud for LocalCloud {
         std::fs::remove_dir_all(&record.dir).map_err(io_err(&record.dir))
     }
 
-    fn restart_node(&mut self, name: &str) -> Result<NodeRecord, PlatformError> {
-        self.boot(name)
+    fn destroy(self: Box<Self>) -> Result<(), PlatformError> {
+        LocalCloud::destroy(*self)
     }
 
-    fn init_endpoint(&self) -> Option<String> {
-        self.state
-            .nodes
-            .iter()
-            .find(|n| n.role == Role::ControlPlane)
-            .map(|n| n.endpoint(ports::BOOTSTRAPPER))
+    fn join_timeout(&self) -> Duration {
+        JOIN_TIMEOUT
     }
 }
 

@@ -24,7 +24,7 @@
 //! Files under the cluster folder (all private): `platform.json`, `metadata.json`,
 //! `nodes/<name>/{tpm/, OVMF_VARS.fd, state.img, console.log, bootstrapper-args}`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::local::{free_loopback_address, load_state, private_dir, save_state, ClusterSettings};
-use crate::{process, Cloud, NodeRecord, PlatformError};
+use crate::{process, BootPhase, Cloud, NodeRecord, PlatformError};
 
 const METADATA_FILE: &str = "metadata.json";
 const CONSOLE_FILE: &str = "console.log";
@@ -54,6 +54,9 @@ pub const METADATA_ENDPOINT: &str = "10.42.0.250:80";
 /// How long a node gets from QEMU start to its bootstrapper's first status (TCG boots of a
 /// few VMs sharing two cores take most of a minute).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long VMs get to join after Init or a reboot (a join under TCG takes seconds; several
+/// VMs share two cores).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(180);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Ports forwarded from the node's host address into the guest.
 const FORWARDED: [u16; 4] = [
@@ -151,14 +154,6 @@ impl QemuCloud {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn settings(&self) -> &ClusterSettings {
-        &self.state.settings
-    }
-
     /// Whether the VMs run under KVM (else TCG).
     pub fn uses_kvm(&self) -> bool {
         self.state.accel == QemuAccel::Kvm
@@ -166,14 +161,6 @@ impl QemuCloud {
 
     pub fn metadata_path(&self) -> PathBuf {
         self.root.join(METADATA_FILE)
-    }
-
-    pub fn node(&self, name: &str) -> Option<&NodeRecord> {
-        self.state
-            .nodes
-            .iter()
-            .find(|n| n.record.name == name)
-            .map(|n| &n.record)
     }
 
     /// The node's raw state disk file on the host.
@@ -207,7 +194,7 @@ impl QemuCloud {
         )
     }
 
-    fn add_node(&mut self, role: Role) -> Result<String, PlatformError> {
+    fn add_node(&mut self, role: Role, image_dir: &Path) -> Result<String, PlatformError> {
         let index = self.state.next_index;
         if index >= GUEST_MAX_NODES {
             return Err(PlatformError::NoAddress);
@@ -233,18 +220,12 @@ impl QemuCloud {
                 pid: 0,
                 swtpm: None,
                 ak_spki_hex: String::new(),
-                image_dir: self.state.settings.image_dir.clone(),
+                image_dir: image_dir.to_owned(),
             },
             guest_ip,
         });
         self.save()?;
         Ok(name)
-    }
-
-    /// Adds `count` node records of `role` (not started); boot them with
-    /// [`QemuCloud::boot_many`] (several at once boot concurrently).
-    pub fn add_nodes(&mut self, role: Role, count: usize) -> Result<Vec<String>, PlatformError> {
-        (0..count).map(|_| self.add_node(role)).collect()
     }
 
     fn entry(&self, name: &str) -> Result<QemuNode, PlatformError> {
@@ -420,7 +401,7 @@ impl QemuCloud {
 
     /// Boots (or reboots) nodes: all VMs start at once, then each is waited for. One result per
     /// name, in order.
-    pub fn boot_many(&mut self, names: &[String]) -> Vec<Result<NodeRecord, PlatformError>> {
+    fn start_and_wait(&mut self, names: &[String]) -> Vec<Result<NodeRecord, PlatformError>> {
         let started: Vec<Result<NodeRecord, PlatformError>> = names
             .iter()
             .map(|name| {
@@ -496,14 +477,64 @@ pub fn last_console_status(console: &str) -> Option<NodeStatus> {
     })
 }
 
+/// The line the image's init prints when it starts (`image/src/init.sh`), followed by the
+/// kernel's uptime in seconds.
+const INIT_STARTED: &str = "constellation-init: phase=init uptime=";
+
+/// How far a running VM's boot got, from its console: the bootstrapper's last status line,
+/// else init's start line, else the firmware still runs.
+pub fn console_phase(console: &str) -> BootPhase {
+    if let Some(status) = last_console_status(console) {
+        return BootPhase::Bootstrapper(status);
+    }
+    let init = console.lines().find_map(|line| {
+        let uptime = &line[line.find(INIT_STARTED)? + INIT_STARTED.len()..];
+        let secs: f64 = uptime.trim_end_matches('\r').trim().parse().ok()?;
+        Some((secs * 1000.0) as u64)
+    });
+    match init {
+        Some(kernel_ms) => BootPhase::Init { kernel_ms },
+        None => BootPhase::Firmware,
+    }
+}
+
 impl Cloud for QemuCloud {
-    fn create_nodes(&mut self, role: Role, count: usize) -> Result<Vec<NodeRecord>, PlatformError> {
-        let names = self.add_nodes(role, count)?;
-        self.boot_many(&names).into_iter().collect()
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn settings(&self) -> &ClusterSettings {
+        &self.state.settings
+    }
+
+    fn set_settings(&mut self, settings: ClusterSettings) -> Result<(), PlatformError> {
+        self.state.settings = settings;
+        self.save()
+    }
+
+    fn node(&self, name: &str) -> Option<&NodeRecord> {
+        self.state
+            .nodes
+            .iter()
+            .find(|n| n.record.name == name)
+            .map(|n| &n.record)
     }
 
     fn list_nodes(&self) -> Vec<NodeRecord> {
         self.state.nodes.iter().map(|n| n.record.clone()).collect()
+    }
+
+    fn add_nodes(
+        &mut self,
+        role: Role,
+        count: usize,
+        image_dir: &Path,
+    ) -> Result<Vec<String>, PlatformError> {
+        (0..count).map(|_| self.add_node(role, image_dir)).collect()
+    }
+
+    fn boot_many(&mut self, names: &[String]) -> Vec<Result<NodeRecord, PlatformError>> {
+        self.start_and_wait(names)
     }
 
     fn delete_node(&mut self, name: &str) -> Result<(), PlatformError> {
@@ -514,10 +545,22 @@ impl Cloud for QemuCloud {
         std::fs::remove_dir_all(&record.dir).map_err(io_err(&record.dir))
     }
 
-    fn restart_node(&mut self, name: &str) -> Result<NodeRecord, PlatformError> {
-        self.boot_many(&[name.to_owned()])
-            .pop()
-            .unwrap_or_else(|| Err(PlatformError::UnknownNode(name.to_owned())))
+    fn destroy(self: Box<Self>) -> Result<(), PlatformError> {
+        QemuCloud::destroy(*self)
+    }
+
+    fn join_timeout(&self) -> Duration {
+        JOIN_TIMEOUT
+    }
+
+    fn boot_phase(&self, node: &NodeRecord) -> BootPhase {
+        if !node.is_alive() {
+            return BootPhase::Off;
+        }
+        match std::fs::read(Self::console_path(node)) {
+            Ok(console) => console_phase(&String::from_utf8_lossy(&console)),
+            Err(_) => BootPhase::Firmware,
+        }
     }
 
     fn node_status(&self, node: &NodeRecord) -> Option<NodeStatus> {
@@ -530,14 +573,6 @@ impl Cloud for QemuCloud {
 
     fn console_tail(&self, node: &NodeRecord, lines: usize) -> String {
         process::log_tail(&Self::console_path(node), lines)
-    }
-
-    fn init_endpoint(&self) -> Option<String> {
-        self.state
-            .nodes
-            .iter()
-            .find(|n| n.record.role == Role::ControlPlane)
-            .map(|n| SocketAddr::new(n.record.ip, ports::BOOTSTRAPPER).to_string())
     }
 }
 
@@ -553,5 +588,21 @@ mod tests {
         let s = last_console_status(console).unwrap();
         assert_eq!(s.cluster_id(), Some("ab"));
         assert!(last_console_status("no status yet\n").is_none());
+    }
+
+    #[test]
+    fn the_boot_phase_follows_the_console() {
+        assert_eq!(console_phase(""), BootPhase::Firmware);
+        let init = "EFI stub: Loaded initrd\r\nconstellation-init: phase=init uptime=2.13\r\n";
+        assert_eq!(console_phase(init), BootPhase::Init { kernel_ms: 2130 });
+        let up =
+            format!("{init}constellation-status: {{\"pid\":7,\"phase\":\"waiting-for-init\"}}\n");
+        match console_phase(&up) {
+            BootPhase::Bootstrapper(s) => assert_eq!(
+                s.phase,
+                constellation_common::node_status::NodePhase::WaitingForInit
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -18,8 +18,8 @@ use constellation_platform::{Cloud, QemuCloud};
 async fn a_state_disk_copied_into_another_vm_is_refused_its_key_and_not_mounted() {
     let scratch = Scratch::new("stolen-disk");
     let (mut cluster, measurements, _) = new_cluster(&scratch);
-    let mut names = cluster.cloud().add_nodes(Role::ControlPlane, 1).unwrap();
-    names.extend(cluster.cloud().add_nodes(Role::Worker, 1).unwrap());
+    let mut names = cluster.add(Role::ControlPlane, 1);
+    names.extend(cluster.add(Role::Worker, 1));
     let booted: Vec<_> = cluster
         .cloud()
         .boot_many(&names)
@@ -36,7 +36,7 @@ async fn a_state_disk_copied_into_another_vm_is_refused_its_key_and_not_mounted(
 
     // The victim powers off (its disk is consistent); its disk file goes into a new VM.
     cluster.cloud().halt(&victim.name).unwrap();
-    let thief = cluster.cloud().add_nodes(Role::Worker, 1).unwrap();
+    let thief = cluster.add(Role::Worker, 1);
     let thief = cluster.cloud().node(&thief[0]).unwrap().clone();
     std::fs::copy(
         QemuCloud::state_disk_path(&victim),

@@ -34,8 +34,8 @@ async fn a_control_plane_and_a_worker_vm_form_a_cluster_on_encrypted_disks() {
 
     // Both VMs boot at once; the worker retries its join until the control plane serves it.
     let t_boot = Instant::now();
-    let mut names = cluster.cloud().add_nodes(Role::ControlPlane, 1).unwrap();
-    names.extend(cluster.cloud().add_nodes(Role::Worker, 1).unwrap());
+    let mut names = cluster.add(Role::ControlPlane, 1);
+    names.extend(cluster.add(Role::Worker, 1));
     let booted: Vec<NodeRecord> = cluster
         .cloud()
         .boot_many(&names)

@@ -7,16 +7,18 @@ use constellation_attestation::Measurements;
 use constellation_common::node_status::NodePhase;
 use constellation_common::refusal::{Refusal, RefusalCheck};
 use constellation_platform::local::NodeRecord;
+use constellation_platform::Cloud;
 
 use super::model::*;
 use super::node_checks::*;
 
-use super::local_backend::*;
+/// Console lines quoted when a node fails to join.
+pub(super) const CONSOLE_LINES: usize = 20;
 
 /// The refusal that stops waiting for `node` at once: a join service refused its
 /// measurements, which no retry fixes. Read from the node's own status report.
-pub(super) fn measurements_refusal(node: &NodeRecord) -> Option<Refusal> {
-    match node.status()?.phase {
+pub(super) fn measurements_refusal(cloud: &dyn Cloud, node: &NodeRecord) -> Option<Refusal> {
+    match cloud.node_status(node)?.phase {
         NodePhase::JoinRefused { refusal, .. } if refusal.check == RefusalCheck::Measurements => {
             Some(refusal)
         }
@@ -26,13 +28,15 @@ pub(super) fn measurements_refusal(node: &NodeRecord) -> Option<Refusal> {
 
 /// The node reports (in its current boot) that it holds the cluster ID: attesting it is then
 /// worth the TPM quote. A hint only; [`wait_joined`] attests anyway now and then.
-pub(super) fn reports_joined(node: &NodeRecord) -> bool {
-    node.status().is_some_and(|s| s.cluster_id().is_some())
+pub(super) fn reports_joined(cloud: &dyn Cloud, node: &NodeRecord) -> bool {
+    cloud
+        .node_status(node)
+        .is_some_and(|s| s.cluster_id().is_some())
 }
 
 /// Why a node is still pending, from its status report.
-pub(super) fn pending_reason(node: &NodeRecord) -> String {
-    match node.status().map(|s| s.phase) {
+pub(super) fn pending_reason(cloud: &dyn Cloud, node: &NodeRecord) -> String {
+    match cloud.node_status(node).map(|s| s.phase) {
         None => "its bootstrapper has not reported yet".into(),
         Some(NodePhase::JoinRefused {
             endpoint, refusal, ..
@@ -70,16 +74,19 @@ pub(super) const JOIN_ATTEST_ANYWAY: Duration = Duration::from_secs(3);
 pub(super) const JOIN_POLL_FIRST: Duration = Duration::from_millis(20);
 pub(super) const JOIN_POLL_MAX: Duration = Duration::from_millis(100);
 
-/// Waits until every node attests with the cluster ID (workers join on their own, retrying).
-/// A node the join service refused for its measurements fails at once, with the refusal
-/// (which names the PCR) as the reason, reported on `image_attribute`.
+/// Waits until every node attests with the cluster ID (workers join on their own, retrying),
+/// at most the platform's join timeout. A node the join service refused for its measurements
+/// fails at once, with the refusal (which names the PCR) as the reason, reported on
+/// `image.reference`; a node that does not join in time fails naming it, quoting its console.
 pub(super) async fn wait_joined(
+    cloud: &dyn Cloud,
     nodes: &[NodeRecord],
     measurements: &Measurements,
     cluster_id: &[u8],
     progress: &dyn Progress,
 ) -> Result<(), ClusterError> {
-    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let timeout = cloud.join_timeout();
+    let deadline = Instant::now() + timeout;
     let mut pending: Vec<NodeRecord> = nodes.to_vec();
     let mut pause = JOIN_POLL_FIRST;
     let mut last_attested = Instant::now();
@@ -94,19 +101,19 @@ pub(super) async fn wait_joined(
         first_round = false;
         let (ready, waiting): (Vec<NodeRecord>, Vec<NodeRecord>) = pending
             .into_iter()
-            .partition(|n| attest_all || reports_joined(n));
+            .partition(|n| attest_all || reports_joined(cloud, n));
         let results = check_nodes(&ready, measurements, cluster_id).await;
         let mut still = Vec::new();
         let mut last_reason = String::new();
         let waiting = waiting.into_iter().map(|n| {
-            let reason = pending_reason(&n);
+            let reason = pending_reason(cloud, &n);
             (n, Err(reason))
         });
         for (node, result) in ready.into_iter().zip(results).chain(waiting) {
             match result {
                 Ok(()) => progress.step(&format!("node {} joined and attested", node.name)),
                 Err(reason) => {
-                    if let Some(refusal) = measurements_refusal(&node) {
+                    if let Some(refusal) = measurements_refusal(cloud, &node) {
                         return Err(ClusterError::Refused {
                             attribute: crate::diag::AttrPath::attr(&["image", "reference"]),
                             node: node.name.clone(),
@@ -131,10 +138,10 @@ pub(super) async fn wait_joined(
             return Err(ClusterError::Node {
                 node: first.name.clone(),
                 reason: format!(
-                    "did not join within {JOIN_TIMEOUT:?} ({} node(s) pending): {last_reason}; \
-                     log: {}",
+                    "did not join within {timeout:?} ({} node(s) pending): {last_reason}; last \
+                     console lines:\n{}",
                     pending.len(),
-                    first.log_path().display()
+                    cloud.console_tail(first, CONSOLE_LINES)
                 ),
             });
         }

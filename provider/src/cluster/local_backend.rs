@@ -1,23 +1,29 @@
-//! The local-platform backend: every node is a `constellation-bootstrapper` process with its
-//! own swtpm, started by [`constellation_platform::LocalCloud`] in a cluster folder.
+//! The cluster backend of the platforms that run on this machine, behind the
+//! [`constellation_platform::Cloud`] seam: `platform = "local"` ([`LocalCloud`]: every node a
+//! `constellation-bootstrapper` process with its own swtpm) and `platform = "qemu"`
+//! ([`QemuCloud`]: every node a VM booting the node image under OVMF with its own vTPM). Which
+//! one is chosen by the `platform` attribute ([`create_cloud`], [`open_cloud`]); everything
+//! else here only uses the trait.
 //!
 //! The cluster folder is `<terraform working dir>/.constellation/clusters/<name>` (absolute),
 //! recorded in `platform_state` as `{"root": "<path>"}`; the folder's `platform.json` is the
 //! authoritative node list. The first control plane is attested over aTLS against the image's
 //! measurements before it receives the Init request (and with it the secrets); every node
-//! counts as healthy only while its process runs and it attests with PCR 15 = the cluster ID.
+//! counts as healthy only while it runs and attests with PCR 15 = the cluster ID. While nodes
+//! boot, every node's boot phase is reported as progress ([`super::boot_progress`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use constellation_attestation::Variant;
 use constellation_common::metadata::Role;
 use constellation_common::secret::SecretBytes;
 use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord, PlatformError};
-use constellation_platform::Cloud;
+use constellation_platform::{Cloud, QemuCloud};
 use serde::{Deserialize, Serialize};
 
+use super::boot_progress::with_boot_progress;
 use super::journal::Journal;
 use super::model::*;
 use super::{initialize::*, join_wait::*, node_checks::*, reconcile::*};
@@ -26,15 +32,14 @@ use super::{initialize::*, join_wait::*, node_checks::*, reconcile::*};
 pub const CLUSTERS_DIR: &str = ".constellation/clusters";
 /// Import parameter naming the cluster folder.
 pub const IMPORT_CLUSTER_DIR: &str = "cluster_dir";
-/// How long nodes get to join (attest with the cluster ID) after init or a reboot.
-pub(super) const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The backend for `platform = "local"`.
+/// The backend for the platforms on this machine (`local`, `qemu`).
 pub fn local_backend() -> Arc<dyn ClusterBackend> {
     Arc::new(LocalBackend::new(PathBuf::from(CLUSTERS_DIR)))
 }
 
-/// Runs clusters as local node processes, one folder per cluster under `clusters_dir`.
+/// Runs clusters on this machine (node processes or VMs, as the spec's platform says), one
+/// folder per cluster under `clusters_dir`.
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     clusters_dir: PathBuf,
@@ -63,7 +68,7 @@ pub(super) fn platform_err(e: PlatformError) -> ClusterError {
             node: node.clone(),
             reason: e.to_string(),
         },
-        _ => ClusterError::Other(format!("local platform: {e}")),
+        _ => ClusterError::Other(format!("platform: {e}")),
     }
 }
 
@@ -80,12 +85,43 @@ pub(super) fn is_not_found(e: &PlatformError) -> bool {
     matches!(e, PlatformError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }
 
-/// Opens the cluster folder; `None` when it (or its state file) is gone.
-pub(super) fn open_cloud(root: &Path) -> Result<Option<LocalCloud>, ClusterError> {
-    match LocalCloud::open(root) {
+/// Prepares a new cluster folder of `platform`.
+pub(super) fn create_cloud(
+    platform: Platform,
+    root: &Path,
+    settings: ClusterSettings,
+) -> Result<Box<dyn Cloud>, ClusterError> {
+    let cloud: Box<dyn Cloud> = match platform {
+        Platform::Local => Box::new(LocalCloud::create(root, settings).map_err(platform_err)?),
+        Platform::Qemu => Box::new(QemuCloud::create(root, settings).map_err(platform_err)?),
+    };
+    Ok(cloud)
+}
+
+/// Opens the cluster folder of `platform`; `None` when it (or its state file) is gone.
+pub(super) fn open_cloud(
+    platform: Platform,
+    root: &Path,
+) -> Result<Option<Box<dyn Cloud>>, ClusterError> {
+    let opened = match platform {
+        Platform::Local => LocalCloud::open(root).map(|c| Box::new(c) as Box<dyn Cloud>),
+        Platform::Qemu => QemuCloud::open(root).map(|c| Box::new(c) as Box<dyn Cloud>),
+    };
+    match opened {
         Ok(c) => Ok(Some(c)),
         Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(platform_err(e)),
+    }
+}
+
+/// The settings a new cluster folder starts with (the init secret's hash comes later).
+fn new_settings(spec: &ClusterSpec) -> ClusterSettings {
+    ClusterSettings {
+        cluster_name: spec.name.clone(),
+        init_secret_hash: String::new(),
+        attestation_variant: Variant::QemuVtpm.as_str().to_owned(),
+        measurements_json: spec.image.measurements.to_json(),
+        image_dir: PathBuf::from(&spec.image.reference),
     }
 }
 
@@ -95,8 +131,8 @@ fn journal_path_error(root: &Path) -> impl FnOnce(super::journal::JournalError) 
 }
 
 /// Stops every node of the folder and removes it (also a folder that only has a journal).
-fn teardown(root: &Path) -> Result<(), ClusterError> {
-    match open_cloud(root)? {
+fn teardown(platform: Platform, root: &Path) -> Result<(), ClusterError> {
+    match open_cloud(platform, root)? {
         Some(cloud) => cloud.destroy().map_err(platform_err),
         None => match std::fs::remove_dir_all(root) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ClusterError::Other(
@@ -187,13 +223,7 @@ impl LocalBackend {
     ) -> Result<ClusterState, ClusterError> {
         let init_secret = new_init_secret();
         let mut journal = Journal::new(spec.clone(), init_secret.clone());
-        let settings = ClusterSettings {
-            cluster_name: spec.name.clone(),
-            init_secret_hash: String::new(),
-            attestation_variant: Variant::QemuVtpm.as_str().to_owned(),
-            measurements_json: spec.image.measurements.to_json(),
-            image_dir: PathBuf::from(&spec.image.reference),
-        };
+        let (platform, settings) = (spec.platform, new_settings(spec));
         let (cp, workers) = (spec.control_plane_count, spec.worker_count);
         progress.step(&format!(
             "booting {cp} control-plane and {workers} worker node(s) in {}",
@@ -209,7 +239,7 @@ impl LocalBackend {
             })?;
             // The secrets are on disk before any node can receive them.
             journal2.store(&root2).map_err(journal_path_error(&root2))?;
-            let mut cloud = LocalCloud::create(&root2, settings).map_err(platform_err)?;
+            let mut cloud = create_cloud(platform, &root2, settings)?;
             // Argon2id is deliberately slow: hash while the nodes boot (nodes read the hash
             // only when Init arrives).
             let hasher =
@@ -221,7 +251,7 @@ impl LocalBackend {
                 .and_then(|c| Ok((c, cloud.add_nodes(Role::Worker, workers as usize, &image)?)))
                 .map_err(platform_err);
             let booted = added.and_then(|(control_planes, workers)| {
-                boot_retrying(&mut cloud, &control_planes)?;
+                boot_retrying(&mut *cloud, &control_planes)?;
                 Ok((control_planes, workers))
             });
             let hash = hasher
@@ -231,23 +261,31 @@ impl LocalBackend {
                 .update_settings(|s| s.init_secret_hash = hash)
                 .map_err(platform_err)?;
             let (control_planes, workers) = booted?;
-            let control_planes = records(&cloud, &control_planes);
+            let control_planes = records(&*cloud, &control_planes);
             Ok((cloud, control_planes, workers))
         })
         .await?;
         let workers_booted = blocking(move || {
-            boot_retrying(&mut cloud, &workers_to_boot)?;
-            Ok(cloud.list_nodes())
+            boot_retrying(&mut *cloud, &workers_to_boot)?;
+            Ok(cloud)
         });
         // Both run to the end, so no boot is still starting processes when a failure tears
         // the cluster down.
-        let (outputs, nodes) = tokio::join!(
+        let (outputs, cloud) = tokio::join!(
             self.init_and_journal(spec, &control_planes, &mut journal, &root, progress),
             workers_booted
         );
-        let (outputs, nodes) = (outputs?, nodes?);
+        let (outputs, cloud) = (outputs?, cloud?);
         let cluster_id = cluster_id_bytes(&outputs)?;
-        wait_joined(&nodes, &spec.image.measurements, &cluster_id, progress).await?;
+        let nodes = cloud.list_nodes();
+        wait_joined(
+            &*cloud,
+            &nodes,
+            &spec.image.measurements,
+            &cluster_id,
+            progress,
+        )
+        .await?;
         Ok(ClusterState {
             spec: spec.clone(),
             outputs,
@@ -330,20 +368,11 @@ impl LocalBackend {
             }
         ));
         let (root2, spec2, init_secret) = (root.clone(), spec.clone(), journal.init_secret.clone());
-        let nodes = blocking(move || {
-            let mut cloud = match open_cloud(&root2)? {
+        let platform = spec.platform;
+        let cloud = blocking(move || {
+            let mut cloud = match open_cloud(platform, &root2)? {
                 Some(c) => c,
-                None => LocalCloud::create(
-                    &root2,
-                    ClusterSettings {
-                        cluster_name: spec2.name.clone(),
-                        init_secret_hash: String::new(),
-                        attestation_variant: Variant::QemuVtpm.as_str().to_owned(),
-                        measurements_json: spec2.image.measurements.to_json(),
-                        image_dir: PathBuf::from(&spec2.image.reference),
-                    },
-                )
-                .map_err(platform_err)?,
+                None => create_cloud(platform, &root2, new_settings(&spec2))?,
             };
             let hash = cloud
                 .settings()
@@ -371,15 +400,16 @@ impl LocalBackend {
                 .collect();
             let mut done = Reconciled::default();
             reconcile(
-                &mut cloud,
+                &mut *cloud,
                 &dead,
                 (spec2.control_plane_count, spec2.worker_count),
                 &PathBuf::from(&spec2.image.reference),
                 &mut done,
             )?;
-            Ok(cloud.list_nodes())
+            Ok(cloud)
         })
         .await?;
+        let nodes = cloud.list_nodes();
         let outputs = match journal.outputs.clone() {
             Some(o) => {
                 progress.step("Init's outputs are in the journal; not initializing again");
@@ -393,7 +423,7 @@ impl LocalBackend {
                     // The provider stopped after the node accepted Init but before Init's
                     // outputs reached the journal: the admin credentials are gone for good.
                     let r = root.clone();
-                    let removed = blocking(move || teardown(&r)).await.is_ok();
+                    let removed = blocking(move || teardown(platform, &r)).await.is_ok();
                     return Err(ClusterError::Init(format!(
                         "{e}. The interrupted create of cluster {:?} initialized it, but the \
                          provider stopped before it recorded Init's outputs (admin \
@@ -411,7 +441,14 @@ impl LocalBackend {
             },
         };
         let cluster_id = cluster_id_bytes(&outputs)?;
-        wait_joined(&nodes, &spec.image.measurements, &cluster_id, progress).await?;
+        wait_joined(
+            &*cloud,
+            &nodes,
+            &spec.image.measurements,
+            &cluster_id,
+            progress,
+        )
+        .await?;
         journal.spec = spec.clone();
         let (j, r) = (journal, root.clone());
         blocking(move || j.store(&r).map_err(journal_path_error(&r))).await?;
@@ -430,14 +467,13 @@ impl LocalBackend {
     ) -> Result<ClusterState, ClusterError> {
         let root = PlatformState::parse(&prior.platform_state)?.root;
         let cluster_id = cluster_id_bytes(&prior.outputs)?;
-        let r2 = root.clone();
-        let cloud =
-            blocking(move || open_cloud(&r2))
-                .await?
-                .ok_or_else(|| ClusterError::NotFound {
-                    name: spec.name.clone(),
-                    reason: format!("cluster folder {} is gone", root.display()),
-                })?;
+        let (r2, platform) = (root.clone(), prior.spec.platform);
+        let cloud = blocking(move || open_cloud(platform, &r2))
+            .await?
+            .ok_or_else(|| ClusterError::NotFound {
+                name: spec.name.clone(),
+                reason: format!("cluster folder {} is gone", root.display()),
+            })?;
         // Which nodes need a reboot: dead or not attesting with the cluster ID.
         let nodes = cloud.list_nodes();
         let health = check_nodes(&nodes, &prior.spec.image.measurements, &cluster_id).await;
@@ -487,13 +523,13 @@ impl LocalBackend {
                 .update_settings(|s| s.measurements_json = measurements_json)
                 .map_err(platform_err)?;
             let mut done = Reconciled::default();
-            let result = reconcile(&mut cloud, &reboot, counts, &image_dir, &mut done);
+            let result = reconcile(&mut *cloud, &reboot, counts, &image_dir, &mut done);
             Ok(((done, result), cloud))
         })
         .await?;
         let (done, result) = booted;
         let touched: Vec<NodeRecord> = records(
-            &cloud,
+            &*cloud,
             &done
                 .rebooted
                 .iter()
@@ -502,7 +538,16 @@ impl LocalBackend {
                 .collect::<Vec<_>>(),
         );
         let result = match result {
-            Ok(()) => wait_joined(&touched, &spec.image.measurements, &cluster_id, progress).await,
+            Ok(()) => {
+                wait_joined(
+                    &*cloud,
+                    &touched,
+                    &spec.image.measurements,
+                    &cluster_id,
+                    progress,
+                )
+                .await
+            }
             Err(e) => Err(e),
         };
         let (spec2, root2) = (spec.clone(), root.clone());
@@ -560,7 +605,8 @@ impl ClusterBackend for LocalBackend {
             let journal =
                 blocking(move || Journal::load(&r2).map_err(journal_path_error(&r2))).await?;
             if let Some(journal) = journal {
-                return self.resume(spec, given, journal, root, progress).await;
+                let resumed = self.resume(spec, given, journal, root.clone(), progress);
+                return with_boot_progress(spec.platform, &root, progress, resumed).await;
             }
             if root.join("platform.json").exists() {
                 return Err(ClusterError::Other(format!(
@@ -572,13 +618,15 @@ impl ClusterBackend for LocalBackend {
                 )));
             }
             let started = Instant::now();
-            let result = self.create_fresh(spec, root.clone(), progress).await;
+            let fresh = self.create_fresh(spec, root.clone(), progress);
+            let result = with_boot_progress(spec.platform, &root, progress, fresh).await;
             match &result {
                 Ok(_) => progress.step(&format!("cluster ready after {:?}", started.elapsed())),
                 // A failed create is not recorded by Terraform: leave no node behind.
                 Err(e) => {
                     tracing::warn!(error = %e, "create failed; tearing the nodes down");
-                    let _ = blocking(move || teardown(&root)).await;
+                    let platform = spec.platform;
+                    let _ = blocking(move || teardown(platform, &root)).await;
                 }
             }
             result
@@ -591,7 +639,8 @@ impl ClusterBackend for LocalBackend {
     ) -> BoxFuture<'a, Result<ClusterReadResult, ClusterError>> {
         Box::pin(async move {
             let root = PlatformState::parse(&state.platform_state)?.root;
-            let Some(cloud) = blocking(move || open_cloud(&root)).await? else {
+            let platform = state.spec.platform;
+            let Some(cloud) = blocking(move || open_cloud(platform, &root)).await? else {
                 return Ok(ClusterReadResult::Gone);
             };
             let nodes = cloud.list_nodes();
@@ -636,7 +685,9 @@ impl ClusterBackend for LocalBackend {
     ) -> BoxFuture<'a, Result<ClusterState, ClusterError>> {
         Box::pin(async move {
             check_variant(spec)?;
-            self.update_inner(prior, spec, progress).await
+            let root = PlatformState::parse(&prior.platform_state)?.root;
+            let updated = self.update_inner(prior, spec, progress);
+            with_boot_progress(spec.platform, &root, progress, updated).await
         })
     }
 
@@ -648,7 +699,8 @@ impl ClusterBackend for LocalBackend {
         Box::pin(async move {
             let root = PlatformState::parse(&state.platform_state)?.root;
             progress.step(&format!("destroying the nodes in {}", root.display()));
-            blocking(move || match open_cloud(&root)? {
+            let platform = state.spec.platform;
+            blocking(move || match open_cloud(platform, &root)? {
                 Some(cloud) => cloud.destroy().map_err(platform_err),
                 None => Ok(()),
             })
@@ -663,14 +715,16 @@ impl ClusterBackend for LocalBackend {
     ) -> Result<ClusterState, ClusterError> {
         let bad = |reason: String| ClusterError::ImportId {
             id: format!(
-                "constellation-cluster://?platform=local&name={}&...",
+                "constellation-cluster://?platform={}&name={}&...",
+                id.platform.as_str(),
                 id.name
             ),
             reason,
         };
         if let Some(other) = id.params.keys().find(|k| *k != IMPORT_CLUSTER_DIR) {
             return Err(bad(format!(
-                "unknown parameter {other:?} (the local platform takes {IMPORT_CLUSTER_DIR:?})"
+                "unknown parameter {other:?} (the {} platform takes {IMPORT_CLUSTER_DIR:?})",
+                id.platform.as_str()
             )));
         }
         let root = match id.params.get(IMPORT_CLUSTER_DIR) {
@@ -686,7 +740,7 @@ impl ClusterBackend for LocalBackend {
             .check_import_folder(&root)
             .map_err(|e| bad(e.to_string()))?;
         let journal = Journal::load(&root).map_err(journal_path_error(&root))?;
-        let cloud = open_cloud(&root)?;
+        let cloud = open_cloud(id.platform, &root)?;
         let (journal, _cloud) = match (journal, cloud) {
             (Some(j), Some(c)) => (j, c),
             (None, None) | (Some(_), None) => {
@@ -697,7 +751,7 @@ impl ClusterBackend for LocalBackend {
             }
             (None, Some(_)) => {
                 return Err(ClusterError::Unsupported {
-                    what: "importing this local cluster".into(),
+                    what: format!("importing this {} cluster", id.platform.as_str()),
                     reason: format!(
                         "the cluster folder {} has no journal (it was created by an older \
                          provider), so its secrets and admin credentials are only in the \
@@ -707,11 +761,12 @@ impl ClusterBackend for LocalBackend {
                 })
             }
         };
-        if journal.spec.name != id.name {
+        if journal.spec.name != id.name || journal.spec.platform != id.platform {
             return Err(bad(format!(
-                "the cluster folder {} holds cluster {:?}",
+                "the cluster folder {} holds cluster {:?} on platform {:?}",
                 root.display(),
-                journal.spec.name
+                journal.spec.name,
+                journal.spec.platform.as_str()
             )));
         }
         let Some(outputs) = journal.outputs.clone() else {
@@ -740,6 +795,7 @@ mod tests {
     use constellation_common::node_status::NodePhase;
     use constellation_common::refusal::{Refusal, RefusalCheck};
     use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
 
     fn record(name: &str, role: Role) -> NodeRecord {
         NodeRecord {
@@ -939,14 +995,20 @@ mod tests {
         use constellation_common::node_status::NodeStatus;
         use constellation_common::refusal::PcrMismatch;
         let dir = tempfile::tempdir().unwrap();
+        let cloud = LocalCloud::create(
+            &dir.path().join("cluster"),
+            new_settings(&crate::cluster::journal::tests::spec()),
+        )
+        .unwrap();
+        let cloud: &dyn Cloud = &cloud;
         let mut node = record("c-worker-1", Role::Worker);
         node.dir = dir.path().to_owned();
         node.pid = std::process::id();
         std::fs::create_dir_all(dir.path().join("state")).unwrap();
         let state = dir.path().join("state");
-        assert!(measurements_refusal(&node).is_none());
+        assert!(measurements_refusal(cloud, &node).is_none());
         assert_eq!(
-            pending_reason(&node),
+            pending_reason(cloud, &node),
             "its bootstrapper has not reported yet"
         );
         let refusal = Refusal {
@@ -965,12 +1027,12 @@ mod tests {
         })
         .write(&state)
         .unwrap();
-        assert_eq!(measurements_refusal(&node), Some(refusal.clone()));
+        assert_eq!(measurements_refusal(cloud, &node), Some(refusal.clone()));
         assert_eq!(
             describe_mismatches(&refusal),
             "PCR[4]: expected aa, found bb"
         );
-        assert!(!reports_joined(&node));
+        assert!(!reports_joined(cloud, &node));
         // A refusal of another kind does not stop the wait; a status from an earlier boot (other
         // pid) counts for nothing.
         NodeStatus::now(NodePhase::JoinRefused {
@@ -980,8 +1042,8 @@ mod tests {
         })
         .write(&state)
         .unwrap();
-        assert!(measurements_refusal(&node).is_none());
-        assert!(pending_reason(&node).contains("disk owned by c-worker-0"));
+        assert!(measurements_refusal(cloud, &node).is_none());
+        assert!(pending_reason(cloud, &node).contains("disk owned by c-worker-0"));
         node.pid += 1;
         NodeStatus::now(NodePhase::JoinRefused {
             endpoint: "1.2.3.4:30090".into(),
@@ -990,14 +1052,14 @@ mod tests {
         })
         .write(&state)
         .unwrap();
-        assert!(measurements_refusal(&node).is_none());
+        assert!(measurements_refusal(cloud, &node).is_none());
         node.pid -= 1;
         NodeStatus::now(NodePhase::Joined {
             cluster_id: "ab".into(),
         })
         .write(&state)
         .unwrap();
-        assert!(reports_joined(&node));
+        assert!(reports_joined(cloud, &node));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Resource `constellation_cluster` and the backend seam behind it.
 
 pub mod attributes;
+mod boot_progress;
 pub mod codec;
 #[cfg(feature = "fake-backend")]
 pub mod fake;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use constellation_common::metadata::Role;
-use constellation_platform::local::{LocalCloud, NodeRecord, PlatformError};
+use constellation_platform::local::{NodeRecord, PlatformError};
 use constellation_platform::Cloud;
 
 use super::model::*;
@@ -13,7 +13,7 @@ use super::local_backend::*;
 
 /// Boots `names` concurrently; a node that did not come up in the platform's fixed time (on a
 /// machine busy with other work that can be too short) gets one more boot.
-pub(super) fn boot_retrying(cloud: &mut LocalCloud, names: &[String]) -> Result<(), ClusterError> {
+pub(super) fn boot_retrying(cloud: &mut dyn Cloud, names: &[String]) -> Result<(), ClusterError> {
     let mut again = Vec::new();
     for result in cloud.boot_many(names) {
         match result {
@@ -67,7 +67,7 @@ pub(super) struct Reconciled {
 /// boots at once. Added nodes are recorded in `done` as soon as they exist, so a caller can
 /// remove them again when this fails.
 pub(super) fn reconcile(
-    cloud: &mut LocalCloud,
+    cloud: &mut dyn Cloud,
     reboot: &[String],
     (cp, workers): (u32, u32),
     image_dir: &Path,
@@ -98,7 +98,7 @@ pub(super) fn reconcile(
 }
 
 /// The nodes of `cloud` named in `names`.
-pub(super) fn records(cloud: &LocalCloud, names: &[String]) -> Vec<NodeRecord> {
+pub(super) fn records(cloud: &dyn Cloud, names: &[String]) -> Vec<NodeRecord> {
     names
         .iter()
         .filter_map(|n| cloud.node(n).cloned())

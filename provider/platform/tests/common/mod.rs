@@ -105,6 +105,12 @@ impl Cluster {
     pub fn cloud(&mut self) -> &mut QemuCloud {
         self.0.as_mut().unwrap()
     }
+
+    /// Adds `count` node records of `role` booting the cluster's image (not started).
+    pub fn add(&mut self, role: constellation_common::metadata::Role, count: usize) -> Vec<String> {
+        let image = self.cloud().settings().image_dir.clone();
+        self.cloud().add_nodes(role, count, &image).unwrap()
+    }
 }
 
 pub fn pinned(node: &NodeRecord) -> AkPublicKey {
