@@ -1,0 +1,226 @@
+//! The key layout and the typed records stored under it. Every key of ours starts with
+//! [`ROOT`]; values are JSON of the record types here (measurements: the measurements JSON the
+//! attestation crate reads and writes), checked on every read.
+//!
+//! | key | value |
+//! |---|---|
+//! | `/constellation/join/measurements` | the accepted measurements ([`Measurements`] JSON) |
+//! | `/constellation/join/nodes/<node name>` | [`NodeRecord`]: a node of the node directory |
+//! | `/constellation/disks/<disk UUID>` | [`DiskBindingRecord`]: the node a disk belongs to |
+//! | `/constellation/node-disks/<AK SHA-256 hex>/<slot>` | [`DiskBindingRecord`]: a disk the node holds (slot < `MAX_DISKS_PER_NODE`) |
+//! | `/constellation/tokens/<node name>` | [`BootstrapTokenRecord`] (leased: gone at expiry) |
+
+use std::marker::PhantomData;
+use std::net::IpAddr;
+
+use constellation_attestation::measurements::Measurements;
+use constellation_common::metadata::Role;
+use constellation_joinservice::{DiskOwner, DiskUuid, NodeIdentity};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// Prefix of every key the store writes.
+pub const ROOT: &str = "/constellation/";
+/// Prefix of what the join service serves from and watches.
+pub const JOIN_PREFIX: &str = "/constellation/join/";
+/// The accepted measurements.
+pub const MEASUREMENTS: &str = "/constellation/join/measurements";
+/// Prefix of the node directory.
+pub const NODES_PREFIX: &str = "/constellation/join/nodes/";
+const DISKS_PREFIX: &str = "/constellation/disks/";
+const NODE_DISKS_PREFIX: &str = "/constellation/node-disks/";
+const TOKENS_PREFIX: &str = "/constellation/tokens/";
+
+/// A key whose value is a `V`: the type says how the value is encoded and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key<V> {
+    path: String,
+    value: PhantomData<fn() -> V>,
+}
+
+impl<V> Key<V> {
+    fn new(path: String) -> Self {
+        Self {
+            path,
+            value: PhantomData,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+/// How a record type is written to and read from etcd.
+pub trait Value: Sized {
+    fn encode(&self) -> Vec<u8>;
+    fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError>;
+}
+
+/// Records stored as JSON.
+pub trait JsonValue: Serialize + DeserializeOwned {}
+
+impl<T: JsonValue> Value for T {
+    fn encode(&self) -> Vec<u8> {
+        // Serializing these plain structs cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Malformed {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The accepted measurements, in the attestation crate's JSON (checked on read like any
+/// measurements document).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedMeasurements(pub Measurements);
+
+impl Value for AcceptedMeasurements {
+    fn encode(&self) -> Vec<u8> {
+        self.0.to_json().into_bytes()
+    }
+
+    fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        Measurements::from_json(bytes)
+            .map(Self)
+            .map_err(|e| StoreError::Malformed {
+                key: key.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// A node of the node directory: what the join service checks a joiner's request against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    pub name: String,
+    pub role: Role,
+    pub ips: Vec<IpAddr>,
+    pub dns_names: Vec<String>,
+}
+impl JsonValue for NodeRecord {}
+
+impl From<&NodeIdentity> for NodeRecord {
+    fn from(n: &NodeIdentity) -> Self {
+        Self {
+            name: n.name.clone(),
+            role: n.role,
+            ips: n.ips.clone(),
+            dns_names: n.dns_names.clone(),
+        }
+    }
+}
+
+impl From<NodeRecord> for NodeIdentity {
+    fn from(n: NodeRecord) -> Self {
+        Self {
+            name: n.name,
+            role: n.role,
+            ips: n.ips,
+            dns_names: n.dns_names,
+        }
+    }
+}
+
+/// A disk bound to a node (the same record under the disk's key and the node's slot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskBindingRecord {
+    pub disk_uuid: String,
+    pub node_name: String,
+    /// Hex SHA-256 of the node's attestation key.
+    pub ak_sha256: String,
+}
+impl JsonValue for DiskBindingRecord {}
+
+impl DiskBindingRecord {
+    pub fn new(disk: &DiskUuid, owner: &DiskOwner) -> Self {
+        Self {
+            disk_uuid: disk.to_string(),
+            node_name: owner.node_name.clone(),
+            ak_sha256: hex::encode(owner.ak_fingerprint),
+        }
+    }
+
+    /// The disk and owner, checked: `key` is where the record was read (for the error).
+    pub fn parse(&self, key: &str) -> Result<(DiskUuid, DiskOwner), StoreError> {
+        let malformed = |reason: String| StoreError::Malformed {
+            key: key.to_owned(),
+            reason,
+        };
+        let disk = DiskUuid::parse(&self.disk_uuid).map_err(|e| malformed(e.to_string()))?;
+        let ak_fingerprint = hex::decode(&self.ak_sha256)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                malformed(format!(
+                    "ak_sha256 {:?} is not 32 hex bytes",
+                    self.ak_sha256
+                ))
+            })?;
+        Ok((
+            disk,
+            DiskOwner {
+                node_name: self.node_name.clone(),
+                ak_fingerprint,
+            },
+        ))
+    }
+}
+
+/// A node's live bootstrap token: its ID and the SHA-256 of its secret (never the secret), so
+/// any control plane can check a presented token and a node has one token across all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapTokenRecord {
+    pub node_name: String,
+    pub token_id: String,
+    /// Hex SHA-256 of the token secret.
+    pub secret_sha256: String,
+    pub expires_at_unix: u64,
+}
+impl JsonValue for BootstrapTokenRecord {}
+
+pub fn measurements() -> Key<AcceptedMeasurements> {
+    Key::new(MEASUREMENTS.to_owned())
+}
+
+pub fn node(name: &str) -> Key<NodeRecord> {
+    Key::new(format!("{NODES_PREFIX}{name}"))
+}
+
+pub fn disk(disk: &DiskUuid) -> Key<DiskBindingRecord> {
+    Key::new(format!("{DISKS_PREFIX}{disk}"))
+}
+
+/// Prefix of the slots of the node with attestation key `ak_fingerprint`.
+pub fn node_disks_prefix(ak_fingerprint: &[u8; 32]) -> String {
+    format!("{NODE_DISKS_PREFIX}{}/", hex::encode(ak_fingerprint))
+}
+
+pub fn node_disk_slot(ak_fingerprint: &[u8; 32], slot: usize) -> Key<DiskBindingRecord> {
+    Key::new(format!("{}{slot}", node_disks_prefix(ak_fingerprint)))
+}
+
+pub fn bootstrap_token(node_name: &str) -> Key<BootstrapTokenRecord> {
+    Key::new(format!("{TOKENS_PREFIX}{node_name}"))
+}
+
+/// A node name is a key segment: no `/`, nothing empty. Checked before a name becomes a key, so
+/// one name can never address another node's key.
+pub fn check_segment(what: &'static str, name: &str) -> Result<(), StoreError> {
+    if name.is_empty() || name.contains('/') || name.bytes().any(|b| b.is_ascii_control()) {
+        return Err(StoreError::Refused {
+            operation: what,
+            key: name.to_owned(),
+            reason: "not usable as a key segment (empty, '/' or a control character)".into(),
+        });
+    }
+    Ok(())
+}
