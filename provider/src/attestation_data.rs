@@ -106,6 +106,22 @@ impl AttestationDataSource {
                     n,
                     "Default minimum CPU microcode SVN: 0 for SNP variants, null otherwise.",
                 ),
+                Attribute::optional_computed(
+                    "minimum_abi",
+                    Type::String,
+                    "SEV-SNP minimum firmware ABI, `MAJOR.MINOR`: checked and passed through when set, \
+                     the default `0.0` for SNP variants otherwise, null for other variants.",
+                ),
+                Attribute::optional(
+                    "allowed_launch_measurements",
+                    Type::List(Box::new(Type::String)),
+                    "SEV-SNP launch-measurement allow-list (96 hex characters each), checked and passed through.",
+                ),
+                Attribute::optional(
+                    "allowed_id_key_digests",
+                    Type::List(Box::new(Type::String)),
+                    "SEV-SNP ID-key-digest allow-list (96 hex characters each), checked and passed through.",
+                ),
             ],
         };
         Self { schema }
@@ -140,8 +156,27 @@ fn decode_inputs(config: &Value, d: &mut Decoder) -> Option<(Variant, Option<Str
             return None;
         }
     }
-    Some((variant?, image?))
+    let snp = crate::cluster::codec::decode_snp_settings(config, &AttrPath::root(), d);
+    let variant = variant?;
+    if !crate::cluster::codec::refuse_snp_without_snp(
+        variant,
+        config,
+        &AttrPath::root(),
+        &SNP_INPUTS,
+        d,
+    ) {
+        return None;
+    }
+    snp?;
+    Some((variant, image?))
 }
+
+/// The SEV-SNP settings a configuration may give (checked, then passed through).
+const SNP_INPUTS: [&str; 3] = [
+    "minimum_abi",
+    "allowed_launch_measurements",
+    "allowed_id_key_digests",
+];
 
 fn pcr_list(pcrs: impl IntoIterator<Item = u32>) -> Value {
     Value::List(
@@ -200,6 +235,19 @@ impl DataSource for AttestationDataSource {
                 Value::Bool(facts.validator_available()),
             ),
         ]);
+        let default_abi = facts.sev_snp.then(|| Value::string("0.0"));
+        let abi = config.get("minimum_abi").clone();
+        state.set(
+            "minimum_abi",
+            if abi.is_null() {
+                default_abi.unwrap_or(Value::Null)
+            } else {
+                abi
+            },
+        );
+        for name in &SNP_INPUTS[1..] {
+            state.set(name, config.get(name).clone());
+        }
         for (i, name) in TCB_ATTRIBUTES.into_iter().enumerate() {
             let v = facts
                 .default_minimum_tcb
@@ -249,6 +297,43 @@ mod tests {
         let g = ds.read(&config("gcp-sev-es", Value::Null)).unwrap();
         assert!(g.get("ak_pinned").is_null());
         assert_eq!(g.get("verifier_available"), &Value::Bool(false));
+    }
+
+    #[test]
+    fn snp_settings_are_checked_passed_through_and_errors_name_the_field() {
+        let ds = AttestationDataSource::new();
+        let mut c = config("azure-sev-snp", Value::Null);
+        c.set("minimum_abi", Value::string("1.55"));
+        let digest = Value::List(vec![Value::string("ab".repeat(48))]);
+        c.set("allowed_launch_measurements", digest.clone());
+        let state = ds.read(&c).unwrap();
+        assert_eq!(state.get("minimum_abi"), &Value::string("1.55"));
+        assert_eq!(state.get("allowed_launch_measurements"), &digest);
+        assert!(state.get("allowed_id_key_digests").is_null());
+        let defaults = ds.read(&config("aws-sev-snp", Value::Null)).unwrap();
+        assert_eq!(defaults.get("minimum_abi"), &Value::string("0.0"));
+        for (attr, bad) in [
+            ("minimum_abi", Value::string("1")),
+            (
+                "allowed_id_key_digests",
+                Value::List(vec![Value::string("zz")]),
+            ),
+        ] {
+            let mut c = config("aws-sev-snp", Value::Null);
+            c.set(attr, bad);
+            let d = ds.validate(&c);
+            assert_eq!(d.0.len(), 1, "{attr}");
+            assert_eq!(d.0[0].attribute, Some(path(attr)));
+            assert_eq!(d.0[0].summary, format!("Invalid {attr}"));
+        }
+        let mut q = config("qemu-vtpm", Value::Null);
+        q.set("minimum_abi", Value::string("1.0"));
+        let d = ds.validate(&q);
+        assert_eq!(d.0[0].attribute, Some(path("minimum_abi")));
+        assert_eq!(
+            d.0[0].summary,
+            "SEV-SNP setting on a variant without SEV-SNP"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! diagnostics, and writing outputs, secrets and drift back into values.
 
 use constellation_attestation::measurements::MAX_PCR_INDEX;
+use constellation_attestation::snp::SnpSettings;
 use constellation_attestation::{Measurement, Measurements, Variant};
 use constellation_common::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
@@ -344,14 +345,125 @@ pub(super) fn decode_attestation(v: &Value, d: &mut Decoder) -> Option<Attestati
             None => complete = false,
         }
     }
+    let snp = decode_snp_settings(obj, &base, d);
     let variant = variant?;
+    if !refuse_snp_without_snp(variant, obj, &base, &SNP_ATTRIBUTES, d) {
+        complete = false;
+    }
+    let snp = snp?;
     complete.then_some(AttestationSpec {
         variant,
         bootloader_version: tcb[0],
         tee_version: tcb[1],
         snp_version: tcb[2],
         microcode_version: tcb[3],
+        snp,
     })
+}
+
+/// Every SEV-SNP setting of the `attestation` block.
+pub(super) const SNP_ATTRIBUTES: [&str; 7] = [
+    "bootloader_version",
+    "tee_version",
+    "snp_version",
+    "microcode_version",
+    "minimum_abi",
+    "allowed_launch_measurements",
+    "allowed_id_key_digests",
+];
+
+/// For a variant without SEV-SNP, an error on each of `names` that is set (it would check
+/// nothing); true when none is.
+pub(crate) fn refuse_snp_without_snp(
+    variant: Variant,
+    obj: &Value,
+    base: &AttrPath,
+    names: &[&str],
+    d: &mut Decoder,
+) -> bool {
+    if variant.facts().sev_snp {
+        return true;
+    }
+    let mut none = true;
+    for name in names {
+        if !obj.get(name).is_null() {
+            d.error(
+                &base.child(name),
+                "SEV-SNP setting on a variant without SEV-SNP",
+                format!(
+                    "{name} applies to SEV-SNP variants only; variant {variant} has no SEV-SNP \
+                     report to check it against"
+                ),
+            );
+            none = false;
+        }
+    }
+    none
+}
+
+/// A list of strings: `Some(None)` null, `None` unknown (anywhere inside) or wrongly typed.
+fn opt_string_list(v: &Value, path: &AttrPath, d: &mut Decoder) -> Option<Option<Vec<String>>> {
+    match v {
+        Value::Null => Some(None),
+        Value::List(items) => {
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let mut at = path.clone();
+                at.0.push(crate::diag::PathStep::Index(i as i64));
+                out.push(d.req_string(item, &at)?);
+            }
+            Some(Some(out))
+        }
+        Value::Unknown => {
+            d.incomplete = true;
+            None
+        }
+        other => {
+            d.error(
+                path,
+                "Wrong type",
+                format!("expected a list of strings, found {}", other.kind()),
+            );
+            None
+        }
+    }
+}
+
+/// `minimum_abi` and the allow-lists, checked by the attestation crate's own parser: an error
+/// names the setting, which is the attribute's name.
+pub(crate) fn decode_snp_settings(
+    obj: &Value,
+    base: &AttrPath,
+    d: &mut Decoder,
+) -> Option<SnpSettings> {
+    let minimum_abi = d.opt_string(obj.get("minimum_abi"), &base.child("minimum_abi"));
+    let measurements = opt_string_list(
+        obj.get("allowed_launch_measurements"),
+        &base.child("allowed_launch_measurements"),
+        d,
+    );
+    let id_keys = opt_string_list(
+        obj.get("allowed_id_key_digests"),
+        &base.child("allowed_id_key_digests"),
+        d,
+    );
+    let settings = SnpSettings {
+        minimum_abi: minimum_abi?,
+        allowed_launch_measurements: measurements?,
+        allowed_id_key_digests: id_keys?,
+        ..SnpSettings::default()
+    };
+    match settings.policy() {
+        Ok(_) => Some(settings),
+        Err(e) => {
+            d.error(
+                &base.child(e.setting),
+                &format!("Invalid {}", base.child(e.setting)),
+                e.to_string(),
+            );
+            None
+        }
+    }
 }
 
 pub(super) fn decode_network(v: &Value, d: &mut Decoder) -> Option<NetworkConfig> {
@@ -616,6 +728,22 @@ pub(super) fn state_value(state: &ClusterState) -> Value {
                 ("tee_version", opt(spec.attestation.tee_version)),
                 ("snp_version", opt(spec.attestation.snp_version)),
                 ("microcode_version", opt(spec.attestation.microcode_version)),
+                (
+                    "minimum_abi",
+                    spec.attestation
+                        .snp
+                        .minimum_abi
+                        .clone()
+                        .map_or(Value::Null, Value::string),
+                ),
+                (
+                    "allowed_launch_measurements",
+                    string_list(&spec.attestation.snp.allowed_launch_measurements),
+                ),
+                (
+                    "allowed_id_key_digests",
+                    string_list(&spec.attestation.snp.allowed_id_key_digests),
+                ),
             ]),
         ),
         (
@@ -643,6 +771,12 @@ pub(super) fn state_value(state: &ClusterState) -> Value {
     set_outputs(&mut v, &state.outputs);
     set_unhealthy(&mut v, &[]);
     v
+}
+
+fn string_list(list: &Option<Vec<String>>) -> Value {
+    list.as_ref().map_or(Value::Null, |l| {
+        Value::List(l.iter().cloned().map(Value::String).collect())
+    })
 }
 
 pub(super) fn private_bytes(platform_state: &str) -> Vec<u8> {

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use constellation_attestation::measurements::sha256;
+use constellation_attestation::snp::SnpSettings;
 use constellation_attestation::{Measurements, Variant};
 use constellation_common::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,11 @@ pub struct FakeRecord {
     pub measurements: Measurements,
     pub variant: Variant,
     pub tcb: [Option<u8>; 4],
+    /// Minimum ABI and allow-lists as configured.
+    pub snp: SnpSettings,
+    /// The SEV-SNP settings a real backend puts into the nodes' join configuration
+    /// (`ClusterMetadata::snp_settings_json`); null for a variant without SEV-SNP.
+    pub node_snp_settings: Option<SnpSettings>,
     pub cidrs: [String; 3],
     pub kubernetes_version: String,
     /// Null when the master secret is write-only.
@@ -141,6 +147,8 @@ impl FakeClusterBackend {
                 a.snp_version,
                 a.microcode_version,
             ],
+            snp: a.snp.clone(),
+            node_snp_settings: a.node_snp_settings(),
             cidrs: [
                 n.pod_cidr.to_string(),
                 n.service_cidr.to_string(),
@@ -196,6 +204,7 @@ impl FakeClusterBackend {
                 tee_version: r.tcb[1],
                 snp_version: r.tcb[2],
                 microcode_version: r.tcb[3],
+                snp: r.snp.clone(),
             },
             network: NetworkConfig {
                 pod_cidr: cidr(&r.cidrs[0])?,

@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
+use constellation_attestation::snp::SnpSettings;
 use constellation_attestation::{Measurements, Variant};
 use constellation_common::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,9 @@ struct SpecJson {
     tee_version: Option<u8>,
     snp_version: Option<u8>,
     microcode_version: Option<u8>,
+    /// SEV-SNP minimum ABI and allow-lists (absent in journals of older providers).
+    #[serde(default)]
+    snp: SnpSettings,
     pod_cidr: String,
     service_cidr: String,
     node_cidr: String,
@@ -192,6 +196,7 @@ impl Journal {
                 tee_version: s.tee_version,
                 snp_version: s.snp_version,
                 microcode_version: s.microcode_version,
+                snp: s.snp,
             },
             network: NetworkConfig {
                 pod_cidr: cidr(&s.pod_cidr, "pod_cidr")?,
@@ -271,6 +276,7 @@ impl Journal {
                 tee_version: a.tee_version,
                 snp_version: a.snp_version,
                 microcode_version: a.microcode_version,
+                snp: a.snp.clone(),
                 pod_cidr: s.network.pod_cidr.to_string(),
                 service_cidr: s.network.service_cidr.to_string(),
                 node_cidr: s.network.node_cidr.to_string(),
@@ -337,6 +343,7 @@ pub(crate) mod tests {
                 tee_version: Some(3),
                 snp_version: None,
                 microcode_version: None,
+                snp: SnpSettings::default(),
             },
             network: NetworkConfig {
                 pod_cidr: "10.244.0.0/16".parse().unwrap(),

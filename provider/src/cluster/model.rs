@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::str::FromStr;
 
+use constellation_attestation::snp::{SnpSettings, Tcb};
 use constellation_attestation::{Measurements, Variant};
 use constellation_common::metadata::Role;
 use constellation_common::secret::SecretBytes;
@@ -137,14 +138,44 @@ pub struct ImageRef {
     pub measurements: Measurements,
 }
 
-/// Attestation policy: variant plus optional SEV-SNP TCB minima (SVNs, 0..=255).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Attestation policy: variant plus, for SEV-SNP variants, the TCB minima (SVNs, 0..=255) and
+/// the other SNP settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttestationSpec {
     pub variant: Variant,
     pub bootloader_version: Option<u8>,
     pub tee_version: Option<u8>,
     pub snp_version: Option<u8>,
     pub microcode_version: Option<u8>,
+    /// Minimum ABI and the launch-measurement / ID-key-digest allow-lists (validated: they
+    /// make an `SnpPolicy`); its `minimum_tcb` stays unset, the four fields above carry it.
+    pub snp: SnpSettings,
+}
+
+impl AttestationSpec {
+    /// The SEV-SNP settings the nodes enforce (their join configuration), TCB minima included
+    /// (a component left null is 0, "no minimum"); `None` for a variant without SEV-SNP.
+    pub fn node_snp_settings(&self) -> Option<SnpSettings> {
+        if !self.variant.facts().sev_snp {
+            return None;
+        }
+        let tcb = [
+            self.bootloader_version,
+            self.tee_version,
+            self.snp_version,
+            self.microcode_version,
+        ];
+        let minimum_tcb = tcb.iter().any(Option::is_some).then(|| Tcb {
+            bootloader: tcb[0].unwrap_or(0),
+            tee: tcb[1].unwrap_or(0),
+            snp: tcb[2].unwrap_or(0),
+            microcode: tcb[3].unwrap_or(0),
+        });
+        Some(SnpSettings {
+            minimum_tcb,
+            ..self.snp.clone()
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -479,6 +479,7 @@ pub(crate) mod tests {
                 Box::new(|v| {
                     v.set("attestation", {
                         let mut a = v.get("attestation").clone();
+                        a.set("variant", Value::string("azure-sev-snp"));
                         a.set("tee_version", Value::Number(300.0));
                         a
                     })
@@ -604,6 +605,131 @@ pub(crate) mod tests {
             let mut v = config();
             edit(&mut v);
             assert_eq!(errors_at(&v), vec![path.to_owned()], "case {path}");
+        }
+    }
+
+    fn with_attestation(edits: &[(&str, Value)]) -> Value {
+        let mut v = config();
+        let mut a = v.get("attestation").clone();
+        for (k, value) in edits {
+            a.set(k, value.clone());
+        }
+        v.set("attestation", a);
+        for attr in SECRET_ATTRS {
+            v.set(attr, Value::string("ab".repeat(32)));
+        }
+        v
+    }
+
+    #[test]
+    fn snp_settings_reach_the_node_policy_and_bad_ones_name_their_field() {
+        use constellation_attestation::snp::{AbiVersion, SnpSettings, Tcb};
+        let measurement = "4d".repeat(48);
+        let v = with_attestation(&[
+            ("variant", Value::string("azure-sev-snp")),
+            ("tee_version", Value::Number(3.0)),
+            ("microcode_version", Value::Number(217.0)),
+            ("minimum_abi", Value::string("1.55")),
+            (
+                "allowed_launch_measurements",
+                Value::List(vec![Value::string(measurement.clone())]),
+            ),
+            ("allowed_id_key_digests", Value::List(Vec::new())),
+        ]);
+        let spec = decode_spec(&v, &mut Decoder::new()).expect("complete");
+        let node = spec
+            .attestation
+            .node_snp_settings()
+            .expect("an SNP variant");
+        assert_eq!(
+            node,
+            SnpSettings {
+                minimum_tcb: Some(Tcb {
+                    bootloader: 0,
+                    tee: 3,
+                    snp: 0,
+                    microcode: 217
+                }),
+                minimum_abi: Some("1.55".into()),
+                vmpl: None,
+                allowed_launch_measurements: Some(vec![measurement]),
+                allowed_id_key_digests: Some(Vec::new()),
+            }
+        );
+        let policy = node.policy().unwrap();
+        assert_eq!(
+            policy.minimum_abi,
+            AbiVersion {
+                major: 1,
+                minor: 55
+            }
+        );
+        assert_eq!(policy.allowed_measurements, Some(vec![[0x4D; 48]]));
+        assert_eq!(policy.allowed_id_key_digests, Some(Vec::new()));
+        // The state written back (import) round-trips.
+        let mut state = state_value(&ClusterState {
+            spec: spec.clone(),
+            outputs: ClusterOutputs {
+                cluster_id: "ab".into(),
+                owner_id: "cd".into(),
+                kubeconfig: SecretBytes::new(Vec::new()),
+                cluster_ca_certificate: String::new(),
+                client_certificate: String::new(),
+                client_key: SecretBytes::new(Vec::new()),
+                host: String::new(),
+                init_secret: SecretBytes::new(vec![1]),
+            },
+            platform_state: String::new(),
+        });
+        state.set("kubeconfig_path", Value::Null);
+        assert_eq!(decode_spec(&state, &mut Decoder::new()), Some(spec));
+        // qemu-vtpm has no SNP report: nothing to check there.
+        assert!(config().get("attestation").get("minimum_abi").is_null());
+        let q = decode_spec(&with_attestation(&[]), &mut Decoder::new()).unwrap();
+        assert_eq!(q.attestation.node_snp_settings(), None);
+
+        for (path, edits) in [
+            (
+                "attestation.minimum_abi",
+                vec![
+                    ("variant", Value::string("aws-sev-snp")),
+                    ("minimum_abi", Value::string("1.256")),
+                ],
+            ),
+            (
+                "attestation.allowed_launch_measurements",
+                vec![
+                    ("variant", Value::string("aws-sev-snp")),
+                    (
+                        "allowed_launch_measurements",
+                        Value::List(vec![Value::string("abcd")]),
+                    ),
+                ],
+            ),
+            (
+                "attestation.allowed_id_key_digests[1]",
+                vec![
+                    ("variant", Value::string("aws-sev-snp")),
+                    (
+                        "allowed_id_key_digests",
+                        Value::List(vec![Value::string("ab".repeat(48)), Value::Number(1.0)]),
+                    ),
+                ],
+            ),
+            (
+                "attestation.minimum_abi",
+                vec![("minimum_abi", Value::string("1.0"))],
+            ),
+            (
+                "attestation.snp_version",
+                vec![("snp_version", Value::Number(8.0))],
+            ),
+        ] {
+            assert_eq!(
+                errors_at(&with_attestation(&edits)),
+                vec![path.to_owned()],
+                "case {path}"
+            );
         }
     }
 
