@@ -17,7 +17,7 @@ NULL_PROVIDER := $(TOOLS)/null-mirror/registry.terraform.io/hashicorp/null/$(NUL
 APT_PKGS  := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin libcryptsetup-dev \
              python3-pykmip clang libclang-dev pkg-config libssl-dev openssl procps iproute2 \
              qemu-system-x86 ovmf busybox-static binutils e2fsprogs libtss2-tcti-device0 \
-             skopeo umoci
+             skopeo umoci etcd-server protobuf-compiler
 # The node image's kernel (image/): a pinned Debian cloud kernel, unpacked (never installed) into
 # tools/. Pinned for reproducible images; if the mirror dropped it, `make image-kernel` says which
 # package linux-image-cloud-amd64 depends on now, to put here.

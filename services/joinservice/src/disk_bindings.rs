@@ -10,9 +10,11 @@
 //! [`MAX_DISKS_PER_NODE`] disks (it has one state disk, formatted anew with a new UUID only if it
 //! restarts before its disk key arrives), so a compromised node cannot grow the store by claiming
 //! made-up UUIDs.
-//! [`FileDiskBindings`] keeps one file per disk and one per node in a directory every control
-//! plane of the host shares (the cluster folder next to the platform's metadata); an etcd-backed
-//! store can replace it behind the same trait.
+//! Two implementations: `constellation_store::EtcdDiskBindings` (the control planes' etcd
+//! cluster: the same compare-and-set as one etcd transaction, whatever host each control plane
+//! runs on), and [`FileDiskBindings`], one file per disk and one per node in a directory every
+//! control plane of one host shares (the cluster folder next to the platform's metadata), kept
+//! for nodes that run as host processes without etcd.
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -100,6 +102,9 @@ pub enum DiskBindingError {
     Malformed { path: PathBuf, reason: String },
     #[error("disk binding store task failed: {0}")]
     Task(String),
+    /// The replicated store (etcd) did not answer or refused.
+    #[error("disk binding store: {0}")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What a claim found.

@@ -10,7 +10,7 @@ use rcgen::{ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType, PKCS_ECD
 
 use super::*;
 
-use super::ca::{base_params, generate_error};
+use super::ca::{base_params, generate_error, CertificateAuthority};
 /// Common name of the key-service CA.
 pub const KEY_SERVICE_CA_COMMON_NAME: &str = "constellation key service CA";
 /// Common name of the key service's server certificate.
@@ -80,21 +80,39 @@ impl ClusterPki {
         usage: ExtendedKeyUsagePurpose,
         clock: &dyn Clock,
     ) -> Result<ServiceCredentials, PkiError> {
-        let what = "key-service certificate";
-        let key =
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| generate_error(what, e))?;
-        let mut params = base_params(common_name, None, clock, LEAF_VALIDITY);
-        params.subject_alt_names = vec![SanType::IpAddress(ip)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let cert = self
-            .key_service_ca
-            .sign(&params, &key)
-            .map_err(|e| generate_error(what, e))?;
-        Ok(ServiceCredentials {
-            cert_chain_der: vec![cert.der().to_vec(), self.key_service_ca.cert_der.clone()],
-            key_pkcs8_der: SecretBytes::new(key.serialize_der()),
-        })
+        issue_leaf(
+            &self.key_service_ca,
+            "key-service certificate",
+            common_name,
+            vec![SanType::IpAddress(ip)],
+            vec![usage],
+            clock,
+        )
     }
+}
+
+/// A fresh P-256 leaf signed by `ca` (one year, digital-signature key usage, the given names and
+/// extended usages), with its chain (leaf, then `ca`).
+pub(super) fn issue_leaf(
+    ca: &CertificateAuthority,
+    what: &'static str,
+    common_name: &str,
+    sans: Vec<SanType>,
+    usages: Vec<ExtendedKeyUsagePurpose>,
+    clock: &dyn Clock,
+) -> Result<ServiceCredentials, PkiError> {
+    let key =
+        KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| generate_error(what, e))?;
+    let mut params = base_params(common_name, None, clock, LEAF_VALIDITY);
+    params.subject_alt_names = sans;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = usages;
+    params.use_authority_key_identifier_extension = true;
+    let cert = ca
+        .sign(&params, &key)
+        .map_err(|e| generate_error(what, e))?;
+    Ok(ServiceCredentials {
+        cert_chain_der: vec![cert.der().to_vec(), ca.cert_der.clone()],
+        key_pkcs8_der: SecretBytes::new(key.serialize_der()),
+    })
 }

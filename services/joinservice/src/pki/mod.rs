@@ -10,14 +10,15 @@
 //! node (`CN=system:node:<name>`, `O=system:nodes`, SANs a subset of the node's addresses).
 //!
 //! One file per job: `ca` (the certificate authorities and [`ClusterPki`] itself), `keyservice_ca`
-//! (the key service's certificates), `csr` (checking and signing kubelet requests), `kubeconfig`
-//! (the admin's credentials and kubeconfig), [`files`] (the on-disk layout shared between
-//! control planes).
+//! (the key service's certificates), `etcd_ca` (etcd members' and clients' certificates), `csr`
+//! (checking and signing kubelet requests), `kubeconfig` (the admin's credentials and
+//! kubeconfig), [`files`] (the on-disk layout shared between control planes).
 
 use std::path::PathBuf;
 
 mod ca;
 mod csr;
+mod etcd_ca;
 pub mod files;
 mod keyservice_ca;
 mod kubeconfig;
@@ -25,6 +26,9 @@ mod kubeconfig;
 pub use ca::{ClusterPki, CA_VALIDITY, CLOCK_SKEW_BACKDATE, LEAF_VALIDITY};
 pub use csr::{
     CsrError, NodeIdentity, VerifiedKubeletCsr, NODES_ORGANIZATION, NODE_COMMON_NAME_PREFIX,
+};
+pub use etcd_ca::{
+    EtcdCredentials, ETCD_CLIENT_COMMON_NAME_PREFIX, ETCD_MEMBER_COMMON_NAME_PREFIX,
 };
 pub use files::{write_pki_files, PkiFile};
 pub use keyservice_ca::{
