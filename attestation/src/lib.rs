@@ -28,7 +28,9 @@ pub mod variant;
 pub mod verification;
 
 pub use clock::{Clock, FixedClock, SystemClock};
-pub use measurements::{Measurement, MeasurementMismatch, Measurements, PolicyOutcome};
+pub use measurements::{
+    AcceptedMeasurements, Measurement, MeasurementMismatch, Measurements, PolicyOutcome,
+};
 #[cfg(feature = "atls")]
 pub use refusal::{PcrMismatch, Refusal, RefusalCheck};
 #[cfg(feature = "tpm-device")]

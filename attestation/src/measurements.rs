@@ -364,8 +364,100 @@ pub fn cluster_id_pcr(cluster_id: &[u8]) -> Digest {
 /// The PCR that binds a node to its cluster (extended with the cluster ID at init/join).
 pub const CLUSTER_ID_PCR: u32 = crate::pcr::CLUSTER_ID;
 
+/// The measurement sets a cluster's join configuration accepts: normally one; during a rolling
+/// image upgrade two (the old image's and the new image's), so nodes of either image attest
+/// while nodes are replaced one by one. The target set is last. JSON: one measurements object,
+/// or a list of them (only while an upgrade runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedMeasurements(Vec<Measurements>);
+
+impl AcceptedMeasurements {
+    /// Only `target`.
+    pub fn one(target: Measurements) -> Self {
+        Self(vec![target])
+    }
+
+    /// `others` (the images nodes still run) and `target`, each set once, `target` last.
+    pub fn during_upgrade(others: &[Measurements], target: Measurements) -> Self {
+        let mut sets: Vec<Measurements> = Vec::new();
+        for m in others {
+            if *m != target && !sets.contains(m) {
+                sets.push(m.clone());
+            }
+        }
+        sets.push(target);
+        Self(sets)
+    }
+
+    /// Every accepted set, the target last.
+    pub fn sets(&self) -> &[Measurements] {
+        &self.0
+    }
+
+    /// Parses one measurements object or a non-empty list of them; each is validated as
+    /// [`Measurements::from_json`] validates.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, MeasurementsError> {
+        let is_list = bytes
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b == b'[');
+        if !is_list {
+            return Measurements::from_json(bytes).map(Self::one);
+        }
+        // Deserialize checks each set's indices as `from_json` does; then each is validated.
+        let sets: Vec<Measurements> = serde_json::from_slice(bytes)?;
+        if sets.is_empty() {
+            return Err(MeasurementsError::Empty);
+        }
+        sets.iter().try_for_each(Measurements::validate)?;
+        Ok(Self(sets))
+    }
+
+    /// One set as a measurements object (what every reader of a single set understands);
+    /// several as a list.
+    pub fn to_json(&self) -> String {
+        match self.0.as_slice() {
+            [one] => one.to_json(),
+            many => serde_json::to_string(many).expect("measurements always serialize"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn accepted_measurements_are_one_object_or_a_list_with_the_target_last() {
+        let m = |v: u8| {
+            Measurements(
+                [
+                    (4, Measurement::enforce([v; 32])),
+                    (CLUSTER_ID_PCR, Measurement::enforce([0; 32])),
+                ]
+                .into(),
+            )
+        };
+        let one = AcceptedMeasurements::one(m(1));
+        assert_eq!(one.to_json(), m(1).to_json());
+        assert_eq!(
+            AcceptedMeasurements::from_json(one.to_json().as_bytes()).unwrap(),
+            one
+        );
+        let both = AcceptedMeasurements::during_upgrade(&[m(1), m(2), m(1)], m(2));
+        assert_eq!(both.sets(), [m(1), m(2)]);
+        let back = AcceptedMeasurements::from_json(both.to_json().as_bytes()).unwrap();
+        assert_eq!(back, both);
+        // Every set is validated; an empty list accepts nothing.
+        assert!(matches!(
+            AcceptedMeasurements::from_json(b" []"),
+            Err(MeasurementsError::Empty)
+        ));
+        let unbound = r#"[{"4":{"expected":"0101010101010101010101010101010101010101010101010101010101010101","warnOnly":false}}]"#;
+        assert!(matches!(
+            AcceptedMeasurements::from_json(unbound.as_bytes()),
+            Err(MeasurementsError::ClusterIdPcrNotEnforced { .. })
+        ));
+    }
     use super::*;
 
     fn d(b: u8) -> Digest {

@@ -245,7 +245,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                 }
             });
             tracing::info!(%addr, "waiting for {what} (aTLS) or a join service");
-            report(&node, NodePhase::WaitingForInit);
+            report(
+                &node,
+                if what == "Recover" {
+                    NodePhase::WaitingForRecover
+                } else {
+                    NodePhase::WaitingForInit
+                },
+            );
             serves_init_or_recover = true;
         }
     }

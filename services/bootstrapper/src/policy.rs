@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use constellation_attestation::measurements::{Digest, Measurements};
+use constellation_attestation::measurements::{AcceptedMeasurements, Digest};
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::{
     validator_for, ValidationError, Validator, ValidatorPolicy, Variant, Verdict,
@@ -71,23 +71,56 @@ pub fn policy_for(
     scope: Scope,
 ) -> Result<Arc<dyn Validator>, ValidationError> {
     let variant = variant_of(cluster)?;
-    let measurements = Measurements::from_json(cluster.measurements_json.as_bytes())?;
-    let measurements = match scope {
-        Scope::FreshNode => measurements,
-        // The joiner does not know the cluster ID yet: PCR 15 is dropped explicitly.
-        Scope::ControlPlaneMember => measurements.without_cluster_id()?,
-    };
-    let pinned = cluster
+    // During a rolling image upgrade the metadata lists the old and the new image's sets.
+    let accepted = AcceptedMeasurements::from_json(cluster.measurements_json.as_bytes())?;
+    let pinned: Vec<AkPublicKey> = cluster
         .nodes
         .iter()
         .filter(|n| scope == Scope::FreshNode || n.role == Role::ControlPlane)
         .filter_map(|n| hex::decode(&n.ak_spki_hex).ok())
         .filter_map(|der| AkPublicKey::from_spki_der(&der).ok())
         .collect();
-    Ok(validator_for(
-        variant,
-        ValidatorPolicy::pinned(pinned, measurements),
-    )?)
+    let mut validators = Vec::new();
+    for measurements in accepted.sets() {
+        let measurements = match scope {
+            Scope::FreshNode => measurements.clone(),
+            // The joiner does not know the cluster ID yet: PCR 15 is dropped explicitly.
+            Scope::ControlPlaneMember => measurements.clone().without_cluster_id()?,
+        };
+        validators.push(validator_for(
+            variant,
+            ValidatorPolicy::pinned(pinned.clone(), measurements),
+        )?);
+    }
+    match validators.len() {
+        1 => Ok(validators.remove(0)),
+        _ => Ok(Arc::new(AnyOf(validators))),
+    }
+}
+
+/// Accepts evidence that one of its validators accepts (one per accepted measurement set);
+/// when none does, the error is the last one's: the last set is the upgrade's target image,
+/// so a refused node learns which of its PCRs differ from the image it should run.
+struct AnyOf(Vec<Arc<dyn Validator>>);
+
+impl Validator for AnyOf {
+    fn variant(&self) -> Variant {
+        self.0
+            .first()
+            .map(|v| v.variant())
+            .unwrap_or(Variant::QemuVtpm)
+    }
+
+    fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
+        let mut last = ValidationError::Malformed("no accepted measurements".into());
+        for validator in &self.0 {
+            match validator.validate(evidence, binding) {
+                Ok(verdict) => return Ok(verdict),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
 }
 
 impl Validator for ClusterValidator {

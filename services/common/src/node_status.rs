@@ -18,8 +18,12 @@ pub const STATUS_FILE: &str = "status.json";
 pub enum NodePhase {
     /// The bootstrapper runs; its listeners are coming up.
     Started,
-    /// A control plane with no cluster state, waiting for Init (or Recover after a restart).
+    /// A control plane with no cluster state, waiting for Init.
     WaitingForInit,
+    /// A control plane that restarted after Init or a control-plane join: its state disk and
+    /// cluster record are intact, but it holds no master secret. It waits for Recover (and
+    /// rejoins on its own if another control plane's join service answers first).
+    WaitingForRecover,
     /// Looking for a join service; `attempts` made so far.
     Joining { attempts: u32 },
     /// The last join attempt was refused by the join service at `endpoint`; the node keeps
