@@ -30,11 +30,13 @@ export CHECKPOINT_DISABLE := 1
 export CONSTELLATION_TERRAFORM_1_0 := $(TF103)
 export CONSTELLATION_TERRAFORM_1_15 := $(TF115)
 
-.PHONY: help install install-apt install-terraform install-deploy image-kernel build test test-deploy lint bench fuzz demo demo-down clean
+.PHONY: help install install-apt install-terraform install-deploy image-kernel build test test-deploy lint bench fuzz demo demo-down demo-qemu bench-qemu clean
 
 help:
 	@echo "make demo       install what is missing, build, bring up a local cluster with Terraform"
 	@echo "make demo-down  destroy the demo cluster (no process left behind)"
+	@echo "                PLATFORM=qemu (or make demo-qemu): the same with QEMU VMs (examples/qemu)"
+	@echo "make bench-qemu terraform apply of examples/qemu, time split by boot phase"
 	@echo "make test       install what is missing, build, run every test (incl. acceptance tests)"
 	@echo "make lint       rustfmt check + clippy -D warnings"
 	@echo "make bench      run the benchmarks and print figures (see docs/SPECIFICATION.md)"
@@ -134,17 +136,21 @@ bench: install
 fuzz: install
 	PROPTEST_CASES=200000 $(CARGO) test --workspace --locked -- --ignored proptest_long
 
-DEMO_DIR     := $(ROOT)/examples/local
+# PLATFORM=local (default): node processes; PLATFORM=qemu: VMs booting the node image.
+PLATFORM     ?= local
+DEMO_DIR     := $(ROOT)/examples/$(PLATFORM)
 DEMO_STATE   := $(ROOT)/.demo
 DEMO_MIRROR  := $(DEMO_STATE)/mirror
-DEMO_CLUSTER := $(DEMO_DIR)/.constellation/clusters/local-demo
+DEMO_CLUSTER := $(DEMO_DIR)/.constellation/clusters/$(PLATFORM)-demo
 DEMO_PLUGIN  := $(DEMO_MIRROR)/registry.terraform.io/edgelesssys/constellation/0.1.0/linux_amd64
 DEMO_TF      := TF_CLI_CONFIG_FILE=/dev/null TF_IN_AUTOMATION=1 \
                 CONSTELLATION_BOOTSTRAPPER=$(ROOT)/target/debug/constellation-bootstrapper \
                 $(TF115) -chdir=$(DEMO_DIR)
 
-# Brings up examples/local (1 control plane + 2 workers, each a bootstrapper process with its own
-# swtpm), then verifies every node independently with `attest verify cluster`.
+# Brings up examples/$(PLATFORM) (1 control plane + 2 workers; local: each a bootstrapper process
+# with its own swtpm; qemu: each a VM with OVMF, its own vTPM and a dm-crypt state disk, attesting
+# against the PCRs precalculated from the image), then verifies every node independently with
+# `attest verify cluster`.
 demo: install
 	$(CARGO) build --workspace --locked
 	mkdir -p $(DEMO_PLUGIN)
@@ -158,7 +164,7 @@ demo: install
 	$(DEMO_TF) output -json measurements \
 	  | jq 'map_values({expected: .expected, warnOnly: .warn_only})' > $(DEMO_STATE)/measurements.json; \
 	echo; echo "demo: cluster $$cluster_id, nodes in $(DEMO_CLUSTER):"; \
-	jq -r '.nodes[] | "\(.name) \(.role) \(.ip) \(.ak_spki_hex)"' $(DEMO_CLUSTER)/platform.json | \
+	jq -r '.nodes[] | (.record // .) | "\(.name) \(.role) \(.ip) \(.ak_spki_hex)"' $(DEMO_CLUSTER)/platform.json | \
 	while read -r name role ip ak; do \
 	  echo "  $$name ($$role) at $$ip: attest verify cluster --endpoint $$ip:30081"; \
 	  echo "$$ak" | xxd -r -p | openssl pkey -pubin -inform DER -out $(DEMO_STATE)/$$name.ak.pem; \
@@ -168,16 +174,19 @@ demo: install
 	    { echo "demo: node $$name FAILED verification" >&2; exit 1; }; \
 	done; \
 	echo; echo "demo: every node attested (pinned AK, image measurements, PCR 15 = cluster ID)."; \
-	echo "  drift check:  cd examples/local && $(TF115) plan   (no changes expected)"; \
-	echo "  kubeconfig:   examples/local/kubeconfig"; \
-	echo "  tear down:    make demo-down"
+	echo "  drift check:  cd examples/$(PLATFORM) && $(TF115) plan   (no changes expected)"; \
+	echo "  kubeconfig:   examples/$(PLATFORM)/kubeconfig"; \
+	echo "  tear down:    make demo-down PLATFORM=$(PLATFORM)"
+
+demo-qemu:
+	$(MAKE) demo PLATFORM=qemu
 
 # Destroys the demo cluster and checks that no node process (bootstrapper, swtpm) is left. The
 # folder reaches pgrep through the environment so this recipe's own shell does not match.
 demo-down: export DEMO_CLUSTER_DIR := $(DEMO_CLUSTER)
 demo-down: install
 	@if [ -d $(DEMO_DIR)/.terraform ]; then $(DEMO_TF) destroy -auto-approve -input=false; \
-	  else echo "demo-down: examples/local was never initialized; nothing to destroy"; fi
+	  else echo "demo-down: examples/$(PLATFORM) was never initialized; nothing to destroy"; fi
 	@left=$$(pgrep -af -- "$$DEMO_CLUSTER_DIR" || true); \
 	if [ -n "$$left" ]; then echo "demo-down: processes still running:" >&2; echo "$$left" >&2; exit 1; fi; \
 	if [ -e "$$DEMO_CLUSTER_DIR" ]; then echo "demo-down: $$DEMO_CLUSTER_DIR still exists" >&2; exit 1; fi; \

@@ -43,15 +43,25 @@ fn level_name(l: &Level) -> &'static str {
     }
 }
 
+/// hclog's timestamp form, microseconds exactly: go-plugin parses `@timestamp` with the layout
+/// `2006-01-02T15:04:05.000000Z07:00` and logs a line it cannot parse raw at DEBUG, so a
+/// nanosecond RFC 3339 time would hide every INFO line from `TF_LOG=INFO`.
+fn timestamp(t: time::OffsetDateTime) -> String {
+    const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(FORMAT)
+        .unwrap_or_default()
+}
+
 /// One hclog JSON line for an event.
 fn line(level: &Level, target: &str, fields: Fields) -> String {
     let mut obj = fields.extra;
     obj.insert("@level".into(), level_name(level).into());
     obj.insert("@message".into(), fields.message.into());
     obj.insert("@module".into(), format!("constellation.{target}").into());
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let now = timestamp(time::OffsetDateTime::now_utc());
     obj.insert("@timestamp".into(), now.into());
     serde_json::Value::Object(obj).to_string()
 }
@@ -94,5 +104,10 @@ mod tests {
         assert_eq!(v["@level"], "info");
         assert_eq!(v["@message"], "node attested");
         assert_eq!(v["cluster"], "demo");
+        // Exactly six fractional digits, as go-plugin's parser demands.
+        let ts = v["@timestamp"].as_str().unwrap();
+        assert_eq!(ts.len(), "2026-12-04T18:32:18.921707Z".len(), "{ts}");
+        let t = time::macros::datetime!(2026-12-04 18:32:18.921707131 UTC);
+        assert_eq!(timestamp(t), "2026-12-04T18:32:18.921707Z");
     }
 }
