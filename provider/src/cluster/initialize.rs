@@ -34,19 +34,19 @@ pub(super) fn pem_string(what: &str, bytes: Vec<u8>) -> Result<String, ClusterEr
     String::from_utf8(bytes).map_err(|_| ClusterError::Init(format!("{what} is not UTF-8 PEM")))
 }
 
-/// Attests the first control plane against the image's measurements, then sends Init.
-pub(super) async fn initialize(
-    spec: &ClusterSpec,
+/// A channel to a not yet bound control plane's bootstrapper (Init or Recover), open only
+/// after the node attested over server-only aTLS, pinned to its AK, against `measurements`
+/// (PCR 15 = zero: nothing bound it in this boot).
+pub(super) async fn attested_bootstrapper(
+    variant: constellation_attestation::Variant,
     node: &NodeRecord,
-    init_secret: &SecretBytes,
-    progress: &dyn Progress,
-) -> Result<ClusterOutputs, ClusterError> {
-    let policy = ValidatorPolicy::pinned(vec![pinned_ak(node)?], spec.image.measurements.clone());
-    let validator =
-        validator_for(spec.attestation.variant, policy).map_err(|e| ClusterError::Attestation {
-            node: node.name.clone(),
-            reason: e.to_string(),
-        })?;
+    measurements: &constellation_attestation::Measurements,
+) -> Result<tonic::transport::Channel, ClusterError> {
+    let policy = ValidatorPolicy::pinned(vec![pinned_ak(node)?], measurements.clone());
+    let validator = validator_for(variant, policy).map_err(|e| ClusterError::Attestation {
+        node: node.name.clone(),
+        reason: e.to_string(),
+    })?;
     let attestation = |e: AtlsError| ClusterError::Attestation {
         node: node.name.clone(),
         reason: e.to_string(),
@@ -56,6 +56,18 @@ pub(super) async fn initialize(
     let (channel, _verdict) = atls::channel(&endpoint, config)
         .await
         .map_err(attestation)?;
+    Ok(channel)
+}
+
+/// Attests the first control plane against the image's measurements, then sends Init.
+pub(super) async fn initialize(
+    spec: &ClusterSpec,
+    node: &NodeRecord,
+    init_secret: &SecretBytes,
+    progress: &dyn Progress,
+) -> Result<ClusterOutputs, ClusterError> {
+    let channel =
+        attested_bootstrapper(spec.attestation.variant, node, &spec.image.measurements).await?;
     progress.step(&format!(
         "node {} attested against the image measurements; sending Init",
         node.name

@@ -6,7 +6,9 @@
 //!    the spec;
 //! 2. right after Init returns: Init's outputs (cluster ID, owner ID, admin credentials);
 //! 3. after every successful create and update: the spec as applied (`terraform import`
-//!    rebuilds the state from it).
+//!    rebuilds the state from it);
+//! 4. during a rolling image upgrade, every step ([`UpgradeRecord`]): which old node is being
+//!    replaced by which new one and how far that got, so the next apply finishes it.
 //!
 //! It holds the same secrets as the Terraform state, in plain text; protect the cluster folder
 //! as you protect the state. The file is written atomically (temporary file, fsync, rename).
@@ -19,6 +21,7 @@ use constellation_common::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
 
 use super::model::*;
+use super::upgrade::UpgradeRecord;
 
 pub const JOURNAL_FILE: &str = "journal.json";
 const JOURNAL_VERSION: u32 = 1;
@@ -106,6 +109,9 @@ struct JournalJson {
     init_secret: String,
     spec: SpecJson,
     outputs: Option<OutputsJson>,
+    /// A rolling image upgrade that started and has not finished (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upgrade: Option<UpgradeRecord>,
 }
 
 /// The decoded journal. Debug prints no secret.
@@ -116,6 +122,8 @@ pub struct Journal {
     pub init_secret: SecretBytes,
     /// Init's outputs, once Init returned.
     pub outputs: Option<ClusterOutputs>,
+    /// The rolling image upgrade in progress, step by step.
+    pub upgrade: Option<UpgradeRecord>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -137,6 +145,7 @@ impl Journal {
             spec,
             init_secret,
             outputs: None,
+            upgrade: None,
         }
     }
 
@@ -246,6 +255,7 @@ impl Journal {
             spec,
             init_secret,
             outputs,
+            upgrade: j.upgrade,
         })
     }
 
@@ -301,6 +311,7 @@ impl Journal {
                 client_key: lossy(&o.client_key),
                 host: o.host.clone(),
             }),
+            upgrade: self.upgrade.clone(),
         }
     }
 

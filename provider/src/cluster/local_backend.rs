@@ -143,40 +143,6 @@ fn teardown(platform: Platform, root: &Path) -> Result<(), ClusterError> {
     }
 }
 
-/// An attestation failure or refusal with the last lines of the named node's console
-/// appended (a VM's serial console, a local node's log); other errors as they are.
-fn with_console(platform: Platform, root: &Path, e: ClusterError) -> ClusterError {
-    let (ClusterError::Attestation { node, .. } | ClusterError::Refused { node, .. }) = &e else {
-        return e;
-    };
-    let Ok(Some(cloud)) = open_cloud(platform, root) else {
-        return e;
-    };
-    let Some(record) = cloud.node(node) else {
-        return e;
-    };
-    let tail = format!(
-        "; last console lines of {node}:\n{}",
-        cloud.console_tail(record, CONSOLE_LINES)
-    );
-    match e {
-        ClusterError::Attestation { node, reason } => ClusterError::Attestation {
-            node,
-            reason: reason + &tail,
-        },
-        ClusterError::Refused {
-            attribute,
-            node,
-            reason,
-        } => ClusterError::Refused {
-            attribute,
-            node,
-            reason: reason + &tail,
-        },
-        other => other,
-    }
-}
-
 fn new_init_secret() -> SecretBytes {
     use rand::RngCore;
     let mut b = vec![0u8; SECRET_LEN];
@@ -344,7 +310,6 @@ impl LocalBackend {
                 reason: "at least one control-plane node is needed".into(),
             })?;
         let outputs = initialize(spec, first, &journal.init_secret, progress).await?;
-        progress.step(&format!("node {} initialized the cluster", first.name));
         journal.outputs = Some(outputs.clone());
         let (j, r) = (journal.clone(), root.to_owned());
         blocking(move || j.store(&r).map_err(journal_path_error(&r))).await?;
@@ -509,6 +474,12 @@ impl LocalBackend {
                 name: spec.name.clone(),
                 reason: format!("cluster folder {} is gone", root.display()),
             })?;
+        let mut cloud = cloud;
+        // Day 2: nodes lost for good are replaced; a changed image rolls node by node.
+        super::recovery::forget_lost(&mut *cloud, progress)?;
+        let rolled =
+            super::upgrade::roll_if_needed(&mut *cloud, prior, spec, &cluster_id, progress).await?;
+        let prior = &rolled;
         // Which nodes need a reboot: dead or not attesting with the cluster ID.
         let nodes = cloud.list_nodes();
         let health = check_nodes(&nodes, &prior.spec.image.measurements, &cluster_id).await;
@@ -563,7 +534,8 @@ impl LocalBackend {
         })
         .await?;
         let (done, result) = booted;
-        let touched: Vec<NodeRecord> = records(
+        let mut cloud = cloud;
+        let mut touched: Vec<NodeRecord> = records(
             &*cloud,
             &done
                 .rebooted
@@ -574,14 +546,24 @@ impl LocalBackend {
         );
         let result = match result {
             Ok(()) => {
-                wait_joined(
-                    &*cloud,
-                    &touched,
-                    &spec.image.measurements,
-                    &cluster_id,
-                    progress,
-                )
-                .await
+                // Every control plane restarted, or the one holding the master secret is
+                // gone: recover one, so joins get their keys again.
+                let image = std::slice::from_ref(&spec.image);
+                match super::recovery::ensure_key_service(&mut *cloud, spec, image, progress).await
+                {
+                    Ok(recovered) => {
+                        touched.extend(recovered);
+                        wait_joined(
+                            &*cloud,
+                            &touched,
+                            &spec.image.measurements,
+                            &cluster_id,
+                            progress,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e),
         };
@@ -610,6 +592,7 @@ impl LocalBackend {
                     spec: spec2.clone(),
                     init_secret: prior_outputs.init_secret.clone(),
                     outputs: Some(prior_outputs),
+                    upgrade: None,
                 },
             };
             journal.spec = spec2;
@@ -654,25 +637,17 @@ impl ClusterBackend for LocalBackend {
             }
             let started = Instant::now();
             let fresh = self.create_fresh(spec, root.clone(), progress);
-            match with_boot_progress(spec.platform, &root, progress, fresh).await {
-                Ok(state) => {
-                    progress.step(&format!("cluster ready after {:?}", started.elapsed()));
-                    Ok(state)
-                }
-                // A failed create is not recorded by Terraform: leave no node behind (after
-                // quoting the failed node's console, which the teardown removes).
+            let result = with_boot_progress(spec.platform, &root, progress, fresh).await;
+            match &result {
+                Ok(_) => progress.step(&format!("cluster ready after {:?}", started.elapsed())),
+                // A failed create is not recorded by Terraform: leave no node behind.
                 Err(e) => {
                     tracing::warn!(error = %e, "create failed; tearing the nodes down");
                     let platform = spec.platform;
-                    let quoted = blocking(move || {
-                        let e = with_console(platform, &root, e);
-                        let _ = teardown(platform, &root);
-                        Ok(e)
-                    })
-                    .await;
-                    Err(quoted.unwrap_or_else(|e| e))
+                    let _ = blocking(move || teardown(platform, &root)).await;
                 }
             }
+            result
         })
     }
 

@@ -12,7 +12,9 @@ pub mod local_backend;
 pub mod model;
 mod node_checks;
 mod reconcile;
+mod recovery;
 pub mod resource;
+pub mod upgrade;
 
 pub use model::{
     ClusterBackend, ClusterError, ClusterOutputs, ClusterReadResult, ClusterSpec, ClusterState,

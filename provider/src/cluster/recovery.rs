@@ -1,0 +1,249 @@
+//! Recovery after every control plane restarted: their state disks and cluster records are
+//! intact, but no process holds the master secret, so no join service can hand out disk keys.
+//! Each control plane then reports [`NodePhase::WaitingForRecover`]; apply attests it over
+//! server-only aTLS (pinned AK, the measurements of the image it booted, PCR 15 = zero) and
+//! sends `Recover` with the master secret the configuration holds. The node proves the secret
+//! by opening its existing state disk with the derived key, binds PCR 15 to the same cluster
+//! ID and starts its key and join services; the workers then rejoin on their own.
+
+use constellation_attestation::Measurements;
+use constellation_common::metadata::{ports, Role};
+use constellation_common::node_status::NodePhase;
+use constellation_platform::local::NodeRecord;
+use constellation_platform::Cloud;
+use constellation_proto::recover::recover_service_client::RecoverServiceClient;
+use constellation_proto::recover::RecoverRequest;
+use constellation_proto::PROTOCOL_VERSION;
+
+use super::initialize::attested_bootstrapper;
+use super::model::*;
+
+/// The control planes whose current boot waits for Recover.
+pub(super) fn waiting_for_recover(cloud: &dyn Cloud) -> Vec<NodeRecord> {
+    cloud
+        .list_nodes()
+        .into_iter()
+        .filter(|n| n.role == Role::ControlPlane)
+        .filter(|n| {
+            cloud
+                .node_status(n)
+                .is_some_and(|s| s.phase == NodePhase::WaitingForRecover)
+        })
+        .collect()
+}
+
+/// The measurements of the image `node` booted: the image in `images` whose reference is the
+/// node's image folder, else the last (the cluster's target image).
+pub(super) fn measurements_of<'a>(node: &NodeRecord, images: &'a [ImageRef]) -> &'a Measurements {
+    images
+        .iter()
+        .find(|i| std::path::Path::new(&i.reference) == node.image_dir)
+        .or(images.last())
+        .map(|i| &i.measurements)
+        .expect("at least the cluster's image is known")
+}
+
+/// Sends Recover to every control plane in `waiting`, each attested first against the
+/// measurements of its image. A node that rejoined through another control plane meanwhile
+/// answers that it is not waiting any more; [`super::join_wait::wait_joined`] checks the
+/// outcome either way.
+pub(super) async fn recover_control_planes(
+    cloud: &dyn Cloud,
+    waiting: &[NodeRecord],
+    spec: &ClusterSpec,
+    images: &[ImageRef],
+    progress: &dyn Progress,
+) -> Result<(), ClusterError> {
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let Some(master_secret) = spec.secrets.master_secret.bytes() else {
+        return Err(no_master_secret(cloud, waiting, spec));
+    };
+    for node in waiting {
+        progress.step(&format!(
+            "control plane {} restarted and waits for Recover; attesting it",
+            node.name
+        ));
+        let channel = attested_bootstrapper(
+            spec.attestation.variant,
+            node,
+            measurements_of(node, images),
+        )
+        .await?;
+        let answer = RecoverServiceClient::new(channel)
+            .recover(RecoverRequest {
+                version: PROTOCOL_VERSION,
+                master_secret: master_secret.expose().to_vec(),
+                master_salt: spec.secrets.master_secret_salt.expose().to_vec(),
+            })
+            .await;
+        match answer {
+            Ok(r) => progress.step(&format!("{}: {}", node.name, r.into_inner().message)),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                progress.step(&format!(
+                    "{} no longer waits for Recover: {}",
+                    node.name,
+                    s.message()
+                ))
+            }
+            Err(s) => {
+                return Err(ClusterError::Node {
+                    node: node.name.clone(),
+                    reason: format!("Recover was refused: {:?}: {}", s.code(), s.message()),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A control plane's key service accepts connections: it holds the master secret (it ran
+/// Init or was recovered). Control planes that joined serve joins with data keys fetched from
+/// such a key service.
+fn serves_key_service(node: &NodeRecord) -> bool {
+    let addr = std::net::SocketAddr::new(node.ip, ports::KEY_SERVICE);
+    node.is_alive()
+        && std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300))
+            .is_ok()
+}
+
+/// Makes sure some control plane holds the master secret, so join services can hand out disk
+/// keys: when none serves its key service (every control plane restarted, or the one that
+/// ran Init was lost or replaced), the control planes waiting for Recover are recovered; when
+/// none waits, one running control plane is restarted and recovered. Returns the control
+/// planes that were recovered (the caller waits for them to attest with the cluster ID).
+pub(super) async fn ensure_key_service(
+    cloud: &mut dyn Cloud,
+    spec: &ClusterSpec,
+    images: &[ImageRef],
+    progress: &dyn Progress,
+) -> Result<Vec<NodeRecord>, ClusterError> {
+    let control_planes: Vec<NodeRecord> = cloud
+        .list_nodes()
+        .into_iter()
+        .filter(|n| n.role == Role::ControlPlane)
+        .collect();
+    if control_planes.is_empty() || control_planes.iter().any(serves_key_service) {
+        return Ok(Vec::new());
+    }
+    let mut waiting = waiting_for_recover(cloud);
+    if waiting.is_empty() {
+        // A member of the cluster (not a control plane still waiting to join for the first
+        // time): restarted, it keeps its cluster record and waits for Recover.
+        let member = |n: &&NodeRecord| {
+            n.is_alive()
+                && cloud
+                    .node_status(n)
+                    .is_some_and(|s| s.cluster_id().is_some())
+        };
+        let Some(running) = control_planes.iter().rev().find(member) else {
+            return Ok(Vec::new());
+        };
+        progress.step(&format!(
+            "no control plane holds the master secret; restarting {} to recover it",
+            running.name
+        ));
+        let name = running.name.clone();
+        let restarted =
+            tokio::task::block_in_place(|| cloud.boot_many(std::slice::from_ref(&name)));
+        for r in restarted {
+            r.map_err(super::local_backend::platform_err)?;
+        }
+        waiting = waiting_for_recover(cloud);
+    }
+    recover_control_planes(cloud, &waiting, spec, images, progress).await?;
+    Ok(waiting)
+}
+
+/// Removes the records of nodes that are lost for good (not running, their folder with TPM
+/// state and disk gone), so the node counts bring in replacements that join like new nodes.
+/// Returns their names.
+pub(super) fn forget_lost(
+    cloud: &mut dyn Cloud,
+    progress: &dyn Progress,
+) -> Result<Vec<String>, ClusterError> {
+    let lost: Vec<NodeRecord> = cloud
+        .list_nodes()
+        .into_iter()
+        .filter(|n| !n.is_alive() && !n.dir.exists())
+        .collect();
+    for node in &lost {
+        progress.step(&format!(
+            "node {} is lost (its folder {} with TPM state and disk is gone); a new {} node \
+             replaces it",
+            node.name,
+            node.dir.display(),
+            node.role.as_str()
+        ));
+        match cloud.delete_node(&node.name) {
+            Err(e) if !super::local_backend::is_not_found(&e) => {
+                return Err(super::local_backend::platform_err(e))
+            }
+            _ => {}
+        }
+    }
+    Ok(lost.into_iter().map(|n| n.name).collect())
+}
+
+/// Why apply cannot recover the cluster itself, and how the operator does it.
+fn no_master_secret(cloud: &dyn Cloud, waiting: &[NodeRecord], spec: &ClusterSpec) -> ClusterError {
+    let endpoints: Vec<String> = waiting
+        .iter()
+        .map(|n| format!("{} at {}", n.name, n.endpoint(ports::BOOTSTRAPPER)))
+        .collect();
+    ClusterError::InvalidInput {
+        attribute: crate::diag::AttrPath::attr(&["master_secret_wo"]),
+        reason: format!(
+            "every control plane of cluster {:?} restarted and waits for Recover ({}), but this \
+             apply holds no master secret (it is write-only and is not kept in the Terraform \
+             state or the cluster journal). Recover each control plane with the master secret \
+             you kept: `attest recover --endpoint <address>:{} --measurements <the image's \
+             measurements JSON> --ak-pub <the node's attestation key as PEM: ak_spki_hex in \
+             {}, DER> --master-secret-file <file with the master secret, hex> --salt-file <file \
+             with master_secret_salt from the state, hex>`; then run `terraform apply` again \
+             and the workers rejoin.",
+            spec.name,
+            endpoints.join(", "),
+            ports::BOOTSTRAPPER,
+            cloud.root().join("platform.json").display(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use constellation_attestation::Measurement;
+    use std::path::PathBuf;
+
+    fn image(reference: &str, v: u8) -> ImageRef {
+        ImageRef {
+            reference: reference.into(),
+            measurements: Measurements([(4, Measurement::enforce([v; 32]))].into()),
+        }
+    }
+
+    #[test]
+    fn a_node_is_checked_against_the_image_it_booted() {
+        let images = [image("/old", 1), image("/new", 2)];
+        let mut node = NodeRecord {
+            name: "c-worker-1".into(),
+            role: Role::Worker,
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            dir: PathBuf::from("/nonexistent"),
+            pid: 0,
+            swtpm: None,
+            ak_spki_hex: String::new(),
+            image_dir: PathBuf::from("/old"),
+        };
+        assert_eq!(measurements_of(&node, &images), &images[0].measurements);
+        node.image_dir = PathBuf::from("/elsewhere");
+        assert_eq!(measurements_of(&node, &images), &images[1].measurements);
+    }
+}
