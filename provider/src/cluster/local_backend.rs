@@ -143,6 +143,40 @@ fn teardown(platform: Platform, root: &Path) -> Result<(), ClusterError> {
     }
 }
 
+/// An attestation failure or refusal with the last lines of the named node's console
+/// appended (a VM's serial console, a local node's log); other errors as they are.
+fn with_console(platform: Platform, root: &Path, e: ClusterError) -> ClusterError {
+    let (ClusterError::Attestation { node, .. } | ClusterError::Refused { node, .. }) = &e else {
+        return e;
+    };
+    let Ok(Some(cloud)) = open_cloud(platform, root) else {
+        return e;
+    };
+    let Some(record) = cloud.node(node) else {
+        return e;
+    };
+    let tail = format!(
+        "; last console lines of {node}:\n{}",
+        cloud.console_tail(record, CONSOLE_LINES)
+    );
+    match e {
+        ClusterError::Attestation { node, reason } => ClusterError::Attestation {
+            node,
+            reason: reason + &tail,
+        },
+        ClusterError::Refused {
+            attribute,
+            node,
+            reason,
+        } => ClusterError::Refused {
+            attribute,
+            node,
+            reason: reason + &tail,
+        },
+        other => other,
+    }
+}
+
 fn new_init_secret() -> SecretBytes {
     use rand::RngCore;
     let mut b = vec![0u8; SECRET_LEN];
@@ -310,6 +344,7 @@ impl LocalBackend {
                 reason: "at least one control-plane node is needed".into(),
             })?;
         let outputs = initialize(spec, first, &journal.init_secret, progress).await?;
+        progress.step(&format!("node {} initialized the cluster", first.name));
         journal.outputs = Some(outputs.clone());
         let (j, r) = (journal.clone(), root.to_owned());
         blocking(move || j.store(&r).map_err(journal_path_error(&r))).await?;
@@ -637,17 +672,25 @@ impl ClusterBackend for LocalBackend {
             }
             let started = Instant::now();
             let fresh = self.create_fresh(spec, root.clone(), progress);
-            let result = with_boot_progress(spec.platform, &root, progress, fresh).await;
-            match &result {
-                Ok(_) => progress.step(&format!("cluster ready after {:?}", started.elapsed())),
-                // A failed create is not recorded by Terraform: leave no node behind.
+            match with_boot_progress(spec.platform, &root, progress, fresh).await {
+                Ok(state) => {
+                    progress.step(&format!("cluster ready after {:?}", started.elapsed()));
+                    Ok(state)
+                }
+                // A failed create is not recorded by Terraform: leave no node behind (after
+                // quoting the failed node's console, which the teardown removes).
                 Err(e) => {
                     tracing::warn!(error = %e, "create failed; tearing the nodes down");
                     let platform = spec.platform;
-                    let _ = blocking(move || teardown(platform, &root)).await;
+                    let quoted = blocking(move || {
+                        let e = with_console(platform, &root, e);
+                        let _ = teardown(platform, &root);
+                        Ok(e)
+                    })
+                    .await;
+                    Err(quoted.unwrap_or_else(|e| e))
                 }
             }
-            result
         })
     }
 
