@@ -34,7 +34,6 @@ fn label(phase: &BootPhase) -> Option<String> {
             NodePhase::Started => "bootstrapper up".into(),
             NodePhase::WaitingForInit => "bootstrapper up, waiting for Init".into(),
             NodePhase::WaitingForRecover => "bootstrapper up, waiting for Recover".into(),
-            NodePhase::WaitingForRecover => "bootstrapper up, waiting for Recover".into(),
             NodePhase::Joining { .. } => "bootstrapper up, joining".into(),
             NodePhase::JoinRefused { refusal, .. } => format!("join refused: {refusal}"),
             NodePhase::Initialized { .. } => "initialized".into(),
