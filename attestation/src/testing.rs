@@ -17,9 +17,11 @@
 //! is whatever the issuer was told to claim.
 //!
 //! [`real_evidence`]: loaders for the real SEV-SNP evidence in `attestation/test_data/`, shared
-//! by the tests and benchmarks of every crate.
+//! by the tests and benchmarks of every crate. [`snp_reports`]: SEV-SNP reports crafted and
+//! signed with a test key.
 
 pub mod real_evidence;
+pub mod snp_reports;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

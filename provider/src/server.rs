@@ -34,6 +34,10 @@ pub struct ProviderService {
     stop: watch::Sender<u64>,
     /// Set by ConfigureProvider; no RPC that touches a cluster or reads a folder runs before.
     config: RwLock<Option<Arc<ProviderConfig>>>,
+    /// Whether the Terraform of ConfigureProvider keeps write-only attributes out of plan and
+    /// state (1.11+): a plan refuses write-only values otherwise. Validation cannot alone: its
+    /// values may be unknown (variables during `terraform validate`).
+    write_only_supported: std::sync::atomic::AtomicBool,
 }
 
 impl ProviderService {
@@ -46,6 +50,7 @@ impl ProviderService {
                 .collect(),
             stop: watch::channel(0).0,
             config: RwLock::new(None),
+            write_only_supported: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -116,15 +121,39 @@ fn without_write_only(schema: &Block, mut value: Value) -> Value {
     value
 }
 
+/// Terraform 1.11 introduced write-only attributes; `version` is ConfigureProvider's
+/// `terraform_version` (e.g. "1.15.5", "1.0.3"). Unparsable means no.
+fn supports_write_only(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .ok()
+    });
+    matches!(
+        (parts.next().flatten(), parts.next().flatten()),
+        (Some(major), Some(minor)) if (major, minor) >= (1, 11)
+    )
+}
+
 /// Write-only attributes set in `config` when Terraform did not announce that it keeps them out
 /// of plan and state (Terraform before 1.11, e.g. 1.0, would store them like any attribute).
-fn refuse_write_only(schema: &Block, config: &Value, allowed: bool) -> Diagnostics {
+/// `unknown_is_set`: at plan time an unknown value will be set; during validation it may be
+/// a variable that is null in the end, so only the plan refuses it.
+fn refuse_write_only(
+    schema: &Block,
+    config: &Value,
+    allowed: bool,
+    unknown_is_set: bool,
+) -> Diagnostics {
     let mut diagnostics = Diagnostics::default();
     if allowed {
         return diagnostics;
     }
     for name in schema.write_only_attributes() {
-        if !config.get(name).is_null() {
+        let value = config.get(name);
+        if !value.is_null() && (unknown_is_set || !value.is_unknown()) {
             diagnostics.push(
                 Diagnostic::error(
                     "Write-only attribute needs Terraform 1.11 or later",
@@ -230,9 +259,10 @@ impl pb::provider_server::Provider for ProviderService {
         let write_only_allowed = req
             .client_capabilities
             .is_some_and(|c| c.write_only_attributes_allowed);
+        // Known values are refused here; unknown ones at plan time (see `plan_resource_change`).
         let diags = self.resource(&req.type_name).and_then(|r| {
             let config = decode(req.config.as_ref(), r.schema())?;
-            let mut diags = refuse_write_only(r.schema(), &config, write_only_allowed);
+            let mut diags = refuse_write_only(r.schema(), &config, write_only_allowed, false);
             diags.extend(r.validate(&config));
             Ok(diags)
         });
@@ -311,6 +341,10 @@ impl pb::provider_server::Provider for ProviderService {
             .and_then(|config| ProviderConfig::decode(&config, &working_dir()?));
         let diagnostics = match result {
             Ok(config) => {
+                self.write_only_supported.store(
+                    supports_write_only(&req.terraform_version),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 if let Ok(mut slot) = self.config.write() {
                     *slot = Some(Arc::new(config));
                 }
@@ -373,6 +407,13 @@ impl pb::provider_server::Provider for ProviderService {
                 decode(req.proposed_new_state.as_ref(), r.schema())?,
             );
             let config = decode(req.config.as_ref(), r.schema())?;
+            let supported = self
+                .write_only_supported
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let refused = refuse_write_only(r.schema(), &config, supported, true);
+            if refused.has_errors() {
+                return Err(refused);
+            }
             let mut planned = r.plan(PlanRequest {
                 prior: &prior,
                 proposed: &proposed,
@@ -640,9 +681,12 @@ mod tests {
     #[tokio::test]
     async fn a_write_only_secret_is_in_no_planned_state() {
         let p = cluster_service();
-        p.configure_provider(Request::new(Default::default()))
-            .await
-            .unwrap();
+        p.configure_provider(Request::new(pb::configure_provider::Request {
+            terraform_version: "1.15.5".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
         let config = write_only_config();
         let planned = p
             .plan_resource_change(Request::new(pb::plan_resource_change::Request {
@@ -667,6 +711,45 @@ mod tests {
         assert!(!bytes
             .windows(secret_hex.len())
             .any(|w| w == secret_hex.as_bytes()));
+    }
+
+    #[tokio::test]
+    async fn a_plan_refuses_a_write_only_secret_from_terraform_before_1_11() {
+        assert!(supports_write_only("1.11.0") && supports_write_only("1.15.5"));
+        assert!(supports_write_only("2.0.0-alpha1"));
+        assert!(!supports_write_only("1.10.5") && !supports_write_only("1.0.3"));
+        assert!(!supports_write_only("") && !supports_write_only("x"));
+        let p = cluster_service();
+        p.configure_provider(Request::new(pb::configure_provider::Request {
+            terraform_version: "1.0.3".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        // Unknown during validation (a variable): not refused there...
+        let mut config = write_only_config();
+        config.set("master_secret_wo", Value::Unknown);
+        assert!(validate_cluster(&p, &config, None).await.is_empty());
+        // ...but at plan time, known or not.
+        for secret in [Value::Unknown, Value::string("5e".repeat(32))] {
+            config.set("master_secret_wo", secret);
+            let planned = p
+                .plan_resource_change(Request::new(pb::plan_resource_change::Request {
+                    type_name: "constellation_cluster".into(),
+                    prior_state: dynamic(&Value::Null),
+                    proposed_new_state: dynamic(&config),
+                    config: dynamic(&config),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(planned.planned_state.is_none());
+            assert_eq!(
+                summaries(&planned.diagnostics),
+                ["Write-only attribute needs Terraform 1.11 or later"]
+            );
+        }
     }
 
     #[tokio::test]
