@@ -111,6 +111,8 @@ pub(crate) fn save_state(
         init_secret_hash: settings.init_secret_hash.clone(),
         attestation_variant: settings.attestation_variant.clone(),
         measurements_json: settings.measurements_json.clone(),
+        // Local nodes attest with qemu-vtpm: no SEV-SNP settings to enforce.
+        snp_settings_json: String::new(),
         nodes,
     };
     FileMetadata::write(metadata_path, &metadata)?;

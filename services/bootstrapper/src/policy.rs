@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use constellation_attestation::measurements::{AcceptedMeasurements, Digest};
+use constellation_attestation::snp::{SnpPolicy, SnpSettings};
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::{
     validator_for, ValidationError, Validator, ValidatorPolicy, Variant, Verdict,
@@ -123,6 +124,21 @@ impl Validator for AnyOf {
     }
 }
 
+/// The SEV-SNP policy the cluster's metadata sets (`snp_settings_json`; empty: the defaults),
+/// or an error naming the bad setting. `report_data` stays unset: each validation binds it.
+pub fn snp_policy_of(cluster: &ClusterMetadata) -> Result<SnpPolicy, ValidationError> {
+    let settings = if cluster.snp_settings_json.is_empty() {
+        SnpSettings::default()
+    } else {
+        serde_json::from_str::<SnpSettings>(&cluster.snp_settings_json).map_err(|e| {
+            ValidationError::Malformed(format!("cluster metadata: SEV-SNP settings: {e}"))
+        })?
+    };
+    settings
+        .policy()
+        .map_err(|e| ValidationError::Malformed(format!("cluster metadata: {e}")))
+}
+
 impl Validator for ClusterValidator {
     fn variant(&self) -> Variant {
         // Unreadable metadata validates nothing (`current` fails); qemu-vtpm is only the label.
@@ -135,5 +151,98 @@ impl Validator for ClusterValidator {
 
     fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
         self.current()?.validate(evidence, binding)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use constellation_attestation::snp::{self, AbiVersion, SigningKey, SnpError};
+    use constellation_attestation::testing::snp_reports::{
+        Fields, TestChip, ID_KEY_DIGEST, MEASUREMENT, TCB,
+    };
+
+    fn cluster(snp_settings_json: &str) -> ClusterMetadata {
+        ClusterMetadata {
+            cluster_name: "c".into(),
+            init_secret_hash: String::new(),
+            attestation_variant: "azure-sev-snp".into(),
+            measurements_json: "{}".into(),
+            snp_settings_json: snp_settings_json.into(),
+            nodes: Vec::new(),
+        }
+    }
+
+    /// The settings as the provider writes them (`AttestationSpec::node_snp_settings`).
+    fn configured() -> String {
+        serde_json::to_string(&SnpSettings {
+            minimum_tcb: Some(TCB),
+            minimum_abi: Some("1.55".into()),
+            vmpl: None,
+            allowed_launch_measurements: Some(vec![hex::encode(MEASUREMENT)]),
+            allowed_id_key_digests: Some(vec![hex::encode(ID_KEY_DIGEST)]),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_metadata_settings_make_the_node_policy() {
+        let policy = snp_policy_of(&cluster(&configured())).unwrap();
+        assert_eq!(policy.minimum_tcb, TCB);
+        assert_eq!(
+            policy.minimum_abi,
+            AbiVersion {
+                major: 1,
+                minor: 55
+            }
+        );
+        assert_eq!(policy.allowed_measurements, Some(vec![MEASUREMENT]));
+        assert_eq!(policy.allowed_id_key_digests, Some(vec![ID_KEY_DIGEST]));
+        // No settings: the attestation crate's defaults.
+        assert_eq!(snp_policy_of(&cluster("")).unwrap(), SnpPolicy::default());
+        // A bad setting is refused, naming it.
+        let e = snp_policy_of(&cluster(r#"{"minimum_abi": "1"}"#)).unwrap_err();
+        assert!(e.to_string().contains("minimum_abi"), "{e}");
+        let e = snp_policy_of(&cluster(r#"{"debug": true}"#)).unwrap_err();
+        assert!(e.to_string().contains("debug"), "{e}");
+    }
+
+    /// A node whose report breaks one configured setting is refused with that setting's typed
+    /// reason, while the same chip's baseline report passes.
+    #[test]
+    fn a_report_violating_a_configured_setting_is_refused_with_the_reason() {
+        let policy = snp_policy_of(&cluster(&configured())).unwrap();
+        let chip = TestChip::new();
+        let vek = chip.vek(SigningKey::Vcek, TCB);
+        snp::verify_report(&chip.report(&Fields::default()), &vek, &policy)
+            .expect("the baseline report meets every setting");
+
+        let other_image = Fields {
+            measurement: [0x99; 48],
+            ..Fields::default()
+        };
+        match snp::verify_report(&chip.report(&other_image), &vek, &policy) {
+            Err(SnpError::MeasurementNotAllowed { allowed, found }) => {
+                assert_eq!(allowed, vec![MEASUREMENT.to_vec()]);
+                assert_eq!(found, vec![0x99; 48]);
+            }
+            other => panic!("expected MeasurementNotAllowed, got {other:?}"),
+        }
+        let old_abi = Fields {
+            policy: (1 << 17) | (1 << 16) | (1 << 8) | 54,
+            ..Fields::default()
+        };
+        assert!(matches!(
+            snp::verify_report(&chip.report(&old_abi), &vek, &policy),
+            Err(SnpError::AbiBelowMinimum { .. })
+        ));
+        let other_id_key = Fields {
+            id_key_digest: [0x77; 48],
+            ..Fields::default()
+        };
+        assert!(matches!(
+            snp::verify_report(&chip.report(&other_id_key), &vek, &policy),
+            Err(SnpError::IdKeyDigestNotAllowed { .. })
+        ));
     }
 }

@@ -75,6 +75,11 @@ pub struct ClusterMetadata {
     pub attestation_variant: String,
     /// Expected measurements, in the measurements JSON form.
     pub measurements_json: String,
+    /// SEV-SNP settings the nodes enforce on SEV-SNP evidence, in the JSON form of the
+    /// attestation crate's `SnpSettings` (minimum TCB and ABI, launch-measurement and ID-key
+    /// allow-lists); empty: the defaults (and nothing for a variant without SEV-SNP).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub snp_settings_json: String,
     pub nodes: Vec<NodeInfo>,
 }
 

@@ -25,6 +25,7 @@ fn cluster() -> ClusterMetadata {
         init_secret_hash: "$argon2id$x".into(),
         attestation_variant: "qemu-vtpm".into(),
         measurements_json: "{}".into(),
+        snp_settings_json: String::new(),
         nodes: vec![NodeInfo {
             name: "c-worker-1".into(),
             role: Role::Worker,
