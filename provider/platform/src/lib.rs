@@ -73,6 +73,14 @@ pub trait Cloud: Send + Sync + std::fmt::Debug {
     /// How long nodes get to join after Init or a reboot (the time their boots and joins take
     /// on this platform, with room for a busy machine).
     fn join_timeout(&self) -> Duration;
+    /// Whether a new cluster's workers should boot together with its control planes rather
+    /// than while the first control plane is initialized. Booting control planes first gives
+    /// Init the machine's cores to itself (right for nodes that start in well under a second);
+    /// a platform whose boots take long and leave cores idle (a VM in its firmware uses one
+    /// core) finishes sooner booting everything at once.
+    fn boot_workers_with_control_planes(&self) -> bool {
+        false
+    }
     /// How far the node's current boot got.
     fn boot_phase(&self, node: &NodeRecord) -> BootPhase {
         match self.node_status(node) {

@@ -553,6 +553,12 @@ impl Cloud for QemuCloud {
         JOIN_TIMEOUT
     }
 
+    /// A VM takes 15–20 s to boot under TCG, mostly in its firmware on one core: the workers'
+    /// boots then use the cores the control plane's leaves idle.
+    fn boot_workers_with_control_planes(&self) -> bool {
+        true
+    }
+
     fn boot_phase(&self, node: &NodeRecord) -> BootPhase {
         if !node.is_alive() {
             return BootPhase::Off;

@@ -266,7 +266,8 @@ impl LocalBackend {
         let (root2, journal2, secret) = (root.clone(), journal.clone(), init_secret.clone());
         // The control planes boot first and get Init while the workers boot: the workers'
         // first-boot disk formatting (argon2id) then overlaps Init instead of slowing the
-        // control plane's, and the workers join as soon as the join service is up.
+        // control plane's, and the workers join as soon as the join service is up. Unless the
+        // platform's boots are long and leave cores idle: then all boot at once.
         let (mut cloud, control_planes, workers_to_boot) = blocking(move || {
             std::fs::create_dir_all(&root2).map_err(|e| {
                 ClusterError::Other(format!("cannot create {}: {e}", root2.display()))
@@ -284,7 +285,13 @@ impl LocalBackend {
                 .add_nodes(Role::ControlPlane, cp as usize, &image)
                 .and_then(|c| Ok((c, cloud.add_nodes(Role::Worker, workers as usize, &image)?)))
                 .map_err(platform_err);
+            let together = cloud.boot_workers_with_control_planes();
             let booted = added.and_then(|(control_planes, workers)| {
+                if together {
+                    let all: Vec<String> = control_planes.iter().chain(&workers).cloned().collect();
+                    boot_retrying(&mut *cloud, &all)?;
+                    return Ok((control_planes, Vec::new()));
+                }
                 boot_retrying(&mut *cloud, &control_planes)?;
                 Ok((control_planes, workers))
             });
