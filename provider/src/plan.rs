@@ -7,7 +7,7 @@
 //!   from the prior state are returned as `requires_replace` paths.
 //! * Destroy: the null proposed state passes through.
 
-use crate::diag::AttrPath;
+use crate::diag::{AttrPath, Diagnostics};
 use crate::schema::{Attribute, Block, Kind, Mode};
 use crate::value::Value;
 
@@ -15,6 +15,8 @@ use crate::value::Value;
 pub struct Planned {
     pub state: Value,
     pub requires_replace: Vec<AttrPath>,
+    /// Shown with the plan (e.g. which nodes an image change replaces).
+    pub warnings: Diagnostics,
 }
 
 impl Planned {
@@ -28,6 +30,7 @@ pub fn plan(schema: &Block, prior: &Value, proposed: &Value) -> Planned {
         return Planned {
             state: Value::Null,
             requires_replace: Vec::new(),
+            warnings: Diagnostics::default(),
         };
     }
     let mut state = proposed.clone();
@@ -36,6 +39,7 @@ pub fn plan(schema: &Block, prior: &Value, proposed: &Value) -> Planned {
         return Planned {
             state,
             requires_replace: Vec::new(),
+            warnings: Diagnostics::default(),
         };
     }
     let mut requires_replace = Vec::new();
@@ -59,6 +63,7 @@ pub fn plan(schema: &Block, prior: &Value, proposed: &Value) -> Planned {
     Planned {
         state,
         requires_replace,
+        warnings: Diagnostics::default(),
     }
 }
 

@@ -431,7 +431,7 @@ impl pb::provider_server::Provider for ProviderService {
                     .map(|p| p.to_proto())
                     .collect(),
                 planned_private: req.prior_private,
-                diagnostics: Vec::new(),
+                diagnostics: planned.warnings.to_proto(),
                 legacy_type_system: false,
             },
             Err(d) => pb::plan_resource_change::Response {

@@ -776,6 +776,15 @@ impl ClusterBackend for LocalBackend {
         })
     }
 
+    fn upgrade_preview(
+        &self,
+        name: &str,
+        platform: Platform,
+        image_reference: &str,
+    ) -> Vec<String> {
+        super::upgrade::preview(platform, &self.cluster_root(name), image_reference)
+    }
+
     fn import(
         &self,
         id: &ImportId,

@@ -527,6 +527,13 @@ pub trait ClusterBackend: Send + Sync {
         progress: &'a dyn Progress,
     ) -> BoxFuture<'a, Result<(), ClusterError>>;
 
+    /// For the plan of an image change: the nodes a rolling upgrade of cluster `name` on
+    /// `platform` to `image_reference` replaces, in order. Read-only; empty when unknown.
+    fn upgrade_preview(&self, name: &str, platform: Platform, image_reference: &str) -> Vec<String> {
+        let _ = (name, platform, image_reference);
+        Vec::new()
+    }
+
     /// Rebuilds the state of an existing cluster from an import ID, reading only folders
     /// `folders` allows.
     fn import(

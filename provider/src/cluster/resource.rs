@@ -101,6 +101,10 @@ impl Resource for ClusterResource {
             // Write-only: nothing to generate, nothing to keep (not even "known after apply").
             planned.state.set("master_secret", Value::Null);
         }
+        if let Some(warning) = super::upgrade::plan_warning(&*self.backend, req.prior, req.proposed)
+        {
+            planned.warnings.push(warning);
+        }
         Ok(planned)
     }
 

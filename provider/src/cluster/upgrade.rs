@@ -170,6 +170,54 @@ pub fn replaced_nodes(nodes: &[NodeRecord], target: &str) -> Vec<String> {
     out
 }
 
+/// The nodes a rolling upgrade to `reference` replaces in the cluster folder `root`.
+pub(super) fn preview(platform: Platform, root: &Path, reference: &str) -> Vec<String> {
+    match super::local_backend::open_cloud(platform, root) {
+        Ok(Some(cloud)) => replaced_nodes(&cloud.list_nodes(), reference),
+        _ => Vec::new(),
+    }
+}
+
+/// The plan's warning for a change of `image.reference`: a rolling upgrade, and which nodes
+/// it replaces in which order.
+pub(super) fn plan_warning(
+    backend: &dyn ClusterBackend,
+    prior: &crate::value::Value,
+    proposed: &crate::value::Value,
+) -> Option<crate::diag::Diagnostic> {
+    let reference =
+        |v: &crate::value::Value| v.get("image").get("reference").as_str().map(str::to_owned);
+    let (old, new) = (reference(prior)?, reference(proposed)?);
+    if old == new {
+        return None;
+    }
+    let name = prior.get("name").as_str()?;
+    let platform: Platform = prior.get("platform").as_str()?.parse().ok()?;
+    let nodes = backend.upgrade_preview(name, platform, &new);
+    let which = if nodes.is_empty() {
+        "every node".to_owned()
+    } else {
+        format!(
+            "{} node(s), in this order: {}",
+            nodes.len(),
+            nodes.join(", ")
+        )
+    };
+    Some(
+        crate::diag::Diagnostic::warning(
+            "Rolling image upgrade",
+            format!(
+                "image.reference changes from {old} to {new}: apply replaces {which}. Workers \
+                 first, then control planes, one at a time: each replacement boots the new \
+                 image and must attest and join before the node it replaces is removed; the \
+                 old and the new measurements are both accepted until the last node is \
+                 replaced."
+            ),
+        )
+        .at(crate::diag::AttrPath::attr(&["image", "reference"])),
+    )
+}
+
 fn store(journal: &Journal, root: &Path) -> Result<(), ClusterError> {
     journal
         .store(root)
