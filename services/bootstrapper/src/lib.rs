@@ -3,6 +3,7 @@
 pub mod context;
 pub mod controlplane;
 pub mod disk_key;
+pub mod etcd;
 pub mod init;
 pub mod kubernetes;
 pub mod node;

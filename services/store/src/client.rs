@@ -23,9 +23,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// a request caught in a failover hangs until the member it went through learns of the new leader.
 /// A slow commit that outlives the budget is harmless: the repeat finds it done.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a member add waits for etcd to consider the cluster healthy (every member connected
-/// for etcd's health interval, 5 s).
-const ADD_MEMBER_WITHIN: Duration = Duration::from_secs(30);
+/// How long a member change waits for etcd to consider the cluster healthy (every member
+/// connected for etcd's health interval, 5 s).
+const RECONFIGURE_WITHIN: Duration = Duration::from_secs(30);
 /// Pause between attempts (a member without a leader answers at once).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -165,6 +165,34 @@ impl Store {
             }
             tracing::debug!(error = %error, "etcd request retried");
             tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Runs a member change. etcd refuses one ("unhealthy cluster") until every member has
+    /// been connected for its health interval (5 s) and while the change would leave too few
+    /// active members; nothing changed then, so it is asked again. Any other failure is not
+    /// retried: the change might have been made.
+    async fn reconfigure<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        mut attempt: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + RECONFIGURE_WITHIN;
+        loop {
+            match self.call(operation, key, attempt(self.raw())).await {
+                Err(e)
+                    if e.to_string().contains("unhealthy cluster") && Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %e, "member change refused until the cluster is healthy");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
         }
     }
 
@@ -389,30 +417,15 @@ impl Store {
     /// that never starts cannot cost the cluster its quorum). Returns the new member's ID and
     /// the members including it (for the new member's `--initial-cluster`).
     pub async fn add_learner(&self, peer_url: &str) -> Result<(u64, Vec<MemberInfo>), StoreError> {
-        // etcd refuses ("unhealthy cluster") until every member has been connected for a few
-        // seconds (its strict reconfiguration check); nothing was added then, so asking again is
-        // safe. Any other failure is not retried: the member might have been added.
-        let deadline = Instant::now() + ADD_MEMBER_WITHIN;
-        let resp = loop {
-            let mut client = self.raw();
-            let options = MemberAddOptions::new().with_is_learner();
-            match self
-                .call(
-                    "member add",
-                    peer_url,
-                    client.member_add([peer_url], Some(options)),
-                )
-                .await
-            {
-                Err(e)
-                    if e.to_string().contains("unhealthy cluster") && Instant::now() < deadline =>
-                {
-                    tracing::debug!(error = %e, "member add refused until the cluster is healthy");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+        let resp = self
+            .reconfigure("member add", peer_url, |mut c| {
+                let url = peer_url.to_owned();
+                async move {
+                    c.member_add([url], Some(MemberAddOptions::new().with_is_learner()))
+                        .await
                 }
-                other => break other?,
-            }
-        };
+            })
+            .await?;
         let id = resp
             .member()
             .map(|m| m.id())
@@ -448,12 +461,9 @@ impl Store {
 
     /// Removes member `id` (a deleted control plane).
     pub async fn remove_member(&self, id: u64) -> Result<(), StoreError> {
-        let mut client = self.raw();
-        self.call(
-            "member remove",
-            &format!("{id:x}"),
-            client.member_remove(id),
-        )
+        self.reconfigure("member remove", &format!("{id:x}"), |mut c| async move {
+            c.member_remove(id).await
+        })
         .await
         .map(drop)
     }

@@ -19,6 +19,8 @@ pub const DEFAULT_ETCD_BINARY: &str = "etcd";
 pub const CLIENT_PORT: u16 = 2379;
 /// The etcd peer port on each control plane.
 pub const PEER_PORT: u16 = 2380;
+/// etcd's plain-HTTP `/health` and `/metrics` on each control plane (kubeadm's choice).
+pub const METRICS_PORT: u16 = 2381;
 
 /// First restart delay after the member exited; doubles per quick exit up to
 /// [`MAX_RESTART_DELAY`].
@@ -44,6 +46,9 @@ pub struct MemberConfig {
     pub state_dir: PathBuf,
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// Where etcd serves `/health` and `/metrics` over plain HTTP (no keys, no data), for
+    /// readiness probes; none if `None`.
+    pub metrics_addr: Option<SocketAddr>,
     /// Every member's name and peer URL, this one included.
     pub initial_cluster: Vec<(String, String)>,
     pub cluster_state: ClusterState,
@@ -99,7 +104,8 @@ impl MemberTlsFiles {
     }
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), LaunchError> {
+/// Creates `dir` and its parents, 0700 (etcd refuses a data directory others may read).
+pub fn create_private_dir(dir: &Path) -> Result<(), LaunchError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -164,6 +170,9 @@ impl MemberConfig {
         flag("peer-cert-file", tls.cert.clone().into());
         flag("peer-key-file", tls.key.clone().into());
         flag("peer-trusted-ca-file", tls.ca.clone().into());
+        if let Some(metrics) = self.metrics_addr {
+            flag("listen-metrics-urls", format!("http://{metrics}").into());
+        }
         flag("logger", "zap".into());
         flag("log-outputs", "stderr".into());
         args.push("--client-cert-auth".into());

@@ -127,8 +127,12 @@ fn reply(status: u16, body: &str) -> String {
 /// Client side for tests and supervisors: the status code of `GET path` on `addr`.
 pub async fn probe(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut conn = tokio::net::TcpStream::connect(addr).await?;
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
-        .await?;
+    // `connection: close`: the answer is read to EOF, and an HTTP/1.1 server that keeps the
+    // connection open (etcd's /health) would otherwise never end it.
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut out = String::new();
     conn.read_to_string(&mut out).await?;
     let status = out

@@ -40,6 +40,7 @@ pub fn member_config(dir: &std::path::Path, name: &str) -> MemberConfig {
         state_dir: dir.join(name),
         client_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())),
         peer_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port())),
+        metrics_addr: None,
         initial_cluster: Vec::new(),
         cluster_state: ClusterState::New,
         cluster_token: "store-test".into(),

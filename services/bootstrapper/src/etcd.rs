@@ -1,0 +1,308 @@
+//! The control plane's etcd member, run by the node's [`Supervisor`]: the first control plane
+//! creates a one-member cluster at Init; a control plane that joins is added as a learner through
+//! the members already running, started with the member list etcd returned, and promoted once it
+//! caught up; a deleted control plane's member is removed. Certificates come from the cluster
+//! PKI's etcd CA (every control plane holds it from Init or its join ticket); the data directory
+//! is `etcd/data` in the node's state folder.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use constellation_attestation::Clock;
+use constellation_joinservice::pki::{EtcdCredentials, PkiError};
+use constellation_joinservice::ClusterPki;
+use constellation_store::client::{StoreConfig, DEFAULT_REQUEST_TIMEOUT};
+use constellation_store::member::{
+    create_private_dir, LaunchError, MemberTlsFiles, CLIENT_PORT, DEFAULT_ETCD_BINARY,
+    METRICS_PORT, PEER_PORT, PROMOTE_WITHIN,
+};
+use constellation_store::{ClientTls, ClusterState, MemberConfig, Store, StoreError};
+
+use crate::supervisor::{DaemonFile, DaemonSpec, Probe, Supervisor, SupervisorError};
+
+/// The etcd member's daemon name (status, pid and log files).
+pub const ETCD: &str = "etcd";
+
+/// Why this node's etcd member could not be started, joined or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd certificates: {0}")]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the etcd server binary {0:?} is not on PATH (Debian package etcd-server)")]
+    MissingBinary(String),
+    #[error("no etcd member of the cluster lists node {0:?}")]
+    UnknownMember(String),
+}
+
+/// This control plane's member: who it is and where it keeps its state.
+#[derive(Debug, Clone)]
+pub struct LocalMember {
+    pub node_name: String,
+    pub ip: IpAddr,
+    pub state_dir: PathBuf,
+    /// Keeps members of different clusters apart (the cluster name).
+    pub cluster_token: String,
+}
+
+impl LocalMember {
+    fn config(&self, binary: PathBuf) -> MemberConfig {
+        MemberConfig {
+            name: self.node_name.clone(),
+            state_dir: self.state_dir.clone(),
+            client_addr: SocketAddr::new(self.ip, CLIENT_PORT),
+            peer_addr: SocketAddr::new(self.ip, PEER_PORT),
+            metrics_addr: Some(SocketAddr::new(self.ip, METRICS_PORT)),
+            initial_cluster: Vec::new(),
+            cluster_state: ClusterState::New,
+            cluster_token: self.cluster_token.clone(),
+            binary,
+        }
+    }
+
+    /// A client of `endpoints` with a fresh client certificate of this node.
+    pub async fn client(
+        &self,
+        pki: &ClusterPki,
+        clock: &dyn Clock,
+        endpoints: Vec<String>,
+    ) -> Result<Store, EtcdError> {
+        let credentials = pki.etcd_client_cert(&self.node_name, clock)?;
+        Ok(Store::connect(&StoreConfig {
+            endpoints,
+            tls: ClientTls { credentials },
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        })
+        .await?)
+    }
+}
+
+/// The client URL of the member on the control plane at `ip`.
+pub fn client_url(ip: IpAddr) -> String {
+    format!("https://{}", SocketAddr::new(ip, CLIENT_PORT))
+}
+
+/// `etcd` from `PATH`, as an absolute path (the supervisor runs binaries by path).
+fn etcd_binary() -> Result<PathBuf, EtcdError> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(DEFAULT_ETCD_BINARY))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| EtcdError::MissingBinary(DEFAULT_ETCD_BINARY.to_owned()))
+}
+
+/// The member as a supervised daemon: its TLS files are written (0600) before every start, and
+/// it is ready when etcd's `/health` answers 200 (it has a leader).
+fn daemon_spec(config: &MemberConfig, credentials: &EtcdCredentials) -> DaemonSpec {
+    let tls_dir = config.tls_dir();
+    let tls = MemberTlsFiles {
+        ca: tls_dir.join("ca.crt"),
+        cert: tls_dir.join("member.crt"),
+        key: tls_dir.join("member.key"),
+    };
+    let files = vec![
+        DaemonFile::bytes(&tls.ca, credentials.ca_cert_pem.as_bytes()),
+        DaemonFile::bytes(&tls.cert, credentials.cert_pem.as_bytes()),
+        DaemonFile::bytes(&tls.key, credentials.key_pem.expose()),
+    ];
+    let probe = match config.metrics_addr {
+        Some(addr) => Probe::Http {
+            addr,
+            path: "/health".to_owned(),
+        },
+        None => Probe::Running,
+    };
+    DaemonSpec {
+        name: ETCD.to_owned(),
+        program: config.binary.clone(),
+        args: config.args(&tls),
+        files,
+        probe,
+        log: config.log_path(),
+    }
+}
+
+fn start(
+    supervisor: &Supervisor,
+    config: &MemberConfig,
+    pki: &ClusterPki,
+    clock: &dyn Clock,
+) -> Result<(), EtcdError> {
+    let credentials = pki.etcd_member_cert(&config.name, &[config.client_addr.ip()], clock)?;
+    create_private_dir(&config.data_dir())?;
+    supervisor.start(daemon_spec(config, &credentials))?;
+    Ok(())
+}
+
+/// Whether this node's member has been started before (its data directory holds a member): a
+/// restarted control plane starts it again as it was, whatever the cluster state says.
+fn has_data(state_dir: &Path) -> bool {
+    state_dir.join("etcd/data/member").is_dir()
+}
+
+/// Init: starts this control plane's member as a new one-member cluster (or, after a restart,
+/// the member its data directory holds).
+pub fn start_first_member(
+    supervisor: &Supervisor,
+    me: &LocalMember,
+    pki: &ClusterPki,
+    clock: &dyn Clock,
+) -> Result<(), EtcdError> {
+    let mut config = me.config(etcd_binary()?);
+    config.initial_cluster = vec![(config.name.clone(), config.peer_url())];
+    start(supervisor, &config, pki, clock)
+}
+
+/// A control plane that joined: adds its member through the members at `existing` (the other
+/// control planes' client URLs) as a learner, starts it, and promotes it once caught up. A
+/// restarted control plane whose data directory holds its member just starts it again.
+pub async fn join_member(
+    supervisor: &Supervisor,
+    me: &LocalMember,
+    existing: Vec<String>,
+    pki: &ClusterPki,
+    clock: &dyn Clock,
+) -> Result<(), EtcdError> {
+    let mut config = me.config(etcd_binary()?);
+    if has_data(&me.state_dir) {
+        config.cluster_state = ClusterState::Existing;
+        return start(supervisor, &config, pki, clock);
+    }
+    let store = me.client(pki, clock, existing).await?;
+    let (id, members) = store.add_learner(&config.peer_url()).await?;
+    config.initial_cluster = members
+        .iter()
+        .filter_map(|m| {
+            let url = m.peer_urls.first()?.clone();
+            let name = if m.id == id {
+                config.name.clone()
+            } else {
+                m.name.clone()
+            };
+            Some((name, url))
+        })
+        .collect();
+    config.cluster_state = ClusterState::Existing;
+    if let Err(e) = start(supervisor, &config, pki, clock) {
+        // Nothing runs for the learner: take it out again, so a retry can add it anew.
+        if let Err(remove) = store.remove_member(id).await {
+            tracing::warn!(error = %remove, "learner that could not start stays listed");
+        }
+        return Err(e);
+    }
+    store.promote(id, Instant::now() + PROMOTE_WITHIN).await?;
+    tracing::info!(member = %me.node_name, "etcd member joined and promoted");
+    Ok(())
+}
+
+/// A deleted control plane: removes the member named `node_name` through `store`.
+pub async fn remove_member(store: &Store, node_name: &str) -> Result<(), EtcdError> {
+    let member = store
+        .members()
+        .await?
+        .into_iter()
+        .find(|m| m.name == node_name)
+        .ok_or_else(|| EtcdError::UnknownMember(node_name.to_owned()))?;
+    store.remove_member(member.id).await?;
+    Ok(())
+}
+
+/// How long Init waits for the first member to be ready.
+pub const READY_WITHIN: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::Backoff;
+    use constellation_attestation::SystemClock;
+    use constellation_joinservice::Claim;
+    use constellation_joinservice::{DiskOwner, DiskUuid};
+
+    fn member(dir: &Path, name: &str, ip: &str) -> LocalMember {
+        LocalMember {
+            node_name: name.into(),
+            ip: ip.parse().unwrap(),
+            state_dir: dir.join(name),
+            cluster_token: "bootstrapper-etcd-test".into(),
+        }
+    }
+
+    /// The first control plane creates the cluster under its supervisor; a second control plane
+    /// joins as learner, is promoted, serves what the first wrote, and is removed when deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_member_then_a_joining_control_plane_then_its_removal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = ClusterPki::generate("c", &SystemClock).unwrap();
+        let supervisor = |name: &str| {
+            Supervisor::new(
+                tmp.path().join(name).join("run"),
+                Backoff::default(),
+                Duration::from_millis(50),
+                |_| {},
+            )
+        };
+        let (sup0, sup1) = (supervisor("cp-0"), supervisor("cp-1"));
+        let cp0 = member(tmp.path(), "cp-0", "127.0.0.61");
+        let cp1 = member(tmp.path(), "cp-1", "127.0.0.62");
+
+        start_first_member(&sup0, &cp0, &pki, &SystemClock).unwrap();
+        if let Err(e) = sup0.wait_ready(ETCD, READY_WITHIN).await {
+            let log = std::fs::read_to_string(tmp.path().join("cp-0/etcd/etcd.log"));
+            panic!("{e}: {log:?} {:?}", sup0.health());
+        }
+        let store0 = cp0
+            .client(&pki, &SystemClock, vec![client_url(cp0.ip)])
+            .await
+            .unwrap();
+        let disk = DiskUuid::parse("00000000-0000-4000-8000-000000000001").unwrap();
+        let owner = DiskOwner {
+            node_name: "worker-0".into(),
+            ak_fingerprint: [7; 32],
+        };
+        store0.claim_disk(&disk, &owner).await.unwrap();
+        let key_mode = std::fs::metadata(tmp.path().join("cp-0/etcd/tls/member.key"))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
+            0o600
+        );
+
+        join_member(&sup1, &cp1, vec![client_url(cp0.ip)], &pki, &SystemClock)
+            .await
+            .unwrap();
+        sup1.wait_ready(ETCD, READY_WITHIN).await.unwrap();
+        let members = store0.members().await.unwrap();
+        assert_eq!(members.len(), 2, "{members:?}");
+        assert!(members.iter().all(|m| !m.is_learner));
+        let store1 = cp1
+            .client(&pki, &SystemClock, vec![client_url(cp1.ip)])
+            .await
+            .unwrap();
+        assert_eq!(
+            store1
+                .claim_disk(
+                    &disk,
+                    &DiskOwner {
+                        node_name: "intruder".into(),
+                        ak_fingerprint: [9; 32],
+                    }
+                )
+                .await
+                .unwrap(),
+            Claim::BoundTo(owner)
+        );
+
+        remove_member(&store0, "cp-1").await.unwrap();
+        sup1.shutdown(Duration::from_secs(3)).await;
+        assert_eq!(store0.members().await.unwrap().len(), 1);
+        sup0.shutdown(Duration::from_secs(3)).await;
+    }
+}
