@@ -23,6 +23,12 @@
 //! Only when the peer's evidence is accepted is the stream handed to the application (gRPC),
 //! so no secret is ever sent to an unattested peer.
 //!
+//! Floods: a server runs under its [`ServerConfig::limits`] (`constellation_common::limits`):
+//! the handshake and the exchange together must finish within the handshake timeout, the
+//! client's challenge frame may be at most [`MAX_CHALLENGE_FRAME`] bytes (any other frame
+//! [`MAX_FRAME`]), a frame's buffer grows only as its bytes arrive, and the server's TPM quotes
+//! go through a small gate, so silent or garbage connections hold neither a slot nor memory.
+//!
 //! The module's parts, one job each:
 //! - `protocol`: the exchange messages, their framing and the evidence binding;
 //! - `verifiers`: the rustls pieces for ephemeral certificates (provider, identity, verifiers);
