@@ -266,22 +266,24 @@ pub(super) async fn roll_if_needed(
         progress,
     };
     if let Err(e) = roll.run().await {
-        // The old nodes keep serving under the old images' measurements; with no node of the
-        // new image left, nothing of the upgrade remains to finish.
+        // With no node of the new image left, nothing of the upgrade remains to finish: the
+        // old nodes keep serving under the old images' measurements only. Otherwise both stay
+        // accepted (nodes of either image must be able to rejoin) and the journal keeps the
+        // upgrade for the next apply.
         let target_dir = Path::new(&target.reference);
-        if !roll
+        let target_runs = roll
             .cloud
             .list_nodes()
             .iter()
-            .any(|n| n.image_dir == target_dir)
-        {
+            .any(|n| n.image_dir == target_dir);
+        if !target_runs {
             roll.journal.upgrade = None;
             store(&roll.journal, &roll.root)?;
-        }
-        if let Some(old) = record.old_only() {
-            let json = old.to_json();
-            if let Err(restore) = roll.cloud.update_settings(|s| s.measurements_json = json) {
-                tracing::warn!(error = %restore, "restoring the join configuration failed");
+            if let Some(old) = record.old_only() {
+                let json = old.to_json();
+                if let Err(restore) = roll.cloud.update_settings(|s| s.measurements_json = json) {
+                    tracing::warn!(error = %restore, "restoring the join configuration failed");
+                }
             }
         }
         return Err(e);
@@ -331,6 +333,9 @@ impl Roll<'_> {
 
     async fn run(&mut self) -> Result<(), ClusterError> {
         for role in [Role::Worker, Role::ControlPlane] {
+            if role == Role::ControlPlane {
+                self.check_master_secret()?;
+            }
             self.resume_replacements(role).await?;
             let want = match role {
                 Role::Worker => self.spec.worker_count,
@@ -364,6 +369,38 @@ impl Roll<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Replacing the control plane that holds the master secret means recovering its
+    /// replacement with it: without the secret (write-only), stop before the first control
+    /// plane goes.
+    fn check_master_secret(&self) -> Result<(), ClusterError> {
+        let stale = replaced_nodes(&self.cloud.list_nodes(), &self.target().reference);
+        let control_planes: Vec<&String> = stale
+            .iter()
+            .filter(|n| {
+                self.cloud
+                    .node(n)
+                    .is_some_and(|r| r.role == Role::ControlPlane)
+            })
+            .collect();
+        if control_planes.is_empty() || self.spec.secrets.master_secret.bytes().is_some() {
+            return Ok(());
+        }
+        Err(ClusterError::InvalidInput {
+            attribute: crate::diag::AttrPath::attr(&["master_secret_wo"]),
+            reason: format!(
+                "the workers run the new image, but the control planes ({}) are not replaced: \
+                 the last of them holds the master secret, and its replacement must be \
+                 recovered with it, which this apply does not hold (it is write-only). The old \
+                 and the new measurements stay accepted; the cluster keeps serving.",
+                control_planes
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
     }
 
     /// Replacements an interrupted apply added: booted again if they do not run, then waited
