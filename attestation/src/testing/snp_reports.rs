@@ -35,6 +35,8 @@ pub struct Fields {
     pub measurement: [u8; 48],
     pub id_key_digest: [u8; 48],
     pub chip_id: [u8; 64],
+    /// REPORT_DATA, the binding the guest asked for (e.g. SHA-512 of its TPM AK).
+    pub report_data: [u8; 64],
 }
 
 impl Default for Fields {
@@ -49,6 +51,7 @@ impl Default for Fields {
             measurement: MEASUREMENT,
             id_key_digest: ID_KEY_DIGEST,
             chip_id: CHIP_ID,
+            report_data: [0; 64],
         }
     }
 }
@@ -106,6 +109,7 @@ impl TestChip {
             _ => 7,
         };
         put(0x48, &(signer << 2).to_le_bytes());
+        put(0x50, &f.report_data);
         put(0x90, &f.measurement);
         put(0xE0, &f.id_key_digest);
         put(0x180, &tcb_u64(f.reported_tcb).to_le_bytes());

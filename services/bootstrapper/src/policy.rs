@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use constellation_attestation::measurements::{AcceptedMeasurements, Digest};
-use constellation_attestation::snp::{SnpPolicy, SnpSettings};
+use constellation_attestation::snp::{SnpPolicy, SnpSettings, VekSource};
 use constellation_attestation::tpm::AkPublicKey;
+use constellation_attestation::variant::SnpAnchor;
 use constellation_attestation::{
-    validator_for, ValidationError, Validator, ValidatorPolicy, Variant, Verdict,
+    validator_for, Clock, ValidationError, Validator, ValidatorPolicy, Variant, Verdict,
 };
 use constellation_common::metadata::{ClusterMetadata, Metadata, Role};
 
@@ -22,15 +23,34 @@ pub enum Scope {
     ControlPlaneMember,
 }
 
+/// What a node needs, besides the metadata, to validate SEV-SNP evidence: where each report's
+/// VCEK/VLEK comes from (e.g. the join service's collateral cache) and "now" for its validity.
+#[derive(Clone)]
+pub struct SnpCollateral {
+    pub vek: Arc<dyn VekSource>,
+    pub clock: Arc<dyn Clock>,
+}
+
 /// A validator built from the current metadata at every call.
 pub struct ClusterValidator {
     metadata: Arc<dyn Metadata>,
     scope: Scope,
+    snp: Option<SnpCollateral>,
 }
 
 impl ClusterValidator {
     pub fn new(metadata: Arc<dyn Metadata>, scope: Scope) -> Self {
-        Self { metadata, scope }
+        Self {
+            metadata,
+            scope,
+            snp: None,
+        }
+    }
+
+    /// Lets the validator check SEV-SNP variants (without it, their evidence is refused).
+    pub fn with_snp_collateral(mut self, collateral: SnpCollateral) -> Self {
+        self.snp = Some(collateral);
+        self
     }
 
     /// The name of the node whose pinned AK has this fingerprint.
@@ -53,7 +73,7 @@ impl ClusterValidator {
             .metadata
             .cluster()
             .map_err(|e| ValidationError::Malformed(format!("cluster metadata: {e}")))?;
-        policy_for(&cluster, self.scope)
+        policy_for(&cluster, self.scope, self.snp.as_ref())
     }
 }
 
@@ -65,13 +85,31 @@ fn variant_of(cluster: &ClusterMetadata) -> Result<Variant, ValidationError> {
         .map_err(|e| ValidationError::Malformed(format!("cluster metadata: {e}")))
 }
 
-/// The validator a scope implies for the given metadata: the metadata's variant, the nodes'
-/// pinned keys as its anchor.
+/// The validator a scope implies for the given metadata: the metadata's variant, and as its
+/// anchor the nodes' pinned keys or, for a SEV-SNP variant, the report under the metadata's SNP
+/// settings (`snp_policy_of`) with a VEK from `snp`. SEV-SNP evidence vouches for its own key,
+/// so there the scope narrows the measurements only, not the keys.
 pub fn policy_for(
     cluster: &ClusterMetadata,
     scope: Scope,
+    snp: Option<&SnpCollateral>,
 ) -> Result<Arc<dyn Validator>, ValidationError> {
     let variant = variant_of(cluster)?;
+    let snp_anchor = if variant.facts().sev_snp {
+        let collateral = snp.ok_or_else(|| {
+            ValidationError::Malformed(format!(
+                "attestation variant {variant}: this node has no SEV-SNP collateral source \
+                 (VCEK/VLEK) to check reports with"
+            ))
+        })?;
+        Some(SnpAnchor {
+            vek: collateral.vek.clone(),
+            policy: snp_policy_of(cluster)?,
+            clock: collateral.clock.clone(),
+        })
+    } else {
+        None
+    };
     // During a rolling image upgrade the metadata lists the old and the new image's sets.
     let accepted = AcceptedMeasurements::from_json(cluster.measurements_json.as_bytes())?;
     let pinned: Vec<AkPublicKey> = cluster
@@ -88,10 +126,11 @@ pub fn policy_for(
             // The joiner does not know the cluster ID yet: PCR 15 is dropped explicitly.
             Scope::ControlPlaneMember => measurements.clone().without_cluster_id()?,
         };
-        validators.push(validator_for(
-            variant,
-            ValidatorPolicy::pinned(pinned.clone(), measurements),
-        )?);
+        let policy = match &snp_anchor {
+            Some(anchor) => ValidatorPolicy::snp(anchor.clone(), measurements),
+            None => ValidatorPolicy::pinned(pinned.clone(), measurements),
+        };
+        validators.push(validator_for(variant, policy)?);
     }
     match validators.len() {
         1 => Ok(validators.remove(0)),
@@ -205,6 +244,87 @@ mod tests {
         assert!(e.to_string().contains("minimum_abi"), "{e}");
         let e = snp_policy_of(&cluster(r#"{"debug": true}"#)).unwrap_err();
         assert!(e.to_string().contains("debug"), "{e}");
+    }
+
+    /// Test AK: SubjectPublicKeyInfo DER of a P-256 key (the software attester's).
+    fn ak_spki() -> Vec<u8> {
+        let issuer = constellation_attestation::testing::SoftwareIssuer::new([0; 32]);
+        let mut der = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
+        der.extend(issuer.public());
+        der
+    }
+
+    /// aws-sev-snp evidence around a crafted VLEK-signed report for `ak_spki`; the quote is a
+    /// placeholder (the SNP half is checked first).
+    fn aws_evidence(chip: &TestChip, fields: Fields, ak_spki: &[u8]) -> Vec<u8> {
+        use constellation_attestation::variant::aws_sev_snp::{
+            report_data_for_ak, AwsSevSnpEvidence,
+        };
+        use constellation_attestation::variant::qemu_vtpm::QemuVtpmEvidence;
+        let fields = Fields {
+            signer: SigningKey::Vlek,
+            report_data: report_data_for_ak(ak_spki),
+            ..fields
+        };
+        AwsSevSnpEvidence {
+            variant: Variant::AwsSevSnp,
+            report: chip.report(&fields),
+            tpm: QemuVtpmEvidence {
+                variant: Variant::QemuVtpm,
+                attest: vec![1],
+                signature: vec![2],
+                pcrs: Default::default(),
+                ak: ak_spki.to_vec(),
+                event_log: None,
+            },
+        }
+        .to_bytes()
+    }
+
+    /// The node's join validator for an aws-sev-snp cluster enforces the metadata's settings:
+    /// a report outside the launch-measurement allow-list is refused with that typed reason;
+    /// the baseline report gets past every SNP check (and fails only at the placeholder quote).
+    #[test]
+    fn the_nodes_join_validator_enforces_the_snp_settings() {
+        let mut metadata = cluster(&configured());
+        metadata.attestation_variant = "aws-sev-snp".into();
+        metadata.measurements_json = r#"{"4": {"expected": "0101010101010101010101010101010101010101010101010101010101010101", "warn_only": false}, "15": {"expected": "0000000000000000000000000000000000000000000000000000000000000000", "warn_only": false}}"#.into();
+        let chip = TestChip::new();
+        // Without a collateral source an SNP cluster validates nothing.
+        let e = policy_for(&metadata, Scope::FreshNode, None)
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string().contains("no SEV-SNP collateral source"),
+            "{e}"
+        );
+        let collateral = SnpCollateral {
+            vek: Arc::new(chip.vek(SigningKey::Vlek, TCB)),
+            clock: Arc::new(
+                constellation_attestation::FixedClock::at_rfc3339("2026-01-01T00:00:00Z").unwrap(),
+            ),
+        };
+        let validator = policy_for(&metadata, Scope::FreshNode, Some(&collateral)).unwrap();
+        assert_eq!(validator.variant(), Variant::AwsSevSnp);
+        let ak = ak_spki();
+        let binding = [7; 32];
+        let other_image = Fields {
+            measurement: [0x99; 48],
+            ..Fields::default()
+        };
+        match validator.validate(&aws_evidence(&chip, other_image, &ak), &binding) {
+            Err(ValidationError::Snp(SnpError::MeasurementNotAllowed { found, .. })) => {
+                assert_eq!(found, vec![0x99; 48]);
+            }
+            other => panic!("expected MeasurementNotAllowed, got {other:?}"),
+        }
+        match validator.validate(&aws_evidence(&chip, Fields::default(), &ak), &binding) {
+            // The TPM half: the placeholder quote does not parse.
+            Err(ValidationError::Quote(_)) => {}
+            other => {
+                panic!("the baseline report meets the settings, only the quote fails: {other:?}")
+            }
+        }
     }
 
     /// A node whose report breaks one configured setting is refused with that setting's typed
