@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use constellation_attestation::Clock;
-use constellation_joinservice::pki::{EtcdCredentials, PkiError};
+use constellation_joinservice::pki::PkiError;
 use constellation_joinservice::ClusterPki;
 use constellation_store::client::{StoreConfig, DEFAULT_REQUEST_TIMEOUT};
 use constellation_store::member::{
     create_private_dir, LaunchError, MemberTlsFiles, CLIENT_PORT, DEFAULT_ETCD_BINARY,
     METRICS_PORT, PEER_PORT, PROMOTE_WITHIN,
 };
+use constellation_store::EtcdCredentials;
 use constellation_store::{ClientTls, ClusterState, MemberConfig, Store, StoreError};
 
 use crate::supervisor::{DaemonFile, DaemonSpec, Probe, Supervisor, SupervisorError};
@@ -222,8 +223,8 @@ mod tests {
     use super::*;
     use crate::supervisor::Backoff;
     use constellation_attestation::SystemClock;
-    use constellation_joinservice::Claim;
-    use constellation_joinservice::{DiskOwner, DiskUuid};
+    use constellation_joinservice::disk_bindings::DiskBindings;
+    use constellation_joinservice::{Claim, DiskOwner, DiskUuid, EtcdDiskBindings};
 
     fn member(dir: &Path, name: &str, ip: &str) -> LocalMember {
         LocalMember {
@@ -266,7 +267,10 @@ mod tests {
             node_name: "worker-0".into(),
             ak_fingerprint: [7; 32],
         };
-        store0.claim_disk(&disk, &owner).await.unwrap();
+        EtcdDiskBindings::new(store0.clone())
+            .claim(&disk, &owner)
+            .await
+            .unwrap();
         let key_mode = std::fs::metadata(tmp.path().join("cp-0/etcd/tls/member.key"))
             .unwrap()
             .permissions();
@@ -287,8 +291,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            store1
-                .claim_disk(
+            EtcdDiskBindings::new(store1)
+                .claim(
                     &disk,
                     &DiskOwner {
                         node_name: "intruder".into(),

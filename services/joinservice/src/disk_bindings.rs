@@ -10,9 +10,9 @@
 //! [`MAX_DISKS_PER_NODE`] disks (it has one state disk, formatted anew with a new UUID only if it
 //! restarts before its disk key arrives), so a compromised node cannot grow the store by claiming
 //! made-up UUIDs.
-//! Two implementations: `constellation_store::EtcdDiskBindings` (the control planes' etcd
-//! cluster: the same compare-and-set as one etcd transaction, whatever host each control plane
-//! runs on), and [`FileDiskBindings`], one file per disk and one per node in a directory every
+//! Two implementations: [`EtcdDiskBindings`] (the control planes' etcd cluster: the same
+//! compare-and-set as one etcd transaction, whatever host each control plane runs on), and
+//! [`FileDiskBindings`], one file per disk and one per node in a directory every
 //! control plane of one host shares (the cluster folder next to the platform's metadata), kept
 //! for nodes that run as host processes without etcd.
 
@@ -307,6 +307,90 @@ impl DiskBindings for FileDiskBindings {
         tokio::task::spawn_blocking(move || store.claim_blocking(&disk, &claimant))
             .await
             .map_err(|e| DiskBindingError::Task(e.to_string()))?
+    }
+}
+
+/// [`DiskBindings`] in the control planes' etcd cluster ([`constellation_store::Store::claim_disk`]:
+/// the disk's key and a free slot of the node created in one transaction, each only if absent).
+/// Fails closed: a store without quorum answers [`DiskBindingError::Store`] (the join service
+/// refuses with `Unavailable`, the joiner retries), never a guess.
+#[derive(Debug, Clone)]
+pub struct EtcdDiskBindings {
+    store: constellation_store::Store,
+}
+
+impl EtcdDiskBindings {
+    pub fn new(store: constellation_store::Store) -> Self {
+        Self { store }
+    }
+
+    /// The owner recorded for `disk`, if any.
+    pub async fn owner(&self, disk: &DiskUuid) -> Result<Option<DiskOwner>, DiskBindingError> {
+        self.store
+            .disk_binding(disk.as_str())
+            .await
+            .map_err(store_error)?
+            .map(|record| owner_of(disk, &record))
+            .transpose()
+    }
+}
+
+fn store_error(e: constellation_store::StoreError) -> DiskBindingError {
+    DiskBindingError::Store(Box::new(e))
+}
+
+/// The typed owner in a stored record (the store checked that it names `disk`).
+fn owner_of(
+    disk: &DiskUuid,
+    record: &constellation_store::keys::DiskBindingRecord,
+) -> Result<DiskOwner, DiskBindingError> {
+    let ak_fingerprint = hex::decode(&record.ak_sha256)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| DiskBindingError::Malformed {
+            path: PathBuf::from(format!("etcd:{disk}")),
+            reason: format!("ak_sha256 {:?} is not 32 hex bytes", record.ak_sha256),
+        })?;
+    Ok(DiskOwner {
+        node_name: record.node_name.clone(),
+        ak_fingerprint,
+    })
+}
+
+#[tonic::async_trait]
+impl DiskBindings for EtcdDiskBindings {
+    async fn claim(
+        &self,
+        disk: &DiskUuid,
+        claimant: &DiskOwner,
+    ) -> Result<Claim, DiskBindingError> {
+        let record = constellation_store::keys::DiskBindingRecord {
+            disk_uuid: disk.to_string(),
+            node_name: claimant.node_name.clone(),
+            ak_sha256: hex::encode(claimant.ak_fingerprint),
+        };
+        let claim = self
+            .store
+            .claim_disk(&record, &claimant.ak_fingerprint, MAX_DISKS_PER_NODE)
+            .await
+            .map_err(store_error)?;
+        match claim {
+            constellation_store::DiskClaim::BoundTo(bound) => {
+                owner_of(disk, &bound).map(Claim::BoundTo)
+            }
+            constellation_store::DiskClaim::ClaimantAtLimit { held } => {
+                let held = held
+                    .iter()
+                    .map(|uuid| {
+                        DiskUuid::parse(uuid).map_err(|e| DiskBindingError::Malformed {
+                            path: PathBuf::from(format!("etcd:{disk}")),
+                            reason: e.to_string(),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(Claim::ClaimantAtLimit { held })
+            }
+        }
     }
 }
 

@@ -17,7 +17,9 @@ pub mod token;
 
 pub use attested_peer::AttestedPeerInterceptor;
 pub use collateral::{CollateralCache, CollateralFetcher};
-pub use disk_bindings::{Claim, DiskBindings, DiskOwner, DiskUuid, FileDiskBindings};
+pub use disk_bindings::{
+    Claim, DiskBindings, DiskOwner, DiskUuid, EtcdDiskBindings, FileDiskBindings,
+};
 pub use pki::{ClusterPki, NodeIdentity};
 pub use ticket::{AttestedPeer, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory};
 pub use token::{BootstrapToken, TokenRegistry};

@@ -74,6 +74,19 @@ impl NodeDirectory for std::collections::HashMap<String, NodeIdentity> {
     }
 }
 
+/// The node directory the control planes share in etcd, kept current by a watch: a node listed
+/// or removed through any control plane applies to the next join here.
+impl NodeDirectory for constellation_store::JoinStateCache {
+    fn node(&self, name: &str) -> Option<NodeIdentity> {
+        constellation_store::JoinStateCache::node(self, name).map(|n| NodeIdentity {
+            name: n.name,
+            role: n.role,
+            ips: n.ips,
+            dns_names: n.dns_names,
+        })
+    }
+}
+
 /// Fixed settings of the join service.
 #[derive(Debug, Clone)]
 pub struct JoinTicketConfig {

@@ -4,9 +4,6 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use constellation_common::secret::SecretBytes;
-use constellation_joinservice::disk_bindings::MAX_DISKS_PER_NODE;
-use constellation_joinservice::pki::EtcdCredentials;
-use constellation_joinservice::{Claim, DiskOwner, DiskUuid};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
     MemberAddOptions, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
@@ -28,6 +25,37 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 const RECONFIGURE_WITHIN: Duration = Duration::from_secs(30);
 /// Pause between attempts (a member without a leader answers at once).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// PEM material for etcd and its clients (issued by the cluster PKI's etcd CA): what
+/// `--cert-file`/`--key-file`/`--trusted-ca-file` point at, and what a client's TLS identity is
+/// built from.
+#[derive(Clone)]
+pub struct EtcdCredentials {
+    /// The etcd CA certificate: the only trust anchor on both sides.
+    pub ca_cert_pem: String,
+    /// The leaf certificate.
+    pub cert_pem: String,
+    /// The leaf's PKCS#8 private key (PEM).
+    pub key_pem: SecretBytes,
+}
+
+impl std::fmt::Debug for EtcdCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCredentials")
+            .field("key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a disk claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskClaim {
+    /// The disk is bound to this record's node after the call: the claimant (now or from
+    /// before) or another node.
+    BoundTo(DiskBindingRecord),
+    /// The disk is unbound but the claimant holds its limit of disks (their UUIDs).
+    ClaimantAtLimit { held: Vec<String> },
+}
 
 /// The client's mutual-TLS material: the etcd CA and a client certificate it issued.
 #[derive(Debug, Clone)]
@@ -306,46 +334,51 @@ impl Store {
         self.delete(&keys::node(name)).await
     }
 
-    /// The node `disk` is bound to, if any.
-    pub async fn disk_owner(&self, disk: &DiskUuid) -> Result<Option<DiskOwner>, StoreError> {
+    /// The binding of disk `disk`, if any (checked to name that disk: a record copied over
+    /// another disk's key is refused).
+    pub async fn disk_binding(&self, disk: &str) -> Result<Option<DiskBindingRecord>, StoreError> {
+        keys::check_segment("disk binding", disk)?;
         let key = keys::disk(disk);
         self.get(&key)
             .await?
-            .map(|record| checked_owner(&key, disk, &record))
+            .map(|record| checked_disk(&key, disk, record))
             .transpose()
     }
 
-    /// Compare-and-set: binds `disk` to `claimant` unless a node holds it already or the
-    /// claimant holds `MAX_DISKS_PER_NODE` disks. One transaction creates both the disk's key and
-    /// one free slot of the node, each only if absent, so of concurrent claims through any
-    /// members exactly one wins, and a node never holds more slots than exist.
+    /// Compare-and-set: binds disk `claim.disk_uuid` to the node in `claim` (whose attestation
+    /// key has SHA-256 `ak_fingerprint`) unless a node holds it already or the claimant holds
+    /// `max_disks` disks. One transaction creates both the disk's key and one free slot of the
+    /// node, each only if absent, so of concurrent claims through any members exactly one wins,
+    /// and a node never holds more slots than exist.
     pub async fn claim_disk(
         &self,
-        disk: &DiskUuid,
-        claimant: &DiskOwner,
-    ) -> Result<Claim, StoreError> {
+        claim: &DiskBindingRecord,
+        ak_fingerprint: &[u8; 32],
+        max_disks: usize,
+    ) -> Result<DiskClaim, StoreError> {
+        let disk = claim.disk_uuid.as_str();
+        keys::check_segment("claim", disk)?;
         let disk_key = keys::disk(disk);
-        let record = DiskBindingRecord::new(disk, claimant);
         // Every lost race means another claim of this disk or of this node's slots committed; a
-        // node has MAX_DISKS_PER_NODE slots, so honest races end well within this many rounds.
-        let attempts = 4 * MAX_DISKS_PER_NODE + 4;
+        // node has `max_disks` slots, so honest races end well within this many rounds.
+        let attempts = 4 * max_disks + 4;
         for _ in 0..attempts {
-            if let Some(owner) = self.disk_owner(disk).await? {
-                return Ok(Claim::BoundTo(owner));
+            if let Some(bound) = self.disk_binding(disk).await? {
+                return Ok(DiskClaim::BoundTo(bound));
             }
-            let slots = self.node_slots(&claimant.ak_fingerprint).await?;
+            let slots = self.node_slots(ak_fingerprint, max_disks).await?;
             if slots.iter().flatten().any(|held| held == disk) {
                 // This node's slot names the disk; the disk's own key is written in the same
-                // transaction, so it was deleted by hand or is about to be seen: read again.
+                // transaction, so it is about to be seen (or was deleted by hand): read again.
                 continue;
             }
             let Some(free) = slots.iter().position(Option::is_none) else {
-                return Ok(Claim::ClaimantAtLimit {
+                return Ok(DiskClaim::ClaimantAtLimit {
                     held: slots.into_iter().flatten().collect(),
                 });
             };
-            let slot_key = keys::node_disk_slot(&claimant.ak_fingerprint, free);
-            let value = record.encode();
+            let slot_key = keys::node_disk_slot(ak_fingerprint, free);
+            let value = claim.encode();
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(disk_key.path(), CompareOp::Equal, 0),
@@ -365,8 +398,9 @@ impl Store {
                 })
                 .await?;
             if resp.succeeded() {
-                tracing::info!(disk = %disk, owner = %claimant, "disk bound to node");
-                return Ok(Claim::BoundTo(claimant.clone()));
+                tracing::info!(disk, node = %claim.node_name, ak = %claim.ak_sha256,
+                    "disk bound to node");
+                return Ok(DiskClaim::BoundTo(claim.clone()));
             }
             let winner = resp.op_responses().into_iter().find_map(|op| match op {
                 TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
@@ -374,7 +408,7 @@ impl Store {
             });
             if let Some(bytes) = winner {
                 let won = DiskBindingRecord::decode(disk_key.path(), &bytes)?;
-                return checked_owner(&disk_key, disk, &won).map(Claim::BoundTo);
+                return checked_disk(&disk_key, disk, won).map(DiskClaim::BoundTo);
             }
             // Only the slot was taken (this node claimed another disk concurrently): retry.
         }
@@ -384,21 +418,25 @@ impl Store {
         })
     }
 
-    /// The disks in each of the node's slots (`None`: free).
-    async fn node_slots(&self, ak: &[u8; 32]) -> Result<Vec<Option<DiskUuid>>, StoreError> {
+    /// The disk UUID in each of the node's `max_disks` slots (`None`: free).
+    async fn node_slots(
+        &self,
+        ak: &[u8; 32],
+        max_disks: usize,
+    ) -> Result<Vec<Option<String>>, StoreError> {
         let prefix = keys::node_disks_prefix(ak);
         let (records, _) = self.list::<DiskBindingRecord>(&prefix).await?;
-        let mut slots = vec![None; MAX_DISKS_PER_NODE];
+        let mut slots = vec![None; max_disks];
         for (key, record) in records {
             let slot = key[prefix.len()..]
                 .parse::<usize>()
                 .ok()
-                .filter(|s| *s < MAX_DISKS_PER_NODE)
+                .filter(|s| *s < max_disks)
                 .ok_or_else(|| StoreError::Malformed {
                     key: key.clone(),
-                    reason: format!("not a slot below {MAX_DISKS_PER_NODE}"),
+                    reason: format!("not a slot below {max_disks}"),
                 })?;
-            slots[slot] = Some(record.parse(&key)?.0);
+            slots[slot] = Some(record.disk_uuid);
         }
         Ok(slots)
     }
@@ -494,19 +532,18 @@ fn member_info(m: &etcd_client::Member) -> MemberInfo {
     }
 }
 
-/// The owner in `record`, read at `key`, refusing a record that names another disk (a record
-/// copied over this disk's key).
-fn checked_owner(
+/// `record`, read at `key`, unless it names another disk than `disk` (a record copied over
+/// this disk's key).
+fn checked_disk(
     key: &Key<DiskBindingRecord>,
-    disk: &DiskUuid,
-    record: &DiskBindingRecord,
-) -> Result<DiskOwner, StoreError> {
-    let (recorded, owner) = record.parse(key.path())?;
-    if recorded != *disk {
+    disk: &str,
+    record: DiskBindingRecord,
+) -> Result<DiskBindingRecord, StoreError> {
+    if record.disk_uuid != disk {
         return Err(StoreError::Malformed {
             key: key.path().to_owned(),
-            reason: format!("records disk {recorded}, expected {disk}"),
+            reason: format!("records disk {}, expected {disk}", record.disk_uuid),
         });
     }
-    Ok(owner)
+    Ok(record)
 }

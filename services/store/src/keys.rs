@@ -15,7 +15,6 @@ use std::net::IpAddr;
 
 use constellation_attestation::measurements::Measurements;
 use constellation_common::metadata::Role;
-use constellation_joinservice::{DiskOwner, DiskUuid, NodeIdentity};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::StoreError;
@@ -106,29 +105,8 @@ pub struct NodeRecord {
 }
 impl JsonValue for NodeRecord {}
 
-impl From<&NodeIdentity> for NodeRecord {
-    fn from(n: &NodeIdentity) -> Self {
-        Self {
-            name: n.name.clone(),
-            role: n.role,
-            ips: n.ips.clone(),
-            dns_names: n.dns_names.clone(),
-        }
-    }
-}
-
-impl From<NodeRecord> for NodeIdentity {
-    fn from(n: NodeRecord) -> Self {
-        Self {
-            name: n.name,
-            role: n.role,
-            ips: n.ips,
-            dns_names: n.dns_names,
-        }
-    }
-}
-
-/// A disk bound to a node (the same record under the disk's key and the node's slot).
+/// A disk bound to a node (the same record under the disk's key and the node's slot). The join
+/// service turns it into its typed `DiskOwner` and checks it there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskBindingRecord {
@@ -138,41 +116,6 @@ pub struct DiskBindingRecord {
     pub ak_sha256: String,
 }
 impl JsonValue for DiskBindingRecord {}
-
-impl DiskBindingRecord {
-    pub fn new(disk: &DiskUuid, owner: &DiskOwner) -> Self {
-        Self {
-            disk_uuid: disk.to_string(),
-            node_name: owner.node_name.clone(),
-            ak_sha256: hex::encode(owner.ak_fingerprint),
-        }
-    }
-
-    /// The disk and owner, checked: `key` is where the record was read (for the error).
-    pub fn parse(&self, key: &str) -> Result<(DiskUuid, DiskOwner), StoreError> {
-        let malformed = |reason: String| StoreError::Malformed {
-            key: key.to_owned(),
-            reason,
-        };
-        let disk = DiskUuid::parse(&self.disk_uuid).map_err(|e| malformed(e.to_string()))?;
-        let ak_fingerprint = hex::decode(&self.ak_sha256)
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .ok_or_else(|| {
-                malformed(format!(
-                    "ak_sha256 {:?} is not 32 hex bytes",
-                    self.ak_sha256
-                ))
-            })?;
-        Ok((
-            disk,
-            DiskOwner {
-                node_name: self.node_name.clone(),
-                ak_fingerprint,
-            },
-        ))
-    }
-}
 
 /// A node's live bootstrap token: its ID and the SHA-256 of its secret (never the secret), so
 /// any control plane can check a presented token and a node has one token across all of them.
@@ -195,7 +138,8 @@ pub fn node(name: &str) -> Key<NodeRecord> {
     Key::new(format!("{NODES_PREFIX}{name}"))
 }
 
-pub fn disk(disk: &DiskUuid) -> Key<DiskBindingRecord> {
+/// The binding of the disk with UUID `disk` (the caller checked its form: a key segment).
+pub fn disk(disk: &str) -> Key<DiskBindingRecord> {
     Key::new(format!("{DISKS_PREFIX}{disk}"))
 }
 

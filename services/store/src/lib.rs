@@ -10,17 +10,17 @@
 //! - [`watch`]: [`JoinStateCache`], the join service's view of the measurements and the node
 //!   directory, kept current by an etcd watch so an update reaches every control plane without a
 //!   restart.
-//! - [`disk_bindings`]: [`EtcdDiskBindings`], the join service's `DiskBindings` on etcd.
+//!
+//! The join service's `DiskBindings` and `NodeDirectory` on top of this live in
+//! `constellation-joinservice` (`EtcdDiskBindings`), which depends on this crate.
 
 pub mod client;
-pub mod disk_bindings;
 pub mod error;
 pub mod keys;
 pub mod member;
 pub mod watch;
 
-pub use client::{ClientTls, Store, StoreConfig};
-pub use disk_bindings::EtcdDiskBindings;
+pub use client::{ClientTls, DiskClaim, EtcdCredentials, Store, StoreConfig};
 pub use error::StoreError;
 pub use member::{ClusterState, MemberConfig, MemberTlsFiles, SupervisedMember};
 pub use watch::JoinStateCache;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use constellation_joinservice::pki::EtcdCredentials;
+use crate::client::EtcdCredentials;
 use nix::sys::signal::Signal;
 
 /// Debian's `etcd-server` installs the server here (on `PATH` as `etcd`).

@@ -7,7 +7,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use constellation_attestation::Measurements;
-use constellation_joinservice::{NodeDirectory, NodeIdentity};
 use etcd_client::{EventType, WatchOptions};
 
 use crate::keys::{self, AcceptedMeasurements, NodeRecord, Value};
@@ -19,7 +18,7 @@ pub struct JoinState {
     /// `None` until measurements are written, or while the stored ones are malformed: nothing
     /// is accepted then (fails closed).
     pub measurements: Option<Measurements>,
-    pub nodes: HashMap<String, NodeIdentity>,
+    pub nodes: HashMap<String, NodeRecord>,
     /// The store revision this view reflects.
     pub revision: i64,
 }
@@ -39,7 +38,7 @@ impl JoinState {
         } else if let Some(name) = key.strip_prefix(keys::NODES_PREFIX) {
             match value.map(|v| NodeRecord::decode(key, v)) {
                 Some(Ok(record)) if record.name == name => {
-                    self.nodes.insert(name.to_owned(), record.into());
+                    self.nodes.insert(name.to_owned(), record);
                 }
                 Some(Ok(record)) => {
                     tracing::warn!(key, listed = %record.name, "node record under another name; ignored");
@@ -122,8 +121,9 @@ impl JoinStateCache {
     }
 }
 
-impl NodeDirectory for JoinStateCache {
-    fn node(&self, name: &str) -> Option<NodeIdentity> {
+impl JoinStateCache {
+    /// The node directory's entry for `name` now.
+    pub fn node(&self, name: &str) -> Option<NodeRecord> {
         self.read().nodes.get(name).cloned()
     }
 }

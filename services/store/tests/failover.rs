@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{disk, node, wait_writable, TestCluster};
-use constellation_joinservice::{Claim, DiskOwner, DiskUuid};
+use constellation_joinservice::disk_bindings::{DiskBindingError, DiskBindings};
+use constellation_joinservice::{Claim, DiskOwner, DiskUuid, EtcdDiskBindings};
+use constellation_store::StoreError;
 use nix::sys::signal::Signal;
 
 /// Writes resume within this long after the leader is SIGKILLed: etcd's election timeout (1 s)
@@ -19,6 +21,12 @@ use nix::sys::signal::Signal;
 const SIGKILL_RESUME_BOUND: Duration = Duration::from_secs(5);
 /// After SIGTERM etcd hands leadership over before exiting.
 const SIGTERM_RESUME_BOUND: Duration = Duration::from_secs(2);
+
+/// A store error that says "try again" (no answer, no quorum), as the join service's callers see it.
+fn unavailable(e: &DiskBindingError) -> bool {
+    matches!(e, DiskBindingError::Store(source)
+        if source.downcast_ref::<StoreError>().is_some_and(StoreError::is_unavailable))
+}
 
 /// One acknowledged claim: the owner the store answered.
 type Acked = Arc<Mutex<Vec<(DiskUuid, DiskOwner, Instant)>>>;
@@ -28,9 +36,9 @@ async fn leader_sigkill_during_a_claim_storm_loses_nothing_and_resumes() {
     let mut cluster = TestCluster::start(3).await;
     let endpoints = cluster.endpoints();
     // Two join services: each sees the members in another order.
-    let a = cluster.store(&endpoints).await;
+    let a = EtcdDiskBindings::new(cluster.store(&endpoints).await);
     let reversed: Vec<String> = endpoints.iter().rev().cloned().collect();
-    let b = cluster.store(&reversed).await;
+    let b = EtcdDiskBindings::new(cluster.store(&reversed).await);
 
     let acked: Acked = Arc::default();
     let failures = Arc::new(Mutex::new(Vec::<Instant>::new()));
@@ -52,18 +60,18 @@ async fn leader_sigkill_during_a_claim_storm_loses_nothing_and_resumes() {
                 let d = disk(worker << 32 | n);
                 let first = node(&format!("w{worker}-{n}-a"), worker << 32 | n << 1);
                 let second = node(&format!("w{worker}-{n}-b"), worker << 32 | n << 1 | 1);
-                let claim = |store: constellation_store::Store, owner: DiskOwner| {
+                let claim = |bindings: EtcdDiskBindings, owner: DiskOwner| {
                     let (d, acked, failures) = (d.clone(), acked.clone(), failures.clone());
                     async move {
                         loop {
-                            match store.claim_disk(&d, &owner).await {
+                            match bindings.claim(&d, &owner).await {
                                 Ok(Claim::BoundTo(o)) => {
                                     acked.lock().unwrap().push((d, o.clone(), Instant::now()));
                                     return o;
                                 }
                                 Ok(other) => panic!("unexpected {other:?}"),
                                 Err(e) => {
-                                    assert!(e.is_unavailable(), "untyped failure: {e}");
+                                    assert!(unavailable(&e), "not an Unavailable: {e}");
                                     failures.lock().unwrap().push(Instant::now());
                                     tokio::time::sleep(Duration::from_millis(20)).await;
                                 }
@@ -136,19 +144,16 @@ async fn leader_sigkill_during_a_claim_storm_loses_nothing_and_resumes() {
         .filter(|i| *i != leader)
         .map(|i| endpoints[i].clone())
         .collect();
-    let check = cluster.store(&survivors).await;
+    let check = EtcdDiskBindings::new(cluster.store(&survivors).await);
     for (d, o) in &owners {
-        assert_eq!(check.disk_owner(d).await.unwrap().as_ref(), Some(o), "{d}");
+        assert_eq!(check.owner(d).await.unwrap().as_ref(), Some(o), "{d}");
     }
     cluster.launch(leader);
-    let returned = cluster.store(&[endpoints[leader].clone()]).await;
-    wait_writable(&returned, Duration::from_secs(20)).await;
+    let returned_store = cluster.store(&[endpoints[leader].clone()]).await;
+    wait_writable(&returned_store, Duration::from_secs(20)).await;
+    let returned = EtcdDiskBindings::new(returned_store);
     for (d, o) in &owners {
-        assert_eq!(
-            returned.disk_owner(d).await.unwrap().as_ref(),
-            Some(o),
-            "{d}"
-        );
+        assert_eq!(returned.owner(d).await.unwrap().as_ref(), Some(o), "{d}");
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{disk, member_config, node, wait_writable, TestCluster};
 use constellation_attestation::SystemClock;
-use constellation_joinservice::Claim;
+use constellation_joinservice::disk_bindings::DiskBindings;
+use constellation_joinservice::{Claim, EtcdDiskBindings};
 use constellation_store::SupervisedMember;
 use nix::sys::signal::Signal;
 
@@ -17,7 +18,10 @@ async fn a_joining_control_plane_becomes_a_voter_and_a_deleted_one_leaves() {
     let mut cluster = TestCluster::start(3).await;
     let store = cluster.store(&cluster.endpoints()).await;
     let owner = node("worker-1", 1);
-    store.claim_disk(&disk(1), &owner).await.unwrap();
+    EtcdDiskBindings::new(store.clone())
+        .claim(&disk(1), &owner)
+        .await
+        .unwrap();
 
     let config = member_config(cluster.dir.path(), "cp-3");
     let creds = cluster
@@ -33,14 +37,14 @@ async fn a_joining_control_plane_becomes_a_voter_and_a_deleted_one_leaves() {
     assert!(members.iter().any(|m| m.id == id && m.name == "cp-3"));
 
     // The new member serves what was written before it joined, and takes writes.
-    let through_new = cluster.store(&[config.client_url()]).await;
+    let through_new = EtcdDiskBindings::new(cluster.store(&[config.client_url()]).await);
     assert_eq!(
-        through_new.disk_owner(&disk(1)).await.unwrap(),
+        through_new.owner(&disk(1)).await.unwrap(),
         Some(owner.clone())
     );
     assert_eq!(
         through_new
-            .claim_disk(&disk(1), &node("intruder", 9))
+            .claim(&disk(1), &node("intruder", 9))
             .await
             .unwrap(),
         Claim::BoundTo(owner)

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::{disk, node, TestCluster};
 use constellation_joinservice::disk_bindings::{DiskBindingError, DiskBindings};
-use constellation_joinservice::{Claim, DiskOwner};
-use constellation_store::{EtcdDiskBindings, StoreError};
+use constellation_joinservice::{Claim, DiskOwner, EtcdDiskBindings};
+use constellation_store::StoreError;
 use nix::sys::signal::Signal;
 
 /// Claims succeed again within this long after a second member returns (its restart, a leader
@@ -85,12 +85,9 @@ async fn one_lost_member_keeps_admitting_two_stop_it_and_one_back_resumes() {
         }
     };
     println!("claims resumed {resumed:?} after the second member was restarted");
-    let store = cluster.store(&endpoints).await;
+    let check = EtcdDiskBindings::new(cluster.store(&endpoints).await);
     for (i, owner) in &acked {
-        assert_eq!(
-            store.disk_owner(&disk(*i)).await.unwrap().as_ref(),
-            Some(owner)
-        );
+        assert_eq!(check.owner(&disk(*i)).await.unwrap().as_ref(), Some(owner));
     }
     let (cp, cq) = tokio::join!(join_a.claim(&outage, &p), join_b.claim(&outage, &q));
     let (cp, cq) = (cp.unwrap(), cq.unwrap());

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use common::TestCluster;
 use constellation_attestation::{Measurement, Measurements};
 use constellation_common::metadata::Role;
-use constellation_joinservice::NodeDirectory;
 use constellation_store::keys::NodeRecord;
 use constellation_store::JoinStateCache;
 
@@ -66,7 +65,7 @@ async fn an_update_written_on_one_member_reaches_a_watcher_on_another() {
     };
     writer.put_node(&worker).await.unwrap();
     eventually("node listed", || {
-        cache.node("worker-0").map(|n| NodeRecord::from(&n)) == Some(worker.clone())
+        cache.node("worker-0") == Some(worker.clone())
     })
     .await;
     assert!(writer.remove_node("worker-0").await.unwrap());

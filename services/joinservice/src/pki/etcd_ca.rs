@@ -4,11 +4,11 @@
 //! (`--client-cert-auth`, `--peer-client-cert-auth`), so a Kubernetes or key-service certificate
 //! opens nothing in etcd.
 
-use std::fmt;
 use std::net::IpAddr;
 
 use constellation_attestation::Clock;
 use constellation_common::secret::SecretBytes;
+pub use constellation_store::EtcdCredentials;
 use rcgen::{ExtendedKeyUsagePurpose, SanType};
 
 use super::keyservice_ca::issue_leaf;
@@ -18,26 +18,6 @@ use super::*;
 pub const ETCD_MEMBER_COMMON_NAME_PREFIX: &str = "constellation etcd member ";
 /// Prefix of an etcd client certificate's common name; the client's name follows.
 pub const ETCD_CLIENT_COMMON_NAME_PREFIX: &str = "constellation etcd client ";
-
-/// PEM material for etcd and its clients: what `--cert-file`/`--key-file`/`--trusted-ca-file`
-/// point at, and what the client's TLS identity is built from.
-#[derive(Clone)]
-pub struct EtcdCredentials {
-    /// The etcd CA certificate: the only trust anchor on both sides.
-    pub ca_cert_pem: String,
-    /// The leaf certificate.
-    pub cert_pem: String,
-    /// The leaf's PKCS#8 private key (PEM).
-    pub key_pem: SecretBytes,
-}
-
-impl fmt::Debug for EtcdCredentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdCredentials")
-            .field("key", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
 
 impl ClusterPki {
     /// A fresh certificate for etcd member `member_name` listening on `ips` (one year): server
