@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+pub mod local;
+
 /// Provider address used by every test configuration.
 pub const PROVIDER_SOURCE: &str = "edgelesssys/constellation";
 pub const PROVIDER_VERSION: &str = "0.1.0";

@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use acceptance_tests::{provider_binary, Terraform, TfVersion, REQUIRED_PROVIDERS};
+use acceptance_tests::local::{
+    assert_all_verified, cluster_in_state, journal, nodes, processes_mentioning, sibling_binary,
+    tampered_binary, Cleanup, Node, PlatformJson, ONE_CLUSTER_AT_A_TIME,
+};
+use acceptance_tests::{Terraform, TfVersion, REQUIRED_PROVIDERS};
 use constellation_common::metadata::ports;
 
 const CONFIG: &str = r#"
@@ -52,140 +56,6 @@ resource "constellation_cluster" "c" {
 output "cluster_id" { value = constellation_cluster.c.cluster_id }
 output "measurements" { value = constellation_image.img.measurements }
 "#;
-
-/// A binary next to the provider in target/debug.
-fn sibling_binary(name: &str) -> PathBuf {
-    let provider = provider_binary().unwrap_or_else(|e| panic!("{e}"));
-    let bin = provider.with_file_name(name);
-    assert!(
-        bin.is_file(),
-        "{} not found: run `make build` first",
-        bin.display()
-    );
-    bin
-}
-
-/// Pids of processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmdline.contains(needle) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
-}
-
-/// One node as `platform.json` in the cluster folder records it.
-#[derive(Debug, serde::Deserialize)]
-struct Node {
-    name: String,
-    role: String,
-    ip: String,
-    ak_spki_hex: String,
-    pid: u32,
-    swtpm: Option<SwtpmJson>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct SwtpmJson {
-    socket: PathBuf,
-}
-
-#[derive(serde::Deserialize)]
-struct PlatformJson {
-    nodes: Vec<Node>,
-}
-
-fn nodes(root: &Path) -> Vec<Node> {
-    let bytes = std::fs::read(root.join("platform.json")).expect("platform.json exists");
-    let state: PlatformJson = serde_json::from_slice(&bytes).expect("platform.json parses");
-    state.nodes
-}
-
-/// Runs `attest verify cluster` against every node; returns each node's exit status.
-fn verify_all(tf: &Terraform, root: &Path, cluster_id: &str) -> Vec<(String, bool, String)> {
-    let attest = sibling_binary("attest");
-    let measurements = tf.scratch().join("measurements.json");
-    let m = tf.output("measurements");
-    // The provider's output uses Terraform's `warn_only`; the CLI reads `warnOnly`.
-    let json: serde_json::Map<String, serde_json::Value> = m
-        .as_object()
-        .expect("measurements is a map")
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                serde_json::json!({
-                    "expected": v["expected"],
-                    "warnOnly": v["warn_only"],
-                }),
-            )
-        })
-        .collect();
-    std::fs::write(&measurements, serde_json::to_vec(&json).unwrap()).unwrap();
-    nodes(root)
-        .into_iter()
-        .map(
-            |Node {
-                 name,
-                 ip,
-                 ak_spki_hex: ak_hex,
-                 ..
-             }| {
-                let der = tf.scratch().join(format!("{name}.ak.der"));
-                let pem = tf.scratch().join(format!("{name}.ak.pem"));
-                std::fs::write(&der, hex::decode(&ak_hex).expect("AK is hex")).unwrap();
-                let conv = Command::new("openssl")
-                    .args(["pkey", "-pubin", "-inform", "DER", "-in"])
-                    .arg(&der)
-                    .arg("-out")
-                    .arg(&pem)
-                    .output()
-                    .expect("openssl must be installed");
-                assert!(conv.status.success(), "openssl: {conv:?}");
-                let out = Command::new(&attest)
-                    .args(["verify", "cluster", "--endpoint", &format!("{ip}:30081")])
-                    .arg("--measurements")
-                    .arg(&measurements)
-                    .arg("--ak-pub")
-                    .arg(&pem)
-                    .args(["--cluster-id", cluster_id])
-                    .output()
-                    .expect("run attest");
-                let text = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                (name, out.status.success(), text)
-            },
-        )
-        .collect()
-}
-
-fn assert_all_verified(tf: &Terraform, root: &Path, cluster_id: &str, expected_nodes: usize) {
-    let results = verify_all(tf, root, cluster_id);
-    assert_eq!(results.len(), expected_nodes, "{results:?}");
-    for (name, ok, text) in &results {
-        assert!(ok, "node {name} failed verification:\n{text}");
-    }
-}
-
-/// One cluster at a time: two clusters booting at once on a small machine would make join
-/// times (LUKS key slots, Argon2) a test of the machine rather than of the provider.
-static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn run(version: TfVersion) {
     let _serial = ONE_CLUSTER_AT_A_TIME
@@ -449,24 +319,6 @@ fn kill_during_apply(tf: &Terraform, root: &Path, when: &str, ready: impl Fn(&Pa
     destroy_and_check(tf, root);
 }
 
-/// `journal.json` of the cluster folder, when it exists and parses.
-fn journal(root: &Path) -> Option<serde_json::Value> {
-    let bytes = std::fs::read(root.join("journal.json")).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// The cluster's attributes in `terraform.tfstate`, if Terraform recorded it.
-fn cluster_in_state(tf: &Terraform) -> Option<serde_json::Value> {
-    let bytes = std::fs::read(tf.work_dir().join("terraform.tfstate")).ok()?;
-    let state: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    state["resources"]
-        .as_array()?
-        .iter()
-        .find(|r| r["type"] == "constellation_cluster")?["instances"]
-        .get(0)
-        .map(|i| i["attributes"].clone())
-}
-
 /// Every node's TPM sockets (data, control): swtpm listens on no TCP port.
 fn tpm_sockets_of(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -517,18 +369,6 @@ fn nodes_of(root: &Path) -> Option<Vec<Node>> {
         .map(|s| s.nodes)
 }
 
-/// A copy of the bootstrapper with bytes appended: it runs the same, but measures differently.
-fn tampered_binary(dir: &Path, boot: &Path) -> PathBuf {
-    let mut binary = std::fs::read(boot).expect("read bootstrapper");
-    binary.extend_from_slice(b"\0tampered");
-    let path = dir.join("bootstrapper-tampered");
-    std::fs::write(&path, binary).expect("write tampered binary");
-    let mut perms = std::fs::metadata(&path).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&path, perms).unwrap();
-    path
-}
-
 /// A second image from the tampered binary (its own folder: another version).
 const BAD_IMAGE: &str = r#"
 resource "constellation_image" "bad" {
@@ -537,20 +377,6 @@ resource "constellation_image" "bad" {
   bootstrapper_path = "BADBOOT"
 }
 "#;
-
-/// On a failed assertion, still tear the cluster down so no node process outlives the test.
-struct Cleanup<'a>(&'a Terraform, &'a str);
-
-impl Drop for Cleanup<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.destroy(&[]);
-        for (pid, _) in processes_mentioning(self.1) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
-}
 
 #[test]
 fn local_cluster_terraform_1_15() {
