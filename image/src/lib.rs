@@ -31,6 +31,35 @@ pub const PCR_MANIFEST: u32 = pcr::KERNEL_CONFIG;
 
 /// File names inside a local image folder.
 pub const BOOTSTRAPPER_FILE: &str = "constellation-bootstrapper";
+/// The service daemons a control plane's bootstrapper supervises, found next to it.
+pub const DAEMON_FILES: [&str; 3] = [
+    "constellation-joinservice",
+    "constellation-keyservice",
+    "constellation-verify",
+];
+
+/// Links the daemons built next to `bootstrapper` into the local image `dir` (the bootstrapper
+/// looks for them next to itself). Symbolic links, not copies: the local platform does not
+/// measure them (see docs/architecture.md), and copies would cost tens of MB per image. A
+/// daemon not built is left out; a control plane then reports it missing in its status.
+fn link_daemons(dir: &Path, bootstrapper: &Path) -> Result<(), ImageError> {
+    let Some(source_dir) = bootstrapper.parent() else {
+        return Ok(());
+    };
+    for name in DAEMON_FILES {
+        let source = source_dir.join(name);
+        let Ok(source) = std::fs::canonicalize(&source) else {
+            continue;
+        };
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&source, &link).map_err(|source| ImageError::Io {
+            path: link.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
 pub const MANIFEST_FILE: &str = "image-manifest.json";
 
 /// What an image is: written next to the binary and measured at boot.
@@ -211,6 +240,7 @@ impl LocalImage {
         std::fs::write(&tmp, &binary).map_err(io(&tmp))?;
         set_executable(&tmp)?;
         std::fs::rename(&tmp, &bin_path).map_err(io(&bin_path))?;
+        link_daemons(dir, bootstrapper)?;
         let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         let manifest_path = dir.join(MANIFEST_FILE);
         std::fs::write(&manifest_path, &manifest_bytes).map_err(io(&manifest_path))?;

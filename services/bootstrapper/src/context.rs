@@ -9,7 +9,7 @@ use constellation_attestation::measurements::{sha256, CLUSTER_ID_PCR};
 use constellation_attestation::variant::VariantIssuer;
 use constellation_attestation::Clock;
 use constellation_common::metadata::Metadata;
-use constellation_common::node_status::{NodePhase, NodeStatus};
+use constellation_common::node_status::NodePhase;
 use constellation_joinservice::DiskBindings;
 use tokio::sync::Mutex;
 
@@ -25,6 +25,12 @@ pub struct NodeContext {
     pub metadata: Arc<dyn Metadata>,
     /// Which node each state disk belongs to, shared by the cluster's control planes.
     pub disk_bindings: Arc<dyn DiskBindings>,
+    /// Where those bindings are kept (the join service daemon opens the same folder).
+    pub disk_bindings_dir: PathBuf,
+    /// The node's status file (phase and daemons' health).
+    pub status: Arc<crate::daemons::StatusBoard>,
+    /// The supervised service daemons (control planes only).
+    pub daemons: Option<crate::daemons::NodeDaemons>,
     pub issuer: Arc<VariantIssuer>,
     pub clock: Arc<dyn Clock>,
     /// The lifecycle phase; Init holds this lock while it runs (exactly-once).
@@ -81,7 +87,5 @@ pub(crate) fn extend_cluster_id(
 
 /// Records the node's phase for the platform; a failure to write is logged, never fatal.
 pub(crate) fn report(node: &NodeContext, phase: NodePhase) {
-    if let Err(e) = NodeStatus::now(phase).write(&node.state_dir) {
-        tracing::warn!("cannot write the node status: {e}");
-    }
+    node.status.set_phase(phase);
 }

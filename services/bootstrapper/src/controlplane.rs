@@ -4,36 +4,27 @@
 //!
 //! Init and Recover run both services (they hold the master secret). A control plane that
 //! joined runs only the join service, which fetches data keys from the other control planes'
-//! key services with a client certificate from the same CA.
+//! key services with a client certificate from the same CA. Both run as their own daemons,
+//! supervised by the bootstrapper ([`crate::daemons`], [`crate::supervisor`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use constellation_attestation::atls;
-use constellation_common::limits::ListenerLimits;
 use constellation_common::metadata::{ports, Role};
 use constellation_common::secret::SecretBytes;
-use constellation_joinservice::attested_peer::AttestedPeerInterceptor;
-use constellation_joinservice::pki::{ClientCredentials, ClusterPki, NodeIdentity};
-use constellation_joinservice::ticket::{
-    DataKeyError, DataKeySource, JoinTicketConfig, JoinTicketIssuer, NodeDirectory,
-};
-use constellation_joinservice::token::{BootstrapToken, TokenRegistry};
-use constellation_keyservice::cluster_managed::ClusterManagedBackend;
-use constellation_keyservice::kmip::{
-    KekSource, KmipBackend, KmipSettings, RetryPolicy, StoredKmipSettings,
-};
-use constellation_keyservice::{KeyService, MasterSecret, MasterSecretBackend};
-use constellation_proto::keyservice::key_service_client::KeyServiceClient;
-use constellation_proto::keyservice::GetDataKeyRequest;
-use constellation_proto::PROTOCOL_VERSION;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use constellation_joinservice::pki::{ClientCredentials, ClusterPki};
+use constellation_joinservice::ticket::JoinTicketConfig;
+use constellation_joinservice::token::BootstrapToken;
+use constellation_keyservice::cluster_managed::{ClusterManagedBackend, CLUSTER_SECRET_FILE};
+use constellation_keyservice::config::created_kek_name;
+use constellation_keyservice::kmip::{KekSource, KmipBackend, KmipSettings, StoredKmipSettings};
+use constellation_keyservice::{MasterSecret, MasterSecretBackend};
 
 use crate::context::NodeContext;
+use crate::daemons::{DaemonsError, JoinServiceInputs, NodeDaemons, JOIN_SERVICE, KEY_SERVICE};
 use crate::kubernetes::InitParams;
-use crate::policy::{ClusterValidator, Scope};
 
 /// How long bootstrap tokens handed to joining nodes live.
 pub(crate) const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -61,6 +52,8 @@ pub enum ControlPlaneError {
     },
     #[error("metadata: {0}")]
     Metadata(#[from] constellation_common::metadata::MetadataError),
+    #[error("control-plane daemons: {0}")]
+    Daemons(#[from] DaemonsError),
 }
 
 /// Where the master secret lives.
@@ -119,32 +112,6 @@ pub struct NetworkSettings {
     pub service_cidr: String,
 }
 
-fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    use der::Encode as _;
-    let certs = x509_cert::Certificate::load_pem_chain(pem).map_err(|e| e.to_string())?;
-    if certs.is_empty() {
-        return Err("no CERTIFICATE in PEM".into());
-    }
-    certs
-        .iter()
-        .map(|c| {
-            c.to_der()
-                .map(CertificateDer::from)
-                .map_err(|e| e.to_string())
-        })
-        .collect()
-}
-
-fn pem_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
-    let (label, der) = der::pem::decode_vec(pem).map_err(|e| e.to_string())?;
-    match label {
-        "PRIVATE KEY" => Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))),
-        "RSA PRIVATE KEY" => Ok(PrivateKeyDer::Pkcs1(der.into())),
-        "EC PRIVATE KEY" => Ok(PrivateKeyDer::Sec1(der.into())),
-        other => Err(format!("unsupported key PEM label {other:?}")),
-    }
-}
-
 /// The key-service backend for this node.
 fn backend(
     node: &NodeContext,
@@ -171,32 +138,29 @@ fn kmip_settings(
     cluster_name: &str,
 ) -> Result<KmipSettings, ControlPlaneError> {
     let endpoint = &kmip.endpoint;
-    let bad = |what: &str, e: String| ControlPlaneError::Certificates(format!("{what}: {e}"));
+    let bad = |e: String| ControlPlaneError::Certificates(format!("KMIP {endpoint:?}: {e}"));
     let (host, port) = endpoint
         .rsplit_once(':')
-        .ok_or_else(|| bad("KMIP endpoint", format!("{endpoint:?} is not host:port")))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| bad("KMIP endpoint", format!("bad port in {endpoint:?}")))?;
-    Ok(KmipSettings {
-        host: host.to_owned(),
+        .ok_or_else(|| bad("not host:port".into()))?;
+    let port: u16 = port.parse().map_err(|_| bad("bad port".into()))?;
+    let kek = if kmip.kek_id.is_empty() {
+        KekSource::Create {
+            name: created_kek_name(cluster_name),
+        }
+    } else {
+        KekSource::Existing {
+            id: kmip.kek_id.clone(),
+        }
+    };
+    constellation_keyservice::config::kmip_settings(
+        host.to_owned(),
         port,
-        ca_certificates: pem_certs(&kmip.server_ca_pem).map_err(|e| bad("KMIP CA", e))?,
-        client_cert_chain: pem_certs(&kmip.client_cert_pem)
-            .map_err(|e| bad("KMIP client certificate", e))?,
-        client_key: pem_key(kmip.client_key_pem.expose()).map_err(|e| bad("KMIP client key", e))?,
-        kek: if kmip.kek_id.is_empty() {
-            KekSource::Create {
-                name: format!("constellation-{cluster_name}-kek"),
-            }
-        } else {
-            KekSource::Existing {
-                id: kmip.kek_id.clone(),
-            }
-        },
-        retry: RetryPolicy::default(),
-        io_timeout: Duration::from_secs(10),
-    })
+        &kmip.server_ca_pem,
+        &kmip.client_cert_pem,
+        kmip.client_key_pem.expose(),
+        kek,
+    )
+    .map_err(bad)
 }
 
 /// After a restart: the master secret as the external KMS holds it (the KEK in the KMIP server
@@ -316,276 +280,128 @@ pub fn install_kubernetes(
     Ok(installer.name().to_owned())
 }
 
-/// The node directory for join-ticket checks, from the platform's metadata.
-struct MetadataDirectory(Arc<NodeContext>);
-
-impl NodeDirectory for MetadataDirectory {
-    fn node(&self, name: &str) -> Option<NodeIdentity> {
-        let cluster = self.0.metadata.cluster().ok()?;
-        let n = cluster.node(name)?;
-        Some(NodeIdentity {
-            name: n.name.clone(),
-            role: n.role,
-            ips: vec![n.ip],
-            dns_names: vec![n.name.clone()],
-        })
-    }
+/// The supervised daemons of this control plane (see [`crate::daemons`]).
+fn daemons(node: &NodeContext) -> Result<&NodeDaemons, ControlPlaneError> {
+    node.daemons.as_ref().ok_or(ControlPlaneError::Serve {
+        what: "control-plane daemons",
+        message: "this node supervises no daemons (not a control plane)".into(),
+    })
 }
 
-/// Data keys from this cluster's key services, over mutual TLS with a client certificate from
-/// the key-service CA. The servers are looked up on every request (the control planes in the
-/// metadata may change) and tried in order until one answers; channels are kept per address.
-struct KeyServiceKeys {
-    tls: Arc<rustls::ClientConfig>,
-    servers: Box<dyn Fn() -> Vec<std::net::IpAddr> + Send + Sync>,
-    channels: std::sync::Mutex<
-        std::collections::HashMap<std::net::IpAddr, KeyServiceClient<tonic::transport::Channel>>,
-    >,
-}
+/// How long Init and Recover wait for the daemons to report ready before they answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl KeyServiceKeys {
-    fn new(
-        pki: &ClusterPki,
-        me: &constellation_common::metadata::NodeInfo,
-        clock: &dyn constellation_attestation::Clock,
-        servers: Box<dyn Fn() -> Vec<std::net::IpAddr> + Send + Sync>,
-    ) -> Result<Self, ControlPlaneError> {
-        let creds = pki.key_service_client_cert(&me.name, me.ip, clock)?;
-        let (chain, key) = rustls_credentials(creds);
-        let tls = constellation_keyservice::tls::mutual_tls_client_config(
-            &[CertificateDer::from(pki.key_service_ca_der().to_vec())],
-            chain,
-            key,
-        )
-        .map_err(|e| ControlPlaneError::Certificates(format!("key service client: {e}")))?;
-        Ok(Self {
-            tls,
-            servers,
-            channels: Default::default(),
-        })
-    }
-
-    fn client(
-        &self,
-        ip: std::net::IpAddr,
-    ) -> Result<KeyServiceClient<tonic::transport::Channel>, String> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(client) = channels.get(&ip) {
-            return Ok(client.clone());
+/// Waits for `name` to be ready and says so (or why not: the supervisor keeps trying).
+async fn wait_ready(
+    daemons: &NodeDaemons,
+    name: &str,
+    listening: String,
+    say: &(dyn Fn(String) + Send + Sync),
+) {
+    match daemons.supervisor().wait_ready(name, READY_TIMEOUT).await {
+        Ok(()) => say(format!("{name} daemon ready: {listening}")),
+        Err(e) => {
+            tracing::warn!("{e}");
+            say(format!("{name} daemon started, not ready yet: {e}"));
         }
-        let addr = SocketAddr::new(ip, ports::KEY_SERVICE);
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(3));
-        let channel =
-            endpoint.connect_with_connector_lazy(constellation_keyservice::tls::TlsConnector::new(
-                self.tls.clone(),
-                rustls::pki_types::ServerName::IpAddress(ip.into()),
-            ));
-        let client = KeyServiceClient::new(channel);
-        channels.insert(ip, client.clone());
-        Ok(client)
     }
 }
 
-#[tonic::async_trait]
-impl DataKeySource for KeyServiceKeys {
-    async fn data_key(&self, key_id: &str, len: usize) -> Result<SecretBytes, DataKeyError> {
-        let err = |reason: String| DataKeyError {
-            key_id: key_id.to_owned(),
-            reason,
-        };
-        let length = u32::try_from(len).map_err(|_| err(format!("length {len} too large")))?;
-        let servers = (self.servers)();
-        if servers.is_empty() {
-            return Err(err("no control plane runs a key service".into()));
-        }
-        let mut failures = Vec::new();
-        for ip in servers {
-            let mut client = match self.client(ip) {
-                Ok(client) => client,
-                Err(e) => {
-                    failures.push(format!("{ip}: {e}"));
-                    continue;
-                }
-            };
-            match client
-                .get_data_key(GetDataKeyRequest {
-                    version: PROTOCOL_VERSION,
-                    data_key_id: key_id.to_owned(),
-                    length,
-                })
-                .await
-            {
-                Ok(resp) => return Ok(SecretBytes::new(resp.into_inner().data_key)),
-                Err(s) => failures.push(format!("key service {ip}: {}", s.message())),
-            }
-        }
-        Err(err(failures.join("; ")))
-    }
-}
-
-/// rustls forms of issued credentials.
-fn rustls_credentials(
-    creds: constellation_joinservice::pki::ServiceCredentials,
-) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let chain = creds
-        .cert_chain_der
-        .into_iter()
-        .map(CertificateDer::from)
-        .collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        creds.key_pkcs8_der.expose().to_vec(),
-    ));
-    (chain, key)
-}
-
-/// Starts the key service and the join service on this node's address, the join service
-/// fetching keys from the local key service. They run until the process exits.
+/// Starts the key service and the join service daemons on this node's address, the join
+/// service fetching keys from the local key service. The supervisor keeps them running.
 pub async fn start_services(
     node: Arc<NodeContext>,
     material: ControlPlaneMaterial,
     say: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), ControlPlaneError> {
     let me = node.metadata.self_info()?;
-    start_key_service(&node, &material, &me).await?;
-    say(format!(
-        "key service listening on {} (mutual TLS, certificates from the key-service CA)",
-        SocketAddr::new(me.ip, ports::KEY_SERVICE)
-    ));
-    let local = me.ip;
-    let keys = KeyServiceKeys::new(
+    let daemons = daemons(&node)?;
+    let master_dir = node.state_dir.join("keyservice");
+    let kmip = StoredKmipSettings::load(&master_dir)?;
+    if kmip.is_none() {
+        // A control plane that joined gets the master secret only from Recover: the key
+        // service daemon reads it from the state folder like the Init node's.
+        let cluster_managed = ClusterManagedBackend::new(&master_dir);
+        if !master_dir.join(CLUSTER_SECRET_FILE).exists() {
+            std::fs::create_dir_all(&master_dir).map_err(|source| ControlPlaneError::Io {
+                path: master_dir.clone(),
+                source,
+            })?;
+            cluster_managed.store(&material.master).await?;
+        }
+    }
+    daemons.start_key_service(
         &material.pki,
-        &me,
         node.clock.as_ref(),
-        Box::new(move || vec![local]),
+        &material.cluster_name,
+        kmip.as_ref(),
     )?;
-    let config = JoinTicketConfig {
-        measurement_salt: material.measurement_salt.clone(),
-        measurement_secret: material.measurement_secret.clone(),
-        api_server_endpoint: me.endpoint(ports::KUBE_API),
-        kubernetes_version: material.kubernetes_version.clone(),
-        token_ttl: TOKEN_TTL,
-    };
-    let join_addr = start_join_service(&node, material.pki.clone(), config, Arc::new(keys)).await?;
-    say(format!(
-        "join service listening on {join_addr} (mutual aTLS)"
-    ));
+    let key_service = SocketAddr::new(me.ip, ports::KEY_SERVICE);
+    daemons.start_join_service(
+        &node.name,
+        node.metadata.clone(),
+        JoinServiceInputs {
+            cluster_name: material.cluster_name.clone(),
+            api_server_endpoint: me.endpoint(ports::KUBE_API),
+            kubernetes_version: material.kubernetes_version.clone(),
+            key_service_endpoints: vec![key_service],
+            measurement_salt: material.measurement_salt.clone(),
+            measurement_secret: material.measurement_secret.clone(),
+            token_ttl: TOKEN_TTL,
+            disk_bindings_dir: node.disk_bindings_dir.clone(),
+        },
+    )?;
+    wait_ready(
+        daemons,
+        KEY_SERVICE,
+        format!("key service on {key_service} (mutual TLS, certificates from the key-service CA)"),
+        say,
+    )
+    .await;
+    wait_ready(
+        daemons,
+        JOIN_SERVICE,
+        format!(
+            "join service on {} (mutual aTLS)",
+            SocketAddr::new(me.ip, ports::JOIN)
+        ),
+        say,
+    )
+    .await;
     Ok(())
 }
 
 /// A control plane that joined holds the cluster PKI but not the master secret: its join
-/// service fetches data keys from the key services of the other control planes, authenticated
-/// by a client certificate from the key-service CA it received in its join ticket.
+/// service daemon fetches data keys from the key services of the other control planes (those
+/// listed when it starts), authenticated by a client certificate from the key-service CA it
+/// received in its join ticket.
 pub async fn start_joined_services(
     node: Arc<NodeContext>,
-    pki: Arc<ClusterPki>,
+    cluster_name: String,
     config: JoinTicketConfig,
 ) -> Result<SocketAddr, ControlPlaneError> {
     let me = node.metadata.self_info()?;
-    let metadata = node.metadata.clone();
-    let name = me.name.clone();
-    let others = move || {
-        metadata
-            .cluster()
-            .map(|c| {
-                c.nodes
-                    .iter()
-                    .filter(|n| n.role == Role::ControlPlane && n.name != name)
-                    .map(|n| n.ip)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let keys = KeyServiceKeys::new(&pki, &me, node.clock.as_ref(), Box::new(others))?;
-    start_join_service(&node, pki, config, Arc::new(keys)).await
-}
-
-/// The key service on this node's address: mutual TLS, a server certificate from the
-/// key-service CA, and only clients with a certificate from that CA get keys.
-async fn start_key_service(
-    node: &NodeContext,
-    material: &ControlPlaneMaterial,
-    me: &constellation_common::metadata::NodeInfo,
-) -> Result<(), ControlPlaneError> {
-    let serve_err = |e: String| ControlPlaneError::Serve {
-        what: "key service",
-        message: e,
-    };
-    let (chain, key) = rustls_credentials(
-        material
-            .pki
-            .key_service_server_cert(me.ip, node.clock.as_ref())?,
-    );
-    let tls = constellation_keyservice::tls::mutual_tls_server_config(
-        &[CertificateDer::from(
-            material.pki.key_service_ca_der().to_vec(),
-        )],
-        chain,
-        key,
-    )
-    .map_err(|e| serve_err(e.to_string()))?;
-    let addr = SocketAddr::new(me.ip, ports::KEY_SERVICE);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| serve_err(e.to_string()))?;
-    let ks = KeyService::new((*material.master).clone());
-    tokio::spawn(async move {
-        if let Err(e) =
-            constellation_keyservice::serve(listener, tls, ks, std::future::pending()).await
-        {
-            tracing::error!("key service stopped: {e}");
-        }
-    });
-    Ok(())
-}
-
-/// The join service on this node's address: mutual aTLS; joiners are checked against the
-/// cluster's current metadata and measurements.
-async fn start_join_service(
-    node: &Arc<NodeContext>,
-    pki: Arc<ClusterPki>,
-    config: JoinTicketConfig,
-    keys: Arc<dyn DataKeySource>,
-) -> Result<SocketAddr, ControlPlaneError> {
-    let serve_err = |e: String| ControlPlaneError::Serve {
-        what: "join service",
-        message: e,
-    };
-    let me = node.metadata.self_info()?;
-    let issuer = JoinTicketIssuer::new(
-        keys,
-        Arc::new(MetadataDirectory(node.clone())),
-        node.disk_bindings.clone(),
-        pki,
-        Arc::new(TokenRegistry::default()),
-        node.clock.clone(),
-        config,
-    );
-    let joiner_validator = Arc::new(ClusterValidator::new(
+    let others: Vec<SocketAddr> = node
+        .metadata
+        .cluster()?
+        .nodes
+        .iter()
+        .filter(|n| n.role == Role::ControlPlane && n.name != me.name)
+        .map(|n| SocketAddr::new(n.ip, ports::KEY_SERVICE))
+        .collect();
+    daemons(&node)?.start_join_service(
+        &node.name,
         node.metadata.clone(),
-        Scope::FreshNode,
-    ));
-    let atls_config = atls::ServerConfig::mutual(node.issuer.clone(), joiner_validator.clone())
-        .map_err(|e| serve_err(e.to_string()))?
-        .with_limits(ListenerLimits::default());
-    let addr = SocketAddr::new(me.ip, ports::JOIN);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| serve_err(e.to_string()))?;
-    let peers = AttestedPeerInterceptor::new(move |ak| joiner_validator.node_for(ak));
-    tokio::spawn(async move {
-        if let Err(e) = constellation_joinservice::server::serve(
-            listener,
-            atls_config,
-            issuer,
-            peers,
-            std::future::pending(),
-        )
-        .await
-        {
-            tracing::error!("join service stopped: {e}");
-        }
-    });
-    Ok(addr)
+        JoinServiceInputs {
+            cluster_name,
+            api_server_endpoint: config.api_server_endpoint,
+            kubernetes_version: config.kubernetes_version,
+            key_service_endpoints: others,
+            measurement_salt: config.measurement_salt,
+            measurement_secret: config.measurement_secret,
+            token_ttl: config.token_ttl,
+            disk_bindings_dir: node.disk_bindings_dir.clone(),
+        },
+    )?;
+    Ok(SocketAddr::new(me.ip, ports::JOIN))
 }

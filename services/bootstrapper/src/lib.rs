@@ -2,6 +2,7 @@
 
 pub mod context;
 pub mod controlplane;
+pub mod daemons;
 pub mod disk_key;
 pub mod etcd;
 pub mod init;

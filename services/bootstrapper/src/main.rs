@@ -46,6 +46,11 @@ struct Args {
     /// device:/dev/tpmrm0.
     #[arg(long)]
     tcti: Option<String>,
+    /// Directory of the service daemons' binaries (constellation-joinservice,
+    /// constellation-keyservice, constellation-verify) a control plane supervises. Default: the
+    /// directory of this executable.
+    #[arg(long = "daemon-dir")]
+    daemon_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -57,6 +62,13 @@ async fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
     let a = Args::parse();
+    let daemon_dir = match a.daemon_dir {
+        Some(dir) => dir,
+        None => std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow::anyhow!("the bootstrapper's executable has no directory"))?,
+    };
     let config = match a.platform {
         Platform::Local => constellation_bootstrapper::node::NodeConfig {
             name: a.name,
@@ -70,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
                 .tcti
                 .ok_or_else(|| anyhow::anyhow!("--tcti is required on the local platform"))?,
             vm: None,
+            daemon_dir,
         },
         Platform::Qemu => constellation_bootstrapper::node::NodeConfig {
             name: a.name,
@@ -82,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
                 })?,
                 state_device: a.state_device,
             }),
+            daemon_dir,
         },
     };
     constellation_bootstrapper::node::run(config).await

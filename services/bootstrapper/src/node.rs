@@ -22,7 +22,7 @@ use constellation_common::metadata::{
 };
 use constellation_common::node_status::NodePhase;
 use constellation_common::secret::SecretBytes;
-use constellation_joinservice::pki::{write_pki_files, ClusterPki, PkiError, PkiFile};
+use constellation_joinservice::pki::{write_pki_files, PkiError, PkiFile};
 use constellation_joinservice::ticket::JoinTicketConfig;
 use constellation_joinservice::FileDiskBindings;
 use constellation_proto::init::init_service_server::InitServiceServer;
@@ -34,6 +34,7 @@ use tokio::sync::Mutex;
 
 use crate::context::{extend_cluster_id, report};
 pub use crate::context::{Binding, NodeContext};
+use crate::daemons::{NodeDaemons, StatusBoard};
 pub use crate::disk_key::DiskKeyError;
 use crate::disk_key::{adopt_disk_key, ensure_state_disk};
 use crate::init::InitServer;
@@ -42,6 +43,7 @@ use crate::policy::{ClusterValidator, Scope};
 use crate::recover::RecoverServer;
 use crate::state::{ControlPlaneRecord, NodeState, Phase, StateError};
 use crate::statedisk::{self, StateDiskError};
+use crate::tpm_mux::{self, TpmMux};
 
 /// Longest pause between two join attempts.
 pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(5);
@@ -59,6 +61,8 @@ pub struct NodeConfig {
     /// Set when the node runs in a QEMU guest: metadata endpoint and state block device
     /// ([`crate::vm`]); `metadata_path` is then unused.
     pub vm: Option<crate::vm::VmSettings>,
+    /// Where the service daemons' binaries are (`constellation-joinservice`, ...).
+    pub daemon_dir: PathBuf,
 }
 
 /// Pause before the next join attempt after `attempt` (1-based) failed ones: full jitter,
@@ -167,11 +171,30 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         None => Arc::new(FileMetadata::new(&cfg.metadata_path, &cfg.name)),
     };
     let me = metadata.self_info()?;
+    // A swtpm serves one connection at a time: on a control plane the bootstrapper and two
+    // daemons share the node's TPM through the multiplexer (a VM's kernel has /dev/tpmrm0).
+    let tcti = match (&cfg.vm, me.role, tpm_mux::swtpm_socket(&cfg.tcti)) {
+        (None, Role::ControlPlane, Some(_)) => {
+            TpmMux::start(&cfg.tcti, &cfg.node_dir.join(tpm_mux::MUX_SOCKET))?.tcti()
+        }
+        _ => cfg.tcti.clone(),
+    };
     // The cluster's variant decides what the node issues (and which PCRs it quotes).
     let variant: Variant = metadata.cluster()?.attestation_variant.parse()?;
-    let issuer = Arc::new(issuer_for(variant, &cfg.tcti)?);
+    let issuer = Arc::new(issuer_for(variant, &tcti)?);
     let state_dir = cfg.node_dir.join("state");
     std::fs::create_dir_all(&state_dir)?;
+    let status = Arc::new(StatusBoard::new(state_dir.clone()));
+    let daemons = (me.role == Role::ControlPlane).then(|| {
+        NodeDaemons::new(
+            &cfg.node_dir,
+            &state_dir,
+            cfg.daemon_dir.clone(),
+            tcti.clone(),
+            me.ip,
+            status.clone(),
+        )
+    });
     // In the cluster folder next to the metadata: every control plane of the host shares it.
     // A VM has its own (outside the state folder, which the state volume is mounted over).
     let cluster_dir = match &cfg.vm {
@@ -181,7 +204,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             .parent()
             .unwrap_or(std::path::Path::new(".")),
     };
-    let disk_bindings = Arc::new(FileDiskBindings::open(cluster_dir.join("disk-bindings"))?);
+    let disk_bindings_dir = cluster_dir.join("disk-bindings");
+    let disk_bindings = Arc::new(FileDiskBindings::open(&disk_bindings_dir)?);
     let state = NodeState::load(&state_dir)?;
     tracing::info!(node = %cfg.name, role = me.role.as_str(), ip = %me.ip, phase = ?state.phase, "bootstrapper starting");
 
@@ -191,6 +215,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         state_dir,
         metadata: metadata.clone(),
         disk_bindings,
+        disk_bindings_dir,
+        status,
+        daemons,
         issuer: issuer.clone(),
         clock: Arc::new(SystemClock),
         phase: Arc::new(Mutex::new(state.clone())),
@@ -207,6 +234,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
 
     report(&node, NodePhase::Started);
+    stop_daemons_on_sigterm(node.clone())?;
 
     // The state disk exists from first boot on, keyed with a throwaway key until the node gets
     // its real disk key (Init derives it, a join ticket carries it).
@@ -256,7 +284,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             serves_init_or_recover = true;
         }
     }
-    start_verification_service(&me, issuer);
+    match &node.daemons {
+        Some(daemons) => daemons.start_verify()?,
+        None => start_verification_service(&me, issuer, limits).await?,
+    }
     if serves_init_or_recover
         && node
             .metadata
@@ -269,8 +300,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     join_loop(node).await
 }
 
-/// The verification service, on every node. It starts after the node's other listeners: the
-/// platform takes its answer as "the node is up" (a control plane then already serves Init).
+/// The verification service: a supervised daemon on control planes, inside the bootstrapper on
+/// workers (see [`crate::daemons`]). It starts after the node's other listeners: the platform
+/// takes its answer as "the node is up" (a control plane then already serves Init).
 async fn start_verification_service(
     me: &constellation_common::metadata::NodeInfo,
     issuer: Arc<VariantIssuer>,
@@ -288,6 +320,21 @@ async fn start_verification_service(
         }
     });
     tracing::info!(%verify_addr, "verification service listening");
+    Ok(())
+}
+
+/// On SIGTERM (the platform stopping the node) the supervised daemons are stopped first, so no
+/// daemon outlives its node; then the bootstrapper exits.
+fn stop_daemons_on_sigterm(node: Arc<NodeContext>) -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        term.recv().await;
+        tracing::info!("SIGTERM: stopping the supervised daemons");
+        if let Some(daemons) = &node.daemons {
+            daemons.supervisor().shutdown(Duration::from_secs(3)).await;
+        }
+        std::process::exit(0);
+    });
     Ok(())
 }
 
@@ -479,7 +526,6 @@ async fn serve_joins(
     ticket: IssueJoinTicketResponse,
 ) -> anyhow::Result<()> {
     let cluster_name = node.metadata.cluster()?.cluster_name;
-    let pki = ClusterPki::load_from_dir(&node.state_dir.join("pki"), &cluster_name)?;
     let config = JoinTicketConfig {
         measurement_salt: SecretBytes::new(ticket.measurement_salt),
         measurement_secret: SecretBytes::new(ticket.measurement_secret),
@@ -488,7 +534,7 @@ async fn serve_joins(
         token_ttl: crate::controlplane::TOKEN_TTL,
     };
     let addr =
-        crate::controlplane::start_joined_services(node.clone(), Arc::new(pki), config).await?;
+        crate::controlplane::start_joined_services(node.clone(), cluster_name, config).await?;
     tracing::info!(%addr, "join service listening (mutual aTLS; data keys from the other control planes' key services)");
     Ok(())
 }

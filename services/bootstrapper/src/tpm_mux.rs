@@ -1,18 +1,19 @@
-//! A TPM command multiplexer for the local platform, in the role the kernel's `/dev/tpmrm0`
-//! plays in a VM: swtpm serves one client connection at a time, but a control plane has three
-//! TPM users (the bootstrapper, the join service daemon and the verification daemon). The
-//! bootstrapper holds the one connection to the node's swtpm and serves the same protocol on its
-//! own unix socket; each command is forwarded whole and its response returned before the next
-//! client's command goes through.
+//! A TPM command multiplexer for the local platform, in part the role the kernel's
+//! `/dev/tpmrm0` plays in a VM. A control plane has three TPM users (the bootstrapper, the join
+//! service daemon and the verification daemon) sharing the node's swtpm, whose TCTI opens one
+//! connection per command. swtpm itself has three transient object slots and forgets nothing
+//! when a client dies: a daemon killed while its attestation key was loaded would leave the key
+//! in a slot, and after a restart or two no client could load a key any more.
 //!
-//! Like a resource manager it cleans up after a client: transient objects a client loaded
-//! (its attestation key) are flushed when its connection closes, so a daemon killed and started
-//! again does not exhaust swtpm's three transient object slots. (Sessions are not tracked: the
-//! TPM may hand a closed session's handle to another client.)
+//! So the bootstrapper serves the swtpm protocol on its own unix socket, forwards each command
+//! whole over one connection to swtpm, and remembers which process (the socket peer's pid)
+//! loaded which transient object; the objects of a process that ended are flushed. (Sessions
+//! are not tracked: the TPM may hand a closed session's handle to another client.)
 //!
-//! The control channel (`<socket>.ctrl`) is passed through connection by connection.
+//! The control channel (`<socket>.ctrl`) is answered here and never reaches swtpm: a client
+//! must not power-cycle the TPM the node's other clients use (see [`serve_ctrl`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -71,6 +72,12 @@ fn ctrl_path(socket: &Path) -> PathBuf {
     PathBuf::from(ctrl)
 }
 
+/// How often the objects of ended processes are looked for.
+const REAP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The transient objects each client process loaded, by pid.
+type Owners = Arc<Mutex<BTreeMap<u32, BTreeSet<u32>>>>;
+
 /// A running multiplexer (its threads live as long as the process).
 #[derive(Debug, Clone)]
 pub struct TpmMux {
@@ -79,6 +86,7 @@ pub struct TpmMux {
 
 impl TpmMux {
     /// Serves the TPM of the swtpm TCTI `upstream_tcti` on `socket` (and `<socket>.ctrl`).
+    /// Must be called within a tokio runtime (it accepts clients there).
     pub fn start(upstream_tcti: &str, socket: &Path) -> Result<Self, TpmMuxError> {
         let upstream_socket = swtpm_socket(upstream_tcti)
             .ok_or_else(|| TpmMuxError::NotSwtpm(upstream_tcti.to_owned()))?;
@@ -88,29 +96,58 @@ impl TpmMux {
         }));
         let data = bind(socket)?;
         let ctrl = bind(&ctrl_path(socket))?;
+        let owners = Owners::default();
+        let (reaper_upstream, reaper_owners) = (upstream.clone(), owners.clone());
         std::thread::Builder::new()
-            .name("tpm-mux".into())
-            .spawn(move || {
-                for client in data.incoming().flatten() {
-                    let upstream = upstream.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("tpm-mux-client".into())
-                        .spawn(move || serve_client(client, &upstream));
-                }
+            .name("tpm-mux-reaper".into())
+            .spawn(move || loop {
+                std::thread::sleep(REAP_INTERVAL);
+                reap(&reaper_upstream, &reaper_owners);
             })
             .map_err(|source| TpmMuxError::Io {
                 path: socket.to_owned(),
                 source,
             })?;
-        let upstream_ctrl = ctrl_path(&upstream_socket);
+        // Accepted on the runtime, which tells the peer's pid; served on a thread of its own
+        // (the swtpm protocol is synchronous).
+        data.set_nonblocking(true)
+            .map_err(|source| TpmMuxError::Io {
+                path: socket.to_owned(),
+                source,
+            })?;
+        let data = tokio::net::UnixListener::from_std(data).map_err(|source| TpmMuxError::Io {
+            path: socket.to_owned(),
+            source,
+        })?;
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = data.accept().await else {
+                    continue;
+                };
+                let pid = client.peer_cred().ok().and_then(|c| c.pid());
+                let Some(pid) = pid.and_then(|p| u32::try_from(p).ok()) else {
+                    tracing::warn!("TPM client without a peer pid refused");
+                    continue;
+                };
+                let Ok(client) = client.into_std().and_then(|c| {
+                    c.set_nonblocking(false)?;
+                    Ok(c)
+                }) else {
+                    continue;
+                };
+                let (upstream, owners) = (upstream.clone(), owners.clone());
+                let _ = std::thread::Builder::new()
+                    .name("tpm-mux-client".into())
+                    .spawn(move || serve_client(client, pid, &upstream, &owners));
+            }
+        });
         std::thread::Builder::new()
             .name("tpm-mux-ctrl".into())
             .spawn(move || {
                 for client in ctrl.incoming().flatten() {
-                    let upstream_ctrl = upstream_ctrl.clone();
                     let _ = std::thread::Builder::new()
                         .name("tpm-mux-ctrl-client".into())
-                        .spawn(move || pass_through(client, &upstream_ctrl));
+                        .spawn(move || serve_ctrl(client));
                 }
             })
             .map_err(|source| TpmMuxError::Io {
@@ -205,24 +242,41 @@ fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
         .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
 }
 
-/// Which transient objects `command` and its `response` loaded or flushed.
-fn track(command: &[u8], response: &[u8], loaded: &mut BTreeSet<u32>) {
-    let Some(code) = u32_at(command, 6) else {
-        return;
-    };
+/// What `command` and its `response` did to transient objects: one loaded, one flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ObjectChange {
+    Loaded(u32),
+    Flushed(u32),
+}
+
+fn object_change(command: &[u8], response: &[u8]) -> Option<ObjectChange> {
+    let code = u32_at(command, 6)?;
     if code == TPM_CC_FLUSH_CONTEXT {
-        if let Some(handle) = u32_at(command, HEADER) {
-            loaded.remove(&handle);
-        }
-        return;
+        return u32_at(command, HEADER).map(ObjectChange::Flushed);
     }
     if LOADING_COMMANDS.contains(&code) && u32_at(response, 6) == Some(0) {
-        if let Some(handle) = u32_at(response, HEADER) {
-            if handle >> 24 == TRANSIENT_HANDLE_TYPE {
-                loaded.insert(handle);
-            }
+        let handle = u32_at(response, HEADER)?;
+        if handle >> 24 == TRANSIENT_HANDLE_TYPE {
+            return Some(ObjectChange::Loaded(handle));
         }
     }
+    None
+}
+
+/// Records a change for `pid`. A handle is the TPM's, not the client's: once flushed (by
+/// anyone) or loaded again, no other process owns it.
+fn record(owners: &Mutex<BTreeMap<u32, BTreeSet<u32>>>, pid: u32, change: ObjectChange) {
+    let mut owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+    let handle = match change {
+        ObjectChange::Loaded(h) | ObjectChange::Flushed(h) => h,
+    };
+    for handles in owners.values_mut() {
+        handles.remove(&handle);
+    }
+    if let ObjectChange::Loaded(handle) = change {
+        owners.entry(pid).or_default().insert(handle);
+    }
+    owners.retain(|_, handles| !handles.is_empty());
 }
 
 fn flush_command(handle: u32) -> Vec<u8> {
@@ -234,8 +288,40 @@ fn flush_command(handle: u32) -> Vec<u8> {
     cmd
 }
 
-fn serve_client(mut client: UnixStream, upstream: &Mutex<Upstream>) {
-    let mut loaded = BTreeSet::new();
+/// Whether process `pid` still runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        !matches!(state, Some('Z') | Some('X') | None)
+    })
+}
+
+/// Flushes the transient objects of processes that ended.
+fn reap(upstream: &Mutex<Upstream>, owners: &Owners) {
+    let dead: Vec<(u32, BTreeSet<u32>)> = {
+        let mut owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+        let dead: Vec<u32> = owners.keys().copied().filter(|p| !alive(*p)).collect();
+        dead.into_iter()
+            .filter_map(|pid| owners.remove(&pid).map(|h| (pid, h)))
+            .collect()
+    };
+    for (pid, handles) in dead {
+        let mut upstream = upstream.lock().unwrap_or_else(|e| e.into_inner());
+        for handle in handles {
+            let flushed = upstream.transact(&flush_command(handle));
+            tracing::info!(
+                pid,
+                handle = format!("{handle:#x}"),
+                ok = flushed.is_ok(),
+                "flushed a transient object of a TPM client that ended"
+            );
+        }
+    }
+}
+
+fn serve_client(mut client: UnixStream, pid: u32, upstream: &Mutex<Upstream>, owners: &Owners) {
     loop {
         let command = match read_message(&mut client) {
             Ok(Some(command)) => command,
@@ -256,41 +342,46 @@ fn serve_client(mut client: UnixStream, upstream: &Mutex<Upstream>) {
                 break;
             }
         };
-        track(&command, &response, &mut loaded);
+        if let Some(change) = object_change(&command, &response) {
+            record(owners, pid, change);
+        }
         if client.write_all(&response).is_err() {
             break;
         }
     }
-    if !loaded.is_empty() {
-        let mut upstream = upstream.lock().unwrap_or_else(|e| e.into_inner());
-        for handle in &loaded {
-            let flushed = upstream.transact(&flush_command(*handle));
-            tracing::debug!(
-                handle = format!("{handle:#x}"),
-                ok = flushed.is_ok(),
-                "flushed a closed client's transient object"
-            );
-        }
-    }
 }
 
-/// Copies a control-channel connection both ways until either side closes.
-fn pass_through(client: UnixStream, upstream: &Path) {
-    let Ok(server) = UnixStream::connect(upstream) else {
-        return;
-    };
-    let (Ok(mut client_read), Ok(mut server_write)) = (client.try_clone(), server.try_clone())
-    else {
-        return;
-    };
-    let forward = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut client_read, &mut server_write);
-        let _ = server_write.shutdown(std::net::Shutdown::Write);
-    });
-    let (mut server_read, mut client_write) = (server, client);
-    let _ = std::io::copy(&mut server_read, &mut client_write);
-    let _ = client_write.shutdown(std::net::Shutdown::Write);
-    let _ = forward.join();
+/// swtpm control commands a TCTI may send (`swtpm/tpm_ioctl.h`).
+const CMD_INIT: u32 = 2;
+const CMD_SET_LOCALITY: u32 = 5;
+const TPM_SUCCESS: u32 = 0;
+const TPM_FAIL: u32 = 0x101;
+
+/// Answers one client's control channel. Nothing reaches the real swtpm: `CMD_INIT` would
+/// reset the node's TPM (its PCRs and every client's keys) and is acknowledged without effect,
+/// `CMD_SET_LOCALITY` is acknowledged (every client uses locality 0), everything else fails.
+fn serve_ctrl(mut client: UnixStream) {
+    let mut command = [0u8; 4];
+    while client.read_exact(&mut command).is_ok() {
+        let command = u32::from_be_bytes(command);
+        let payload = match command {
+            CMD_INIT => 4,
+            CMD_SET_LOCALITY => 1,
+            _ => {
+                tracing::debug!(command, "TPM control command refused");
+                let _ = client.write_all(&TPM_FAIL.to_be_bytes());
+                return;
+            }
+        };
+        let mut ignored = [0u8; 4];
+        if client.read_exact(&mut ignored[..payload]).is_err() {
+            return;
+        }
+        tracing::debug!(command, "TPM control command acknowledged without effect");
+        if client.write_all(&TPM_SUCCESS.to_be_bytes()).is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -311,16 +402,18 @@ mod tests {
     }
 
     #[test]
-    fn loaded_transients_are_tracked_until_flushed() {
-        let mut loaded = BTreeSet::new();
+    fn loaded_transients_are_owned_until_flushed_by_anyone() {
+        let owners = Owners::default();
         let create_primary = [0x80, 0x02, 0, 0, 0, 10, 0, 0, 0x01, 0x31];
         let ok_with_handle = [0x80, 0x02, 0, 0, 0, 14, 0, 0, 0, 0, 0x80, 0, 0, 1];
-        track(&create_primary, &ok_with_handle, &mut loaded);
-        assert_eq!(loaded, BTreeSet::from([0x8000_0001]));
+        let loaded = object_change(&create_primary, &ok_with_handle);
+        assert_eq!(loaded, Some(ObjectChange::Loaded(0x8000_0001)));
         let failed = [0x80, 0x02, 0, 0, 0, 14, 0, 0, 0x09, 0x02, 0x80, 0, 0, 2];
-        track(&create_primary, &failed, &mut loaded);
-        assert_eq!(loaded.len(), 1);
-        track(&flush_command(0x8000_0001), &[0; 10], &mut loaded);
-        assert!(loaded.is_empty());
+        assert_eq!(object_change(&create_primary, &failed), None);
+        record(&owners, 7, loaded.unwrap());
+        assert_eq!(owners.lock().unwrap()[&7], BTreeSet::from([0x8000_0001]));
+        let flushed = object_change(&flush_command(0x8000_0001), &[0; 10]).unwrap();
+        record(&owners, 8, flushed);
+        assert!(owners.lock().unwrap().is_empty());
     }
 }

@@ -24,14 +24,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(health::serve(health_listener, health.clone()));
     let shutdown = shutdown::on_signal(health.clone())?;
     tracing::info!(listen = %config.listen, health = %config.daemon.health_listen,
-        state_dir = %config.state_dir.display(), kms_socket = ?config.kms_socket, "key service starting");
+        state_dir = %config.state_dir.display(), kms_socket = ?config.kms_socket, backend = ?config.backend, "key service starting");
 
     let stop = shutdown.clone();
     let Some(material) = reload::until_loaded(
         "master secret and TLS credentials",
         config.daemon.reload_interval,
         || stop.begun(),
-        || load_material(&config.state_dir),
+        || load_material(&config.state_dir, &config.backend),
     )
     .await
     else {
