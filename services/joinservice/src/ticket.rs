@@ -74,16 +74,22 @@ impl NodeDirectory for std::collections::HashMap<String, NodeIdentity> {
     }
 }
 
+/// What the join service checks of a node the platform lists: its name, role and address (the
+/// kubelet certificate may name exactly these).
+pub fn node_identity(node: &constellation_common::metadata::NodeInfo) -> NodeIdentity {
+    NodeIdentity {
+        name: node.name.clone(),
+        role: node.role,
+        ips: vec![node.ip],
+        dns_names: vec![node.name.clone()],
+    }
+}
+
 /// The node directory the control planes share in etcd, kept current by a watch: a node listed
 /// or removed through any control plane applies to the next join here.
 impl NodeDirectory for constellation_store::JoinStateCache {
     fn node(&self, name: &str) -> Option<NodeIdentity> {
-        constellation_store::JoinStateCache::node(self, name).map(|n| NodeIdentity {
-            name: n.name,
-            role: n.role,
-            ips: n.ips,
-            dns_names: n.dns_names,
-        })
+        constellation_store::JoinStateCache::node(self, name).map(|n| node_identity(&n))
     }
 }
 

@@ -11,10 +11,9 @@
 //! | `/constellation/tokens/<node name>` | [`BootstrapTokenRecord`] (leased: gone at expiry) |
 
 use std::marker::PhantomData;
-use std::net::IpAddr;
 
 use constellation_attestation::measurements::Measurements;
-use constellation_common::metadata::Role;
+use constellation_common::metadata::NodeInfo;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::StoreError;
@@ -94,16 +93,10 @@ impl Value for AcceptedMeasurements {
     }
 }
 
-/// A node of the node directory: what the join service checks a joiner's request against.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeRecord {
-    pub name: String,
-    pub role: Role,
-    pub ips: Vec<IpAddr>,
-    pub dns_names: Vec<String>,
-}
-impl JsonValue for NodeRecord {}
+/// A node of the node directory: the platform's record of it (name, role, address, pinned
+/// attestation key), what the join service checks a joiner against.
+pub type NodeRecord = NodeInfo;
+impl JsonValue for NodeInfo {}
 
 /// A disk bound to a node (the same record under the disk's key and the node's slot). The join
 /// service turns it into its typed `DiskOwner` and checks it there.

@@ -60,8 +60,8 @@ async fn an_update_written_on_one_member_reaches_a_watcher_on_another() {
     let worker = NodeRecord {
         name: "worker-0".into(),
         role: Role::Worker,
-        ips: vec!["10.0.0.7".parse().unwrap()],
-        dns_names: vec!["worker-0".into()],
+        ip: "10.0.0.7".parse().unwrap(),
+        ak_spki_hex: "3059".into(),
     };
     writer.put_node(&worker).await.unwrap();
     eventually("node listed", || {

@@ -169,8 +169,8 @@ pub fn probe_node() -> constellation_store::keys::NodeRecord {
     constellation_store::keys::NodeRecord {
         name: "probe".into(),
         role: constellation_common::metadata::Role::Worker,
-        ips: vec!["10.0.0.1".parse().unwrap()],
-        dns_names: vec!["probe".into()],
+        ip: "10.0.0.1".parse().unwrap(),
+        ak_spki_hex: "00".into(),
     }
 }
 
