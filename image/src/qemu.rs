@@ -112,6 +112,9 @@ pub struct NodeImageInputs {
     /// Root of the unpacked Debian kernel package (holds `boot/vmlinuz-*` and `lib/modules/*`).
     pub kernel_package: PathBuf,
     pub bootstrapper: PathBuf,
+    /// The service daemons a control plane's bootstrapper supervises, put next to it in
+    /// `usr/bin`, where it looks for them (stripped like the bootstrapper).
+    pub daemons: Vec<PathBuf>,
     /// A static busybox: the init's shell and tools.
     pub busybox: PathBuf,
     /// More host binaries the node runs (e.g. `mkfs.ext4`), copied with their libraries.
@@ -133,6 +136,13 @@ impl NodeImageInputs {
         Self {
             kernel_package: kernel_package.to_owned(),
             bootstrapper: bootstrapper.to_owned(),
+            // The daemons built next to the bootstrapper; one not built is left out (a control
+            // plane then reports it missing), as in a local image.
+            daemons: crate::DAEMON_FILES
+                .iter()
+                .map(|name| bootstrapper.with_file_name(name))
+                .filter(|p| p.is_file())
+                .collect(),
             busybox: PathBuf::from("/bin/busybox"),
             extra_binaries: vec![PathBuf::from("/sbin/mkfs.ext4")],
             dlopen_libraries: vec![PathBuf::from(
@@ -230,6 +240,30 @@ fn add_binary(archive: &mut Archive, host: &Path, guest: &str) -> Result<(), Nod
     add_libraries(archive, host)
 }
 
+/// One of our programs with its libraries, without its debug sections if `strip`.
+fn add_program(
+    archive: &mut Archive,
+    host: &Path,
+    guest: &str,
+    strip: bool,
+) -> Result<(), NodeImageError> {
+    if !strip {
+        return add_binary(archive, host, guest);
+    }
+    archive.add(guest, EntryKind::File(strip_debug(host)?), 0o755)?;
+    add_libraries(archive, host)
+}
+
+fn file_name(binary: &Path) -> Result<&str, NodeImageError> {
+    binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| NodeImageError::Input {
+            path: binary.to_owned(),
+            reason: "binary path has no file name".into(),
+        })
+}
+
 fn add_libraries(archive: &mut Archive, host: &Path) -> Result<(), NodeImageError> {
     for lib in shared_libraries(host)? {
         add_host_file(archive, &lib, &lib.to_string_lossy(), 0o755)?;
@@ -316,29 +350,21 @@ pub fn build_initramfs(inputs: &NodeImageInputs) -> Result<Vec<u8>, NodeImageErr
         0o644,
     )?;
 
-    if inputs.strip_debug {
-        a.add(
-            GUEST_BOOTSTRAPPER,
-            EntryKind::File(strip_debug(&inputs.bootstrapper)?),
-            0o755,
-        )?;
-        add_libraries(&mut a, &inputs.bootstrapper)?;
-    } else {
-        add_binary(&mut a, &inputs.bootstrapper, GUEST_BOOTSTRAPPER)?;
+    add_program(
+        &mut a,
+        &inputs.bootstrapper,
+        GUEST_BOOTSTRAPPER,
+        inputs.strip_debug,
+    )?;
+    for daemon in &inputs.daemons {
+        let guest = format!("usr/bin/{}", file_name(daemon)?);
+        add_program(&mut a, daemon, &guest, inputs.strip_debug)?;
     }
     for lib in &inputs.dlopen_libraries {
         add_binary(&mut a, lib, &lib.to_string_lossy())?;
     }
     for extra in &inputs.extra_binaries {
-        let name =
-            extra
-                .file_name()
-                .and_then(|n| n.to_str())
-                .ok_or_else(|| NodeImageError::Input {
-                    path: extra.clone(),
-                    reason: "binary path has no file name".into(),
-                })?;
-        add_binary(&mut a, extra, &format!("usr/sbin/{name}"))?;
+        add_binary(&mut a, extra, &format!("usr/sbin/{}", file_name(extra)?))?;
     }
     Ok(a.to_bytes()?)
 }
@@ -823,7 +849,6 @@ pub fn probe_kvm(
     scratch: &Path,
     probe_time: std::time::Duration,
 ) -> Accel {
-    use std::io::Read;
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -865,8 +890,29 @@ pub fn probe_kvm(
     let Ok(mut child) = child else {
         return Accel::Tcg;
     };
+    // QEMU reports a KVM failure on stderr and then waits, paused: read stderr as it comes, so
+    // a failed probe ends at the first error line instead of at the deadline.
+    let (lines, stderr_lines) = std::sync::mpsc::channel::<String>();
+    if let Some(e) = child.stderr.take() {
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(e).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let deadline = std::time::Instant::now() + probe_time;
+    let mut err = String::new();
     let exited = loop {
+        while let Ok(line) = stderr_lines.try_recv() {
+            err.push_str(&line);
+            err.push('\n');
+        }
+        if err.contains("error") {
+            break false;
+        }
         if let Ok(Some(_)) = child.try_wait() {
             break true;
         }
@@ -877,10 +923,7 @@ pub fn probe_kvm(
     };
     let _ = child.kill();
     let _ = child.wait();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
+    err.extend(stderr_lines.try_iter().map(|l| l + "\n"));
     let _ = std::fs::remove_file(&vars);
     if exited || err.contains("KVM internal error") || err.contains("error") {
         tracing::info!(stderr = %err.trim(), "KVM cannot run OVMF here; using TCG");

@@ -379,7 +379,10 @@ fn remove_image(dir: &Path) -> Result<Diagnostics, Diagnostic> {
         node_image::KERNEL_FILE,
         node_image::INITRD_FILE,
         node_image::NODE_MANIFEST_FILE,
-    ];
+    ]
+    .into_iter()
+    // A local image links the daemons next to its bootstrapper.
+    .chain(constellation_image::DAEMON_FILES);
     let temporary = [
         BOOTSTRAPPER_FILE,
         node_image::KERNEL_FILE,
@@ -387,7 +390,7 @@ fn remove_image(dir: &Path) -> Result<Diagnostics, Diagnostic> {
         node_image::NODE_MANIFEST_FILE,
     ]
     .map(|f| format!(".{f}.tmp"));
-    for name in files.iter().map(|f| f.to_string()).chain(temporary) {
+    for name in files.map(str::to_owned).chain(temporary) {
         let p = dir.join(name);
         match std::fs::remove_file(&p) {
             Ok(()) => {}

@@ -1,0 +1,299 @@
+//! A real QEMU cluster through Terraform 1.15.5: `constellation_image` with platform qemu builds
+//! the bootable node image and precalculates its PCRs; `constellation_cluster` with platform qemu
+//! boots one control plane and one worker as VMs (OVMF, their own swtpm vTPM, dm-crypt state
+//! disks), attests the control plane over aTLS against those PCRs, initializes it and waits for
+//! the worker to join. One cluster serves every step (TCG boots cost most of a minute):
+//! - every node verifies independently with `attest verify cluster` (fresh evidence, pinned AK,
+//!   the image's PCRs, PCR 15 = the cluster ID);
+//! - the provider reported each node's boot phases (firmware, kernel, bootstrapper up);
+//! - a worker VM's QEMU process killed out of band shows in the plan and apply repairs it;
+//! - destroy leaves no QEMU, swtpm or metadata process and no file.
+//!
+//! A second test boots an image whose initrd was changed by one byte after its PCRs were
+//! precalculated: the control plane is refused, the diagnostic names it and PCR[9] (the initrd
+//! is measured into PCR 9), and nothing is left behind.
+//!
+//! Needs `make install` (qemu-system-x86, ovmf, swtpm, the kernel in tools/) and `make build`
+//! (provider, bootstrapper, daemons and `attest` in target/debug).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use acceptance_tests::local::{
+    processes_mentioning, sibling_binary, verify_node, write_measurements, Cleanup, Node,
+    ONE_CLUSTER_AT_A_TIME,
+};
+use acceptance_tests::{workspace_root, Terraform, TfVersion, REQUIRED_PROVIDERS};
+
+const CONFIG: &str = r#"
+variable "image_reference" {
+  type    = string
+  default = null
+}
+resource "constellation_image" "img" {
+  platform          = "qemu"
+  version           = "v0.1.0"
+  bootstrapper_path = "BOOT"
+}
+resource "constellation_cluster" "c" {
+  name                = "qacc"
+  platform            = "qemu"
+  control_plane_count = 1
+  worker_count        = 1
+  kubernetes_version  = "v1.31.1"
+  kubeconfig_path     = "${path.module}/kubeconfig"
+  image {
+    reference    = coalesce(var.image_reference, constellation_image.img.reference)
+    measurements = constellation_image.img.measurements
+  }
+  attestation {
+    variant = "qemu-vtpm"
+  }
+  network_config {
+    pod_cidr     = "10.244.0.0/16"
+    service_cidr = "10.96.0.0/12"
+    node_cidr    = "192.168.178.0/24"
+  }
+}
+output "cluster_id" { value = constellation_cluster.c.cluster_id }
+output "measurements" { value = constellation_image.img.measurements }
+output "image_reference" { value = constellation_image.img.reference }
+"#;
+
+/// The unpacked kernel package the image boots: `$CONSTELLATION_KERNEL_DIR`, else the one
+/// `make image-kernel` put under tools/kernel/.
+fn kernel_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CONSTELLATION_KERNEL_DIR").filter(|d| !d.is_empty()) {
+        return dir.into();
+    }
+    let root = workspace_root().join("tools/kernel");
+    let dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        dirs.len(),
+        1,
+        "expected one unpacked kernel under {} (run `make image-kernel`), found {dirs:?}",
+        root.display()
+    );
+    dirs[0].clone()
+}
+
+/// A Terraform working directory with the QEMU configuration, initialized; provider logs at
+/// INFO go to `provider.log` in its scratch folder.
+fn setup() -> (Terraform, PathBuf) {
+    let boot = sibling_binary("constellation-bootstrapper");
+    let tf = Terraform::new(TfVersion::V1_15)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .env(
+            "CONSTELLATION_KERNEL_DIR",
+            kernel_dir().display().to_string(),
+        );
+    let log = tf.scratch().join("provider.log");
+    let tf = tf
+        .env("TF_LOG_PROVIDER", "INFO")
+        .env("TF_LOG_PATH", log.display().to_string());
+    let config = format!(
+        "{REQUIRED_PROVIDERS}{}",
+        CONFIG.replace("BOOT", &boot.display().to_string())
+    );
+    tf.write_config(&config).unwrap();
+    tf.init().ok();
+    (tf, log)
+}
+
+#[derive(serde::Deserialize)]
+struct QemuNode {
+    record: Node,
+}
+
+#[derive(serde::Deserialize)]
+struct QemuPlatformJson {
+    nodes: Vec<QemuNode>,
+}
+
+/// The VMs the QEMU platform recorded in the cluster folder.
+fn vms(root: &Path) -> Vec<Node> {
+    let bytes = std::fs::read(root.join("platform.json")).expect("platform.json exists");
+    let state: QemuPlatformJson = serde_json::from_slice(&bytes).expect("platform.json parses");
+    state.nodes.into_iter().map(|n| n.record).collect()
+}
+
+/// Every VM verifies with `attest verify cluster` against the image's precalculated PCRs.
+fn assert_all_verified(tf: &Terraform, root: &Path, cluster_id: &str, expected: usize) {
+    let measurements = tf.scratch().join("measurements.json");
+    write_measurements(&tf.output("measurements"), &measurements);
+    let nodes = vms(root);
+    assert_eq!(nodes.len(), expected, "{:?}", nodes);
+    for node in &nodes {
+        let (ok, text) = verify_node(&tf.scratch(), node, &measurements, cluster_id);
+        assert!(ok, "VM {} failed verification:\n{text}", node.name);
+    }
+}
+
+/// Nothing of the cluster is left: no process names its folder (QEMU, swtpm, the metadata
+/// `cat` and join relays all do) and the folder is gone.
+fn assert_nothing_left(root: &Path) {
+    let left = processes_mentioning(&root.display().to_string());
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert!(!root.exists(), "{} still exists", root.display());
+}
+
+#[test]
+fn a_qemu_cluster_applies_verifies_repairs_drift_and_destroys_clean_terraform_1_15() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (tf, log) = setup();
+    let root = tf.work_dir().join(".constellation/clusters/qacc");
+    let marker = root.display().to_string();
+    let _guard = Cleanup(&tf, &marker);
+
+    let apply = tf.apply(&[]).ok();
+    eprintln!(
+        "apply (QEMU: 1 control plane + 1 worker) took {:?}",
+        apply.elapsed
+    );
+    let cluster_id = tf.output("cluster_id").as_str().unwrap().to_owned();
+    assert_eq!(cluster_id.len(), 64, "{cluster_id}");
+    assert_eq!(
+        tf.plan(&[]).code,
+        0,
+        "plan after apply must show no changes"
+    );
+    assert_all_verified(&tf, &root, &cluster_id, 2);
+
+    // Each VM's boot phases were reported as progress, in order, from the node's own reports.
+    let progress = std::fs::read_to_string(&log).expect("provider log");
+    for node in vms(&root) {
+        let prefix = format!("node {} [", node.name);
+        let at = |phase: &str| {
+            progress
+                .lines()
+                .position(|l| l.contains(&prefix) && l.contains(phase))
+                .unwrap_or_else(|| panic!("no {phase:?} progress line for {}", node.name))
+        };
+        let (firmware, kernel, up) = (at("firmware"), at("kernel up"), at("bootstrapper up"));
+        assert!(
+            firmware < kernel && kernel < up,
+            "{}: phases out of order",
+            node.name
+        );
+    }
+
+    // The worker VM's QEMU dies out of band: the plan shows it, apply boots it again and it
+    // rejoins (its dm-crypt volume opens with the key it gets again).
+    let worker = vms(&root)
+        .into_iter()
+        .find(|n| n.role == "worker")
+        .expect("a worker VM");
+    let killed = Command::new("kill")
+        .args(["-KILL", &worker.pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let plan = tf.plan(&[]);
+    assert_eq!(plan.code, 2, "a killed VM must show as drift:\n{plan}");
+    assert!(
+        plan.all().contains(&worker.name),
+        "the plan names the VM:\n{plan}"
+    );
+    let repair = tf.apply(&[]).ok();
+    eprintln!("repair apply took {:?}", repair.elapsed);
+    assert_eq!(
+        tf.plan(&[]).code,
+        0,
+        "plan after repair must show no changes"
+    );
+    let rebooted = vms(&root)
+        .into_iter()
+        .find(|n| n.name == worker.name)
+        .expect("the worker is still recorded");
+    assert_ne!(
+        rebooted.pid, worker.pid,
+        "the worker runs in a new QEMU process"
+    );
+    assert_all_verified(&tf, &root, &cluster_id, 2);
+
+    tf.destroy(&[]).ok();
+    assert_nothing_left(&root);
+}
+
+/// Changes one byte of the init script's first comment inside the initrd (the node boots the
+/// same), and records the new digest in the manifest, as whoever swapped the file would.
+fn change_one_initrd_byte(image: &Path) {
+    let initrd_path = image.join("initrd.cpio");
+    let mut initrd = std::fs::read(&initrd_path).unwrap();
+    let needle = b"# Init of the Constellation node image";
+    let at = initrd
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the init script is in the initrd");
+    initrd[at + 2] = b'i';
+    std::fs::write(&initrd_path, &initrd).unwrap();
+    let manifest_path = image.join("node-image.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let digest = Command::new("sha256sum")
+        .arg(&initrd_path)
+        .output()
+        .expect("sha256sum");
+    let digest = String::from_utf8_lossy(&digest.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    manifest["initrd_sha256"] = serde_json::Value::String(digest);
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_vm_whose_initrd_changed_after_measurement_is_refused_naming_the_pcr_terraform_1_15() {
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (tf, _log) = setup();
+    let root = tf.work_dir().join(".constellation/clusters/qacc");
+    let marker = root.display().to_string();
+    let _guard = Cleanup(&tf, &marker);
+
+    // The image and its PCRs, then a copy of it with one initrd byte changed.
+    tf.apply(&["-target=constellation_image.img"]).ok();
+    let original = PathBuf::from(tf.output("image_reference").as_str().unwrap());
+    let tampered = tf.scratch().join("tampered-image");
+    std::fs::create_dir(&tampered).unwrap();
+    for file in ["vmlinuz", "initrd.cpio", "node-image.json"] {
+        std::fs::copy(original.join(file), tampered.join(file)).unwrap();
+    }
+    change_one_initrd_byte(&tampered);
+
+    let reference = format!("image_reference={}", tampered.display());
+    let refused = tf.apply(&["-var", &reference]);
+    assert_ne!(
+        refused.code, 0,
+        "a tampered image must not form a cluster:\n{refused}"
+    );
+    let text = refused.all();
+    assert!(
+        text.contains("qacc-control-plane-0"),
+        "the diagnostic names the node:\n{refused}"
+    );
+    assert!(
+        text.contains("PCR[9]"),
+        "the diagnostic names PCR 9:\n{refused}"
+    );
+    assert!(
+        !text.contains("PCR[4]"),
+        "the kernel (PCR 4) is unchanged:\n{refused}"
+    );
+    assert_nothing_left(&root);
+}
