@@ -7,15 +7,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use constellation_attestation::Clock;
 use constellation_joinservice::pki::PkiError;
 use constellation_joinservice::ClusterPki;
 use constellation_store::client::{StoreConfig, DEFAULT_REQUEST_TIMEOUT};
 use constellation_store::member::{
-    create_private_dir, LaunchError, MemberTlsFiles, CLIENT_PORT, DEFAULT_ETCD_BINARY,
-    METRICS_PORT, PEER_PORT, PROMOTE_WITHIN,
+    create_private_dir, join_as_learner, JoinError, LaunchError, MemberTlsFiles, CLIENT_PORT,
+    DEFAULT_ETCD_BINARY, METRICS_PORT, PEER_PORT,
 };
 use constellation_store::EtcdCredentials;
 use constellation_store::{ClientTls, ClusterState, MemberConfig, Store, StoreError};
@@ -177,30 +177,11 @@ pub async fn join_member(
         return start(supervisor, &config, pki, clock);
     }
     let store = me.client(pki, clock, existing).await?;
-    let (id, members) = store.add_learner(&config.peer_url()).await?;
-    config.initial_cluster = members
-        .iter()
-        .filter_map(|m| {
-            let url = m.peer_urls.first()?.clone();
-            let name = if m.id == id {
-                config.name.clone()
-            } else {
-                m.name.clone()
-            };
-            Some((name, url))
-        })
-        .collect();
-    config.cluster_state = ClusterState::Existing;
-    if let Err(e) = start(supervisor, &config, pki, clock) {
-        // Nothing runs for the learner: take it out again, so a retry can add it anew.
-        if let Err(remove) = store.remove_member(id).await {
-            tracing::warn!(error = %remove, "learner that could not start stays listed");
-        }
-        return Err(e);
+    match join_as_learner(&store, config, |c| start(supervisor, c, pki, clock)).await {
+        Ok(_) => Ok(()),
+        Err(JoinError::Start(e)) => Err(e),
+        Err(JoinError::Store(e)) => Err(e.into()),
     }
-    store.promote(id, Instant::now() + PROMOTE_WITHIN).await?;
-    tracing::info!(member = %me.node_name, "etcd member joined and promoted");
-    Ok(())
 }
 
 /// A deleted control plane: removes the member named `node_name` through `store`.

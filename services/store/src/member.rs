@@ -326,53 +326,67 @@ fn spawn(config: &MemberConfig, args: &[OsString]) -> std::io::Result<tokio::pro
 /// How long a joining member may take to catch up before its promotion is given up.
 pub const PROMOTE_WITHIN: Duration = Duration::from_secs(60);
 
+/// Joins an existing cluster through `store`: adds the member of `config` as a learner (a learner
+/// does not vote, so a member that never comes up costs no quorum), fills in
+/// `config.initial_cluster` from the member list etcd returned and `config.cluster_state`, runs
+/// `start` (whatever supervises the process), and promotes the member to a voter once it caught
+/// up. A member that was added but could not be started is removed again, so a retry can add it
+/// anew. Returns what `start` returned and the member's ID.
+pub async fn join_as_learner<T, E>(
+    store: &crate::Store,
+    mut config: MemberConfig,
+    start: impl FnOnce(&MemberConfig) -> Result<T, E>,
+) -> Result<(T, u64), JoinError<E>>
+where
+    E: std::error::Error + 'static,
+{
+    let (id, members) = store.add_learner(&config.peer_url()).await?;
+    config.initial_cluster = members
+        .iter()
+        .filter_map(|m| {
+            let url = m.peer_urls.first()?.clone();
+            // The new member has no name until it starts.
+            let name = if m.id == id {
+                config.name.clone()
+            } else {
+                m.name.clone()
+            };
+            Some((name, url))
+        })
+        .collect();
+    config.cluster_state = ClusterState::Existing;
+    let started = match start(&config) {
+        Ok(started) => started,
+        Err(e) => {
+            if let Err(remove) = store.remove_member(id).await {
+                tracing::warn!(member = %format!("{id:x}"), error = %remove,
+                    "learner that could not start stays listed");
+            }
+            return Err(JoinError::Start(e));
+        }
+    };
+    store.promote(id, Instant::now() + PROMOTE_WITHIN).await?;
+    tracing::info!(member = %config.name, id = %format!("{id:x}"), "etcd member joined and promoted");
+    Ok((started, id))
+}
+
 impl SupervisedMember {
-    /// Joins an existing cluster through `store`: adds this member as a learner (a learner does
-    /// not vote, so a member that never comes up costs no quorum), starts it with the member list
-    /// etcd returned, and promotes it to a voter once it caught up. `config.initial_cluster` and
-    /// `config.cluster_state` are filled in here. A member that was added but failed to start is
-    /// removed again.
+    /// [`join_as_learner`] with this crate's own supervision.
     pub async fn join(
         store: &crate::Store,
-        mut config: MemberConfig,
+        config: MemberConfig,
         credentials: &EtcdCredentials,
-    ) -> Result<(Self, u64), JoinError> {
-        let (id, members) = store.add_learner(&config.peer_url()).await?;
-        config.initial_cluster = members
-            .iter()
-            .filter_map(|m| {
-                let url = m.peer_urls.first()?.clone();
-                // The new member has no name until it starts.
-                let name = if m.id == id {
-                    config.name.clone()
-                } else {
-                    m.name.clone()
-                };
-                Some((name, url))
-            })
-            .collect();
-        config.cluster_state = ClusterState::Existing;
-        let member = match Self::start(config, credentials) {
-            Ok(member) => member,
-            Err(e) => {
-                if let Err(remove) = store.remove_member(id).await {
-                    tracing::warn!(member = %format!("{id:x}"), error = %remove,
-                        "learner that could not start stays listed");
-                }
-                return Err(e.into());
-            }
-        };
-        store.promote(id, Instant::now() + PROMOTE_WITHIN).await?;
-        tracing::info!(member = %member.config.name, id = %format!("{id:x}"), "etcd member joined and promoted");
-        Ok((member, id))
+    ) -> Result<(Self, u64), JoinError<LaunchError>> {
+        join_as_learner(store, config, |c| Self::start(c.clone(), credentials)).await
     }
 }
 
 /// Why a member could not join the cluster.
 #[derive(Debug, thiserror::Error)]
-pub enum JoinError {
-    #[error(transparent)]
-    Launch(#[from] LaunchError),
+pub enum JoinError<E: std::error::Error + 'static> {
+    /// Starting the added learner failed (it was removed again).
+    #[error("starting the etcd member: {0}")]
+    Start(#[source] E),
     #[error(transparent)]
     Store(#[from] crate::StoreError),
 }

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{disk, node, wait_writable, TestCluster};
-use constellation_joinservice::disk_bindings::{DiskBindingError, DiskBindings};
+use common::{disk, node, store_error, wait_writable, TestCluster};
+use constellation_joinservice::disk_bindings::DiskBindings;
 use constellation_joinservice::{Claim, DiskOwner, DiskUuid, EtcdDiskBindings};
 use constellation_store::StoreError;
 use nix::sys::signal::Signal;
@@ -21,12 +21,6 @@ use nix::sys::signal::Signal;
 const SIGKILL_RESUME_BOUND: Duration = Duration::from_secs(5);
 /// After SIGTERM etcd hands leadership over before exiting.
 const SIGTERM_RESUME_BOUND: Duration = Duration::from_secs(2);
-
-/// A store error that says "try again" (no answer, no quorum), as the join service's callers see it.
-fn unavailable(e: &DiskBindingError) -> bool {
-    matches!(e, DiskBindingError::Store(source)
-        if source.downcast_ref::<StoreError>().is_some_and(StoreError::is_unavailable))
-}
 
 /// One acknowledged claim: the owner the store answered.
 type Acked = Arc<Mutex<Vec<(DiskUuid, DiskOwner, Instant)>>>;
@@ -71,7 +65,10 @@ async fn leader_sigkill_during_a_claim_storm_loses_nothing_and_resumes() {
                                 }
                                 Ok(other) => panic!("unexpected {other:?}"),
                                 Err(e) => {
-                                    assert!(unavailable(&e), "not an Unavailable: {e}");
+                                    assert!(
+                                        store_error(&e).is_some_and(StoreError::is_unavailable),
+                                        "not an Unavailable: {e}"
+                                    );
                                     failures.lock().unwrap().push(Instant::now());
                                     tokio::time::sleep(Duration::from_millis(20)).await;
                                 }

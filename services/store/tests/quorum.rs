@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{disk, node, TestCluster};
+use common::{disk, node, store_error, TestCluster};
 use constellation_joinservice::disk_bindings::{DiskBindingError, DiskBindings};
 use constellation_joinservice::{Claim, DiskOwner, EtcdDiskBindings};
 use constellation_store::StoreError;
@@ -19,16 +19,11 @@ const RECOVERY_BOUND: Duration = Duration::from_secs(15);
 
 fn assert_unavailable(result: Result<Claim, DiskBindingError>) {
     match result {
-        Err(DiskBindingError::Store(e)) => {
-            let store_error = e
-                .downcast_ref::<StoreError>()
-                .unwrap_or_else(|| panic!("not a StoreError: {e}"));
-            assert!(
-                matches!(store_error, StoreError::Unavailable { .. }),
-                "{store_error}"
-            );
-        }
-        other => panic!("claim without quorum answered {other:?}"),
+        Err(e) => assert!(
+            matches!(store_error(&e), Some(StoreError::Unavailable { .. })),
+            "{e}"
+        ),
+        Ok(claim) => panic!("claim without quorum answered {claim:?}"),
     }
 }
 

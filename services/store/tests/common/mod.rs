@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use constellation_attestation::SystemClock;
+use constellation_joinservice::disk_bindings::DiskBindingError;
 use constellation_joinservice::{ClusterPki, DiskOwner, DiskUuid};
 use constellation_store::client::DEFAULT_REQUEST_TIMEOUT;
 use constellation_store::member::DEFAULT_ETCD_BINARY;
@@ -171,6 +172,14 @@ pub fn probe_node() -> constellation_store::keys::NodeRecord {
         role: constellation_common::metadata::Role::Worker,
         ip: "10.0.0.1".parse().unwrap(),
         ak_spki_hex: "00".into(),
+    }
+}
+
+/// The store error behind a join service's disk-binding error, if that is what it is.
+pub fn store_error(e: &DiskBindingError) -> Option<&constellation_store::StoreError> {
+    match e {
+        DiskBindingError::Store(source) => source.downcast_ref(),
+        _ => None,
     }
 }
 
