@@ -678,27 +678,40 @@ mod tests {
         assert!(validate_cluster(&p, &stored, None).await.is_empty());
     }
 
-    #[tokio::test]
-    async fn a_write_only_secret_is_in_no_planned_state() {
+    /// A cluster service configured by Terraform `version`.
+    async fn configured_cluster_service(version: &str) -> ProviderService {
         let p = cluster_service();
         p.configure_provider(Request::new(pb::configure_provider::Request {
-            terraform_version: "1.15.5".into(),
+            terraform_version: version.into(),
             ..Default::default()
         }))
         .await
         .unwrap();
+        p
+    }
+
+    /// PlanResourceChange for creating a cluster with `config`.
+    async fn plan_create(
+        p: &ProviderService,
+        config: &Value,
+    ) -> pb::plan_resource_change::Response {
+        p.plan_resource_change(Request::new(pb::plan_resource_change::Request {
+            type_name: "constellation_cluster".into(),
+            prior_state: dynamic(&Value::Null),
+            proposed_new_state: dynamic(config),
+            config: dynamic(config),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
+    #[tokio::test]
+    async fn a_write_only_secret_is_in_no_planned_state() {
+        let p = configured_cluster_service("1.15.5").await;
         let config = write_only_config();
-        let planned = p
-            .plan_resource_change(Request::new(pb::plan_resource_change::Request {
-                type_name: "constellation_cluster".into(),
-                prior_state: dynamic(&Value::Null),
-                proposed_new_state: dynamic(&config),
-                config: dynamic(&config),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner();
+        let planned = plan_create(&p, &config).await;
         assert!(planned.diagnostics.is_empty(), "{:?}", planned.diagnostics);
         let bytes = planned.planned_state.expect("a plan").msgpack;
         let state = Value::from_msgpack(&bytes).unwrap();
@@ -719,13 +732,7 @@ mod tests {
         assert!(supports_write_only("2.0.0-alpha1"));
         assert!(!supports_write_only("1.10.5") && !supports_write_only("1.0.3"));
         assert!(!supports_write_only("") && !supports_write_only("x"));
-        let p = cluster_service();
-        p.configure_provider(Request::new(pb::configure_provider::Request {
-            terraform_version: "1.0.3".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+        let p = configured_cluster_service("1.0.3").await;
         // Unknown during validation (a variable): not refused there...
         let mut config = write_only_config();
         config.set("master_secret_wo", Value::Unknown);
@@ -733,17 +740,7 @@ mod tests {
         // ...but at plan time, known or not.
         for secret in [Value::Unknown, Value::string("5e".repeat(32))] {
             config.set("master_secret_wo", secret);
-            let planned = p
-                .plan_resource_change(Request::new(pb::plan_resource_change::Request {
-                    type_name: "constellation_cluster".into(),
-                    prior_state: dynamic(&Value::Null),
-                    proposed_new_state: dynamic(&config),
-                    config: dynamic(&config),
-                    ..Default::default()
-                }))
-                .await
-                .unwrap()
-                .into_inner();
+            let planned = plan_create(&p, &config).await;
             assert!(planned.planned_state.is_none());
             assert_eq!(
                 summaries(&planned.diagnostics),
