@@ -24,7 +24,10 @@ use constellation_keyservice::{MasterSecret, MasterSecretBackend};
 
 use crate::context::NodeContext;
 use crate::daemons::{DaemonsError, JoinServiceInputs, NodeDaemons, JOIN_SERVICE, KEY_SERVICE};
-use crate::kubernetes::InitParams;
+use crate::kubernetes::{write_encryption_configuration, EncryptionSetup, InitParams};
+
+/// The API server's encryption configuration in `<node>/kubernetes/`.
+pub const ENCRYPTION_CONFIGURATION_FILE: &str = "encryption-configuration.yaml";
 
 /// How long bootstrap tokens handed to joining nodes live.
 pub(crate) const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -251,6 +254,31 @@ pub fn install_kubernetes(
 ) -> Result<String, ControlPlaneError> {
     let installer = node.installer.as_ref();
     let me = node.metadata.self_info()?;
+    // Secrets are encrypted through the key service's KMS v2 plugin: the configuration is
+    // written whatever the installer (the local platform runs no API server to read it).
+    let encryption = match &node.daemons {
+        Some(daemons) => {
+            let setup = EncryptionSetup {
+                config_path: node
+                    .node_dir
+                    .join("kubernetes")
+                    .join(ENCRYPTION_CONFIGURATION_FILE),
+                kms_socket: daemons.kms_socket(),
+            };
+            write_encryption_configuration(&setup.config_path, &setup.kms_socket).map_err(|e| {
+                ControlPlaneError::Kubernetes {
+                    installer: installer.name(),
+                    message: e.to_string(),
+                }
+            })?;
+            say(format!(
+                "wrote the API server's EncryptionConfiguration (Secrets through the KMS v2 plugin at {})",
+                setup.kms_socket.display()
+            ));
+            Some(setup)
+        }
+        None => None,
+    };
     let params = InitParams {
         cluster_name: material.cluster_name.clone(),
         kubernetes_version: kubernetes_version.to_owned(),
@@ -265,6 +293,7 @@ pub fn install_kubernetes(
         pki: material.pki.clone(),
         kubelet_extra_args: Vec::new(),
         kubelet_tls: None,
+        encryption,
     };
     let outcome = installer
         .init(&params)

@@ -41,11 +41,13 @@ pub const JOIN_SERVICE: &str = "joinservice";
 
 /// How often the supervisor probes readiness and the join service's policy is refreshed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-const POLICY_REFRESH: Duration = Duration::from_millis(500);
+/// The join service admits a node only once its AK is in the policy it reads, so a node the
+/// platform just added waits up to this plus the daemon's reload interval.
+const POLICY_REFRESH: Duration = Duration::from_millis(100);
 /// The supervised daemons drain for at most this long on SIGTERM.
 const SHUTDOWN_GRACE_SECS: u64 = 2;
 /// How often the daemons check their reloadable files.
-const RELOAD_INTERVAL_MS: u64 = 200;
+const RELOAD_INTERVAL_MS: u64 = 100;
 
 /// Why a daemon's configuration could not be prepared.
 #[derive(Debug, thiserror::Error)]

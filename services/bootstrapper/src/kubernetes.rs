@@ -65,7 +65,8 @@ pub enum KubernetesError {
     },
 }
 
-/// One kubelet flag, kubeadm v1beta4's `{name, value}` form (without the leading `--`).
+/// One component flag (kubelet, API server), kubeadm v1beta4's `{name, value}` form (without
+/// the leading `--`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KubeletArg {
     pub name: String,
@@ -109,7 +110,102 @@ pub struct InitParams {
     pub pki: Arc<ClusterPki>,
     pub kubelet_extra_args: Vec<KubeletArg>,
     pub kubelet_tls: Option<KubeletTls>,
+    /// The API server's `EncryptionConfiguration` (Secrets through the key service's KMS v2
+    /// plugin), written by the bootstrapper at Init: kubeadm passes it to the API server.
+    pub encryption: Option<EncryptionSetup>,
 }
+
+/// Where the API server finds its encryption configuration and the KMS v2 plugin's socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptionSetup {
+    pub config_path: PathBuf,
+    pub kms_socket: PathBuf,
+}
+
+/// The name the KMS v2 provider has in the API server's configuration (and in the key IDs
+/// it stores with each Secret).
+pub const KMS_PROVIDER_NAME: &str = "constellation-kms";
+/// How long the API server waits for the plugin per call.
+pub const KMS_TIMEOUT: &str = "3s";
+
+/// `apiserver.config.k8s.io/v1` `EncryptionConfiguration`: Secrets are encrypted through the
+/// KMS v2 plugin at `kms_socket`; `identity` after it lets the API server read Secrets written
+/// before encryption was on (new writes always use the first provider).
+pub fn encryption_configuration(kms_socket: &Path) -> EncryptionConfiguration {
+    EncryptionConfiguration {
+        api_version: "apiserver.config.k8s.io/v1".into(),
+        kind: "EncryptionConfiguration".into(),
+        resources: vec![EncryptedResources {
+            resources: vec!["secrets".into()],
+            providers: vec![
+                EncryptionProvider {
+                    kms: Some(KmsProvider {
+                        api_version: "v2".into(),
+                        name: KMS_PROVIDER_NAME.into(),
+                        endpoint: format!("unix://{}", kms_socket.display()),
+                        timeout: KMS_TIMEOUT.into(),
+                    }),
+                    identity: None,
+                },
+                EncryptionProvider {
+                    kms: None,
+                    identity: Some(Empty {}),
+                },
+            ],
+        }],
+    }
+}
+
+/// Writes [`encryption_configuration`] to `path` (0600: the API server's configuration).
+pub fn write_encryption_configuration(
+    path: &Path,
+    kms_socket: &Path,
+) -> Result<(), KubernetesError> {
+    let yaml = serde_yaml::to_string(&encryption_configuration(kms_socket))?;
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|source| KubernetesError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    write_file(path, yaml.as_bytes(), 0o600)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionConfiguration {
+    pub api_version: String,
+    pub kind: String,
+    pub resources: Vec<EncryptedResources>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptedResources {
+    pub resources: Vec<String>,
+    pub providers: Vec<EncryptionProvider>,
+}
+
+/// One provider: exactly one of its fields is set (the API's shape; serde_yaml would write an
+/// enum as a YAML tag, which the API server does not read).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionProvider {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<KmsProvider>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Empty>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsProvider {
+    pub api_version: String,
+    pub name: String,
+    pub endpoint: String,
+    pub timeout: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
 
 /// Settings of a control-plane join: where this API server listens, and the shared CA material
 /// from the join ticket.
@@ -285,9 +381,7 @@ impl KubeadmInstaller {
                 pod_subnet: cfg.pod_subnet.clone(),
                 service_subnet: cfg.service_subnet.clone(),
             },
-            api_server: ApiServer {
-                cert_sans: cfg.cert_sans.clone(),
-            },
+            api_server: api_server(cfg),
             certificates_dir: self.certificates_dir.display().to_string(),
         };
         let yaml = format!(
@@ -518,9 +612,58 @@ struct Networking {
 }
 
 #[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ApiServer {
     #[serde(rename = "certSANs")]
     cert_sans: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    extra_args: Vec<KubeletArg>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    extra_volumes: Vec<HostPathMount>,
+}
+
+/// kubeadm v1beta4 `HostPathMount`: a host path the API server's static pod mounts.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HostPathMount {
+    name: String,
+    host_path: String,
+    mount_path: String,
+    read_only: bool,
+    path_type: String,
+}
+
+/// The API server section: its SANs and, with encryption, the flag naming the configuration
+/// and the mounts of the configuration file and the plugin's socket folder into its pod.
+fn api_server(cfg: &InitParams) -> ApiServer {
+    let mut server = ApiServer {
+        cert_sans: cfg.cert_sans.clone(),
+        extra_args: Vec::new(),
+        extra_volumes: Vec::new(),
+    };
+    if let Some(enc) = &cfg.encryption {
+        server.extra_args.push(KubeletArg::new(
+            "encryption-provider-config",
+            enc.config_path.display().to_string(),
+        ));
+        server.extra_volumes.push(HostPathMount {
+            name: "encryption-config".into(),
+            host_path: enc.config_path.display().to_string(),
+            mount_path: enc.config_path.display().to_string(),
+            read_only: true,
+            path_type: "File".into(),
+        });
+        if let Some(dir) = enc.kms_socket.parent() {
+            server.extra_volumes.push(HostPathMount {
+                name: "kms-plugin".into(),
+                host_path: dir.display().to_string(),
+                mount_path: dir.display().to_string(),
+                read_only: false,
+                path_type: "Directory".into(),
+            });
+        }
+    }
+    server
 }
 
 #[derive(Serialize, Deserialize)]

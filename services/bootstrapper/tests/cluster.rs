@@ -300,8 +300,15 @@ async fn a_node_from_a_modified_binary_fails_attestation_before_any_secret_is_se
 fn tampered_image(dir: &Path) -> LocalImage {
     let mut binary = std::fs::read(env!("CARGO_BIN_EXE_constellation-bootstrapper")).unwrap();
     binary.extend_from_slice(b"\0tampered");
-    let tampered = dir.join("bootstrapper");
+    let tampered = dir.join("constellation-bootstrapper");
     std::fs::write(&tampered, binary).unwrap();
+    // The daemons a control plane supervises are the real ones, next to the binary.
+    let built = Path::new(env!("CARGO_BIN_EXE_constellation-bootstrapper"))
+        .parent()
+        .unwrap();
+    for daemon in constellation_image::DAEMON_FILES {
+        std::os::unix::fs::symlink(built.join(daemon), dir.join(daemon)).unwrap();
+    }
     LocalImage::assemble(&dir.join("image"), &tampered, "v0.0.0-test").unwrap()
 }
 
@@ -518,7 +525,8 @@ async fn new_measurements_apply_to_the_next_join_without_a_restart() {
         cp.pid,
         "the control plane was not restarted"
     );
-    let cp_log = std::fs::read_to_string(cp.log_path()).unwrap();
+    // The join service is the control plane's supervised daemon: its own log.
+    let cp_log = std::fs::read_to_string(daemon_log(&cp, "joinservice")).unwrap();
     assert!(
         cp_log
             .lines()

@@ -85,7 +85,8 @@ async fn a_joined_control_plane_serves_joins_with_keys_from_another_control_plan
     let cluster_id = ok.cluster_id.clone();
     let all = c.cloud().list_nodes();
     wait_joined(&c, &all, &joined, &cluster_id).await;
-    wait_log(&joined, "join service listening").await;
+    // The bootstrapper starts the join service daemon; it serves once it is ready.
+    wait_daemon_log(&joined, "joinservice", "join service listening").await;
     assert!(
         serves(&joined, ports::JOIN),
         "the joined control plane serves joins"
@@ -98,7 +99,7 @@ async fn a_joined_control_plane_serves_joins_with_keys_from_another_control_plan
     let worker = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
     let all = c.cloud().list_nodes();
     wait_joined(&c, &all, &worker, &cluster_id).await;
-    let log = wait_log(&joined, "join ticket issued").await;
+    let log = wait_daemon_log(&joined, "joinservice", "join ticket issued").await;
     assert!(
         log.lines()
             .any(|l| l.contains("join ticket issued") && l.contains(&worker.name)),

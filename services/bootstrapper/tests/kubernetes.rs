@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use constellation_attestation::FixedClock;
 use constellation_bootstrapper::kubernetes::{
-    ControlPlaneJoin, InitParams, JoinParams, KubeadmInstaller, KubeletArg, KubeletTls,
-    KubernetesError, KubernetesInstaller, NoneInstaller,
+    write_encryption_configuration, ControlPlaneJoin, EncryptionSetup, InitParams, JoinParams,
+    KubeadmInstaller, KubeletArg, KubeletTls, KubernetesError, KubernetesInstaller, NoneInstaller,
 };
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::pki::ClusterPki;
@@ -78,6 +78,7 @@ fn init_params(pki: Arc<ClusterPki>, token: BootstrapToken) -> InitParams {
             cert_pem: "-----BEGIN CERTIFICATE-----\nkubelet\n-----END CERTIFICATE-----\n".into(),
             key_pem: SecretBytes::new(b"kubelet key".to_vec()),
         }),
+        encryption: None,
     }
 }
 
@@ -178,6 +179,67 @@ fn init_writes_v1beta4_init_and_cluster_configuration_and_the_pki() {
     assert_eq!(
         std::fs::read_to_string(cert_dir.join("ca.crt")).unwrap(),
         pki.ca_cert_pem()
+    );
+}
+
+/// The EncryptionConfiguration as kube-apiserver reads it (apiserver.config.k8s.io/v1): Secrets
+/// through the KMS v2 plugin's unix socket, identity only for reading old plaintext; kubeadm
+/// hands it to the API server with the flag and both host paths mounted into its pod.
+#[test]
+fn init_with_encryption_writes_the_kms_v2_encryption_configuration_and_api_server_flags() {
+    let dir = ScratchDir::new();
+    let setup = EncryptionSetup {
+        config_path: dir.path().join("kubernetes/encryption-configuration.yaml"),
+        kms_socket: dir.path().join("daemons/kmsplugin.sock"),
+    };
+    write_encryption_configuration(&setup.config_path, &setup.kms_socket).unwrap();
+    assert_eq!(mode(&setup.config_path), 0o600);
+    let docs = documents(&setup.config_path);
+    assert_eq!(docs.len(), 1);
+    let enc = &docs[0];
+    assert_eq!(s(&enc["apiVersion"]), "apiserver.config.k8s.io/v1");
+    assert_eq!(s(&enc["kind"]), "EncryptionConfiguration");
+    let rule = &enc["resources"][0];
+    assert_eq!(
+        rule["resources"],
+        serde_yaml::from_str::<Value>("[secrets]").unwrap()
+    );
+    let kms = &rule["providers"][0]["kms"];
+    assert_eq!(s(&kms["apiVersion"]), "v2");
+    assert_eq!(s(&kms["name"]), "constellation-kms");
+    assert_eq!(
+        s(&kms["endpoint"]),
+        format!("unix://{}", setup.kms_socket.display())
+    );
+    assert_eq!(s(&kms["timeout"]), "3s");
+    assert_eq!(
+        rule["providers"][1],
+        serde_yaml::from_str::<Value>("identity: {}").unwrap()
+    );
+    assert_eq!(rule["providers"].as_sequence().unwrap().len(), 2);
+
+    let installer = installer(&dir);
+    let pki = Arc::new(ClusterPki::generate("test-cluster", &FixedClock::at_unix(NOW)).unwrap());
+    let mut params = init_params(pki, token());
+    params.encryption = Some(setup.clone());
+    let _ = installer.init(&params).unwrap_err();
+    let docs = documents(&installer.config_path());
+    let api = &docs[1]["apiServer"];
+    assert_eq!(
+        s(&api["extraArgs"][0]["name"]),
+        "encryption-provider-config"
+    );
+    assert_eq!(
+        Path::new(s(&api["extraArgs"][0]["value"])),
+        setup.config_path
+    );
+    let volumes = api["extraVolumes"].as_sequence().unwrap();
+    assert_eq!(volumes.len(), 2);
+    assert_eq!(Path::new(s(&volumes[0]["hostPath"])), setup.config_path);
+    assert_eq!(volumes[0]["readOnly"].as_bool(), Some(true));
+    assert_eq!(
+        Path::new(s(&volumes[1]["mountPath"])),
+        setup.kms_socket.parent().unwrap()
     );
 }
 

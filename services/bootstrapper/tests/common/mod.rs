@@ -158,9 +158,23 @@ pub async fn init_with_kms(
 }
 
 pub async fn wait_log(node: &NodeRecord, needle: &str) -> String {
+    wait_in_log(node, &node.log_path(), needle).await
+}
+
+/// The log of a control plane's supervised daemon (`joinservice`, `keyservice`, `verify`).
+pub fn daemon_log(node: &NodeRecord, daemon: &str) -> PathBuf {
+    node.dir.join("daemons").join(format!("{daemon}.log"))
+}
+
+/// [`wait_log`] in the log of the node's supervised daemon `daemon`.
+pub async fn wait_daemon_log(node: &NodeRecord, daemon: &str, needle: &str) -> String {
+    wait_in_log(node, &daemon_log(node, daemon), needle).await
+}
+
+async fn wait_in_log(node: &NodeRecord, path: &Path, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+        let log = std::fs::read_to_string(path).unwrap_or_default();
         if log.contains(needle) {
             return log;
         }
