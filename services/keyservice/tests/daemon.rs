@@ -1,6 +1,7 @@
 //! `constellation-keyservice` as a process: config errors name the field, --help, readiness only
 //! after the master secret and TLS files load (a world-readable key is refused), data keys over
-//! mutual TLS, SIGTERM with a request in flight, and no secret in anything it prints.
+//! mutual TLS, SIGTERM with a request in flight, and no secret in anything it prints; the KMIP
+//! backend against a real PyKMIP server.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -9,7 +10,9 @@ use std::time::Duration;
 use constellation_common::secret::SecretBytes;
 use constellation_daemon::testing::{assert_help_mentions, free_addr, held_unary, run, Daemon};
 use constellation_keyservice::cluster_managed::ClusterManagedBackend;
-use constellation_keyservice::testing::{IssuedCert, TestPki};
+use constellation_keyservice::config::created_kek_name;
+use constellation_keyservice::kmip::{KekSource, KmipBackend, RetryPolicy};
+use constellation_keyservice::testing::{IssuedCert, PyKmipServer, TestPki};
 use constellation_keyservice::tls::{mutual_tls_client_config, TlsConnector};
 use constellation_keyservice::{MasterSecret, MasterSecretBackend};
 use constellation_proto::keyservice::key_service_client::KeyServiceClient;
@@ -357,6 +360,128 @@ async fn kms_plugin_socket_serves_the_apiserver_and_goes_away_on_sigterm() {
         .output_bytes()
         .windows(dek.len())
         .any(|w| w == dek.as_slice()));
+}
+
+/// `backend: kmip`: the master secret wrapped by a KEK in a real PyKMIP server (stored as Init
+/// stores it), the KMIP client certificate and key as secret files. The daemon is not ready
+/// while the KMIP server is down and becomes ready, without a restart, once it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn kmip_backend_unwraps_the_master_secret_through_the_kmip_server() {
+    const CLUSTER: &str = "kmip-daemon";
+    let mut kmip = PyKmipServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let settings = kmip.kmip_settings(
+        KekSource::Create {
+            name: created_kek_name(CLUSTER),
+        },
+        RetryPolicy::default(),
+    );
+    KmipBackend::new(settings, state.join("keyservice"), CLUSTER)
+        .unwrap()
+        .store(&master())
+        .await
+        .unwrap();
+    let pki = pki();
+    write_tls(state, &pki, 0o600);
+    let files = state.join("keyservice-kmip");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("ca.crt"), kmip.pki().ca_pem()).unwrap();
+    std::fs::write(files.join("client.crt"), &kmip.client_cert().cert_pem).unwrap();
+    std::fs::write(files.join("client.key"), &kmip.client_cert().key_pem).unwrap();
+    std::fs::set_permissions(
+        files.join("client.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+
+    kmip.stop();
+    let endpoint = kmip.endpoint();
+    let (daemon, listen, health) = start_with(
+        state,
+        &[
+            "--backend",
+            "kmip",
+            "--cluster-name",
+            CLUSTER,
+            "--kmip-endpoint",
+            &endpoint,
+        ],
+    );
+    daemon
+        .wait_status(health, "/healthz", 200, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, body) = constellation_daemon::health::probe(health, "/readyz")
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "ready without the KMIP server: {body}");
+
+    kmip.start_again().unwrap();
+    daemon
+        .wait_status(health, "/readyz", 200, Duration::from_secs(60))
+        .await;
+    let mut client = KeyServiceClient::new(channel(listen, &pki).await);
+    let key = client
+        .get_data_key(request("disk-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .data_key;
+    assert_eq!(key, master().derive("disk-1", 32).unwrap().expose());
+    let output = daemon.output();
+    assert!(output.contains(&endpoint), "{output}");
+    assert_no_secret(&daemon.output_bytes(), &pki, &key);
+    let client_key_body: String = kmip
+        .client_cert()
+        .key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(
+        !output.contains(&client_key_body[..40]),
+        "KMIP client key printed"
+    );
+}
+
+#[test]
+fn kmip_config_needs_its_endpoint_and_cluster_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let (status, out) = run(BIN, &["--state-dir", state, "--backend", "kmip"]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("kmip_endpoint"), "{out}");
+    let (status, out) = run(
+        BIN,
+        &[
+            "--state-dir",
+            state,
+            "--backend",
+            "kmip",
+            "--kmip-endpoint",
+            "kmip.example:5696",
+        ],
+    );
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("cluster_name"), "{out}");
+    let (status, out) = run(
+        BIN,
+        &[
+            "--state-dir",
+            state,
+            "--backend",
+            "kmip",
+            "--cluster-name",
+            "c",
+            "--kmip-endpoint",
+            "no-port",
+        ],
+    );
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("kmip_endpoint") && out.contains("host:port"),
+        "{out}"
+    );
 }
 
 #[test]
