@@ -23,7 +23,13 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim_start_matches(':').trim().trim_end_matches(" kB").parse().ok())
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .trim()
+                .trim_end_matches(" kB")
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
@@ -59,14 +65,12 @@ async fn wrong_init_secret_flood_does_not_starve_the_right_one() {
     let mut flood = Vec::new();
     for _ in 0..CONNECTIONS {
         let config = atls::ClientConfig::server_only(validator.clone()).unwrap();
-        let (channel, _) = atls::channel(&endpoint, config)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "attesting {endpoint}: {e}\n{}",
-                    std::fs::read_to_string(cp.log_path()).unwrap_or_default()
-                )
-            });
+        let (channel, _) = atls::channel(&endpoint, config).await.unwrap_or_else(|e| {
+            panic!(
+                "attesting {endpoint}: {e}\n{}",
+                std::fs::read_to_string(cp.log_path()).unwrap_or_default()
+            )
+        });
         for stream in 0..STREAMS {
             let mut client = InitServiceClient::new(channel.clone());
             flood.push(tokio::spawn(async move {
@@ -104,6 +108,10 @@ async fn wrong_init_secret_flood_does_not_starve_the_right_one() {
     // Two Argon2 checks at a time, not 64: the node's peak memory barely moves.
     let peak_after = status_kib(cp.pid, "VmHWM");
     let grown_mib = peak_after.saturating_sub(peak_before) / 1024;
+    eprintln!(
+        "right Init after {waited:?} during the flood ({refused} wrong secrets refused); node \
+         peak RSS {peak_before} -> {peak_after} KiB"
+    );
     assert!(
         grown_mib < 256,
         "the node's peak RSS grew by {grown_mib} MiB during the flood ({peak_before} -> \

@@ -11,7 +11,9 @@
 //! - the tonic server ([`ListenerLimits::server`]): HTTP/2 streams per connection, a deadline on
 //!   every request (reading the request included), small flow-control windows, and an age after
 //!   which a connection is closed (an established but idle connection frees its slot); each
-//!   service sets its decoding cap to [`ListenerLimits::max_message_bytes`];
+//!   service sets its decoding cap to [`ListenerLimits::max_message_bytes`] (tonic reserves a
+//!   message's declared length once its 5-byte header passed that cap, so a stream holds at
+//!   most the cap; aTLS frames grow only as their bytes arrive);
 //! - [`WorkGate`] ([`ListenerLimits::work_gate`]): expensive work a request can trigger before
 //!   it is authenticated (Argon2 of the init secret, a LUKS unlock for Recover, a TPM quote)
 //!   runs at most [`ListenerLimits::expensive_work_permits`] at a time, and a request that
@@ -129,6 +131,7 @@ impl ListenerLimits {
             permits: Arc::new(Semaphore::new(self.expensive_work_permits)),
             permit_count: self.expensive_work_permits,
             max_wait: self.expensive_work_wait,
+            workers: Workers::spawn(work, self.expensive_work_permits),
         }
     }
 
@@ -170,6 +173,54 @@ pub struct WorkGate {
     permits: Arc<Semaphore>,
     permit_count: usize,
     max_wait: Duration,
+    workers: Arc<Workers>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The gate's own threads, one per permit. Blocking work runs on them rather than on tokio's
+/// blocking pool: the allocator keeps a freed 19 MiB Argon2 buffer in the arena of the thread
+/// that used it, so work spread over the pool's many threads would leave one such buffer per
+/// arena (up to 8 per core) resident; on the gate's threads it is one per permit.
+struct Workers {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers").finish_non_exhaustive()
+    }
+}
+
+impl Workers {
+    /// `count` threads taking jobs until the last clone of the gate is dropped.
+    fn spawn(work: &'static str, count: usize) -> Arc<Self> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for _ in 0..count.max(1) {
+            let queue = queue.clone();
+            let spawned =
+                std::thread::Builder::new()
+                    .name("work-gate".into())
+                    .spawn(move || loop {
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            // A panicking job drops its result sender: the caller sees `Aborted`.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            Err(_) => return,
+                        }
+                    });
+            if let Err(error) = spawned {
+                tracing::error!(work, %error, "starting a work-gate thread failed");
+            }
+        }
+        Arc::new(Self { jobs })
+    }
 }
 
 impl WorkGate {
@@ -190,8 +241,8 @@ impl WorkGate {
         }
     }
 
-    /// Runs blocking `work` on the blocking pool once a permit is free. The permit moves into
-    /// the blocking task, so a caller that gives up (a request deadline) does not free the
+    /// Runs blocking `work` on one of the gate's threads once a permit is free. The permit
+    /// moves into the job, so a caller that gives up (a request deadline) does not free the
     /// slot before the work really ended.
     pub async fn run_blocking<T, F>(&self, work: F) -> Result<T, GateError>
     where
@@ -199,13 +250,14 @@ impl WorkGate {
         F: FnOnce() -> T + Send + 'static,
     {
         let permit = self.enter().await?;
-        tokio::task::spawn_blocking(move || {
-            let result = work();
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(work());
             drop(permit);
-            result
-        })
-        .await
-        .map_err(|_| GateError::Aborted { work: self.work })
+        });
+        let aborted = GateError::Aborted { work: self.work };
+        self.workers.jobs.send(job).map_err(|_| aborted.clone())?;
+        result.await.map_err(|_| aborted)
     }
 
     /// Runs async `work` while holding a permit.
@@ -244,5 +296,15 @@ mod tests {
         drop(held);
         assert_eq!(gate.run_blocking(|| 2).await.unwrap(), 2);
         assert_eq!(gate.run(async { 3 }).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_aborted_and_the_gate_keeps_working() {
+        let gate = ListenerLimits::default().work_gate("test work");
+        let panicked = gate.run_blocking(|| -> u8 { panic!("boom") }).await;
+        assert_eq!(panicked, Err(GateError::Aborted { work: "test work" }));
+        for n in 0..4 {
+            assert_eq!(gate.run_blocking(move || n).await.unwrap(), n);
+        }
     }
 }
