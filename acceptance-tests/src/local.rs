@@ -181,8 +181,15 @@ pub fn tampered_binary(dir: &Path, boot: &Path) -> PathBuf {
 }
 
 /// A copy of the bootstrapper with `tag` appended, as `bootstrapper-<tag>` in `dir`: another
-/// image version that runs the same code and measures differently (PCR 4).
+/// image version that runs the same code and measures differently (PCR 4). The service daemons
+/// the bootstrapper supervises are linked next to it (an image takes them from there).
 pub fn modified_binary(dir: &Path, boot: &Path, tag: &str) -> PathBuf {
+    for name in constellation_image::DAEMON_FILES {
+        let (source, link) = (boot.with_file_name(name), dir.join(name));
+        if source.is_file() && !link.exists() {
+            std::os::unix::fs::symlink(&source, &link).expect("link a daemon next to the copy");
+        }
+    }
     let mut binary = std::fs::read(boot).expect("read bootstrapper");
     binary.push(0);
     binary.extend_from_slice(tag.as_bytes());

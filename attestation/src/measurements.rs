@@ -394,6 +394,24 @@ impl AcceptedMeasurements {
         &self.0
     }
 
+    /// The target (last) set.
+    pub fn target(&self) -> &Measurements {
+        self.0.last().expect("at least one set")
+    }
+
+    /// The first set `check` accepts, as `check` answered; when none does, the target set's
+    /// error (a refused node learns how it differs from the image it should run).
+    pub fn first_accepting<T, E>(
+        &self,
+        mut check: impl FnMut(&Measurements) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let (target, others) = self.0.split_last().expect("at least one set");
+        others
+            .iter()
+            .find_map(|m| check(m).ok())
+            .map_or_else(|| check(target), Ok)
+    }
+
     /// Parses one measurements object or a non-empty list of them; each is validated as
     /// [`Measurements::from_json`] validates.
     pub fn from_json(bytes: &[u8]) -> Result<Self, MeasurementsError> {

@@ -106,7 +106,7 @@ pub(super) fn decode_spec(v: &Value, d: &mut Decoder) -> Option<ClusterSpec> {
     if control_plane_count == Some(0) {
         d.error(
             &p(&["control_plane_count"]),
-            "Invalid control_plane_count",
+            NO_CONTROL_PLANE,
             "a cluster needs at least one control-plane node",
         );
     }
@@ -146,7 +146,7 @@ pub(super) fn decode_spec(v: &Value, d: &mut Decoder) -> Option<ClusterSpec> {
         name: name?,
         platform: platform?,
         image: image?,
-        control_plane_count: control_plane_count.filter(|c| *c > 0)?,
+        control_plane_count: control_plane_count?,
         worker_count: worker_count?,
         attestation: attestation?,
         network: network?,
@@ -605,9 +605,15 @@ pub(super) fn decode_outputs(v: &Value, d: &mut Decoder) -> Option<ClusterOutput
     })
 }
 
+/// The summary of the "no control plane" refusal of a configuration.
+const NO_CONTROL_PLANE: &str = "Invalid control_plane_count";
+
 pub(super) fn decode_state(v: &Value, private: &[u8]) -> Result<ClusterState, Diagnostics> {
     let mut d = Decoder::new();
     let spec = decode_spec(v, &mut d);
+    // A refreshed state records the observed healthy counts: no control plane after every one
+    // went down (a full restart) is a fact to repair, not a configuration to refuse.
+    d.diagnostics.0.retain(|e| e.summary != NO_CONTROL_PLANE);
     let outputs = decode_outputs(v, &mut d);
     let state = d.finish(spec.zip(outputs))?;
     let private: PrivateState = if private.is_empty() {

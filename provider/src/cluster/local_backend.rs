@@ -240,6 +240,15 @@ impl LocalBackend {
         Self { clusters_dir }
     }
 
+    /// The cluster folder of a state: its platform state, or (when Terraform lost the private
+    /// state, as after a provider killed during apply) the folder the name implies.
+    fn root_of(&self, state: &ClusterState) -> Result<PathBuf, ClusterError> {
+        if state.platform_state.is_empty() {
+            return Ok(self.cluster_root(&state.spec.name));
+        }
+        Ok(PlatformState::parse(&state.platform_state)?.root)
+    }
+
     /// The absolute folder of cluster `name`.
     pub fn cluster_root(&self, name: &str) -> PathBuf {
         let p = self.clusters_dir.join(name);
@@ -507,7 +516,7 @@ impl LocalBackend {
         spec: &ClusterSpec,
         progress: &dyn Progress,
     ) -> Result<ClusterState, ClusterError> {
-        let root = PlatformState::parse(&prior.platform_state)?.root;
+        let root = self.root_of(prior)?;
         let cluster_id = cluster_id_bytes(&prior.outputs)?;
         let (r2, platform) = (root.clone(), prior.spec.platform);
         let cloud = blocking(move || open_cloud(platform, &r2))
@@ -646,7 +655,7 @@ impl LocalBackend {
         Ok(ClusterState {
             spec: spec.clone(),
             outputs: prior.outputs.clone(),
-            platform_state: prior.platform_state.clone(),
+            platform_state: PlatformState { root }.encode(),
         })
     }
 }
@@ -706,7 +715,7 @@ impl ClusterBackend for LocalBackend {
         state: &'a ClusterState,
     ) -> BoxFuture<'a, Result<ClusterReadResult, ClusterError>> {
         Box::pin(async move {
-            let root = PlatformState::parse(&state.platform_state)?.root;
+            let root = self.root_of(state)?;
             let platform = state.spec.platform;
             let Some(cloud) = blocking(move || open_cloud(platform, &root)).await? else {
                 return Ok(ClusterReadResult::Gone);
@@ -753,7 +762,7 @@ impl ClusterBackend for LocalBackend {
     ) -> BoxFuture<'a, Result<ClusterState, ClusterError>> {
         Box::pin(async move {
             check_variant(spec)?;
-            let root = PlatformState::parse(&prior.platform_state)?.root;
+            let root = self.root_of(prior)?;
             let updated = self.update_inner(prior, spec, progress);
             with_boot_progress(spec.platform, &root, progress, updated).await
         })
@@ -765,7 +774,7 @@ impl ClusterBackend for LocalBackend {
         progress: &'a dyn Progress,
     ) -> BoxFuture<'a, Result<(), ClusterError>> {
         Box::pin(async move {
-            let root = PlatformState::parse(&state.platform_state)?.root;
+            let root = self.root_of(state)?;
             progress.step(&format!("destroying the nodes in {}", root.display()));
             let platform = state.spec.platform;
             blocking(move || match open_cloud(platform, &root)? {

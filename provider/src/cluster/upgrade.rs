@@ -126,7 +126,7 @@ fn upgrade_record(
 ) -> UpgradeRecord {
     let target_json = UpgradeImage::from(target);
     let mut from: Vec<UpgradeImage> = Vec::new();
-    let known = journal
+    let known: Vec<UpgradeImage> = journal
         .map(|u| {
             u.from
                 .iter()
@@ -134,7 +134,7 @@ fn upgrade_record(
                 .cloned()
                 .collect()
         })
-        .unwrap_or_else(Vec::new);
+        .unwrap_or_default();
     for image in known
         .into_iter()
         .chain(std::iter::once(UpgradeImage::from(current)))

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use constellation_attestation::measurements::{Digest, Measurements};
+use constellation_attestation::measurements::{AcceptedMeasurements, Digest};
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_attestation::{ValidationError, Validator, Variant, Verdict};
@@ -291,7 +291,8 @@ pub fn load_state(state_dir: &Path, cluster_name: &str) -> Result<StateMaterial,
 /// One version of the policy files.
 #[derive(Clone)]
 pub struct Policy {
-    pub measurements: Measurements,
+    /// One set, or during a rolling image upgrade the old and the new image's.
+    pub measurements: AcceptedMeasurements,
     pub nodes: Vec<NodeInfo>,
     pinned: Vec<(AkPublicKey, String)>,
 }
@@ -307,7 +308,7 @@ impl Policy {
     pub fn load(measurements_file: &Path, nodes_file: &Path) -> Result<Self, String> {
         let text = std::fs::read(measurements_file)
             .map_err(|e| format!("{}: {e}", measurements_file.display()))?;
-        let measurements = Measurements::from_json(&text)
+        let measurements = AcceptedMeasurements::from_json(&text)
             .map_err(|e| format!("{}: {e}", measurements_file.display()))?;
         let text = std::fs::read_to_string(nodes_file)
             .map_err(|e| format!("{}: {e}", nodes_file.display()))?;
@@ -339,7 +340,7 @@ impl Policy {
     pub fn describe(&self) -> String {
         format!(
             "{} PCRs, {} nodes",
-            self.measurements.0.len(),
+            self.measurements.target().0.len(),
             self.nodes.len()
         )
     }
@@ -397,7 +398,9 @@ impl Validator for PolicyValidator {
 
     fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
         let policy = self.0.current();
-        let pinned = policy.pinned.iter().map(|(ak, _)| ak.clone()).collect();
-        QemuVtpmValidator::new(pinned, policy.measurements.clone()).validate(evidence, binding)
+        let pinned: Vec<AkPublicKey> = policy.pinned.iter().map(|(ak, _)| ak.clone()).collect();
+        policy.measurements.first_accepting(|m| {
+            QemuVtpmValidator::new(pinned.clone(), m.clone()).validate(evidence, binding)
+        })
     }
 }
