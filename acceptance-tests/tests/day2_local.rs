@@ -181,7 +181,8 @@ fn watch(
                 .iter()
                 .any(|(pid, _)| *pid == node.pid);
             if rejected && still_running && reports_joined(&root, node) {
-                seen.unattested.push(format!("{}: {}", node.name, answers[0].1));
+                seen.unattested
+                    .push(format!("{}: {}", node.name, answers[0].1));
             }
         }
     }
@@ -373,7 +374,10 @@ fn run(version: TfVersion) {
         kill(pid);
     }
     let killed = apply.wait();
-    assert_ne!(killed.code, 0, "{version:?}: the killed apply failed:\n{killed}");
+    assert_ne!(
+        killed.code, 0,
+        "{version:?}: the killed apply failed:\n{killed}"
+    );
     let mixed: BTreeSet<PathBuf> = nodes(&root).into_iter().map(|n| n.image_dir).collect();
     assert_eq!(mixed.len(), 2, "killed mid-upgrade: both images run");
     let resumed = tf.apply(&["-var", "image=v1"]).ok();
