@@ -58,7 +58,7 @@ pub(super) async fn recover_control_planes(
         return Ok(());
     }
     let Some(master_secret) = spec.secrets.master_secret.bytes() else {
-        return Err(no_master_secret(cloud, waiting, spec));
+        return Err(no_master_secret(cloud.root(), waiting, spec));
     };
     // Once one is recovered, the others may rejoin through its join service instead.
     let rejoined = |node: &NodeRecord| {
@@ -207,7 +207,11 @@ pub(super) fn forget_lost(
 }
 
 /// Why apply cannot recover the cluster itself, and how the operator does it.
-fn no_master_secret(cloud: &dyn Cloud, waiting: &[NodeRecord], spec: &ClusterSpec) -> ClusterError {
+fn no_master_secret(
+    root: &std::path::Path,
+    waiting: &[NodeRecord],
+    spec: &ClusterSpec,
+) -> ClusterError {
     let endpoints: Vec<String> = waiting
         .iter()
         .map(|n| format!("{} at {}", n.name, n.endpoint(ports::BOOTSTRAPPER)))
@@ -226,24 +230,17 @@ fn no_master_secret(cloud: &dyn Cloud, waiting: &[NodeRecord], spec: &ClusterSpe
             spec.name,
             endpoints.join(", "),
             ports::BOOTSTRAPPER,
-            cloud.root().join("platform.json").display(),
+            root.join("platform.json").display(),
         ),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::upgrade::tests::{image, node};
     use super::*;
-    use constellation_attestation::Measurement;
     use constellation_common::secret::SecretBytes;
     use std::path::PathBuf;
-
-    fn image(reference: &str, v: u8) -> ImageRef {
-        ImageRef {
-            reference: reference.into(),
-            measurements: Measurements([(4, Measurement::enforce([v; 32]))].into()),
-        }
-    }
 
     #[test]
     fn a_state_with_every_control_plane_down_still_decodes() {
@@ -270,18 +267,35 @@ mod tests {
     }
 
     #[test]
+    fn without_the_master_secret_the_error_explains_attest_recover() {
+        let mut spec = crate::cluster::journal::tests::spec();
+        spec.secrets.master_secret = MasterSecret::WriteOnly {
+            version: 1,
+            secret: None,
+        };
+        let mut waiting = node("demo-control-plane-0", Role::ControlPlane, "/img");
+        waiting.ip = "127.1.2.3".parse().unwrap();
+        match no_master_secret(std::path::Path::new("/clusters/demo"), &[waiting], &spec) {
+            ClusterError::InvalidInput { attribute, reason } => {
+                assert_eq!(attribute.to_string(), "master_secret_wo");
+                for needed in [
+                    "demo-control-plane-0 at 127.1.2.3:9000",
+                    "attest recover --endpoint",
+                    "/clusters/demo/platform.json",
+                    "--master-secret-file",
+                    "--salt-file",
+                ] {
+                    assert!(reason.contains(needed), "{needed}: {reason}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_node_is_checked_against_the_image_it_booted() {
         let images = [image("/old", 1), image("/new", 2)];
-        let mut node = NodeRecord {
-            name: "c-worker-1".into(),
-            role: Role::Worker,
-            ip: std::net::Ipv4Addr::LOCALHOST.into(),
-            dir: PathBuf::from("/nonexistent"),
-            pid: 0,
-            swtpm: None,
-            ak_spki_hex: String::new(),
-            image_dir: PathBuf::from("/old"),
-        };
+        let mut node = node("c-worker-1", Role::Worker, "/old");
         assert_eq!(measurements_of(&node, &images), &images[0].measurements);
         node.image_dir = PathBuf::from("/elsewhere");
         assert_eq!(measurements_of(&node, &images), &images[1].measurements);

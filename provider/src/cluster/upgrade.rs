@@ -539,19 +539,21 @@ impl Roll<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use constellation_attestation::Measurement;
     use std::path::PathBuf;
 
-    fn image(reference: &str, v: u8) -> ImageRef {
+    /// An image whose measurements differ from another's by `v`.
+    pub(in crate::cluster) fn image(reference: &str, v: u8) -> ImageRef {
         ImageRef {
             reference: reference.into(),
             measurements: Measurements([(4, Measurement::enforce([v; 32]))].into()),
         }
     }
 
-    fn node(name: &str, role: Role, image: &str) -> NodeRecord {
+    /// A node record (not running) that booted `image`.
+    pub(in crate::cluster) fn node(name: &str, role: Role, image: &str) -> NodeRecord {
         NodeRecord {
             name: name.into(),
             role,
