@@ -283,6 +283,13 @@ fn a_vm_whose_initrd_changed_after_measurement_is_refused_naming_the_pcr_terrafo
         "a tampered image must not form a cluster:\n{refused}"
     );
     let text = refused.all();
+    let diagnostic: String = text
+        .split_once("Error:")
+        .map_or(text.as_str(), |(_, e)| e)
+        .chars()
+        .take(700)
+        .collect();
+    eprintln!("refused apply: {diagnostic}");
     assert!(
         text.contains("qacc-control-plane-0"),
         "the diagnostic names the node:\n{refused}"
@@ -294,6 +301,15 @@ fn a_vm_whose_initrd_changed_after_measurement_is_refused_naming_the_pcr_terrafo
     assert!(
         !text.contains("PCR[4]"),
         "the kernel (PCR 4) is unchanged:\n{refused}"
+    );
+    // The diagnostic quotes the refused VM's serial console (its init's lines are there).
+    let console = text
+        .split("last console lines of qacc-control-plane-0:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("the diagnostic quotes the node's console:\n{refused}"));
+    assert!(
+        console.contains("constellation-"),
+        "console lines quoted:\n{refused}"
     );
     assert_nothing_left(&root);
 }

@@ -477,6 +477,27 @@ pub fn last_console_status(console: &str) -> Option<NodeStatus> {
     })
 }
 
+/// The last `n` lines of a console a person reads in a diagnostic: without the PCR values and
+/// the base64 event log the image's init prints between its markers (data for tests and
+/// tools, tens of lines that would crowd out the bootstrapper's own).
+pub fn readable_tail(console: &str, n: usize) -> String {
+    let mut inside = false;
+    let lines: Vec<&str> = console
+        .lines()
+        .filter(|line| {
+            let marker = [image::PCRS_BEGIN, image::EVENTLOG_BEGIN]
+                .iter()
+                .any(|m| line.contains(m));
+            let end = [image::PCRS_END, image::EVENTLOG_END]
+                .iter()
+                .any(|m| line.contains(m));
+            inside = (inside || marker) && !end;
+            !(inside || end)
+        })
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The line the image's init prints when it starts (`image/src/init.sh`), followed by the
 /// kernel's uptime in seconds.
 const INIT_STARTED: &str = "constellation-init: phase=init uptime=";
@@ -578,7 +599,8 @@ impl Cloud for QemuCloud {
     }
 
     fn console_tail(&self, node: &NodeRecord, lines: usize) -> String {
-        process::log_tail(&Self::console_path(node), lines)
+        let console = std::fs::read(Self::console_path(node)).unwrap_or_default();
+        readable_tail(&String::from_utf8_lossy(&console), lines)
     }
 }
 
@@ -594,6 +616,22 @@ mod tests {
         let s = last_console_status(console).unwrap();
         assert_eq!(s.cluster_id(), Some("ab"));
         assert!(last_console_status("no status yet\n").is_none());
+    }
+
+    #[test]
+    fn the_readable_tail_leaves_out_the_measurement_dumps() {
+        let console = format!(
+            "constellation-init: phase=init\n{}\n0 abcd\n{}\n{}\nAAAA\nBBBB\n{}\nbootstrapper starting\nwaiting for Init\n",
+            image::PCRS_BEGIN,
+            image::PCRS_END,
+            image::EVENTLOG_BEGIN,
+            image::EVENTLOG_END
+        );
+        assert_eq!(
+            readable_tail(&console, 3),
+            "constellation-init: phase=init\nbootstrapper starting\nwaiting for Init"
+        );
+        assert_eq!(readable_tail(&console, 1), "waiting for Init");
     }
 
     #[test]
