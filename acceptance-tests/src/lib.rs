@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub mod local;
+pub mod secrets;
 
 /// Provider address used by every test configuration.
 pub const PROVIDER_SOURCE: &str = "edgelesssys/constellation";

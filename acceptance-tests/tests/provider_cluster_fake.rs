@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use acceptance_tests::secrets::{files_under, leaks, random_secret};
 use acceptance_tests::{Terraform, TfVersion, REQUIRED_PROVIDERS};
 use constellation_attestation::snp::{AbiVersion, SnpSettings, Tcb};
 
@@ -329,49 +330,6 @@ fn setup_write_only(version: TfVersion) -> Fixture {
         TfVersion::V1_15 => "ephemeral = true",
     };
     setup_with(version, &WRITE_ONLY_CONFIG.replace("EPHEMERAL", ephemeral))
-}
-
-/// A fresh random secret, so no other value in any file can equal it by accident.
-fn random_secret() -> [u8; 32] {
-    use std::io::Read as _;
-    let mut secret = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut secret))
-        .expect("random bytes");
-    secret
-}
-
-/// Every form the secret could take in a file: raw bytes, lower- and upper-case hex.
-fn leaks(bytes: &[u8], secret: &[u8; 32]) -> Option<&'static str> {
-    let lower = hex::encode(secret);
-    let upper = lower.to_uppercase();
-    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    if contains(secret) {
-        Some("raw bytes")
-    } else if contains(lower.as_bytes()) {
-        Some("hex")
-    } else if contains(upper.as_bytes()) {
-        Some("upper-case hex")
-    } else {
-        None
-    }
-}
-
-/// Every regular file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.is_file() {
-                out.push(path);
-            }
-        }
-    }
-    out
 }
 
 fn assert_nowhere(f: &Fixture, secret: &[u8; 32], extra: &[(&str, &str)]) {
