@@ -12,8 +12,9 @@ use std::sync::{Arc, RwLock};
 
 use constellation_attestation::measurements::{AcceptedMeasurements, Digest};
 use constellation_attestation::tpm::AkPublicKey;
-use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
-use constellation_attestation::{ValidationError, Validator, Variant, Verdict};
+use constellation_attestation::{
+    validator_for, ValidationError, Validator, ValidatorPolicy, Variant, Verdict,
+};
 use constellation_common::metadata::{ports, NodeInfo};
 use constellation_common::secret::SecretBytes;
 use constellation_daemon::config::{existing_dir, invalid, load_file, required, ConfigError};
@@ -387,20 +388,31 @@ impl NodeDirectory for PolicyStore {
     }
 }
 
-/// Joiners: quotes by a pinned AK of the node directory whose PCRs meet the measurements.
+/// Joiners: evidence of the platform's attestation variant by a pinned AK of the node
+/// directory whose PCRs meet an accepted measurement set. The variant is the one this daemon
+/// detected for its own platform ([`constellation_daemon::tpm::detect_variant`]): a cluster's
+/// nodes run on one platform, so no configuration names it.
 #[derive(Debug, Clone)]
-pub struct PolicyValidator(pub Arc<PolicyStore>);
+pub struct PolicyValidator {
+    pub store: Arc<PolicyStore>,
+    pub variant: Variant,
+}
 
 impl Validator for PolicyValidator {
     fn variant(&self) -> Variant {
-        Variant::QemuVtpm
+        self.variant
     }
 
     fn validate(&self, evidence: &[u8], binding: &Digest) -> Result<Verdict, ValidationError> {
-        let policy = self.0.current();
+        let policy = self.store.current();
         let pinned: Vec<AkPublicKey> = policy.pinned.iter().map(|(ak, _)| ak.clone()).collect();
         policy.measurements.first_accepting(|m| {
-            QemuVtpmValidator::new(pinned.clone(), m.clone()).validate(evidence, binding)
+            validator_for(
+                self.variant,
+                ValidatorPolicy::pinned(pinned.clone(), m.clone()),
+            )
+            .map_err(|e| ValidationError::Malformed(format!("{}: {e}", self.variant)))?
+            .validate(evidence, binding)
         })
     }
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use constellation_attestation::{atls, SystemClock};
+use constellation_attestation::{atls, Issuer as _, SystemClock};
 use constellation_common::limits::ListenerLimits;
 use constellation_daemon::{health, reload, shutdown, tpm};
 use constellation_joinservice::attested_peer::AttestedPeerInterceptor;
@@ -107,9 +107,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             token_ttl: config.token_ttl,
         },
     );
-    let atls_config =
-        atls::ServerConfig::mutual(Arc::new(issuer), Arc::new(PolicyValidator(store.clone())))?
-            .with_limits(ListenerLimits::default());
+    let validator = PolicyValidator {
+        store: store.clone(),
+        variant: issuer.variant(),
+    };
+    tracing::info!(variant = %validator.variant, "attestation variant detected from the platform");
+    let atls_config = atls::ServerConfig::mutual(Arc::new(issuer), Arc::new(validator))?
+        .with_limits(ListenerLimits::default());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let lookup = store.clone();
     let server = constellation_joinservice::server::serve(

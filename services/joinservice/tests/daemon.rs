@@ -15,14 +15,15 @@ use std::time::{Duration, Instant};
 
 use constellation_attestation::measurements::{Measurement, Measurements};
 use constellation_attestation::tpm::AkPublicKey;
-use constellation_attestation::variant::qemu_vtpm::{QemuVtpmIssuer, QemuVtpmValidator};
-use constellation_attestation::{atls, SystemClock};
+use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
+use constellation_attestation::variant::VariantIssuer;
+use constellation_attestation::{atls, SystemClock, Variant};
 use constellation_common::kdf::DEFAULT_KEY_LEN;
 use constellation_common::secret::SecretBytes;
 use constellation_daemon::testing::{
     assert_help_mentions, free_addr, held_unary, run, Daemon, SwtpmProcess,
 };
-use constellation_daemon::tpm::{open_issuer, QUOTED_PCRS};
+use constellation_daemon::tpm::open_issuer;
 use constellation_joinservice::pki::ClusterPki;
 use constellation_keyservice::{KeyService, MasterSecret};
 use constellation_proto::join::join_service_client::JoinServiceClient;
@@ -54,7 +55,7 @@ struct Fixture {
     daemon_tpm_port: u16,
     daemon_ak: AkPublicKey,
     daemon_pcr0: [u8; 32],
-    joiner: Arc<QemuVtpmIssuer>,
+    joiner: Arc<VariantIssuer>,
     joiner_pcrs: BTreeMap<u32, [u8; 32]>,
     _tpms: Vec<SwtpmProcess>,
 }
@@ -100,7 +101,7 @@ impl Fixture {
         std::fs::create_dir_all(dir.path().join("tpm-joiner")).unwrap();
         let joiner_tpm = SwtpmProcess::start(&dir.path().join("tpm-joiner"), joiner_port);
         let joiner = Arc::new(open_issuer(&SwtpmProcess::tcti(joiner_port)).unwrap());
-        let all: Vec<u32> = QUOTED_PCRS.collect();
+        let all: Vec<u32> = Variant::QemuVtpm.facts().quoted_pcrs.collect();
         let joiner_pcrs = joiner.with_tpm(|t| t.pcr_read(&all)).unwrap();
         std::fs::create_dir_all(dir.path().join("state")).unwrap();
         std::fs::create_dir_all(dir.path().join("policy")).unwrap();
@@ -384,6 +385,16 @@ async fn ready_only_once_the_state_folder_loads() {
     daemon
         .wait_status(health, "/readyz", 200, Duration::from_secs(20))
         .await;
+    // No configuration names the variant: a TPM and no SEV-SNP guest device is qemu-vtpm.
+    let detected = daemon
+        .output()
+        .lines()
+        .find(|l| l.contains("attestation variant detected from the platform"))
+        .map(str::to_owned);
+    assert!(
+        detected.as_deref().is_some_and(|l| l.contains("qemu-vtpm")),
+        "{detected:?}"
+    );
     let ticket = f.join(listen).await.expect("join after ready");
     f.assert_disk_key(&ticket);
     f.assert_no_secret(&daemon.output_bytes());

@@ -1,15 +1,87 @@
-//! The node's attestation issuer: a TPM 2.0 (device or swtpm TCTI) quoting PCRs 0..=15 with an
-//! ECDSA P-256 attestation key, as the bootstrapper does.
+//! The node's attestation: the daemon picks its attestation variant from the platform it runs
+//! on ([`detect_variant`]) instead of a configuration naming it, and opens the TPM-backed issuer
+//! of that variant with retries (see `reload::until_loaded`).
 
-use constellation_attestation::tpm::{AkKind, Tpm};
-use constellation_attestation::variant::qemu_vtpm::QemuVtpmIssuer;
+use std::path::Path;
 
-/// PCRs every quote covers.
-pub const QUOTED_PCRS: std::ops::RangeInclusive<u32> = 0..=15;
+use constellation_attestation::variant::{issuer_for, VariantIssuer};
+use constellation_attestation::Variant;
 
-/// Opens the TPM at `tcti` and loads the attestation key; the error says why (not secret).
-pub fn open_issuer(tcti: &str) -> Result<QemuVtpmIssuer, String> {
-    let tpm = Tpm::open(tcti).map_err(|e| format!("opening TPM {tcti:?}: {e}"))?;
-    QemuVtpmIssuer::new(tpm, AkKind::EcdsaP256, QUOTED_PCRS.collect())
-        .map_err(|e| format!("loading the attestation key from TPM {tcti:?}: {e}"))
+/// The SEV-SNP guest report device; its presence makes this an SNP guest.
+pub const SEV_GUEST_DEVICE: &str = "/dev/sev-guest";
+
+/// What the platform offers this daemon for attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlatformFacts {
+    /// A SEV-SNP guest report device exists.
+    pub sev_guest: bool,
+    /// The TPM the TCTI names is present (a device node exists, or a swtpm socket).
+    pub tpm: bool,
+}
+
+impl PlatformFacts {
+    /// The facts of this machine for the TPM at `tcti`.
+    pub fn probe(tcti: &str) -> Self {
+        let tpm_path = tcti.strip_prefix("device:").map(str::to_owned).or_else(|| {
+            tcti.strip_prefix("swtpm:").and_then(|rest| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix("path="))
+                    .map(str::to_owned)
+            })
+        });
+        Self {
+            sev_guest: Path::new(SEV_GUEST_DEVICE).exists(),
+            // A TCP swtpm (host=...,port=...) has no path: whether it answers shows at open.
+            tpm: tpm_path.is_none_or(|p| Path::new(&p).exists()),
+        }
+    }
+}
+
+/// The variant these facts imply: a TPM without an SNP guest device is a vTPM guest (QEMU, or
+/// the local platform's swtpm): `qemu-vtpm`. An SNP guest's variants need a report device
+/// driver this code base does not have, so it is refused with the reason rather than
+/// attested as something else.
+pub fn detect_variant(facts: &PlatformFacts) -> Result<Variant, String> {
+    if facts.sev_guest {
+        return Err(format!(
+            "{SEV_GUEST_DEVICE} exists: a SEV-SNP guest, whose variants (aws-sev-snp, azure-sev-snp) this daemon cannot issue yet"
+        ));
+    }
+    if !facts.tpm {
+        return Err("no TPM: no attestation variant this daemon can issue".to_owned());
+    }
+    Ok(Variant::QemuVtpm)
+}
+
+/// Opens the TPM at `tcti` with the variant the platform implies and loads its attestation key;
+/// the error says why (not secret).
+pub fn open_issuer(tcti: &str) -> Result<VariantIssuer, String> {
+    let variant = detect_variant(&PlatformFacts::probe(tcti))?;
+    issuer_for(variant, tcti).map_err(|e| format!("TPM {tcti:?} ({variant}): {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_variant_follows_the_platform() {
+        let vtpm = PlatformFacts {
+            sev_guest: false,
+            tpm: true,
+        };
+        assert_eq!(detect_variant(&vtpm), Ok(Variant::QemuVtpm));
+        let snp = PlatformFacts {
+            sev_guest: true,
+            tpm: true,
+        };
+        assert!(detect_variant(&snp).unwrap_err().contains("SEV-SNP"));
+        let none = PlatformFacts {
+            sev_guest: false,
+            tpm: false,
+        };
+        assert!(detect_variant(&none).unwrap_err().contains("no TPM"));
+        assert!(!PlatformFacts::probe("device:/nonexistent/tpmrm0").tpm);
+        assert!(PlatformFacts::probe("swtpm:host=127.0.0.1,port=1").tpm);
+    }
 }
