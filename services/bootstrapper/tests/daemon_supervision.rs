@@ -15,10 +15,9 @@ use constellation_bootstrapper::kubernetes::EncryptionConfiguration;
 use constellation_bootstrapper::statedisk;
 use constellation_common::metadata::{ports, Role};
 use constellation_common::node_status::{DaemonHealth, DaemonState};
+use constellation_keyservice::testing::kms_client;
 use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
-use constellation_proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
-use constellation_proto::kmsv2::{DecryptRequest, EncryptRequest, StatusRequest};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -67,56 +66,19 @@ fn kms_socket_of(cp: &NodeRecord) -> PathBuf {
     PathBuf::from(kms.endpoint.strip_prefix("unix://").unwrap())
 }
 
-/// What kube-apiserver does with the plugin: Status, then Encrypt a DEK seed with a request
-/// uid and Decrypt it with the key ID it got back.
+/// kube-apiserver's calls on the plugin (Status, Encrypt, Decrypt), once the socket answers.
 async fn kms_round_trip(socket: &Path) {
-    let path = socket.to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        let path = path.clone();
-        let connected = tonic::transport::Endpoint::from_static("http://kms.invalid")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await;
-        match connected {
-            Ok(channel) => break channel,
-            Err(e) => assert!(Instant::now() < deadline, "{}: {e}", socket.display()),
-        }
+    while kms_client(socket).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never answered",
+            socket.display()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut kms = KeyManagementServiceClient::new(channel);
-    let status = kms.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(
-        (status.version.as_str(), status.healthz.as_str()),
-        ("v2", "ok")
-    );
-    let seed = b"a 32-byte DEK seed from the API!".to_vec();
-    let enc = kms
-        .encrypt(EncryptRequest {
-            plaintext: seed.clone(),
-            uid: "apiserver-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(enc.key_id, status.key_id);
-    let dec = kms
-        .decrypt(DecryptRequest {
-            ciphertext: enc.ciphertext,
-            uid: "apiserver-2".into(),
-            key_id: enc.key_id,
-            annotations: enc.annotations,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(dec.plaintext, seed);
+    }
+    constellation_keyservice::testing::kms_round_trip(socket, b"a 32-byte DEK seed from the API!")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -345,3 +345,64 @@ pub fn free_port() -> Result<u16, TestingError> {
         .map(|addr| addr.port())
         .map_err(io_error("reading the bound port"))
 }
+
+/// A KMS v2 client on the plugin's unix socket, as kube-apiserver connects (the URI is ignored).
+pub async fn kms_client(
+    socket: &Path,
+) -> Result<
+    constellation_proto::kmsv2::key_management_service_client::KeyManagementServiceClient<
+        tonic::transport::Channel,
+    >,
+    tonic::transport::Error,
+> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://kms.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(
+        constellation_proto::kmsv2::key_management_service_client::KeyManagementServiceClient::new(
+            channel,
+        ),
+    )
+}
+
+/// What kube-apiserver does with the plugin: Status (must be v2 and healthy), Encrypt `dek`
+/// with a request uid, Decrypt it with the key ID and annotations it got back. Panics (a test
+/// helper) on any difference; returns the key ID.
+pub async fn kms_round_trip(socket: &Path, dek: &[u8]) -> String {
+    use constellation_proto::kmsv2::{DecryptRequest, EncryptRequest, StatusRequest};
+    let mut kms = kms_client(socket).await.expect("connect to the KMS plugin");
+    let status = kms.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (status.version.as_str(), status.healthz.as_str()),
+        ("v2", "ok")
+    );
+    let enc = kms
+        .encrypt(EncryptRequest {
+            plaintext: dek.to_vec(),
+            uid: "uid-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(enc.key_id, status.key_id);
+    let dec = kms
+        .decrypt(DecryptRequest {
+            ciphertext: enc.ciphertext,
+            uid: "uid-2".into(),
+            key_id: enc.key_id.clone(),
+            annotations: enc.annotations,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dec.plaintext, dek);
+    enc.key_id
+}

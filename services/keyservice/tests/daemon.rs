@@ -297,8 +297,6 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
 /// key ID and annotations Encrypt returned; the socket is 0600 and gone after SIGTERM.
 #[tokio::test(flavor = "multi_thread")]
 async fn kms_plugin_socket_serves_the_apiserver_and_goes_away_on_sigterm() {
-    use constellation_proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
-    use constellation_proto::kmsv2::{DecryptRequest, EncryptRequest, StatusRequest};
     let dir = tempfile::tempdir().unwrap();
     let pki = pki();
     write_tls(dir.path(), &pki, 0o600);
@@ -313,45 +311,8 @@ async fn kms_plugin_socket_serves_the_apiserver_and_goes_away_on_sigterm() {
         std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let path = socket.clone();
-    let channel = tonic::transport::Endpoint::from_static("http://kms.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    let mut kms = KeyManagementServiceClient::new(channel);
-    let status = kms.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(
-        (status.version.as_str(), status.healthz.as_str()),
-        ("v2", "ok")
-    );
     let dek = b"a DEK the API server wants wrapped".to_vec();
-    let enc = kms
-        .encrypt(EncryptRequest {
-            plaintext: dek.clone(),
-            uid: "uid-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(enc.key_id, status.key_id);
-    let dec = kms
-        .decrypt(DecryptRequest {
-            ciphertext: enc.ciphertext,
-            uid: "uid-2".into(),
-            key_id: enc.key_id,
-            annotations: enc.annotations,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(dec.plaintext, dek);
+    constellation_keyservice::testing::kms_round_trip(&socket, &dek).await;
     daemon.signal(Signal::SIGTERM);
     let status = daemon.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "{}", daemon.output());
