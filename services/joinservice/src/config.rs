@@ -1,10 +1,19 @@
 //! The configuration of `constellation-joinservice` (a YAML/JSON file whose every field is also a
-//! flag; flags win), the layout of its state folder, and its hot-reloaded policy: the expected
-//! measurements and the node directory, each in its own file (a ConfigMap in Kubernetes).
+//! flag; flags win), the layout of its state folder, and its policy: the accepted measurements
+//! and the node directory, read from one of two places ([`SharedState`]):
+//!
+//! - etcd (`etcd_endpoints`): the control planes' replicated store, which the bootstrappers keep
+//!   current from the platform's metadata; the daemon follows it with a watch (no restart), and
+//!   the disk bindings are claimed there too (one compare-and-set transaction, shared by every
+//!   control plane).
+//! - files (`measurements_file`, `nodes_file`, `disk_bindings_dir`): each policy part in its own
+//!   hot-reloaded file (a ConfigMap in Kubernetes), the disk bindings in a shared folder.
 //!
 //! State folder (secrets only here, never in flags or the environment; world-readable refused):
 //! - `pki/`: the cluster PKI as the bootstrapper writes it (`ClusterPki::write_to_dir`).
 //! - `joinservice/measurement-salt`, `joinservice/measurement-secret`: raw bytes.
+//! - with etcd: `joinservice/etcd/ca.crt`, `joinservice/etcd/client.crt` and
+//!   `joinservice/etcd/client.key` (PEM; a client certificate from the cluster PKI's etcd CA).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -36,6 +45,11 @@ pub const PKI_DIR: &str = "pki";
 /// Measurement salt and secret under the state folder.
 pub const MEASUREMENT_SALT: &str = "joinservice/measurement-salt";
 pub const MEASUREMENT_SECRET: &str = "joinservice/measurement-secret";
+/// The etcd client's TLS files under the state folder (PEM): the etcd CA, the client
+/// certificate and its key (0600).
+pub const ETCD_CA: &str = "joinservice/etcd/ca.crt";
+pub const ETCD_CLIENT_CERT: &str = "joinservice/etcd/client.crt";
+pub const ETCD_CLIENT_KEY: &str = "joinservice/etcd/client.key";
 
 /// The config file's fields (all optional here; see [`Config`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
@@ -71,13 +85,16 @@ pub struct ConfigFile {
     /// TPM for this service's own attestation (TCTI string). Default device:/dev/tpmrm0.
     #[arg(long, value_name = "TCTI")]
     pub tcti: Option<String>,
-    /// Expected measurements of joining nodes (measurements JSON; hot-reloaded) (required).
+    /// The control planes' etcd members (https://host:port client URLs, comma-separated for the flag). When set, the accepted measurements, the node directory and the disk bindings live in etcd (watched, no restart; TLS files under the state folder) and the three file fields below are not used.
+    #[arg(long, value_name = "URL,...", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Without etcd: accepted measurements of joining nodes (measurements JSON: one set, or a list during a rolling upgrade; hot-reloaded) (required).
     #[arg(long, value_name = "FILE")]
     pub measurements_file: Option<PathBuf>,
-    /// Node directory: YAML/JSON list of {name, role, ip, ak_spki_hex}; only these nodes may join (hot-reloaded) (required).
+    /// Without etcd: node directory, a YAML/JSON list of {name, role, ip, ak_spki_hex}; only these nodes may join (hot-reloaded) (required).
     #[arg(long, value_name = "FILE")]
     pub nodes_file: Option<PathBuf>,
-    /// Directory of the disk bindings (which node owns which state disk), shared by every join service of the cluster (required).
+    /// Without etcd: directory of the disk bindings (which node owns which state disk), shared by every join service of the cluster (required).
     #[arg(long, value_name = "DIR")]
     pub disk_bindings_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -92,7 +109,7 @@ pub struct ConfigFile {
     version,
     about = "Constellation join service: admits attested nodes (mutual aTLS) and issues their join tickets",
     long_about = None,
-    after_help = "Secrets (cluster PKI, measurement salt and secret) are read only from files under --state-dir.\nHot reload: --measurements-file and --nodes-file are re-read when they change (checked every --reload-interval-ms) or on SIGHUP; a bad version is refused and the previous one kept.\nHealth: GET /healthz (alive) and /readyz (PKI, secrets, TPM and policy loaded, service listening) on --health-listen.\nSignals: SIGTERM/SIGINT drain in-flight requests for --shutdown-grace-secs, then exit 0."
+    after_help = "Secrets (cluster PKI, measurement salt and secret, etcd client key) are read only from files under --state-dir.\nShared state, one of two: with --etcd-endpoints the policy (accepted measurements, node directory) and the disk bindings are in the control planes' etcd (mutual TLS with joinservice/etcd/{ca.crt,client.crt,client.key} under --state-dir), the policy followed by a watch; without it, --measurements-file and --nodes-file are re-read when they change (checked every --reload-interval-ms) or on SIGHUP (a bad version is refused and the previous one kept) and disk bindings are files in --disk-bindings-dir.\nHealth: GET /healthz (alive) and /readyz (PKI, secrets, TPM and policy loaded (with etcd: the store answered), service listening) on --health-listen.\nSignals: SIGTERM/SIGINT drain in-flight requests for --shutdown-grace-secs, then exit 0."
 )]
 pub struct Cli {
     /// Config file (YAML or JSON) with the fields below; flags override it.
@@ -115,10 +132,21 @@ pub struct Config {
     pub kubernetes_version: String,
     pub token_ttl: std::time::Duration,
     pub tcti: String,
-    pub measurements_file: PathBuf,
-    pub nodes_file: PathBuf,
-    pub disk_bindings_dir: PathBuf,
+    pub shared: SharedState,
     pub daemon: DaemonSettings,
+}
+
+/// Where the policy and the disk bindings live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedState {
+    /// The control planes' etcd cluster (`https://` client URLs).
+    Etcd { endpoints: Vec<String> },
+    /// Hot-reloaded policy files and a shared disk-bindings folder.
+    Files {
+        measurements_file: PathBuf,
+        nodes_file: PathBuf,
+        disk_bindings_dir: PathBuf,
+    },
 }
 
 impl Cli {
@@ -146,7 +174,8 @@ impl ConfigFile {
         let daemon = self.daemon.clone().overlay(flags.daemon.clone());
         let mut merged = constellation_daemon::overlay!(self, flags; listen, state_dir,
             cluster_name, node_name, node_ip, key_service_endpoints, api_server_endpoint,
-            kubernetes_version, token_ttl_secs, tcti, measurements_file, nodes_file, disk_bindings_dir);
+            kubernetes_version, token_ttl_secs, tcti, etcd_endpoints, measurements_file, nodes_file,
+            disk_bindings_dir);
         merged.daemon = daemon;
         merged
     }
@@ -197,6 +226,38 @@ impl ConfigFile {
         if tcti.trim().is_empty() {
             return Err(invalid("tcti", &tcti, "must name a TPM"));
         }
+        let shared = match self.etcd_endpoints {
+            Some(endpoints) => {
+                check_etcd_endpoints(&endpoints)?;
+                for (field, set) in [
+                    ("measurements_file", self.measurements_file.is_some()),
+                    ("nodes_file", self.nodes_file.is_some()),
+                    ("disk_bindings_dir", self.disk_bindings_dir.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(
+                            field,
+                            "set",
+                            "not used with etcd_endpoints (the policy and the disk bindings are in etcd); set one of the two",
+                        ));
+                    }
+                }
+                SharedState::Etcd { endpoints }
+            }
+            None => SharedState::Files {
+                measurements_file: required(
+                    self.measurements_file,
+                    "measurements_file",
+                    "measurements-file",
+                )?,
+                nodes_file: required(self.nodes_file, "nodes_file", "nodes-file")?,
+                disk_bindings_dir: required(
+                    self.disk_bindings_dir,
+                    "disk_bindings_dir",
+                    "disk-bindings-dir",
+                )?,
+            },
+        };
         Ok(Config {
             listen: self
                 .listen
@@ -214,17 +275,7 @@ impl ConfigFile {
             )?,
             token_ttl: std::time::Duration::from_secs(token_ttl_secs),
             tcti,
-            measurements_file: required(
-                self.measurements_file,
-                "measurements_file",
-                "measurements-file",
-            )?,
-            nodes_file: required(self.nodes_file, "nodes_file", "nodes-file")?,
-            disk_bindings_dir: required(
-                self.disk_bindings_dir,
-                "disk_bindings_dir",
-                "disk-bindings-dir",
-            )?,
+            shared,
             daemon: self
                 .daemon
                 .resolve(SocketAddr::from(([0, 0, 0, 0], HEALTH_PORT)))?,
@@ -247,6 +298,7 @@ impl ConfigFile {
             kubernetes_version: Some("v1.31.1".into()),
             token_ttl_secs: Some(DEFAULT_TOKEN_TTL_SECS),
             tcti: Some(DEFAULT_TCTI.into()),
+            etcd_endpoints: None,
             measurements_file: Some("/etc/constellation/policy/measurements.json".into()),
             nodes_file: Some("/etc/constellation/policy/nodes.yaml".into()),
             disk_bindings_dir: Some("/var/lib/constellation/disk-bindings".into()),
@@ -258,6 +310,52 @@ impl ConfigFile {
             },
         }
     }
+}
+
+/// Every etcd endpoint is an `https://host:port` URL (the members serve clients on mutual TLS
+/// only), and there is at least one.
+fn check_etcd_endpoints(endpoints: &[String]) -> Result<(), ConfigError> {
+    if endpoints.is_empty() {
+        return Err(invalid(
+            "etcd_endpoints",
+            "[]",
+            "name at least one etcd member",
+        ));
+    }
+    for url in endpoints {
+        let ok = url.strip_prefix("https://").is_some_and(|rest| {
+            rest.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+            })
+        });
+        if !ok {
+            return Err(invalid(
+                "etcd_endpoints",
+                url,
+                "must be https://host:port (etcd's client URL; TLS only)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The etcd client credentials from the state folder ([`ETCD_CA`], [`ETCD_CLIENT_CERT`],
+/// [`ETCD_CLIENT_KEY`]; the key refused world-readable). Errors name the file, never content.
+pub fn load_etcd_credentials(
+    state_dir: &Path,
+) -> Result<constellation_store::EtcdCredentials, String> {
+    let read = |name| secrets::read(state_dir, name).map_err(|e| e.to_string());
+    let text = |name| {
+        read(name).and_then(|bytes| {
+            String::from_utf8(bytes.expose().to_vec())
+                .map_err(|_| format!("{}: not PEM text", state_dir.join(name).display()))
+        })
+    };
+    Ok(constellation_store::EtcdCredentials {
+        ca_cert_pem: text(ETCD_CA)?,
+        cert_pem: text(ETCD_CLIENT_CERT)?,
+        key_pem: read(ETCD_CLIENT_KEY)?,
+    })
 }
 
 /// The secret material from the state folder.
@@ -315,6 +413,27 @@ impl Policy {
             .map_err(|e| format!("{}: {e}", nodes_file.display()))?;
         let nodes: Vec<NodeInfo> =
             serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", nodes_file.display()))?;
+        Self::new(measurements, nodes).map_err(|e| format!("{}: {e}", nodes_file.display()))
+    }
+
+    /// The policy of the etcd store's join state (the watched [`constellation_store::JoinStateCache`]
+    /// view): refused while no valid measurements are stored, so nothing is admitted then.
+    pub fn from_store(state: &constellation_store::watch::JoinState) -> Result<Self, String> {
+        let measurements = state.measurements.clone().ok_or_else(|| {
+            format!(
+                "etcd {}: no valid accepted measurements stored",
+                constellation_store::keys::MEASUREMENTS
+            )
+        })?;
+        let mut nodes: Vec<NodeInfo> = state.nodes.values().cloned().collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Self::new(measurements, nodes)
+            .map_err(|e| format!("etcd {}: {e}", constellation_store::keys::NODES_PREFIX))
+    }
+
+    /// A policy of `measurements` and `nodes`; a node whose pinned key does not parse refuses
+    /// the whole version (naming the node).
+    pub fn new(measurements: AcceptedMeasurements, nodes: Vec<NodeInfo>) -> Result<Self, String> {
         let pinned = nodes
             .iter()
             .map(|n| {
@@ -322,13 +441,7 @@ impl Policy {
                     .map_err(|e| e.to_string())
                     .and_then(|der| AkPublicKey::from_spki_der(&der).map_err(|e| e.to_string()))
                     .map(|ak| (ak, n.name.clone()))
-                    .map_err(|e| {
-                        format!(
-                            "{}: node {:?}: ak_spki_hex: {e}",
-                            nodes_file.display(),
-                            n.name
-                        )
-                    })
+                    .map_err(|e| format!("node {:?}: ak_spki_hex: {e}", n.name))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {

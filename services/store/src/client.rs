@@ -198,8 +198,9 @@ impl Store {
 
     /// Runs a member change. etcd refuses one ("unhealthy cluster") until every member has
     /// been connected for its health interval (5 s) and while the change would leave too few
-    /// active members; nothing changed then, so it is asked again. Any other failure is not
-    /// retried: the change might have been made.
+    /// active members, and a second learner while one is still catching up ("too many learner
+    /// members": control planes joining at once); nothing changed then, so it is asked again.
+    /// Any other failure is not retried: the change might have been made.
     async fn reconfigure<T, F, Fut>(
         &self,
         operation: &'static str,
@@ -214,7 +215,10 @@ impl Store {
         loop {
             match self.call(operation, key, attempt(self.raw())).await {
                 Err(e)
-                    if e.to_string().contains("unhealthy cluster") && Instant::now() < deadline =>
+                    if ["unhealthy cluster", "too many learner"]
+                        .iter()
+                        .any(|m| e.to_string().contains(m))
+                        && Instant::now() < deadline =>
                 {
                     tracing::debug!(error = %e, "member change refused until the cluster is healthy");
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -310,10 +314,10 @@ impl Store {
         Ok((values, revision))
     }
 
-    /// Writes the accepted measurements.
+    /// Writes the accepted measurements (one set, or the sets of a rolling upgrade).
     pub async fn put_measurements(
         &self,
-        measurements: &constellation_attestation::Measurements,
+        measurements: &constellation_attestation::measurements::AcceptedMeasurements,
     ) -> Result<(), StoreError> {
         self.put(
             &keys::measurements(),

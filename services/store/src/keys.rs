@@ -4,7 +4,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `/constellation/join/measurements` | the accepted measurements ([`Measurements`] JSON) |
+//! | `/constellation/join/measurements` | the accepted measurements ([`AcceptedMeasurements`] JSON: one set, or the old and new sets during a rolling upgrade) |
 //! | `/constellation/join/nodes/<node name>` | [`NodeRecord`]: a node of the node directory |
 //! | `/constellation/disks/<disk UUID>` | [`DiskBindingRecord`]: the node a disk belongs to |
 //! | `/constellation/node-disks/<AK SHA-256 hex>/<slot>` | [`DiskBindingRecord`]: a disk the node holds (slot < `MAX_DISKS_PER_NODE`) |
@@ -12,7 +12,7 @@
 
 use std::marker::PhantomData;
 
-use constellation_attestation::measurements::Measurements;
+use constellation_attestation::measurements::AcceptedMeasurements as AcceptedSets;
 use constellation_common::metadata::NodeInfo;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -73,10 +73,12 @@ impl<T: JsonValue> Value for T {
     }
 }
 
-/// The accepted measurements, in the attestation crate's JSON (checked on read like any
-/// measurements document).
+/// The accepted measurements: exactly what the join service validates joiners with (the
+/// attestation crate's `AcceptedMeasurements`: one set, or during a rolling image upgrade the old
+/// and the new image's, the target last), in its JSON (one measurements object, or a list),
+/// checked on read like any measurements document.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcceptedMeasurements(pub Measurements);
+pub struct AcceptedMeasurements(pub AcceptedSets);
 
 impl Value for AcceptedMeasurements {
     fn encode(&self) -> Vec<u8> {
@@ -84,7 +86,7 @@ impl Value for AcceptedMeasurements {
     }
 
     fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
-        Measurements::from_json(bytes)
+        AcceptedSets::from_json(bytes)
             .map(Self)
             .map_err(|e| StoreError::Malformed {
                 key: key.to_owned(),

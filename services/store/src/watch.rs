@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use constellation_attestation::Measurements;
+use constellation_attestation::measurements::AcceptedMeasurements as AcceptedSets;
 use etcd_client::{EventType, WatchOptions};
 
 use crate::keys::{self, AcceptedMeasurements, NodeRecord, Value};
@@ -17,7 +17,7 @@ use crate::{Store, StoreError};
 pub struct JoinState {
     /// `None` until measurements are written, or while the stored ones are malformed: nothing
     /// is accepted then (fails closed).
-    pub measurements: Option<Measurements>,
+    pub measurements: Option<AcceptedSets>,
     pub nodes: HashMap<String, NodeRecord>,
     /// The store revision this view reflects.
     pub revision: i64,
@@ -99,7 +99,7 @@ impl JoinStateCache {
     }
 
     /// The accepted measurements now.
-    pub fn measurements(&self) -> Option<Measurements> {
+    pub fn measurements(&self) -> Option<AcceptedSets> {
         self.read().measurements.clone()
     }
 
@@ -113,6 +113,12 @@ impl JoinStateCache {
         let mut rx = self.revisions.clone();
         // The sender lives as long as the task, which lives as long as `self`.
         let _ = rx.wait_for(|r| *r >= revision).await;
+    }
+
+    /// The revision the view reflects, changing whenever the view does (and after a resync):
+    /// a follower of the view waits on `changed()` and takes a [`snapshot`](Self::snapshot).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.revisions.clone()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, JoinState> {

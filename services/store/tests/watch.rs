@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::TestCluster;
+use constellation_attestation::measurements::AcceptedMeasurements;
 use constellation_attestation::{Measurement, Measurements};
 use constellation_common::metadata::Role;
 use constellation_store::keys::NodeRecord;
@@ -45,13 +46,21 @@ async fn an_update_written_on_one_member_reaches_a_watcher_on_another() {
     assert_eq!(cache.measurements(), None);
     assert_eq!(cache.node("worker-0"), None);
 
-    let old = measurements(1);
+    let old = AcceptedMeasurements::one(measurements(1));
     writer.put_measurements(&old).await.unwrap();
     let first = eventually("measurements", || cache.measurements() == Some(old.clone())).await;
-    // The upgrade's new image: the update replaces the accepted values everywhere.
-    let new = measurements(2);
-    writer.put_measurements(&new).await.unwrap();
+    // A rolling upgrade: the old and the new image's sets, what the join service validates with.
+    let rolling = AcceptedMeasurements::during_upgrade(&[measurements(1)], measurements(2));
+    writer.put_measurements(&rolling).await.unwrap();
     let update = eventually("measurement update", || {
+        cache.measurements() == Some(rolling.clone())
+    })
+    .await;
+    assert_eq!(cache.measurements().unwrap().sets().len(), 2);
+    // The upgrade done: only the new image's set.
+    let new = AcceptedMeasurements::one(measurements(2));
+    writer.put_measurements(&new).await.unwrap();
+    eventually("upgrade finished", || {
         cache.measurements() == Some(new.clone())
     })
     .await;
@@ -75,7 +84,9 @@ async fn an_update_written_on_one_member_reaches_a_watcher_on_another() {
     let raw = cluster.store(&endpoints[1..2]).await;
     raw.put(
         &constellation_store::keys::measurements(),
-        &constellation_store::keys::AcceptedMeasurements(Measurements::default()),
+        &constellation_store::keys::AcceptedMeasurements(AcceptedMeasurements::one(
+            Measurements::default(),
+        )),
     )
     .await
     .unwrap();
