@@ -10,7 +10,8 @@ use constellation_attestation::variant::VariantIssuer;
 use constellation_attestation::Clock;
 use constellation_common::metadata::Metadata;
 use constellation_common::node_status::NodePhase;
-use constellation_joinservice::DiskBindings;
+use constellation_joinservice::{DiskBindings, EtcdDiskBindings, FileDiskBindings};
+use constellation_store::Store;
 use tokio::sync::Mutex;
 
 use crate::kubernetes::KubernetesInstaller;
@@ -23,10 +24,9 @@ pub struct NodeContext {
     pub node_dir: PathBuf,
     pub state_dir: PathBuf,
     pub metadata: Arc<dyn Metadata>,
-    /// Which node each state disk belongs to, shared by the cluster's control planes.
-    pub disk_bindings: Arc<dyn DiskBindings>,
-    /// Where those bindings are kept (the join service daemon opens the same folder).
-    pub disk_bindings_dir: PathBuf,
+    /// Where the control planes keep what they share: which node each state disk belongs to,
+    /// and what the join service serves from.
+    pub shared: SharedState,
     /// The node's status file (phase and daemons' health).
     pub status: Arc<crate::daemons::StatusBoard>,
     /// The supervised service daemons (control planes only).
@@ -41,6 +41,43 @@ pub struct NodeContext {
     pub installer: Box<dyn KubernetesInstaller>,
     /// The QEMU guest's devices, when the node runs in one.
     pub vm: Option<crate::vm::VmSettings>,
+}
+
+/// Where the cluster's control planes keep their shared state.
+pub enum SharedState {
+    /// The control planes' etcd cluster (the local platform): each control plane runs a member
+    /// ([`crate::etcd`]); the client is set once this node's member runs.
+    Etcd { client: std::sync::OnceLock<Store> },
+    /// A folder every join service of the cluster opens (the QEMU platform, whose node image
+    /// carries no etcd yet); the policy goes to the join service in files.
+    Files {
+        dir: PathBuf,
+        bindings: Arc<FileDiskBindings>,
+    },
+}
+
+impl SharedState {
+    pub fn is_etcd(&self) -> bool {
+        matches!(self, Self::Etcd { .. })
+    }
+
+    /// The etcd client, once this node's member runs.
+    pub fn etcd(&self) -> Option<&Store> {
+        match self {
+            Self::Etcd { client } => client.get(),
+            Self::Files { .. } => None,
+        }
+    }
+
+    /// The disk bindings as this node reaches them; `None` while its etcd member is not started.
+    pub fn disk_bindings(&self) -> Option<Arc<dyn DiskBindings>> {
+        match self {
+            Self::Etcd { client } => client.get().map(|store| {
+                Arc::new(EtcdDiskBindings::new(store.clone())) as Arc<dyn DiskBindings>
+            }),
+            Self::Files { bindings, .. } => Some(bindings.clone() as Arc<dyn DiskBindings>),
+        }
+    }
 }
 
 /// What extended PCR 15 with the cluster ID in this boot: exactly one of them may.

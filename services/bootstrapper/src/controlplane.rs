@@ -23,7 +23,10 @@ use constellation_keyservice::kmip::{KekSource, KmipBackend, KmipSettings, Store
 use constellation_keyservice::{MasterSecret, MasterSecretBackend};
 
 use crate::context::NodeContext;
-use crate::daemons::{DaemonsError, JoinServiceInputs, NodeDaemons, JOIN_SERVICE, KEY_SERVICE};
+use crate::daemons::{
+    DaemonsError, JoinServiceInputs, JoinServiceShared, NodeDaemons, JOIN_SERVICE, KEY_SERVICE,
+};
+use crate::etcd::MemberStart;
 use crate::kubernetes::{write_encryption_configuration, EncryptionSetup, InitParams};
 
 /// The API server's encryption configuration in `<node>/kubernetes/`.
@@ -57,6 +60,8 @@ pub enum ControlPlaneError {
     Metadata(#[from] constellation_common::metadata::MetadataError),
     #[error("control-plane daemons: {0}")]
     Daemons(#[from] DaemonsError),
+    #[error("etcd member: {0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
 }
 
 /// Where the master secret lives.
@@ -336,6 +341,33 @@ async fn wait_ready(
     }
 }
 
+/// Where this control plane's join service finds its policy and the disk bindings: in etcd
+/// (this node's member started first, or found running: Init starts it before anything is
+/// claimed) with a client certificate of its own, or in files (the QEMU platform).
+async fn join_service_shared(
+    node: &Arc<NodeContext>,
+    pki: &ClusterPki,
+    cluster_name: &str,
+    say: &(dyn Fn(String) + Send + Sync),
+) -> Result<JoinServiceShared, ControlPlaneError> {
+    match &node.shared {
+        crate::context::SharedState::Files { dir, .. } => Ok(JoinServiceShared::Files {
+            disk_bindings_dir: dir.clone(),
+        }),
+        crate::context::SharedState::Etcd { .. } => {
+            let (_, endpoints) =
+                crate::etcd::start_member(node, pki, cluster_name, MemberStart::Existing, say)
+                    .await?;
+            let credentials =
+                pki.etcd_client_cert(&format!("joinservice-{}", node.name), node.clock.as_ref())?;
+            Ok(JoinServiceShared::Etcd {
+                endpoints,
+                credentials,
+            })
+        }
+    }
+}
+
 /// Starts the key service and the join service daemons on this node's address, the join
 /// service fetching keys from the local key service. The supervisor keeps them running.
 pub async fn start_services(
@@ -366,6 +398,7 @@ pub async fn start_services(
         kmip.as_ref(),
     )?;
     let key_service = SocketAddr::new(me.ip, ports::KEY_SERVICE);
+    let shared = join_service_shared(&node, &material.pki, &material.cluster_name, say).await?;
     daemons.start_join_service(
         &node.name,
         node.metadata.clone(),
@@ -377,7 +410,7 @@ pub async fn start_services(
             measurement_salt: material.measurement_salt.clone(),
             measurement_secret: material.measurement_secret.clone(),
             token_ttl: TOKEN_TTL,
-            disk_bindings_dir: node.disk_bindings_dir.clone(),
+            shared,
         },
     )?;
     wait_ready(
@@ -418,6 +451,9 @@ pub async fn start_joined_services(
         .filter(|n| n.role == Role::ControlPlane && n.name != me.name)
         .map(|n| SocketAddr::new(n.ip, ports::KEY_SERVICE))
         .collect();
+    let pki = ClusterPki::load_from_dir(&node.state_dir.join("pki"), &cluster_name)?;
+    let say = |m: String| tracing::info!("{m}");
+    let shared = join_service_shared(&node, &pki, &cluster_name, &say).await?;
     daemons(&node)?.start_join_service(
         &node.name,
         node.metadata.clone(),
@@ -429,7 +465,7 @@ pub async fn start_joined_services(
             measurement_salt: config.measurement_salt,
             measurement_secret: config.measurement_secret,
             token_ttl: config.token_ttl,
-            disk_bindings_dir: node.disk_bindings_dir.clone(),
+            shared,
         },
     )?;
     Ok(SocketAddr::new(me.ip, ports::JOIN))

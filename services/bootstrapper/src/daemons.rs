@@ -9,9 +9,12 @@
 //!   too), and a worker's TPM then has one client.
 //! - The key service starts after Init or Recover (the node holds the master secret); its TLS
 //!   files are issued from the cluster's key-service CA.
-//! - The join service starts after Init, Recover or a control-plane join; its policy (the
-//!   measurements and the node directory, from the platform's metadata) is rewritten whenever
-//!   the metadata changes, and the daemon reloads it without a restart.
+//! - The join service starts after Init, Recover or a control-plane join. On the local platform
+//!   it reads its policy (the accepted measurements and the node directory) and claims disk
+//!   bindings in the control planes' etcd ([`crate::etcd`] publishes the metadata there and the
+//!   daemon follows it with a watch); its etcd client certificate (etcd CA) is written into the
+//!   state folder. On the QEMU platform (no etcd in the image yet) its policy is written into
+//!   files whenever the metadata changes, and the daemon reloads them without a restart.
 //!
 //! The binaries are found in the bootstrapper's daemon directory (next to its executable by
 //! default, `--daemon-dir` otherwise).
@@ -106,7 +109,18 @@ pub struct JoinServiceInputs {
     pub measurement_salt: SecretBytes,
     pub measurement_secret: SecretBytes,
     pub token_ttl: Duration,
-    pub disk_bindings_dir: PathBuf,
+    pub shared: JoinServiceShared,
+}
+
+/// Where the join service daemon finds its policy and the disk bindings.
+pub enum JoinServiceShared {
+    /// The control planes' etcd members, with this client's credentials (etcd CA).
+    Etcd {
+        endpoints: Vec<String>,
+        credentials: constellation_store::EtcdCredentials,
+    },
+    /// Policy files kept current from the metadata, and the disk-bindings folder.
+    Files { disk_bindings_dir: PathBuf },
 }
 
 /// The node's supervised daemons.
@@ -257,7 +271,7 @@ impl NodeDaemons {
         self.dir.join("kmsplugin.sock")
     }
 
-    /// The join service daemon, its policy kept current from `metadata`.
+    /// The join service daemon, its policy in etcd or (files) kept current from `metadata`.
     pub fn start_join_service(
         &self,
         node_name: &str,
@@ -265,24 +279,64 @@ impl NodeDaemons {
         inputs: JoinServiceInputs,
     ) -> Result<(), DaemonsError> {
         use constellation_joinservice::config::{
-            ConfigFile, HEALTH_PORT, MEASUREMENT_SALT, MEASUREMENT_SECRET,
+            ConfigFile, ETCD_CA, ETCD_CLIENT_CERT, ETCD_CLIENT_KEY, HEALTH_PORT, MEASUREMENT_SALT,
+            MEASUREMENT_SECRET,
         };
-        let policy = PolicyFiles {
-            measurements: self.dir.join("policy/measurements.json"),
-            nodes: self.dir.join("policy/nodes.yaml"),
-        };
-        // Written before the first start and whenever the metadata changes.
-        let mut last = policy.refresh(metadata.as_ref(), None)?;
-        let refreshing = policy.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(POLICY_REFRESH).await;
-                match refreshing.refresh(metadata.as_ref(), Some(&last)) {
-                    Ok(now) => last = now,
-                    Err(e) => tracing::warn!("join service policy not refreshed: {e}"),
-                }
+        let mut files = vec![
+            DaemonFile::bytes(
+                self.state_dir.join(MEASUREMENT_SALT),
+                inputs.measurement_salt.expose().to_vec(),
+            ),
+            DaemonFile::bytes(
+                self.state_dir.join(MEASUREMENT_SECRET),
+                inputs.measurement_secret.expose().to_vec(),
+            ),
+        ];
+        let (mut etcd_endpoints, mut measurements_file, mut nodes_file, mut disk_bindings_dir) =
+            (None, None, None, None);
+        match inputs.shared {
+            JoinServiceShared::Etcd {
+                endpoints,
+                credentials,
+            } => {
+                files.push(DaemonFile::bytes(
+                    self.state_dir.join(ETCD_CA),
+                    credentials.ca_cert_pem.into_bytes(),
+                ));
+                files.push(DaemonFile::bytes(
+                    self.state_dir.join(ETCD_CLIENT_CERT),
+                    credentials.cert_pem.into_bytes(),
+                ));
+                files.push(DaemonFile::bytes(
+                    self.state_dir.join(ETCD_CLIENT_KEY),
+                    credentials.key_pem.expose().to_vec(),
+                ));
+                etcd_endpoints = Some(endpoints);
             }
-        });
+            JoinServiceShared::Files {
+                disk_bindings_dir: dir,
+            } => {
+                let policy = PolicyFiles {
+                    measurements: self.dir.join("policy/measurements.json"),
+                    nodes: self.dir.join("policy/nodes.yaml"),
+                };
+                // Written before the first start and whenever the metadata changes.
+                let mut last = policy.refresh(metadata.as_ref(), None)?;
+                let refreshing = policy.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(POLICY_REFRESH).await;
+                        match refreshing.refresh(metadata.as_ref(), Some(&last)) {
+                            Ok(now) => last = now,
+                            Err(e) => tracing::warn!("join service policy not refreshed: {e}"),
+                        }
+                    }
+                });
+                measurements_file = Some(policy.measurements);
+                nodes_file = Some(policy.nodes);
+                disk_bindings_dir = Some(dir);
+            }
+        }
         let config = ConfigFile {
             listen: Some(SocketAddr::new(self.ip, ports::JOIN)),
             state_dir: Some(self.state_dir.clone()),
@@ -294,21 +348,12 @@ impl NodeDaemons {
             kubernetes_version: Some(inputs.kubernetes_version),
             token_ttl_secs: Some(inputs.token_ttl.as_secs()),
             tcti: Some(self.tcti.clone()),
-            measurements_file: Some(policy.measurements),
-            nodes_file: Some(policy.nodes),
-            disk_bindings_dir: Some(inputs.disk_bindings_dir),
+            etcd_endpoints,
+            measurements_file,
+            nodes_file,
+            disk_bindings_dir,
             daemon: self.settings(HEALTH_PORT),
         };
-        let files = vec![
-            DaemonFile::bytes(
-                self.state_dir.join(MEASUREMENT_SALT),
-                inputs.measurement_salt.expose().to_vec(),
-            ),
-            DaemonFile::bytes(
-                self.state_dir.join(MEASUREMENT_SECRET),
-                inputs.measurement_secret.expose().to_vec(),
-            ),
-        ];
         self.start(JOIN_SERVICE, HEALTH_PORT, &config, files)
     }
 }

@@ -1,13 +1,26 @@
 //! The control plane's etcd member, run by the node's [`Supervisor`]: the first control plane
 //! creates a one-member cluster at Init; a control plane that joins is added as a learner through
 //! the members already running, started with the member list etcd returned, and promoted once it
-//! caught up; a deleted control plane's member is removed. Certificates come from the cluster
-//! PKI's etcd CA (every control plane holds it from Init or its join ticket); the data directory
-//! is `etcd/data` in the node's state folder.
+//! caught up; Recover (and a rejoin after a restart) starts the member its data directory holds;
+//! a deleted control plane's member is removed. Certificates come from the cluster PKI's etcd CA
+//! (every control plane holds it from Init or its join ticket); the data directory is
+//! `etcd/data` (0700) in the node's state folder.
+//!
+//! Once its member runs, every control plane reconciles ([`spawn_reconciler`]): it publishes the
+//! platform metadata's accepted measurements and node directory into etcd (only what changed),
+//! which the join services follow with a watch, and removes the members of control planes the
+//! platform no longer lists (never its own; a control plane that is listed but down keeps its
+//! member, so a restart finds its place).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use constellation_attestation::measurements::AcceptedMeasurements;
+use constellation_common::metadata::{NodeInfo, Role};
+use constellation_store::keys::{self, NodeRecord};
 
 use constellation_attestation::Clock;
 use constellation_joinservice::pki::PkiError;
@@ -40,6 +53,12 @@ pub enum EtcdError {
     MissingBinary(String),
     #[error("no etcd member of the cluster lists node {0:?}")]
     UnknownMember(String),
+    #[error("metadata: {0}")]
+    Metadata(#[from] constellation_common::metadata::MetadataError),
+    #[error("this node runs no supervised daemons (not a control plane)")]
+    NotAControlPlane,
+    #[error("this node keeps its shared state in files, not in etcd")]
+    NotEtcd,
 }
 
 /// This control plane's member: who it is and where it keeps its state.
@@ -198,6 +217,248 @@ pub async fn remove_member(store: &Store, node_name: &str) -> Result<(), EtcdErr
 
 /// How long Init waits for the first member to be ready.
 pub const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// How this node's member comes up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberStart {
+    /// Init: a new one-member cluster.
+    Init,
+    /// A control-plane join or Recover: the member in the data directory, or (none yet) a new
+    /// learner added through the other control planes' members.
+    Existing,
+}
+
+/// How often each control plane publishes the metadata's policy into etcd (a write only when it
+/// changed): a node the platform just added can join after at most this plus the watch.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+/// How often each control plane compares etcd's members with the platform's control planes.
+pub const MEMBER_RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The client URLs of the other control planes the platform lists (their members, if they run).
+fn other_control_planes(node: &crate::context::NodeContext) -> Result<Vec<String>, EtcdError> {
+    Ok(node
+        .metadata
+        .cluster()?
+        .nodes
+        .iter()
+        .filter(|n| n.role == Role::ControlPlane && n.name != node.name)
+        .map(|n| client_url(n.ip))
+        .collect())
+}
+
+/// Starts (or joins) this control plane's member under the node's supervisor, waits for it to
+/// be ready (saying so), connects the node's client to every control plane's member (its own
+/// first) and starts the reconciler. Returns the client and the endpoints it uses.
+pub async fn start_member(
+    node: &Arc<crate::context::NodeContext>,
+    pki: &ClusterPki,
+    cluster_name: &str,
+    how: MemberStart,
+    say: &(dyn Fn(String) + Send + Sync),
+) -> Result<(Store, Vec<String>), EtcdError> {
+    if let Some(store) = node.shared.etcd() {
+        return Ok((store.clone(), store.endpoints().to_vec()));
+    }
+    let crate::context::SharedState::Etcd { client } = &node.shared else {
+        return Err(EtcdError::NotEtcd);
+    };
+    let supervisor = node
+        .daemons
+        .as_ref()
+        .ok_or(EtcdError::NotAControlPlane)?
+        .supervisor();
+    let me = node.metadata.self_info()?;
+    let member = LocalMember {
+        node_name: node.name.clone(),
+        ip: me.ip,
+        state_dir: node.state_dir.clone(),
+        cluster_token: cluster_name.to_owned(),
+    };
+    let others = other_control_planes(node)?;
+    let clock = node.clock.as_ref();
+    let restarted = has_data(&node.state_dir);
+    match how {
+        MemberStart::Init => start_first_member(supervisor, &member, pki, clock)?,
+        MemberStart::Existing if restarted || others.is_empty() => {
+            // The member the data directory holds (a lone control plane without one starts a
+            // cluster of its own, as Init would).
+            let mut config = member.config(etcd_binary()?);
+            config.cluster_state = ClusterState::Existing;
+            if !restarted {
+                config.cluster_state = ClusterState::New;
+                config.initial_cluster = vec![(config.name.clone(), config.peer_url())];
+            }
+            start(supervisor, &config, pki, clock)?;
+        }
+        MemberStart::Existing => {
+            say(format!(
+                "adding this control plane's etcd member as a learner through {others:?}"
+            ));
+            join_member(supervisor, &member, others.clone(), pki, clock).await?;
+        }
+    }
+    let what = match (how, restarted) {
+        (MemberStart::Init, _) => "started a new etcd cluster",
+        (MemberStart::Existing, true) => "restarted the etcd member from its data directory",
+        (MemberStart::Existing, false) => "joined the etcd cluster (learner, then promoted)",
+    };
+    let started = Instant::now();
+    match supervisor.wait_ready(ETCD, READY_WITHIN).await {
+        Ok(()) => say(format!(
+            "{what}: member {} on {} ready after {:?} (mutual TLS, etcd CA; data in {})",
+            node.name,
+            client_url(me.ip),
+            started.elapsed(),
+            node.state_dir.join("etcd/data").display()
+        )),
+        Err(e) => {
+            // A restarted member without quorum has no leader until enough members return;
+            // the supervisor keeps it running and the join service waits for the store.
+            tracing::warn!("{e}");
+            say(format!("{what}: member {} not ready yet: {e}", node.name));
+        }
+    }
+    let mut endpoints = vec![client_url(me.ip)];
+    endpoints.extend(others);
+    let store = member.client(pki, clock, endpoints.clone()).await?;
+    if client.set(store.clone()).is_ok() {
+        spawn_reconciler(node.clone(), store.clone());
+    }
+    Ok((store, endpoints))
+}
+
+/// What this control plane last published (the metadata's values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Published {
+    measurements: Option<String>,
+    nodes: BTreeMap<String, NodeInfo>,
+}
+
+/// Publishes the metadata's policy into etcd every [`PUBLISH_INTERVAL`] (writes only on change)
+/// and reconciles the members every [`MEMBER_RECONCILE_INTERVAL`], for as long as the process
+/// runs.
+pub fn spawn_reconciler(node: Arc<crate::context::NodeContext>, store: Store) {
+    tokio::spawn(async move {
+        let mut published: Option<Published> = None;
+        let mut last_member_check = Instant::now();
+        let mut last_error = String::new();
+        loop {
+            tokio::time::sleep(PUBLISH_INTERVAL).await;
+            let mut result = publish(&node, &store, &mut published).await;
+            if result.is_ok() && last_member_check.elapsed() >= MEMBER_RECONCILE_INTERVAL {
+                last_member_check = Instant::now();
+                result = reconcile_members(&node, &store).await;
+            }
+            match result {
+                Ok(()) => last_error.clear(),
+                Err(e) => {
+                    let text = e.to_string();
+                    if text != last_error {
+                        tracing::warn!(error = %text, "etcd reconcile failed; retrying");
+                        last_error = text;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Writes the metadata's accepted measurements and node directory into etcd where they differ
+/// from what is stored, unless they equal what this node published last.
+async fn publish(
+    node: &crate::context::NodeContext,
+    store: &Store,
+    published: &mut Option<Published>,
+) -> Result<(), EtcdError> {
+    let cluster = node.metadata.cluster()?;
+    let now = Published {
+        measurements: Some(cluster.measurements_json.clone()),
+        nodes: cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.clone()))
+            .collect(),
+    };
+    if published.as_ref() == Some(&now) {
+        return Ok(());
+    }
+    let mut wrote = 0usize;
+    match AcceptedMeasurements::from_json(cluster.measurements_json.as_bytes()) {
+        Ok(accepted) => {
+            let stored = store.get(&keys::measurements()).await.ok().flatten();
+            if stored.map(|s| s.0) != Some(accepted.clone()) {
+                store.put_measurements(&accepted).await?;
+                wrote += 1;
+            }
+        }
+        Err(e) => {
+            // Never published: the join services keep the last valid set.
+            tracing::warn!(error = %e, "the platform's measurements are malformed; not published");
+        }
+    }
+    let (stored, _) = store.list::<NodeRecord>(keys::NODES_PREFIX).await?;
+    let stored: BTreeMap<String, NodeRecord> = stored
+        .into_iter()
+        .map(|(key, record)| (key[keys::NODES_PREFIX.len()..].to_owned(), record))
+        .collect();
+    for (name, info) in &now.nodes {
+        if stored.get(name) != Some(info) {
+            store.put_node(info).await?;
+            wrote += 1;
+        }
+    }
+    for name in stored.keys().filter(|n| !now.nodes.contains_key(*n)) {
+        store.remove_node(name).await?;
+        wrote += 1;
+    }
+    if wrote > 0 {
+        tracing::info!(
+            writes = wrote,
+            nodes = now.nodes.len(),
+            "published the join policy (accepted measurements, node directory) into etcd"
+        );
+    }
+    *published = Some(now);
+    Ok(())
+}
+
+/// Removes the members of control planes the platform no longer lists (never this node's own),
+/// and promotes a listed control plane's learner that a restart left unpromoted.
+async fn reconcile_members(
+    node: &crate::context::NodeContext,
+    store: &Store,
+) -> Result<(), EtcdError> {
+    let control_planes: BTreeSet<String> = node
+        .metadata
+        .cluster()?
+        .nodes
+        .into_iter()
+        .filter(|n| n.role == Role::ControlPlane)
+        .map(|n| n.name)
+        .collect();
+    for member in store.members().await? {
+        // A member added but not started yet has no name: it is some control plane joining.
+        if member.name.is_empty() || member.name == node.name {
+            continue;
+        }
+        let id = format!("{:x}", member.id);
+        if !control_planes.contains(&member.name) {
+            tracing::info!(member = %member.name, %id,
+                "removing the etcd member of a control plane the platform no longer lists");
+            match store.remove_member(member.id).await {
+                Ok(()) => tracing::info!(member = %member.name, %id, "etcd member removed"),
+                // Another control plane may have removed it first.
+                Err(e) => tracing::warn!(member = %member.name, %id, error = %e,
+                    "etcd member not removed"),
+            }
+        } else if member.is_learner {
+            if let Err(e) = store.promote(member.id, Instant::now()).await {
+                tracing::debug!(member = %member.name, error = %e, "learner not promoted yet");
+            }
+        }
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

@@ -171,8 +171,11 @@ async fn bind_own_disk(node: &NodeContext, uuid: &str) -> Result<(), Status> {
         node_name: node.name.clone(),
         ak_fingerprint: ak.fingerprint(),
     };
-    match node
-        .disk_bindings
+    let bindings = node
+        .shared
+        .disk_bindings()
+        .ok_or_else(|| Status::internal("the disk bindings' store is not running"))?;
+    match bindings
         .claim(&disk, &me)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?
@@ -206,11 +209,15 @@ async fn initialize(
 
     let kms = KmsChoice::from_proto(r.kms).map_err(Status::invalid_argument)?;
 
-    // Key this node's state disk with its disk key, as a join ticket would.
+    // Key this node's state disk with its disk key, as a join ticket would. With files, the
+    // disk is bound first; with etcd, once the member runs (it needs the cluster PKI), still
+    // before any join service could hand the disk's key to another node.
     let uuid = statedisk::uuid(&node.disk_path())
         .map_err(|e| Status::internal(e.to_string()))?
         .to_string();
-    bind_own_disk(node, &uuid).await?;
+    if !node.shared.is_etcd() {
+        bind_own_disk(node, &uuid).await?;
+    }
     let disk_key = kdf::derive_key(
         master.expose(),
         master_salt.expose(),
@@ -234,6 +241,19 @@ async fn initialize(
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
     material.kubernetes_version = r.kubernetes_version.clone();
+    if node.shared.is_etcd() {
+        crate::etcd::start_member(
+            node,
+            &material.pki,
+            &r.cluster_name,
+            crate::etcd::MemberStart::Init,
+            say,
+        )
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        bind_own_disk(node, &uuid).await?;
+        say("bound this node's state disk to it in etcd".to_owned());
+    }
     ControlPlaneRecord {
         cluster_name: r.cluster_name.clone(),
         kubernetes_version: r.kubernetes_version.clone(),

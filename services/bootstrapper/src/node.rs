@@ -33,7 +33,7 @@ use constellation_proto::PROTOCOL_VERSION;
 use tokio::sync::Mutex;
 
 use crate::context::{extend_cluster_id, report};
-pub use crate::context::{Binding, NodeContext};
+pub use crate::context::{Binding, NodeContext, SharedState};
 use crate::daemons::{NodeDaemons, StatusBoard};
 pub use crate::disk_key::DiskKeyError;
 use crate::disk_key::{adopt_disk_key, ensure_state_disk};
@@ -195,17 +195,22 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             status.clone(),
         )
     });
-    // In the cluster folder next to the metadata: every control plane of the host shares it.
-    // A VM has its own (outside the state folder, which the state volume is mounted over).
-    let cluster_dir = match &cfg.vm {
-        Some(_) => cfg.node_dir.as_path(),
-        None => cfg
-            .metadata_path
-            .parent()
-            .unwrap_or(std::path::Path::new(".")),
+    // The local platform: the control planes' etcd cluster (a member per control plane, from
+    // Init, a control-plane join or Recover on). A VM's image carries no etcd yet: its disk
+    // bindings stay in a folder of its own (outside the state folder, which the state volume is
+    // mounted over).
+    let shared = match &cfg.vm {
+        Some(_) => {
+            let dir = cfg.node_dir.join("disk-bindings");
+            SharedState::Files {
+                bindings: Arc::new(FileDiskBindings::open(&dir)?),
+                dir,
+            }
+        }
+        None => SharedState::Etcd {
+            client: std::sync::OnceLock::new(),
+        },
     };
-    let disk_bindings_dir = cluster_dir.join("disk-bindings");
-    let disk_bindings = Arc::new(FileDiskBindings::open(&disk_bindings_dir)?);
     let state = NodeState::load(&state_dir)?;
     tracing::info!(node = %cfg.name, role = me.role.as_str(), ip = %me.ip, phase = ?state.phase, "bootstrapper starting");
 
@@ -214,8 +219,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         node_dir: cfg.node_dir.clone(),
         state_dir,
         metadata: metadata.clone(),
-        disk_bindings,
-        disk_bindings_dir,
+        shared,
         status,
         daemons,
         issuer: issuer.clone(),
