@@ -29,34 +29,29 @@ use acceptance_tests::local::{
     assert_all_verified, cluster_in_state, journal, modified_binary, nodes, processes_mentioning,
     sibling_binary, verify_node, write_measurements, Cleanup, Node, ONE_CLUSTER_AT_A_TIME,
 };
-use acceptance_tests::{Terraform, TfVersion, REQUIRED_PROVIDERS};
+use acceptance_tests::{hcl, Terraform, TfVersion, REQUIRED_PROVIDERS};
 use constellation_common::metadata::ports;
 
-const CONFIG: &str = r#"
-variable "image" {
-  type    = string
-  default = "v1"
+/// Images v1, v2 and a bad one (claiming v2's measurements) and a cluster of `var.image` with
+/// `var.control_planes` control planes and two workers.
+fn config() -> String {
+    let mut cluster = hcl::Cluster::of_image("day2", "local", "v1");
+    cluster.control_plane_count = "var.control_planes".into();
+    cluster.worker_count = "2".into();
+    cluster.image_reference = "local.reference[var.image]".into();
+    cluster.image_measurements = "local.measurements[var.image]".into();
+    format!(
+        "{}{}{}{}{}{LOCALS}{}{OUTPUTS}",
+        hcl::variable("image", "string", "\"v1\""),
+        hcl::variable("control_planes", "number", "1"),
+        hcl::image("v1", "local", "v0.1.0", "BOOT_V1"),
+        hcl::image("v2", "local", "v0.2.0", "BOOT_V2"),
+        hcl::image("bad", "local", "v0.2.0-bad", "BOOT_BAD"),
+        cluster.hcl()
+    )
 }
-variable "control_planes" {
-  type    = number
-  default = 1
-}
-resource "constellation_image" "v1" {
-  platform          = "local"
-  version           = "v0.1.0"
-  bootstrapper_path = "BOOT_V1"
-}
-resource "constellation_image" "v2" {
-  platform          = "local"
-  version           = "v0.2.0"
-  bootstrapper_path = "BOOT_V2"
-}
-resource "constellation_image" "bad" {
-  platform          = "local"
-  version           = "v0.2.0-bad"
-  bootstrapper_path = "BOOT_BAD"
-}
-locals {
+
+const LOCALS: &str = r#"locals {
   reference = {
     v1  = constellation_image.v1.reference
     v2  = constellation_image.v2.reference
@@ -69,26 +64,9 @@ locals {
     bad = constellation_image.v2.measurements
   }
 }
-resource "constellation_cluster" "c" {
-  name                = "day2"
-  platform            = "local"
-  control_plane_count = var.control_planes
-  worker_count        = 2
-  kubernetes_version  = "v1.31.1"
-  image {
-    reference    = local.reference[var.image]
-    measurements = local.measurements[var.image]
-  }
-  attestation {
-    variant = "qemu-vtpm"
-  }
-  network_config {
-    pod_cidr     = "10.244.0.0/16"
-    service_cidr = "10.96.0.0/12"
-    node_cidr    = "192.168.178.0/24"
-  }
-}
-output "cluster_id" { value = constellation_cluster.c.cluster_id }
+"#;
+
+const OUTPUTS: &str = r#"output "cluster_id" { value = constellation_cluster.c.cluster_id }
 output "measurements" { value = local.measurements[var.image] }
 output "v1" { value = constellation_image.v1.measurements }
 output "v2" { value = constellation_image.v2.measurements }
@@ -248,7 +226,7 @@ fn run(version: TfVersion) {
     let bad = modified_binary(&tf.scratch(), &boot, "bad");
     let config = format!(
         "{REQUIRED_PROVIDERS}{}",
-        CONFIG
+        config()
             .replace("BOOT_V1", &boot.display().to_string())
             .replace("BOOT_V2", &v2.display().to_string())
             .replace("BOOT_BAD", &bad.display().to_string())

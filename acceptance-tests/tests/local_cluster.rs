@@ -20,40 +20,23 @@ use acceptance_tests::local::{
     assert_all_verified, cluster_in_state, journal, nodes, processes_mentioning, sibling_binary,
     tampered_binary, Cleanup, Node, PlatformJson, ONE_CLUSTER_AT_A_TIME,
 };
-use acceptance_tests::{Terraform, TfVersion, REQUIRED_PROVIDERS};
+use acceptance_tests::{hcl, Terraform, TfVersion, REQUIRED_PROVIDERS};
 use constellation_common::metadata::ports;
 
-const CONFIG: &str = r#"
-variable "workers" {
-  type    = number
-  default = 2
+/// One control plane and `var.workers` workers of this build's image.
+fn config() -> String {
+    let mut cluster = hcl::Cluster::of_image("acc", "local", "img")
+        .with(&["kubeconfig_path = \"${path.module}/kubeconfig\""]);
+    cluster.worker_count = "var.workers".into();
+    format!(
+        "{}{}{}{OUTPUTS}",
+        hcl::variable("workers", "number", "2"),
+        hcl::image("img", "local", "v0.1.0", "BOOT"),
+        cluster.hcl()
+    )
 }
-resource "constellation_image" "img" {
-  platform          = "local"
-  version           = "v0.1.0"
-  bootstrapper_path = "BOOT"
-}
-resource "constellation_cluster" "c" {
-  name                = "acc"
-  platform            = "local"
-  control_plane_count = 1
-  worker_count        = var.workers
-  kubernetes_version  = "v1.31.1"
-  kubeconfig_path     = "${path.module}/kubeconfig"
-  image {
-    reference    = constellation_image.img.reference
-    measurements = constellation_image.img.measurements
-  }
-  attestation {
-    variant = "qemu-vtpm"
-  }
-  network_config {
-    pod_cidr     = "10.244.0.0/16"
-    service_cidr = "10.96.0.0/12"
-    node_cidr    = "192.168.178.0/24"
-  }
-}
-output "cluster_id" { value = constellation_cluster.c.cluster_id }
+
+const OUTPUTS: &str = r#"output "cluster_id" { value = constellation_cluster.c.cluster_id }
 output "measurements" { value = constellation_image.img.measurements }
 "#;
 
@@ -65,7 +48,7 @@ fn run(version: TfVersion) {
     let tf = Terraform::new(version).unwrap_or_else(|e| panic!("{e}"));
     let config = format!(
         "{REQUIRED_PROVIDERS}{}",
-        CONFIG.replace("BOOT", &boot.display().to_string())
+        config().replace("BOOT", &boot.display().to_string())
     );
     tf.write_config(&config).unwrap();
     tf.init().ok();

@@ -12,41 +12,29 @@ use acceptance_tests::local::{
     assert_all_verified, cluster_in_state, journal, sibling_binary, Cleanup, ONE_CLUSTER_AT_A_TIME,
 };
 use acceptance_tests::secrets::{files_under, hex_lower, leaks, random_secret};
-use acceptance_tests::{Terraform, TfVersion, REQUIRED_PROVIDERS};
+use acceptance_tests::{hcl, Terraform, TfVersion, REQUIRED_PROVIDERS};
 
-const CONFIG: &str = r#"
-variable "master_secret" {
+/// One control plane and one worker; the master secret write-only from an ephemeral variable.
+fn config() -> String {
+    let cluster = hcl::Cluster::of_image("wo", "local", "img").with(&[
+        "master_secret_wo = var.master_secret",
+        "master_secret_wo_version = 1",
+    ]);
+    format!(
+        "{SECRET_VARIABLE}{}{}{OUTPUTS}",
+        hcl::image("img", "local", "v0.1.0", "BOOT"),
+        cluster.hcl()
+    )
+}
+
+const SECRET_VARIABLE: &str = r#"variable "master_secret" {
   type      = string
   sensitive = true
   ephemeral = true
 }
-resource "constellation_image" "img" {
-  platform          = "local"
-  version           = "v0.1.0"
-  bootstrapper_path = "BOOT"
-}
-resource "constellation_cluster" "c" {
-  name                     = "wo"
-  platform                 = "local"
-  control_plane_count      = 1
-  worker_count             = 1
-  kubernetes_version       = "v1.31.1"
-  master_secret_wo         = var.master_secret
-  master_secret_wo_version = 1
-  image {
-    reference    = constellation_image.img.reference
-    measurements = constellation_image.img.measurements
-  }
-  attestation {
-    variant = "qemu-vtpm"
-  }
-  network_config {
-    pod_cidr     = "10.244.0.0/16"
-    service_cidr = "10.96.0.0/12"
-    node_cidr    = "192.168.178.0/24"
-  }
-}
-output "cluster_id" { value = constellation_cluster.c.cluster_id }
+"#;
+
+const OUTPUTS: &str = r#"output "cluster_id" { value = constellation_cluster.c.cluster_id }
 output "measurements" { value = constellation_image.img.measurements }
 "#;
 
@@ -69,7 +57,7 @@ fn write_only_master_secret_on_a_local_cluster_terraform_1_15() {
         .env("TF_LOG_PATH", log.display().to_string());
     tf.write_config(&format!(
         "{REQUIRED_PROVIDERS}{}",
-        CONFIG.replace("BOOT", &boot.display().to_string())
+        config().replace("BOOT", &boot.display().to_string())
     ))
     .unwrap();
     tf.init().ok();

@@ -7,49 +7,29 @@
 use std::path::{Path, PathBuf};
 
 use acceptance_tests::secrets::{files_under, leaks, random_secret};
-use acceptance_tests::{Terraform, TfVersion, REQUIRED_PROVIDERS};
+use acceptance_tests::{hcl, Terraform, TfVersion, REQUIRED_PROVIDERS};
 use constellation_attestation::snp::{AbiVersion, SnpSettings, Tcb};
 
-const CONFIG: &str = r#"
-variable "workers" {
-  type    = number
-  default = 2
+/// A cluster of one control plane and `var.workers` workers; `var.master_secret` and
+/// `var.pod_cidr` are set by some tests.
+fn config() -> String {
+    let mut cluster = hcl::Cluster::of_image("demo", "local", "img").with(&[
+        "master_secret = var.master_secret",
+        "kubeconfig_path = \"${path.module}/kubeconfig\"",
+    ]);
+    cluster.worker_count = "var.workers".into();
+    cluster.pod_cidr = "var.pod_cidr".into();
+    format!(
+        "{}{}{}{}{}{MASTER_SECRET_OUTPUT}",
+        hcl::variable("workers", "number", "2"),
+        hcl::variable("master_secret", "string", "null"),
+        hcl::variable("pod_cidr", "string", "\"10.244.0.0/16\""),
+        hcl::image("img", "local", "v1", "BOOT"),
+        cluster.hcl()
+    )
 }
-variable "master_secret" {
-  type    = string
-  default = null
-}
-variable "pod_cidr" {
-  type    = string
-  default = "10.244.0.0/16"
-}
-resource "constellation_image" "img" {
-  platform          = "local"
-  version           = "v1"
-  bootstrapper_path = "BOOT"
-}
-resource "constellation_cluster" "c" {
-  name                = "demo"
-  platform            = "local"
-  control_plane_count = 1
-  worker_count        = var.workers
-  kubernetes_version  = "v1.31.1"
-  master_secret       = var.master_secret
-  kubeconfig_path     = "${path.module}/kubeconfig"
-  image {
-    reference    = constellation_image.img.reference
-    measurements = constellation_image.img.measurements
-  }
-  attestation {
-    variant = "qemu-vtpm"
-  }
-  network_config {
-    pod_cidr     = var.pod_cidr
-    service_cidr = "10.96.0.0/12"
-    node_cidr    = "192.168.178.0/24"
-  }
-}
-output "cluster_id" { value = constellation_cluster.c.cluster_id }
+
+const MASTER_SECRET_OUTPUT: &str = r#"output "cluster_id" { value = constellation_cluster.c.cluster_id }
 output "master_secret" {
   value     = constellation_cluster.c.master_secret
   sensitive = true
@@ -64,7 +44,7 @@ struct Fixture {
 }
 
 fn setup(version: TfVersion) -> Fixture {
-    setup_with(version, CONFIG)
+    setup_with(version, &config())
 }
 
 /// A working directory with `config` (`BOOT` stands for a stub bootstrapper's path).
@@ -282,44 +262,25 @@ fn cluster_bad_cidr_terraform_1_15() {
 }
 
 /// The write-only master secret (`master_secret_wo` + `master_secret_wo_version`).
-const WRITE_ONLY_CONFIG: &str = r#"
-variable "master_secret_wo" {
+fn write_only_config() -> String {
+    let cluster = hcl::Cluster::of_image("demo", "local", "img").with(&[
+        "master_secret_wo = var.master_secret_wo",
+        "master_secret_wo_version = var.master_secret_wo_version",
+    ]);
+    format!(
+        "{WRITE_ONLY_VARIABLE}{}{}{}output \"cluster_id\" {{ value = constellation_cluster.c.cluster_id }}\n",
+        hcl::variable("master_secret_wo_version", "number", "null"),
+        hcl::image("img", "local", "v1", "BOOT"),
+        cluster.hcl()
+    )
+}
+
+const WRITE_ONLY_VARIABLE: &str = r#"variable "master_secret_wo" {
   type      = string
   sensitive = true
   default   = null
   EPHEMERAL
 }
-variable "master_secret_wo_version" {
-  type    = number
-  default = null
-}
-resource "constellation_image" "img" {
-  platform          = "local"
-  version           = "v1"
-  bootstrapper_path = "BOOT"
-}
-resource "constellation_cluster" "c" {
-  name                     = "demo"
-  platform                 = "local"
-  control_plane_count      = 1
-  worker_count             = 1
-  kubernetes_version       = "v1.31.1"
-  master_secret_wo         = var.master_secret_wo
-  master_secret_wo_version = var.master_secret_wo_version
-  image {
-    reference    = constellation_image.img.reference
-    measurements = constellation_image.img.measurements
-  }
-  attestation {
-    variant = "qemu-vtpm"
-  }
-  network_config {
-    pod_cidr     = "10.244.0.0/16"
-    service_cidr = "10.96.0.0/12"
-    node_cidr    = "192.168.178.0/24"
-  }
-}
-output "cluster_id" { value = constellation_cluster.c.cluster_id }
 "#;
 
 /// The write-only configuration: the secret variable is `ephemeral` where Terraform knows
@@ -329,7 +290,10 @@ fn setup_write_only(version: TfVersion) -> Fixture {
         TfVersion::V1_0 => "",
         TfVersion::V1_15 => "ephemeral = true",
     };
-    setup_with(version, &WRITE_ONLY_CONFIG.replace("EPHEMERAL", ephemeral))
+    setup_with(
+        version,
+        &write_only_config().replace("EPHEMERAL", ephemeral),
+    )
 }
 
 fn assert_nowhere(f: &Fixture, secret: &[u8; 32], extra: &[(&str, &str)]) {

@@ -23,39 +23,24 @@ use acceptance_tests::local::{
     processes_mentioning, sibling_binary, verify_node, write_measurements, Cleanup, Node,
     ONE_CLUSTER_AT_A_TIME,
 };
-use acceptance_tests::{workspace_root, Terraform, TfVersion, REQUIRED_PROVIDERS};
+use acceptance_tests::{hcl, workspace_root, Terraform, TfVersion, REQUIRED_PROVIDERS};
 
-const CONFIG: &str = r#"
-variable "image_reference" {
-  type    = string
-  default = null
+/// One control plane and one worker on the QEMU platform; `var.image_reference` overrides the
+/// image (a tampered copy).
+fn config() -> String {
+    let mut cluster = hcl::Cluster::of_image("qacc", "qemu", "img")
+        .with(&["kubeconfig_path = \"${path.module}/kubeconfig\""]);
+    cluster.image_reference =
+        "coalesce(var.image_reference, constellation_image.img.reference)".into();
+    format!(
+        "{}{}{}{OUTPUTS}",
+        hcl::variable("image_reference", "string", "null"),
+        hcl::image("img", "qemu", "v0.1.0", "BOOT"),
+        cluster.hcl()
+    )
 }
-resource "constellation_image" "img" {
-  platform          = "qemu"
-  version           = "v0.1.0"
-  bootstrapper_path = "BOOT"
-}
-resource "constellation_cluster" "c" {
-  name                = "qacc"
-  platform            = "qemu"
-  control_plane_count = 1
-  worker_count        = 1
-  kubernetes_version  = "v1.31.1"
-  kubeconfig_path     = "${path.module}/kubeconfig"
-  image {
-    reference    = coalesce(var.image_reference, constellation_image.img.reference)
-    measurements = constellation_image.img.measurements
-  }
-  attestation {
-    variant = "qemu-vtpm"
-  }
-  network_config {
-    pod_cidr     = "10.244.0.0/16"
-    service_cidr = "10.96.0.0/12"
-    node_cidr    = "192.168.178.0/24"
-  }
-}
-output "cluster_id" { value = constellation_cluster.c.cluster_id }
+
+const OUTPUTS: &str = r#"output "cluster_id" { value = constellation_cluster.c.cluster_id }
 output "measurements" { value = constellation_image.img.measurements }
 output "image_reference" { value = constellation_image.img.reference }
 "#;
@@ -100,7 +85,7 @@ fn setup() -> (Terraform, PathBuf) {
         .env("TF_LOG_PATH", log.display().to_string());
     let config = format!(
         "{REQUIRED_PROVIDERS}{}",
-        CONFIG.replace("BOOT", &boot.display().to_string())
+        config().replace("BOOT", &boot.display().to_string())
     );
     tf.write_config(&config).unwrap();
     tf.init().ok();

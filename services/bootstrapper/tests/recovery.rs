@@ -14,49 +14,12 @@ use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_bootstrapper::statedisk;
 use constellation_common::metadata::{ports, Role};
 use constellation_keyservice::testing::PyKmipServer;
-use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
 use constellation_proto::init::kms_config::Backend;
 use constellation_proto::init::{KmipKms, KmsConfig};
-use constellation_proto::recover::recover_service_client::RecoverServiceClient;
-use constellation_proto::recover::{RecoverRequest, RecoverResponse};
-use constellation_proto::PROTOCOL_VERSION;
 
 mod common;
 use common::*;
-
-/// Every node in `halt` powers off, then `first` boots and waits for Recover.
-async fn full_restart(c: &mut TestCluster, halt: &[&NodeRecord], first: &NodeRecord) -> NodeRecord {
-    for node in halt {
-        c.cloud().halt(&node.name).unwrap();
-    }
-    let booted = Instant::now();
-    let first = c.cloud().boot(&first.name).unwrap();
-    eprintln!("{} boot took {:?}", first.name, booted.elapsed());
-    wait_log(&first, "waiting for Recover").await;
-    first
-}
-
-/// Attests the node as not yet bound (PCR 15 = 0), then sends Recover.
-async fn recover(
-    validator: Arc<QemuVtpmValidator>,
-    node: &NodeRecord,
-    master_secret: &[u8],
-    master_salt: &[u8],
-) -> Result<RecoverResponse, tonic::Status> {
-    let config = atls::ClientConfig::server_only(validator).unwrap();
-    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
-        .await
-        .unwrap_or_else(|e| panic!("attesting {} for Recover: {e}", node.name));
-    RecoverServiceClient::new(channel)
-        .recover(RecoverRequest {
-            version: PROTOCOL_VERSION,
-            master_secret: master_secret.to_vec(),
-            master_salt: master_salt.to_vec(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn full_control_plane_restart_then_recover_brings_the_cluster_back_with_the_same_keys() {

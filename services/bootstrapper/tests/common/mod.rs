@@ -19,6 +19,8 @@ use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
 use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_client::InitServiceClient;
 use constellation_proto::init::{InitRequest, InitSuccess, KmsConfig};
+use constellation_proto::recover::recover_service_client::RecoverServiceClient;
+use constellation_proto::recover::{RecoverRequest, RecoverResponse};
 use constellation_proto::PROTOCOL_VERSION;
 
 pub const INIT_SECRET: &[u8] = b"the init secret of this test cluster";
@@ -204,4 +206,41 @@ pub fn serves(node: &NodeRecord, port: u16) -> bool {
         Duration::from_millis(300),
     )
     .is_ok()
+}
+
+/// Every node in `halt` powers off, then `first` boots and waits for Recover.
+pub async fn full_restart(
+    c: &mut TestCluster,
+    halt: &[&NodeRecord],
+    first: &NodeRecord,
+) -> NodeRecord {
+    for node in halt {
+        c.cloud().halt(&node.name).unwrap();
+    }
+    let booted = Instant::now();
+    let first = c.cloud().boot(&first.name).unwrap();
+    eprintln!("{} boot took {:?}", first.name, booted.elapsed());
+    wait_log(&first, "waiting for Recover").await;
+    first
+}
+
+/// Attests the node as not yet bound (PCR 15 = 0), then sends Recover.
+pub async fn recover(
+    validator: Arc<QemuVtpmValidator>,
+    node: &NodeRecord,
+    master_secret: &[u8],
+    master_salt: &[u8],
+) -> Result<RecoverResponse, tonic::Status> {
+    let config = atls::ClientConfig::server_only(validator).unwrap();
+    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
+        .await
+        .unwrap_or_else(|e| panic!("attesting {} for Recover: {e}", node.name));
+    RecoverServiceClient::new(channel)
+        .recover(RecoverRequest {
+            version: PROTOCOL_VERSION,
+            master_secret: master_secret.to_vec(),
+            master_salt: master_salt.to_vec(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
