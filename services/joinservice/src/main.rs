@@ -51,6 +51,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     else {
         return Ok(());
     };
+    // The key service's master material this node holds (none on a control plane that joined
+    // before control planes got it): handed to joining control planes. Never logged.
+    let Some(master_material) =
+        reload::until_loaded("key service master material", interval, stop, || {
+            std::future::ready(
+                constellation_keyservice::master_material_files(&config.state_dir)
+                    .map_err(|e| e.to_string()),
+            )
+        })
+        .await
+    else {
+        return Ok(());
+    };
+    tracing::info!(
+        files = master_material.len(),
+        "key service master material for joining control planes"
+    );
     let Some(issuer) = reload::until_loaded("TPM", interval, stop, || {
         std::future::ready(tpm::open_issuer(&config.tcti))
     })
@@ -85,7 +102,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             kubernetes_version: config.kubernetes_version.clone(),
             token_ttl: config.token_ttl,
         },
-    );
+    )
+    .with_master_material(master_material);
     let validator = PolicyValidator {
         store: store.clone(),
         variant: issuer.variant(),

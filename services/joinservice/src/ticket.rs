@@ -13,7 +13,11 @@
 //! cluster ID. Nodes the platform lists as control planes also get [`ClusterPki::shared_files`]
 //! (decided by the listing for the attested node, never by the request), named by their path
 //! under kubeadm's certificates directory: `ca.crt`, `ca.key`, `front-proxy-ca.crt`,
-//! `front-proxy-ca.key`, `etcd/ca.crt`, `etcd/ca.key`, `sa.key`, `sa.pub`.
+//! `front-proxy-ca.key`, `etcd/ca.crt`, `etcd/ca.key`, `sa.key`, `sa.pub`. After these come
+//! the key service's master material of the issuing node
+//! ([`JoinTicketIssuer::with_master_material`], e.g. `keyservice/cluster-master-secret.json`),
+//! so that the joining control plane runs a key service of its own: a control plane is trusted
+//! with the master secret as it is with the CA keys. Workers never get either.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -241,6 +245,9 @@ pub struct JoinTicketIssuer {
     clock: Arc<dyn Clock>,
     config: JoinTicketConfig,
     cluster_id: [u8; 32],
+    /// `(path relative to the state directory, content)` of the key service's master
+    /// material, handed to control planes only. Never logged.
+    master_material: Vec<(String, SecretBytes)>,
 }
 
 impl std::fmt::Debug for JoinTicketIssuer {
@@ -278,7 +285,16 @@ impl JoinTicketIssuer {
             clock,
             config,
             cluster_id,
+            master_material: Vec::new(),
         }
+    }
+
+    /// Hands `files` (the key service's master material this node holds, see
+    /// `constellation_keyservice::master_material_files`) to joining control planes, after the
+    /// cluster PKI. Without it (or with none), control planes get the PKI only.
+    pub fn with_master_material(mut self, files: Vec<(String, SecretBytes)>) -> Self {
+        self.master_material = files;
+        self
     }
 
     /// The cluster ID handed out in tickets.
@@ -390,6 +406,14 @@ impl JoinTicketIssuer {
                     name: f.relative_path.to_owned(),
                     content: f.content.expose().to_vec(),
                 })
+                .chain(
+                    self.master_material
+                        .iter()
+                        .map(|(name, content)| ControlPlaneFile {
+                            name: name.clone(),
+                            content: content.expose().to_vec(),
+                        }),
+                )
                 .collect()
         } else {
             Vec::new()
