@@ -183,6 +183,10 @@ pub fn start_first_member(
 /// A control plane that joined: adds its member through the members at `existing` (the other
 /// control planes' client URLs) as a learner, starts it, and promotes it once caught up. A
 /// restarted control plane whose data directory holds its member just starts it again.
+///
+/// The other control planes are asked one at a time (a listed control plane may not run its
+/// member yet, or be down), round after round until [`JOIN_WITHIN`]: a member change is not
+/// repeated blindly through a balancing client, which may send it to a member that is gone.
 pub async fn join_member(
     supervisor: &Supervisor,
     me: &LocalMember,
@@ -195,13 +199,40 @@ pub async fn join_member(
         config.cluster_state = ClusterState::Existing;
         return start(supervisor, &config, pki, clock);
     }
-    let store = me.client(pki, clock, existing).await?;
-    match join_as_learner(&store, config, |c| start(supervisor, c, pki, clock)).await {
-        Ok(_) => Ok(()),
-        Err(JoinError::Start(e)) => Err(e),
-        Err(JoinError::Store(e)) => Err(e.into()),
+    let deadline = std::time::Instant::now() + JOIN_WITHIN;
+    loop {
+        let mut last = None;
+        for endpoint in &existing {
+            let store = match me.client(pki, clock, vec![endpoint.clone()]).await {
+                Ok(store) => store,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match join_as_learner(&store, config.clone(), |c| start(supervisor, c, pki, clock))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(JoinError::Start(e)) => return Err(e),
+                Err(JoinError::Store(e)) if e.is_unavailable() => {
+                    tracing::debug!(%endpoint, error = %e, "etcd member not reachable; trying the next");
+                    last = Some(e.into());
+                }
+                Err(JoinError::Store(e)) => return Err(e.into()),
+            }
+        }
+        let error = last.unwrap_or_else(|| EtcdError::UnknownMember(me.node_name.clone()));
+        if std::time::Instant::now() >= deadline {
+            return Err(error);
+        }
+        tracing::info!(error = %error, "no etcd member took this control plane yet; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// How long a joining control plane keeps asking the others to add its member.
+pub const JOIN_WITHIN: Duration = Duration::from_secs(60);
 
 /// A deleted control plane: removes the member named `node_name` through `store`.
 pub async fn remove_member(store: &Store, node_name: &str) -> Result<(), EtcdError> {

@@ -510,6 +510,15 @@ impl Store {
         .map(drop)
     }
 
+    /// Hands the leadership to member `id`. etcd takes this only from the leader: send it
+    /// through a client of the leader's endpoint alone.
+    pub async fn move_leader(&self, id: u64) -> Result<(), StoreError> {
+        let mut client = self.raw();
+        self.call("move leader", &format!("{id:x}"), client.move_leader(id))
+            .await
+            .map(drop)
+    }
+
     /// The member ID of the member at client URL `endpoint` and the leader's ID as that member
     /// sees it (0: none). Asked through a client of that one member: the shared channel would
     /// pick any.
