@@ -119,8 +119,7 @@ pub(super) async fn recover_control_planes(
 }
 
 /// A control plane's key service accepts connections: it holds the master secret (it ran
-/// Init or was recovered). Control planes that joined serve joins with data keys fetched from
-/// such a key service.
+/// Init, was recovered, or joined with the master material in its join ticket).
 fn serves_key_service(node: &NodeRecord) -> bool {
     let addr = std::net::SocketAddr::new(node.ip, ports::KEY_SERVICE);
     node.is_alive()
@@ -128,8 +127,43 @@ fn serves_key_service(node: &NodeRecord) -> bool {
             .is_ok()
 }
 
+/// How long a control plane that joined gets to start its key service with the master material
+/// of its join ticket (it starts it right after joining, before its join service).
+pub(super) const JOINED_KEY_SERVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Waits until the control plane `name` serves its key service and its join service (a
+/// replacement that received the master material in its join ticket), at most `timeout`.
+/// False when it does not (it joined through a join service without master material: then
+/// only Recover gives it the master secret, see [`ensure_key_service`]).
+pub(super) async fn wait_serving_keys(
+    cloud: &dyn Cloud,
+    name: &str,
+    timeout: std::time::Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let serving = cloud.node(name).is_some_and(|n| {
+            serves_key_service(n)
+                && std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(n.ip, ports::JOIN),
+                    std::time::Duration::from_millis(300),
+                )
+                .is_ok()
+        });
+        if serving {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Makes sure some control plane holds the master secret, so join services can hand out disk
-/// keys: when none serves its key service (every control plane restarted, or the one that
+/// keys (a control plane that joined holds it since its join ticket carries the master
+/// material; this is for control planes that joined without it, and full restarts): when none
+/// serves its key service (every control plane restarted, or the one that
 /// ran Init was lost or replaced), the control planes waiting for Recover are recovered; when
 /// none waits, one running control plane is restarted and recovered. Returns the control
 /// planes that were recovered (the caller waits for them to attest with the cluster ID).

@@ -6,9 +6,11 @@
 //!    ([`AcceptedMeasurements`]), so nodes of either image attest while both run.
 //! 2. Workers first, then control planes, one node at a time: a replacement is added from the
 //!    new image (journaled), boots, attests and joins under the new measurements; only then
-//!    is the old node removed (journaled). After a control plane is removed, if no remaining
-//!    control plane holds the master secret, the replacement is restarted and recovered
-//!    ([`super::recovery::ensure_key_service`]).
+//!    is the old node removed (journaled). A replacement control plane receives the master
+//!    material in its join ticket and runs a key service of its own: the old control plane is
+//!    removed once the replacement serves its key and join services. If after that no control
+//!    plane serves a key service (a replacement that joined without master material), the
+//!    replacement is restarted and recovered ([`super::recovery::ensure_key_service`]).
 //! 3. The old measurements are withdrawn and the journal's record is cleared.
 //!
 //! A replacement that fails to attest stops the upgrade: it is removed, the join configuration
@@ -31,7 +33,7 @@ use super::journal::{Journal, JournalError};
 use super::local_backend::platform_err;
 use super::model::*;
 use super::reconcile::by_index_desc;
-use super::recovery::ensure_key_service;
+use super::recovery::{ensure_key_service, wait_serving_keys, JOINED_KEY_SERVICE_WAIT};
 
 /// One image of an upgrade as the journal records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -478,6 +480,23 @@ impl Roll<'_> {
             return Err(e);
         }
         self.set_phase(&new, StepPhase::Joined, None)?;
+        if role == Role::ControlPlane {
+            // A replacement control plane gets the master material in its join ticket and
+            // starts its key service: the old one goes only once the new one serves keys and
+            // joins, so joins never wait for a Recover.
+            if wait_serving_keys(&*self.cloud, &new, JOINED_KEY_SERVICE_WAIT).await {
+                self.progress.step(&format!(
+                    "{new} serves its key service (master material from its join ticket) and \
+                     its join service"
+                ));
+            } else {
+                self.progress.step(&format!(
+                    "{new} does not serve a key service after {} s; it is recovered with the \
+                     master secret once {old} is removed",
+                    JOINED_KEY_SERVICE_WAIT.as_secs()
+                ));
+            }
+        }
         self.remove(old, role).await?;
         let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.set_phase(&new, StepPhase::Done, Some(millis))?;

@@ -3,8 +3,10 @@
 //! kept in the cluster PKI) and the join service (mutual aTLS), plus the Kubernetes installer.
 //!
 //! Init and Recover run both services (they hold the master secret). A control plane that
-//! joined runs only the join service, which fetches data keys from the other control planes'
-//! key services with a client certificate from the same CA. Both run as their own daemons,
+//! joined gets the key service's master material in its join ticket and runs both too, its join
+//! service asking its own key service first, then the other control planes' (with a client
+//! certificate from the same CA); one that joined through a join service without master
+//! material runs only the join service. Both run as their own daemons,
 //! supervised by the bootstrapper ([`crate::daemons`], [`crate::supervisor`]).
 
 use std::net::SocketAddr;
@@ -380,8 +382,9 @@ pub async fn start_services(
     let master_dir = node.state_dir.join("keyservice");
     let kmip = StoredKmipSettings::load(&master_dir)?;
     if kmip.is_none() {
-        // A control plane that joined gets the master secret only from Recover: the key
-        // service daemon reads it from the state folder like the Init node's.
+        // A control plane that joined without the master material gets the master secret only
+        // from Recover: the key service daemon reads it from the state folder like the Init
+        // node's.
         let cluster_managed = ClusterManagedBackend::new(&master_dir);
         if !master_dir.join(CLUSTER_SECRET_FILE).exists() {
             std::fs::create_dir_all(&master_dir).map_err(|source| ControlPlaneError::Io {
@@ -433,10 +436,25 @@ pub async fn start_services(
     Ok(())
 }
 
-/// A control plane that joined holds the cluster PKI but not the master secret: its join
-/// service daemon fetches data keys from the key services of the other control planes (those
-/// listed when it starts), authenticated by a client certificate from the key-service CA it
-/// received in its join ticket.
+/// Whether this node holds the key service's master material in `state/keyservice/`:
+/// `Some(None)` a cluster-managed master secret, `Some(Some(kmip))` the KMIP settings (and the
+/// wrapped blob), `None` neither.
+fn held_master_material(
+    node: &NodeContext,
+) -> Result<Option<Option<StoredKmipSettings>>, ControlPlaneError> {
+    let dir = node.state_dir.join("keyservice");
+    if let Some(kmip) = StoredKmipSettings::load(&dir)? {
+        return Ok(Some(Some(kmip)));
+    }
+    Ok(dir.join(CLUSTER_SECRET_FILE).exists().then_some(None))
+}
+
+/// A control plane that joined holds the cluster PKI and, from a join service that holds it,
+/// the key service's master material: then it runs a key service of its own, and its join
+/// service daemon asks that one first. Its join service falls back to the key services of the
+/// other control planes (those listed when it starts), authenticated by a client certificate
+/// from the key-service CA it received in its join ticket; one that joined without master
+/// material (through a join service that had none) uses only those.
 pub async fn start_joined_services(
     node: Arc<NodeContext>,
     cluster_name: String,
@@ -453,6 +471,22 @@ pub async fn start_joined_services(
         .collect();
     let pki = ClusterPki::load_from_dir(&node.state_dir.join("pki"), &cluster_name)?;
     let say = |m: String| tracing::info!("{m}");
+    // With the master material from the join ticket, this control plane runs a key service of
+    // its own (as Init and Recover start it) and its join service asks it first.
+    let mut others = others;
+    if let Some(kmip) = held_master_material(&node)? {
+        daemons(&node)?.start_key_service(
+            &pki,
+            node.clock.as_ref(),
+            &cluster_name,
+            kmip.as_ref(),
+        )?;
+        let own = SocketAddr::new(me.ip, ports::KEY_SERVICE);
+        others.insert(0, own);
+        say(format!(
+            "key service daemon started on {own} with the master material from the join ticket"
+        ));
+    }
     let shared = join_service_shared(&node, &pki, &cluster_name, &say).await?;
     daemons(&node)?.start_join_service(
         &node.name,

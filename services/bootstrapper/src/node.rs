@@ -119,6 +119,8 @@ pub enum JoinAttemptError {
     OtherCluster { ticket: String, mine: String },
     #[error("join ticket names an unknown PKI file {0:?}")]
     UnknownPkiFile(String),
+    #[error("master material from the join ticket: {0}")]
+    MasterMaterial(#[from] constellation_keyservice::BackendError),
     #[error("{0}")]
     DiskKey(#[from] DiskKeyError),
     #[error("TPM: {0}")]
@@ -549,9 +551,23 @@ fn remember_control_plane(
     node: &NodeContext,
     ticket: &IssueJoinTicketResponse,
 ) -> Result<(), JoinAttemptError> {
-    let files: Vec<PkiFile> = ticket
+    // The key service's master material (when the issuing control plane holds it) goes to
+    // `state/keyservice/`, 0600, where this node's key service reads it.
+    let (master, pki): (Vec<_>, Vec<_>) = ticket
         .control_plane_files
         .iter()
+        .partition(|f| constellation_keyservice::is_master_material_file(&f.name));
+    for f in &master {
+        constellation_keyservice::store_master_material_file(&node.state_dir, &f.name, &f.content)?;
+    }
+    if !master.is_empty() {
+        tracing::info!(
+            files = master.len(),
+            "stored the key service's master material from the control-plane join ticket"
+        );
+    }
+    let files: Vec<PkiFile> = pki
+        .into_iter()
         .map(|f| {
             PkiFile::known(&f.name, f.content.clone())
                 .ok_or_else(|| JoinAttemptError::UnknownPkiFile(f.name.clone()))

@@ -1,7 +1,9 @@
 //! Several control planes and the key service, with real bootstrapper processes and their own
 //! swtpm (local platform): the key-service CA is created at Init and kept in the cluster PKI; a
-//! joined control plane serves joins with keys fetched from another control plane's key service;
-//! the key service answers only certificates from this cluster's key-service CA.
+//! joined control plane receives the master material in its join ticket and serves its own key
+//! service (the same data keys as the Init node's), so joins go on after the Init node halts,
+//! without any Recover; the key service answers only certificates from this cluster's
+//! key-service CA.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -74,26 +76,63 @@ fn pem_der(pem: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_joined_control_plane_serves_joins_with_keys_from_another_control_planes_key_service() {
+async fn a_joined_control_plane_serves_its_own_key_service_and_joins_after_the_init_node_halts() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut c = TestCluster::new("joinedcp");
-    let cps = c.cloud().create_nodes(Role::ControlPlane, 2).unwrap();
-    // Init the second control plane in the metadata: the first one joins through it, and is
+    // Three control planes, so that etcd keeps its quorum when the Init node halts.
+    let cps = c.cloud().create_nodes(Role::ControlPlane, 3).unwrap();
+    // Init the last control plane in the metadata: the first one joins through it, and is
     // then the first join endpoint a worker tries.
-    let (joined, first) = (cps[0].clone(), cps[1].clone());
+    let (joined, first) = (cps[0].clone(), cps[2].clone());
     let ok = init(c.fresh_validator(&first), &first).await;
     let cluster_id = ok.cluster_id.clone();
     let all = c.cloud().list_nodes();
     wait_joined(&c, &all, &joined, &cluster_id).await;
-    // The bootstrapper starts the join service daemon; it serves once it is ready.
+    wait_joined(&c, &all, &cps[1], &cluster_id).await;
+    // The bootstrapper starts the daemons; they serve once they are ready.
+    wait_daemon_log(&joined, "keyservice", "key service starting").await;
     wait_daemon_log(&joined, "joinservice", "join service listening").await;
     assert!(
         serves(&joined, ports::JOIN),
         "the joined control plane serves joins"
     );
-    assert!(
-        !serves(&joined, ports::KEY_SERVICE),
-        "a joined control plane holds no master secret, so it runs no key service"
+    // Its join ticket carried the master material: its own key service, 0600 on its state
+    // folder, answering the same data key as the Init node's for the same id.
+    let master_file = joined
+        .dir
+        .join("state/keyservice/cluster-master-secret.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&master_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let pki = ClusterPki::load_from_dir(&first.dir.join("state/pki"), "test").unwrap();
+    let ca = pki.key_service_ca_der().to_vec();
+    let clock = SystemClock;
+    let ask = |node: NodeRecord, id: &'static str| {
+        let (chain, key) = rustls_form(
+            pki.key_service_client_cert("tester", node.ip, &clock)
+                .unwrap(),
+        );
+        let ca = ca.clone();
+        async move { get_data_key(&node, &ca, chain, key, id).await }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let from_joined = loop {
+        match ask(joined.clone(), "probe").await {
+            Ok(key) => break key,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the joined control plane serves no key service: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let from_first = ask(first.clone(), "probe").await.unwrap();
+    let expected = kdf::derive_key(&MASTER_SECRET, &MASTER_SALT, "probe", 32).unwrap();
+    assert_eq!(from_joined, from_first);
+    assert_eq!(from_joined, expected.expose());
+    assert_eq!(
+        ask(joined.clone(), "another id").await.unwrap(),
+        ask(first.clone(), "another id").await.unwrap()
     );
 
     let worker = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
@@ -105,9 +144,25 @@ async fn a_joined_control_plane_serves_joins_with_keys_from_another_control_plan
             .any(|l| l.contains("join ticket issued") && l.contains(&worker.name)),
         "the worker joined through the joined control plane:\n{log}"
     );
-    // The key it handed out came from the first control plane's key service: the known answer.
     let (_, key) = disk_key(&worker);
     statedisk::verify_key(&disk_of(&worker), &key).unwrap();
+
+    // The Init node halts; without any Recover, joins go on through the joined control plane,
+    // with disk keys from its own key service.
+    c.cloud().halt(&first.name).unwrap();
+    assert!(!serves(&first, ports::KEY_SERVICE) && !serves(&first, ports::JOIN));
+    let late = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
+    let all = c.cloud().list_nodes();
+    wait_joined(&c, &all, &late, &cluster_id).await;
+    let (_, key) = disk_key(&late);
+    statedisk::verify_key(&disk_of(&late), &key).unwrap();
+    assert!(
+        !std::fs::read_to_string(joined.log_path())
+            .unwrap_or_default()
+            .contains("recovered master secret"),
+        "no Recover reached the joined control plane"
+    );
+    assert!(serves(&joined, ports::KEY_SERVICE));
 }
 
 #[tokio::test(flavor = "multi_thread")]
