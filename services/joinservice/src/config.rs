@@ -529,3 +529,65 @@ impl Validator for PolicyValidator {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_state_dir(dir: &Path) -> ConfigFile {
+        ConfigFile {
+            state_dir: Some(dir.to_owned()),
+            ..ConfigFile::example()
+        }
+    }
+
+    #[test]
+    fn etcd_endpoints_replace_the_files_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = with_state_dir(dir.path()).resolve().unwrap();
+        assert!(matches!(files.shared, SharedState::Files { .. }));
+
+        let etcd = ConfigFile {
+            etcd_endpoints: Some(vec!["https://10.0.0.2:2379".into()]),
+            measurements_file: None,
+            nodes_file: None,
+            disk_bindings_dir: None,
+            ..with_state_dir(dir.path())
+        };
+        assert_eq!(
+            etcd.clone().resolve().unwrap().shared,
+            SharedState::Etcd {
+                endpoints: vec!["https://10.0.0.2:2379".into()]
+            }
+        );
+        for (bad, field) in [
+            (vec![], "etcd_endpoints"),
+            (vec!["http://10.0.0.2:2379".to_owned()], "etcd_endpoints"),
+            (vec!["https://10.0.0.2".to_owned()], "etcd_endpoints"),
+        ] {
+            let e = ConfigFile {
+                etcd_endpoints: Some(bad),
+                ..etcd.clone()
+            }
+            .resolve()
+            .unwrap_err();
+            assert_eq!(e.field(), Some(field), "{e}");
+        }
+        // Both ways at once is refused, naming the file field.
+        let e = ConfigFile {
+            nodes_file: Some("/etc/nodes.yaml".into()),
+            ..etcd
+        }
+        .resolve()
+        .unwrap_err();
+        assert_eq!(e.field(), Some("nodes_file"), "{e}");
+        // Without etcd the files are required.
+        let e = ConfigFile {
+            disk_bindings_dir: None,
+            ..with_state_dir(dir.path())
+        }
+        .resolve()
+        .unwrap_err();
+        assert_eq!(e.field(), Some("disk_bindings_dir"), "{e}");
+    }
+}
