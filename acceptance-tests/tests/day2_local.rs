@@ -93,6 +93,12 @@ fn accepts(node: &Node, port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
+/// The longest join outage the rolling upgrade may cause: the old control plane goes only once
+/// its replacement serves its own key service (master material from its join ticket) and its
+/// join service, so no probe round should find neither; one round of slack (~60 ms, more on a
+/// loaded machine) for a probe that times out while a process is being stopped.
+const MAX_JOIN_OUTAGE: Duration = Duration::from_millis(200);
+
 /// What the verification loop saw.
 #[derive(Debug, Default)]
 struct Watch {
@@ -101,6 +107,8 @@ struct Watch {
     /// Nodes seen joined and attested.
     attested: BTreeSet<String>,
     longest_outage: Duration,
+    /// Every outage: when it began (since the loop started), how long, and what was missing.
+    outages: Vec<(Duration, Duration, &'static str)>,
     rounds: u32,
 }
 
@@ -115,7 +123,8 @@ fn watch(
     stop: Arc<AtomicBool>,
 ) -> Watch {
     let mut seen = Watch::default();
-    let mut outage_since: Option<Instant> = None;
+    let mut outage_since: Option<(Instant, &'static str)> = None;
+    let began = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         seen.rounds += 1;
         let Ok(bytes) = std::fs::read(root.join("platform.json")) else {
@@ -128,14 +137,21 @@ fn watch(
             continue;
         };
         let control_planes: Vec<&Node> = all.iter().filter(|n| n.role == "control-plane").collect();
-        let can_join = control_planes.iter().any(|n| accepts(n, ports::JOIN))
-            && control_planes
-                .iter()
-                .any(|n| accepts(n, ports::KEY_SERVICE));
-        match (can_join, outage_since) {
-            (false, None) => outage_since = Some(Instant::now()),
-            (true, Some(since)) => {
+        let join = control_planes.iter().any(|n| accepts(n, ports::JOIN));
+        let keys = control_planes
+            .iter()
+            .any(|n| accepts(n, ports::KEY_SERVICE));
+        let missing = match (join, keys) {
+            (true, true) => None,
+            (false, true) => Some("no join service"),
+            (true, false) => Some("no key service"),
+            (false, false) => Some("neither"),
+        };
+        match (missing, outage_since) {
+            (Some(what), None) => outage_since = Some((Instant::now(), what)),
+            (None, Some((since, what))) => {
                 seen.longest_outage = seen.longest_outage.max(since.elapsed());
+                seen.outages.push((since - began, since.elapsed(), what));
                 outage_since = None;
             }
             _ => {}
@@ -164,8 +180,9 @@ fn watch(
             }
         }
     }
-    if let Some(since) = outage_since {
+    if let Some((since, what)) = outage_since {
         seen.longest_outage = seen.longest_outage.max(since.elapsed());
+        seen.outages.push((since - began, since.elapsed(), what));
     }
     seen
 }
@@ -314,6 +331,58 @@ fn run(version: TfVersion) {
         upgrade.elapsed.as_secs_f64() / 3.0,
         seen.longest_outage,
         seen.rounds
+    );
+    eprintln!(
+        "{version:?}: outages (began after, lasted, missing): {:?}",
+        seen.outages
+    );
+    for line in upgrade.stdout.lines().chain(upgrade.stderr.lines()) {
+        if line.contains("replac") || line.contains("key service") || line.contains("recover") {
+            eprintln!("{version:?}: apply: {line}");
+        }
+    }
+    // The replacement control plane received the master material in its join ticket and
+    // serves its own key service: no Recover (no restart) was needed.
+    for cp in nodes(&root).iter().filter(|n| n.role == "control-plane") {
+        let dir = root.join("nodes").join(&cp.name);
+        assert!(
+            dir.join("state/keyservice/cluster-master-secret.json")
+                .exists(),
+            "{} holds the master material",
+            cp.name
+        );
+        let log = std::fs::read_to_string(dir.join("bootstrapper.log")).unwrap_or_default();
+        assert!(
+            !log.contains("recovered master secret"),
+            "{} was recovered, not serving keys from its join ticket:\n{log}",
+            cp.name
+        );
+        assert!(accepts(cp, ports::KEY_SERVICE), "{} serves keys", cp.name);
+    }
+    let control_plane_logs = || {
+        let mut text = String::new();
+        for cp in nodes(&root).iter().filter(|n| n.role == "control-plane") {
+            let dir = root.join("nodes").join(&cp.name);
+            for log in ["bootstrapper.log", "daemons/joinservice.log"] {
+                let content = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+                text.push_str(&format!("--- {} {log}:\n", cp.name));
+                for line in content
+                    .lines()
+                    .filter(|l| !l.contains("aTLS connection refused"))
+                {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    };
+    assert!(
+        seen.longest_outage <= MAX_JOIN_OUTAGE,
+        "{version:?}: joins were impossible for {:?} (outages {:?})\n{}",
+        seen.longest_outage,
+        seen.outages,
+        control_plane_logs()
     );
     assert_eq!(tf.plan(&["-var", "image=v2"]).code, 0);
     assert_all_verified(&tf, &root, &cluster_id, 3);

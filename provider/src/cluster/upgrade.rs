@@ -373,8 +373,10 @@ impl Roll<'_> {
         Ok(())
     }
 
-    /// Replacing the control plane that holds the master secret means recovering its
-    /// replacement with it: without the secret (write-only), stop before the first control
+    /// A replacement control plane receives the master material in its join ticket, but a
+    /// replacement without it (one that joined through a join service holding none) must be
+    /// recovered with the master secret. Without the secret (write-only), control planes are
+    /// not replaced yet: no test shows that path end to end, so stop before the first control
     /// plane goes.
     fn check_master_secret(&self) -> Result<(), ClusterError> {
         let stale = replaced_nodes(&self.cloud.list_nodes(), &self.target().reference);
@@ -393,8 +395,9 @@ impl Roll<'_> {
             attribute: crate::diag::AttrPath::attr(&["master_secret_wo"]),
             reason: format!(
                 "the workers run the new image, but the control planes ({}) are not replaced: \
-                 the last of them holds the master secret, and its replacement must be \
-                 recovered with it, which this apply does not hold (it is write-only). The old \
+                 replacing control planes with a write-only master secret is not supported yet \
+                 (a replacement that does not receive the master material when it joins must \
+                 be recovered with the master secret, which this apply does not hold). The old \
                  and the new measurements stay accepted; the cluster keeps serving.",
                 control_planes
                     .iter()
