@@ -75,6 +75,25 @@ fn pem_der(pem: &[u8]) -> Vec<u8> {
     der::pem::decode_vec(pem).unwrap().1
 }
 
+/// Waits up to 90 s for `needle` in `node`'s log: a joining control plane's etcd member is
+/// added as a learner (one at a time) and promoted once caught up, which takes longer than other
+/// steps on a loaded machine.
+async fn wait_long(node: &NodeRecord, needle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+        if log.contains(needle) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never logged {needle:?}:\n{log}",
+            node.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_joined_control_plane_serves_its_own_key_service_and_joins_after_the_init_node_halts() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
@@ -87,7 +106,7 @@ async fn a_joined_control_plane_serves_its_own_key_service_and_joins_after_the_i
     let cluster_id = ok.cluster_id.clone();
     let all = c.cloud().list_nodes();
     wait_joined(&c, &all, &joined, &cluster_id).await;
-    wait_log(&joined, "joined the etcd cluster").await;
+    wait_long(&joined, "joined the etcd cluster").await;
     // A third control plane (its etcd member added after the second's), so that etcd keeps
     // its quorum when the Init node halts.
     let third = c
@@ -97,7 +116,7 @@ async fn a_joined_control_plane_serves_its_own_key_service_and_joins_after_the_i
         .remove(0);
     let all = c.cloud().list_nodes();
     wait_joined(&c, &all, &third, &cluster_id).await;
-    wait_log(&third, "joined the etcd cluster").await;
+    wait_long(&third, "joined the etcd cluster").await;
     // The bootstrapper starts the daemons; they serve once they are ready.
     wait_daemon_log(&joined, "keyservice", "key service starting").await;
     wait_daemon_log(&joined, "joinservice", "join service listening").await;
