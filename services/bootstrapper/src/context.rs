@@ -47,7 +47,11 @@ pub struct NodeContext {
 pub enum SharedState {
     /// The control planes' etcd cluster (the local platform): each control plane runs a member
     /// ([`crate::etcd`]); the client is set once this node's member runs.
-    Etcd { client: std::sync::OnceLock<Store> },
+    Etcd {
+        client: std::sync::OnceLock<Store>,
+        /// Held while the member is being started (at boot, Init, a join or Recover).
+        starting: tokio::sync::Mutex<()>,
+    },
     /// A folder every join service of the cluster opens (the QEMU platform, whose node image
     /// carries no etcd yet); the policy goes to the join service in files.
     Files {
@@ -64,7 +68,7 @@ impl SharedState {
     /// The etcd client, once this node's member runs.
     pub fn etcd(&self) -> Option<&Store> {
         match self {
-            Self::Etcd { client } => client.get(),
+            Self::Etcd { client, .. } => client.get(),
             Self::Files { .. } => None,
         }
     }
@@ -72,7 +76,7 @@ impl SharedState {
     /// The disk bindings as this node reaches them; `None` while its etcd member is not started.
     pub fn disk_bindings(&self) -> Option<Arc<dyn DiskBindings>> {
         match self {
-            Self::Etcd { client } => client.get().map(|store| {
+            Self::Etcd { client, .. } => client.get().map(|store| {
                 Arc::new(EtcdDiskBindings::new(store.clone())) as Arc<dyn DiskBindings>
             }),
             Self::Files { bindings, .. } => Some(bindings.clone() as Arc<dyn DiskBindings>),

@@ -357,7 +357,7 @@ async fn join_service_shared(
             disk_bindings_dir: dir.clone(),
         }),
         crate::context::SharedState::Etcd { .. } => {
-            let (_, endpoints) =
+            let endpoints =
                 crate::etcd::start_member(node, pki, cluster_name, MemberStart::Existing, say)
                     .await?;
             let credentials =
@@ -423,6 +423,14 @@ pub async fn start_services(
         say,
     )
     .await;
+    if node.shared.is_etcd() && !crate::etcd::member_ready(daemons.supervisor()) {
+        // Without quorum (control planes still down) the join service cannot read its policy
+        // yet; it becomes ready once enough etcd members are back.
+        say(format!(
+            "{JOIN_SERVICE} daemon started; ready once etcd has quorum (its member has no leader yet)"
+        ));
+        return Ok(());
+    }
     wait_ready(
         daemons,
         JOIN_SERVICE,

@@ -249,6 +249,17 @@ pub async fn remove_member(store: &Store, node_name: &str) -> Result<(), EtcdErr
 /// How long Init waits for the first member to be ready.
 pub const READY_WITHIN: Duration = Duration::from_secs(30);
 
+/// How long a member restarted from its data directory is waited for.
+const RESTARTED_READY_WITHIN: Duration = Duration::from_secs(3);
+
+/// Whether this node's etcd member runs and etcd reports it healthy (it has a leader).
+pub fn member_ready(supervisor: &Supervisor) -> bool {
+    supervisor
+        .health()
+        .iter()
+        .any(|h| h.name == ETCD && h.is_ready())
+}
+
 /// How this node's member comes up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemberStart {
@@ -280,19 +291,60 @@ fn other_control_planes(node: &crate::context::NodeContext) -> Result<Vec<String
 /// Starts (or joins) this control plane's member under the node's supervisor, waits for it to
 /// be ready (saying so), connects the node's client to every control plane's member (its own
 /// first) and starts the reconciler. Returns the client and the endpoints it uses.
+///
+/// A member that must be added through the other control planes (a control-plane join, or
+/// Recover of one whose member never started) is added in the background: the other members
+/// may be down (a whole control plane restarting), and neither the join nor Recover may wait
+/// for them; the join service's endpoints name the other members anyway.
 pub async fn start_member(
     node: &Arc<crate::context::NodeContext>,
     pki: &ClusterPki,
     cluster_name: &str,
     how: MemberStart,
     say: &(dyn Fn(String) + Send + Sync),
-) -> Result<(Store, Vec<String>), EtcdError> {
-    if let Some(store) = node.shared.etcd() {
-        return Ok((store.clone(), store.endpoints().to_vec()));
+) -> Result<Vec<String>, EtcdError> {
+    let me = node.metadata.self_info()?;
+    let mut endpoints = vec![client_url(me.ip)];
+    endpoints.extend(other_control_planes(node)?);
+    let joins = how == MemberStart::Existing
+        && !has_data(&node.state_dir)
+        && endpoints.len() > 1
+        && node.shared.etcd().is_none();
+    if !joins {
+        start_member_now(node, pki, cluster_name, how, say).await?;
+        return Ok(endpoints);
     }
-    let crate::context::SharedState::Etcd { client } = &node.shared else {
+    let (node, cluster_name) = (node.clone(), cluster_name.to_owned());
+    tokio::spawn(async move {
+        let pki = match ClusterPki::load_from_dir(&node.state_dir.join("pki"), &cluster_name) {
+            Ok(pki) => pki,
+            Err(e) => {
+                tracing::error!(error = %e, "etcd member not added");
+                return;
+            }
+        };
+        let say = |m: String| tracing::info!("{m}");
+        if let Err(e) = start_member_now(&node, &pki, &cluster_name, how, &say).await {
+            tracing::error!(error = %e, "etcd member not added");
+        }
+    });
+    Ok(endpoints)
+}
+
+async fn start_member_now(
+    node: &Arc<crate::context::NodeContext>,
+    pki: &ClusterPki,
+    cluster_name: &str,
+    how: MemberStart,
+    say: &(dyn Fn(String) + Send + Sync),
+) -> Result<(), EtcdError> {
+    let crate::context::SharedState::Etcd { client, starting } = &node.shared else {
         return Err(EtcdError::NotEtcd);
     };
+    let _starting = starting.lock().await;
+    if client.get().is_some() {
+        return Ok(());
+    }
     let supervisor = node
         .daemons
         .as_ref()
@@ -334,7 +386,14 @@ pub async fn start_member(
         (MemberStart::Existing, false) => "joined the etcd cluster (learner, then promoted)",
     };
     let started = Instant::now();
-    match supervisor.wait_ready(ETCD, READY_WITHIN).await {
+    // A restarted member has no leader until enough members are back: it is not waited for
+    // long (the join service becomes ready once the store answers).
+    let within = if how == MemberStart::Existing && restarted {
+        RESTARTED_READY_WITHIN
+    } else {
+        READY_WITHIN
+    };
+    match supervisor.wait_ready(ETCD, within).await {
         Ok(()) => say(format!(
             "{what}: member {} on {} ready after {:?} (mutual TLS, etcd CA; data in {})",
             node.name,
@@ -351,11 +410,55 @@ pub async fn start_member(
     }
     let mut endpoints = vec![client_url(me.ip)];
     endpoints.extend(others);
-    let store = member.client(pki, clock, endpoints.clone()).await?;
+    let store = member.client(pki, clock, endpoints).await?;
     if client.set(store.clone()).is_ok() {
-        spawn_reconciler(node.clone(), store.clone());
+        spawn_reconciler(node.clone(), store);
     }
-    Ok((store, endpoints))
+    Ok(())
+}
+
+/// A control plane that restarts with a member in its data directory starts that member at
+/// boot, before it rejoins or is recovered: the other control planes may need it for quorum, and
+/// without quorum no join service can bind a disk, so a cluster whose control planes all
+/// restarted could not let any of them rejoin. (On the local platform the data directory and the
+/// member's certificates are in the node's state folder, readable before the state disk is
+/// unlocked, like the cluster PKI Recover needs.) Runs in the background; failures are logged,
+/// and the join or Recover that follows starts the member again.
+pub fn restart_member_at_boot(node: &Arc<crate::context::NodeContext>) {
+    if !node.shared.is_etcd() || !has_data(&node.state_dir) {
+        return;
+    }
+    let record = match crate::state::ControlPlaneRecord::load(&node.state_dir) {
+        Ok(Some(record)) => record,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "etcd member not restarted at boot");
+            return;
+        }
+    };
+    let node = node.clone();
+    tokio::spawn(async move {
+        let pki = match ClusterPki::load_from_dir(&node.state_dir.join("pki"), &record.cluster_name)
+        {
+            Ok(pki) => pki,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd member not restarted at boot");
+                return;
+            }
+        };
+        let say = |m: String| tracing::info!("{m}");
+        if let Err(e) = start_member(
+            &node,
+            &pki,
+            &record.cluster_name,
+            MemberStart::Existing,
+            &say,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "etcd member not restarted at boot");
+        }
+    });
 }
 
 /// What this control plane last published (the metadata's values).

@@ -211,6 +211,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
         None => SharedState::Etcd {
             client: std::sync::OnceLock::new(),
+            starting: Mutex::new(()),
         },
     };
     let state = NodeState::load(&state_dir)?;
@@ -289,6 +290,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             );
             serves_init_or_recover = true;
         }
+    }
+    if me.role == Role::ControlPlane {
+        crate::etcd::restart_member_at_boot(&node);
     }
     match &node.daemons {
         Some(daemons) => daemons.start_verify()?,

@@ -9,7 +9,8 @@
 //!     workers join: joins resume within [`RESUME_WITHIN`], and every binding acknowledged before
 //!     the kill is still there;
 //! (c) with two of three control planes gone, joins are refused (no quorum, no split brain);
-//!     once one returns (Recover restarts its member from its data directory) they are admitted;
+//!     once one returns (its member restarts from its data directory at boot; it is recovered)
+//!     they are admitted;
 //! (d) a control plane that is listed but down keeps its member; once the platform deletes it,
 //!     the other control planes remove its member.
 
@@ -382,10 +383,11 @@ async fn three_control_planes_share_their_state_in_etcd_through_failover_quorum_
         0,
         "a ticket was issued without quorum"
     );
-    // One returns: the operator recovers it, its member restarts from its data directory.
+    // One returns: its member restarts from its data directory at boot (quorum is back before
+    // it rejoins or is recovered), and the operator recovers it.
+    let recovered_at = Instant::now();
     let returned = c.cloud().boot(&cps[2].name).unwrap();
     wait_log(&returned, "waiting for Recover").await;
-    let recovered_at = Instant::now();
     recover(
         c.fresh_validator(&returned),
         &returned,
@@ -410,7 +412,7 @@ async fn three_control_planes_share_their_state_in_etcd_through_failover_quorum_
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         eprintln!(
-            "(c) {} admitted {:?} after Recover of {}",
+            "(c) {} admitted {:?} after {} was booted again (and recovered)",
             n.name,
             recovered_at.elapsed(),
             returned.name
