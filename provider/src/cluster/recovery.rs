@@ -127,9 +127,11 @@ fn serves_key_service(node: &NodeRecord) -> bool {
             .is_ok()
 }
 
-/// How long a control plane that joined gets to start its key service with the master material
-/// of its join ticket (it starts it right after joining, before its join service).
-pub(super) const JOINED_KEY_SERVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long a control plane that joined gets to serve its key service (master material from
+/// its join ticket, started right after joining) and its join service (started once its etcd
+/// member runs: added as a learner and promoted, which took over 20 s on a loaded machine). The
+/// old control plane keeps serving meanwhile.
+pub(super) const JOINED_KEY_SERVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Waits until the control plane `name` serves its key service and its join service (a
 /// replacement that received the master material in its join ticket), at most `timeout`.
