@@ -96,7 +96,12 @@ async fn ask(
     };
     let req = IssueJoinTicketRequest {
         version: 1,
-        disk_uuid: if control_plane { CP_DISK_UUID } else { DISK_UUID }.into(),
+        disk_uuid: if control_plane {
+            CP_DISK_UUID
+        } else {
+            DISK_UUID
+        }
+        .into(),
         csr_pem: kubelet_csr(&f.nodes[node]).into_bytes(),
         is_control_plane: control_plane,
         node_name: node.into(),
