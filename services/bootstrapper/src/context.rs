@@ -48,7 +48,7 @@ pub enum SharedState {
     /// The control planes' etcd cluster (the local platform): each control plane runs a member
     /// ([`crate::etcd`]); the client is set once this node's member runs.
     Etcd {
-        client: std::sync::OnceLock<Store>,
+        client: Box<std::sync::OnceLock<Store>>,
         /// Held while the member is being started (at boot, Init, a join or Recover).
         starting: tokio::sync::Mutex<()>,
     },

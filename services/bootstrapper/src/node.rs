@@ -210,7 +210,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             }
         }
         None => SharedState::Etcd {
-            client: std::sync::OnceLock::new(),
+            client: Box::default(),
             starting: Mutex::new(()),
         },
     };
