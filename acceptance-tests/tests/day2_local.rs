@@ -472,9 +472,11 @@ fn run(version: TfVersion) {
     tf.apply(&["-var", "image=v1"]).ok();
     assert_all_verified(&tf, &root, &cluster_id, 3);
 
-    // 4. Loss of a control plane: two control planes, the first one's processes and folder go.
-    tf.apply(&["-var", "control_planes=2"]).ok();
-    assert_all_verified(&tf, &root, &cluster_id, 4);
+    // 4. Loss of a control plane: three control planes (etcd keeps its quorum after losing one
+    //    of three; a two-member etcd that lost one has none), the first one's processes and
+    //    folder go.
+    tf.apply(&["-var", "control_planes=3"]).ok();
+    assert_all_verified(&tf, &root, &cluster_id, 5);
     let lost = nodes(&root)
         .into_iter()
         .find(|n| n.role == "control-plane")
@@ -484,9 +486,9 @@ fn run(version: TfVersion) {
     }
     std::thread::sleep(Duration::from_millis(200));
     std::fs::remove_dir_all(root.join("nodes").join(&lost.name)).unwrap();
-    let plan = tf.plan(&["-var", "control_planes=2"]);
+    let plan = tf.plan(&["-var", "control_planes=3"]);
     assert_eq!(plan.code, 2, "a lost control plane is drift:\n{plan}");
-    let repaired = tf.apply(&["-var", "control_planes=2"]).ok();
+    let repaired = tf.apply(&["-var", "control_planes=3"]).ok();
     eprintln!(
         "{version:?}: replacing a lost control plane took {:?}",
         repaired.elapsed
@@ -496,10 +498,10 @@ fn run(version: TfVersion) {
         .filter(|n| n.role == "control-plane")
         .map(|n| n.name)
         .collect();
-    assert_eq!(cps.len(), 2, "{cps:?}");
+    assert_eq!(cps.len(), 3, "{cps:?}");
     assert!(!cps.contains(&lost.name));
-    assert_eq!(tf.plan(&["-var", "control_planes=2"]).code, 0);
-    assert_all_verified(&tf, &root, &cluster_id, 4);
+    assert_eq!(tf.plan(&["-var", "control_planes=3"]).code, 0);
+    assert_all_verified(&tf, &root, &cluster_id, 5);
 
     // 5. Full restart: every process of the cluster dies; apply recovers it.
     let disks = disk_uuids(&root);
@@ -507,15 +509,15 @@ fn run(version: TfVersion) {
         kill(pid);
     }
     std::thread::sleep(Duration::from_millis(200));
-    let plan = tf.plan(&["-var", "control_planes=2"]);
+    let plan = tf.plan(&["-var", "control_planes=3"]);
     assert_eq!(plan.code, 2, "a stopped cluster is drift:\n{plan}");
-    let recovered = tf.apply(&["-var", "control_planes=2"]).ok();
+    let recovered = tf.apply(&["-var", "control_planes=3"]).ok();
     eprintln!(
-        "{version:?}: recovering 2 control planes and 2 workers took {:?}",
+        "{version:?}: recovering 3 control planes and 2 workers took {:?}",
         recovered.elapsed
     );
     assert_eq!(disk_uuids(&root), disks, "every node kept its disk");
-    assert_all_verified(&tf, &root, &cluster_id, 4);
+    assert_all_verified(&tf, &root, &cluster_id, 5);
     assert_disks_open_with_their_keys(&tf, &root);
     for cp in nodes(&root)
         .into_iter()
@@ -530,7 +532,7 @@ fn run(version: TfVersion) {
             cp.name
         );
     }
-    assert_eq!(tf.plan(&["-var", "control_planes=2"]).code, 0);
+    assert_eq!(tf.plan(&["-var", "control_planes=3"]).code, 0);
     assert!(accepts(&nodes(&root)[0], ports::VERIFY));
 }
 

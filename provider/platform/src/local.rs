@@ -18,7 +18,7 @@ use constellation_attestation::tpm::{AkKind, Swtpm, SwtpmHandle, Tpm, TpmError};
 use constellation_common::metadata::{
     ports, ClusterMetadata, FileMetadata, MetadataError, NodeInfo, Role,
 };
-use constellation_common::node_status::NodeStatus;
+use constellation_common::node_status::{NodeStatus, ETCD_DAEMON};
 use constellation_common::secret_file::{
     ensure_private_dir, write_private_atomic, SecretFileError,
 };
@@ -667,14 +667,20 @@ impl Cloud for LocalCloud {
         LocalCloud::boot_many(self, names)
     }
 
+    /// Unlists the node first, so that, for a control plane, the others remove its etcd member
+    /// while it still runs (a cluster of two members that lost one has no quorum); then stops
+    /// it and removes its folder.
     fn delete_node(&mut self, name: &str) -> Result<(), PlatformError> {
-        self.halt(name)?;
         let record = self
             .node(name)
             .cloned()
             .ok_or_else(|| PlatformError::UnknownNode(name.to_owned()))?;
         self.state.nodes.retain(|n| n.name != name);
         self.save()?;
+        if record.role == Role::ControlPlane {
+            wait_etcd_member_removed(&self.state.nodes, name);
+        }
+        power_off(&record)?;
         std::fs::remove_dir_all(&record.dir).map_err(io_err(&record.dir))
     }
 
@@ -684,6 +690,46 @@ impl Cloud for LocalCloud {
 
     fn join_timeout(&self) -> Duration {
         JOIN_TIMEOUT
+    }
+}
+
+/// How long a deleted control plane keeps running while the others remove its etcd member.
+const ETCD_MEMBER_REMOVAL_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits until a running control plane of `remaining` that runs an etcd member reports members
+/// without `name` (its reconciliation removed the member). Returns at once when none of them
+/// runs etcd (no etcd, or not initialized yet); after [`ETCD_MEMBER_REMOVAL_WAIT`] it gives up
+/// with a warning: the node is stopped anyway and the member is removed once a quorum answers.
+fn wait_etcd_member_removed(remaining: &[NodeRecord], name: &str) {
+    let deadline = Instant::now() + ETCD_MEMBER_REMOVAL_WAIT;
+    loop {
+        let views: Vec<Vec<String>> = remaining
+            .iter()
+            .filter(|n| n.role == Role::ControlPlane && n.bootstrapper_alive())
+            .filter_map(NodeRecord::status)
+            .filter(|s| s.daemon(ETCD_DAEMON).is_some())
+            .map(|s| s.etcd_members)
+            .collect();
+        if views.is_empty() {
+            return;
+        }
+        // A view is empty until the control plane's first reconciliation.
+        if views
+            .iter()
+            .any(|members| !members.is_empty() && !members.iter().any(|m| m == name))
+        {
+            tracing::info!(
+                node = name,
+                "etcd member of the deleted control plane removed"
+            );
+            return;
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(node = name, waited = ?ETCD_MEMBER_REMOVAL_WAIT,
+                "the other control planes still list this control plane's etcd member; stopping it anyway");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

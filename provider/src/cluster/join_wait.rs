@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use constellation_attestation::Measurements;
-use constellation_common::node_status::NodePhase;
+use constellation_common::metadata::Role;
+use constellation_common::node_status::{DaemonState, NodePhase, ETCD_DAEMON};
 use constellation_common::refusal::{Refusal, RefusalCheck};
 use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
@@ -32,6 +33,32 @@ pub(super) fn reports_joined(cloud: &dyn Cloud, node: &NodeRecord) -> bool {
     cloud
         .node_status(node)
         .is_some_and(|s| s.cluster_id().is_some())
+}
+
+/// Why a control plane that attests with the cluster ID is not counted as joined yet: where
+/// the other control planes run etcd members, its own member must run too (it is added in the
+/// background after the join), or losing another control plane could cost the quorum.
+pub(super) fn etcd_member_pending(cloud: &dyn Cloud, node: &NodeRecord) -> Option<String> {
+    if node.role != Role::ControlPlane {
+        return None;
+    }
+    let uses_etcd = cloud
+        .list_nodes()
+        .iter()
+        .filter(|n| n.role == Role::ControlPlane && n.name != node.name)
+        .filter_map(|n| cloud.node_status(n))
+        .any(|s| s.daemon(ETCD_DAEMON).is_some());
+    if !uses_etcd {
+        return None;
+    }
+    match cloud
+        .node_status(node)
+        .and_then(|s| s.daemon(ETCD_DAEMON).map(|d| d.state.clone()))
+    {
+        Some(DaemonState::Ready) => None,
+        Some(state) => Some(format!("its etcd member is not ready yet ({state:?})")),
+        None => Some("its etcd member has not been added to the cluster yet".into()),
+    }
 }
 
 /// Why a node is still pending, from its status report.
@@ -110,6 +137,10 @@ pub(super) async fn wait_joined(
             (n, Err(reason))
         });
         for (node, result) in ready.into_iter().zip(results).chain(waiting) {
+            let result = result.and_then(|()| match etcd_member_pending(cloud, &node) {
+                Some(reason) => Err(reason),
+                None => Ok(()),
+            });
             match result {
                 Ok(()) => progress.step(&format!("node {} joined and attested", node.name)),
                 Err(reason) => {

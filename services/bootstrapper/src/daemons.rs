@@ -65,35 +65,48 @@ pub enum DaemonsError {
     Policy { path: PathBuf, message: String },
 }
 
-/// The node's status file: the phase the bootstrapper reached and its daemons' health, written
-/// together whenever either changes.
+/// The node's status file: the phase the bootstrapper reached, its daemons' health and the etcd
+/// members it sees, written together whenever one changes.
 pub struct StatusBoard {
     state_dir: PathBuf,
-    current: Mutex<(NodePhase, Vec<DaemonHealth>)>,
+    current: Mutex<NodeStatus>,
 }
 
 impl StatusBoard {
     pub fn new(state_dir: PathBuf) -> Self {
         Self {
             state_dir,
-            current: Mutex::new((NodePhase::Started, Vec::new())),
+            current: Mutex::new(NodeStatus::now(NodePhase::Started)),
         }
     }
 
     pub fn set_phase(&self, phase: NodePhase) {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.0 = phase;
-        self.write(&current);
+        self.update(|status| status.phase = phase);
     }
 
     pub fn set_daemons(&self, daemons: Vec<DaemonHealth>) {
+        self.update(|status| status.daemons = daemons);
+    }
+
+    /// The etcd members this control plane's reconciliation saw (written only when they change).
+    pub fn set_etcd_members(&self, members: Vec<String>) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.1 = daemons;
+        if current.etcd_members != members {
+            current.etcd_members = members;
+            self.write(&current);
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut NodeStatus)) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut current);
         self.write(&current);
     }
 
-    fn write(&self, (phase, daemons): &(NodePhase, Vec<DaemonHealth>)) {
-        let status = NodeStatus::now(phase.clone()).with_daemons(daemons.clone());
+    fn write(&self, current: &NodeStatus) {
+        let status = NodeStatus::now(current.phase.clone())
+            .with_daemons(current.daemons.clone())
+            .with_etcd_members(current.etcd_members.clone());
         if let Err(e) = status.write(&self.state_dir) {
             tracing::warn!("cannot write the node status: {e}");
         }

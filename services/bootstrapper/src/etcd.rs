@@ -36,7 +36,7 @@ use constellation_store::{ClientTls, ClusterState, MemberConfig, Store, StoreErr
 use crate::supervisor::{DaemonFile, DaemonSpec, Probe, Supervisor, SupervisorError};
 
 /// The etcd member's daemon name (status, pid and log files).
-pub const ETCD: &str = "etcd";
+pub const ETCD: &str = constellation_common::node_status::ETCD_DAEMON;
 
 /// Why this node's etcd member could not be started, joined or removed.
 #[derive(Debug, thiserror::Error)]
@@ -591,6 +591,15 @@ async fn reconcile_members(
             }
         }
     }
+    // The platform reads this before it stops a deleted control plane (quorum of the rest).
+    let members = store.members().await?;
+    node.status.set_etcd_members(
+        members
+            .into_iter()
+            .map(|m| m.name)
+            .filter(|n| !n.is_empty())
+            .collect(),
+    );
     Ok(())
 }
 

@@ -39,6 +39,9 @@ pub enum NodePhase {
     Joined { cluster_id: String },
 }
 
+/// The name of a control plane's supervised etcd member in [`NodeStatus::daemons`].
+pub const ETCD_DAEMON: &str = "etcd";
+
 /// One status report of one bootstrapper process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -51,6 +54,11 @@ pub struct NodeStatus {
     /// Absent in status files written before daemons were supervised (read as none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub daemons: Vec<DaemonHealth>,
+    /// A control plane running an etcd member: the members (node names) of the etcd cluster as
+    /// its last reconciliation saw them. The platform waits on it before it stops a deleted
+    /// control plane, so the survivors keep quorum. Empty without etcd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd_members: Vec<String>,
 }
 
 /// One supervised daemon as its supervisor last saw it.
@@ -119,7 +127,14 @@ impl NodeStatus {
             pid: std::process::id(),
             phase,
             daemons: Vec::new(),
+            etcd_members: Vec::new(),
         }
+    }
+
+    /// This status with the etcd members this control plane sees.
+    pub fn with_etcd_members(mut self, members: Vec<String>) -> Self {
+        self.etcd_members = members;
+        self
     }
 
     /// This status with the supervised daemons' health.
