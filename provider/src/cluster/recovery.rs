@@ -43,6 +43,10 @@ pub(super) fn measurements_of<'a>(node: &NodeRecord, images: &'a [ImageRef]) -> 
         .expect("at least the cluster's image is known")
 }
 
+/// How long a control plane that fails attestation as "waiting for Recover" gets to report that
+/// it rejoined through another control plane instead (PCR 15 is bound before its status says so).
+const REJOIN_REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Sends Recover to every control plane in `waiting`, each attested first against the
 /// measurements of its image. A node that rejoined through another control plane meanwhile
 /// answers that it is not waiting any more; [`super::join_wait::wait_joined`] checks the
@@ -79,12 +83,19 @@ pub(super) async fn recover_control_planes(
         let channel =
             match attested_bootstrapper(variant, node, measurements_of(node, images)).await {
                 Ok(channel) => channel,
-                // It bound PCR 15 through a join ticket between the two checks.
-                Err(_) if rejoined(node) => {
+                Err(e) => {
+                    // It bound PCR 15 through a join ticket between the two checks; its status
+                    // says so a moment after the PCR changed.
+                    let deadline = std::time::Instant::now() + REJOIN_REPORT_WAIT;
+                    while !rejoined(node) && std::time::Instant::now() < deadline {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    if !rejoined(node) {
+                        return Err(e);
+                    }
                     progress.step(&format!("{} rejoined on its own", node.name));
                     continue;
                 }
-                Err(e) => return Err(e),
             };
         let answer = RecoverServiceClient::new(channel)
             .recover(RecoverRequest {
