@@ -350,6 +350,7 @@ async fn join_service_shared(
     node: &Arc<NodeContext>,
     pki: &ClusterPki,
     cluster_name: &str,
+    how: MemberStart,
     say: &(dyn Fn(String) + Send + Sync),
 ) -> Result<JoinServiceShared, ControlPlaneError> {
     match &node.shared {
@@ -357,9 +358,7 @@ async fn join_service_shared(
             disk_bindings_dir: dir.clone(),
         }),
         crate::context::SharedState::Etcd { .. } => {
-            let endpoints =
-                crate::etcd::start_member(node, pki, cluster_name, MemberStart::Existing, say)
-                    .await?;
+            let endpoints = crate::etcd::start_member(node, pki, cluster_name, how, say).await?;
             let credentials =
                 pki.etcd_client_cert(&format!("joinservice-{}", node.name), node.clock.as_ref())?;
             Ok(JoinServiceShared::Etcd {
@@ -401,7 +400,14 @@ pub async fn start_services(
         kmip.as_ref(),
     )?;
     let key_service = SocketAddr::new(me.ip, ports::KEY_SERVICE);
-    let shared = join_service_shared(&node, &material.pki, &material.cluster_name, say).await?;
+    let shared = join_service_shared(
+        &node,
+        &material.pki,
+        &material.cluster_name,
+        MemberStart::Existing,
+        say,
+    )
+    .await?;
     daemons.start_join_service(
         &node.name,
         node.metadata.clone(),
@@ -495,7 +501,7 @@ pub async fn start_joined_services(
             "key service daemon started on {own} with the master material from the join ticket"
         ));
     }
-    let shared = join_service_shared(&node, &pki, &cluster_name, &say).await?;
+    let shared = join_service_shared(&node, &pki, &cluster_name, MemberStart::Join, &say).await?;
     daemons(&node)?.start_join_service(
         &node.name,
         node.metadata.clone(),

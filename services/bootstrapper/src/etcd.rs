@@ -27,8 +27,8 @@ use constellation_joinservice::pki::PkiError;
 use constellation_joinservice::ClusterPki;
 use constellation_store::client::{StoreConfig, DEFAULT_REQUEST_TIMEOUT};
 use constellation_store::member::{
-    create_private_dir, join_as_learner, JoinError, LaunchError, MemberTlsFiles, CLIENT_PORT,
-    DEFAULT_ETCD_BINARY, METRICS_PORT, PEER_PORT,
+    create_private_dir, LaunchError, MemberTlsFiles, CLIENT_PORT, DEFAULT_ETCD_BINARY,
+    METRICS_PORT, PEER_PORT,
 };
 use constellation_store::EtcdCredentials;
 use constellation_store::{ClientTls, ClusterState, MemberConfig, Store, StoreError};
@@ -59,6 +59,8 @@ pub enum EtcdError {
     NotAControlPlane,
     #[error("this node keeps its shared state in files, not in etcd")]
     NotEtcd,
+    #[error("etcd learner {0} was not promoted in time (it keeps replicating; the other control planes promote it once it caught up)")]
+    NotPromoted(String),
 }
 
 /// This control plane's member: who it is and where it keeps its state.
@@ -200,26 +202,24 @@ pub async fn join_member(
         return start(supervisor, &config, pki, clock);
     }
     let deadline = std::time::Instant::now() + JOIN_WITHIN;
-    loop {
+    let (id, members) = 'added: loop {
         let mut last = None;
         for endpoint in &existing {
-            let store = match me.client(pki, clock, vec![endpoint.clone()]).await {
-                Ok(store) => store,
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
+            let added = match me.client(pki, clock, vec![endpoint.clone()]).await {
+                Ok(store) => store
+                    .add_learner(&config.peer_url())
+                    .await
+                    .map_err(EtcdError::from),
+                Err(e) => Err(e),
             };
-            match join_as_learner(&store, config.clone(), |c| start(supervisor, c, pki, clock))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(JoinError::Start(e)) => return Err(e),
-                Err(JoinError::Store(e)) if e.is_unavailable() => {
-                    tracing::debug!(%endpoint, error = %e, "etcd member not reachable; trying the next");
-                    last = Some(e.into());
+            match added {
+                Ok(added) => break 'added added,
+                // Unreachable, or a member that cannot take member changes (a learner that is
+                // still catching up): the next one.
+                Err(e) => {
+                    tracing::debug!(%endpoint, error = %e, "etcd member did not add this one; trying the next");
+                    last = Some(e);
                 }
-                Err(JoinError::Store(e)) => return Err(e.into()),
             }
         }
         let error = last.unwrap_or_else(|| EtcdError::UnknownMember(me.node_name.clone()));
@@ -228,6 +228,49 @@ pub async fn join_member(
         }
         tracing::info!(error = %error, "no etcd member took this control plane yet; retrying");
         tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    config.initial_cluster = members
+        .iter()
+        .filter_map(|m| {
+            let url = m.peer_urls.first()?.clone();
+            // The new member has no name until it starts.
+            let name = if m.id == id {
+                config.name.clone()
+            } else {
+                m.name.clone()
+            };
+            Some((name, url))
+        })
+        .collect();
+    config.cluster_state = ClusterState::Existing;
+    start(supervisor, &config, pki, clock)?;
+    // Promoted through whichever member takes it (etcd promotes only once the learner caught
+    // up; the other control planes' reconcilers promote it too).
+    let id_hex = format!("{id:x}");
+    let deadline = std::time::Instant::now() + constellation_store::member::PROMOTE_WITHIN;
+    loop {
+        for endpoint in existing.iter().chain(std::iter::once(&config.client_url())) {
+            let Ok(store) = me.client(pki, clock, vec![endpoint.clone()]).await else {
+                continue;
+            };
+            if let Ok(members) = store.members().await {
+                if members.iter().any(|m| m.id == id && !m.is_learner) {
+                    tracing::info!(member = %config.name, id = %id_hex, "etcd member joined and promoted");
+                    return Ok(());
+                }
+            }
+            match store.promote(id, std::time::Instant::now()).await {
+                Ok(()) => {
+                    tracing::info!(member = %config.name, id = %id_hex, "etcd member joined and promoted");
+                    return Ok(());
+                }
+                Err(e) => tracing::debug!(%endpoint, error = %e, "learner not promoted yet"),
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(EtcdError::NotPromoted(id_hex));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -265,9 +308,13 @@ pub fn member_ready(supervisor: &Supervisor) -> bool {
 pub enum MemberStart {
     /// Init: a new one-member cluster.
     Init,
-    /// A control-plane join or Recover: the member in the data directory, or (none yet) a new
-    /// learner added through the other control planes' members.
+    /// Recover, or a restart: the member in the data directory, or (none yet) a new learner
+    /// added through the other control planes' members in the background (they may be down).
     Existing,
+    /// A control-plane join (a join service just bound this node's disk, so the cluster has
+    /// quorum): the member in the data directory, or a new learner added and promoted before
+    /// this returns, so the node's join service listens only once its member votes.
+    Join,
 }
 
 /// How often each control plane publishes the metadata's policy into etcd (a write only when it
@@ -306,11 +353,11 @@ pub async fn start_member(
     let me = node.metadata.self_info()?;
     let mut endpoints = vec![client_url(me.ip)];
     endpoints.extend(other_control_planes(node)?);
-    let joins = how == MemberStart::Existing
+    let background = how == MemberStart::Existing
         && !has_data(&node.state_dir)
         && endpoints.len() > 1
         && node.shared.etcd().is_none();
-    if !joins {
+    if !background {
         start_member_now(node, pki, cluster_name, how, say).await?;
         return Ok(endpoints);
     }
@@ -362,7 +409,7 @@ async fn start_member_now(
     let restarted = has_data(&node.state_dir);
     match how {
         MemberStart::Init => start_first_member(supervisor, &member, pki, clock)?,
-        MemberStart::Existing if restarted || others.is_empty() => {
+        MemberStart::Existing | MemberStart::Join if restarted || others.is_empty() => {
             // The member the data directory holds (a lone control plane without one starts a
             // cluster of its own, as Init would).
             let mut config = member.config(etcd_binary()?);
@@ -373,7 +420,7 @@ async fn start_member_now(
             }
             start(supervisor, &config, pki, clock)?;
         }
-        MemberStart::Existing => {
+        MemberStart::Existing | MemberStart::Join => {
             say(format!(
                 "adding this control plane's etcd member as a learner through {others:?}"
             ));
@@ -382,13 +429,13 @@ async fn start_member_now(
     }
     let what = match (how, restarted) {
         (MemberStart::Init, _) => "started a new etcd cluster",
-        (MemberStart::Existing, true) => "restarted the etcd member from its data directory",
-        (MemberStart::Existing, false) => "joined the etcd cluster (learner, then promoted)",
+        (_, true) => "restarted the etcd member from its data directory",
+        (_, false) => "joined the etcd cluster (learner, then promoted)",
     };
     let started = Instant::now();
     // A restarted member has no leader until enough members are back: it is not waited for
     // long (the join service becomes ready once the store answers).
-    let within = if how == MemberStart::Existing && restarted {
+    let within = if how != MemberStart::Init && restarted {
         RESTARTED_READY_WITHIN
     } else {
         READY_WITHIN
@@ -459,6 +506,74 @@ pub fn restart_member_at_boot(node: &Arc<crate::context::NodeContext>) {
             tracing::warn!(error = %e, "etcd member not restarted at boot");
         }
     });
+}
+
+/// How long a stopping control plane tries to leave the etcd cluster.
+const LEAVE_WITHIN: Duration = Duration::from_millis(1500);
+
+/// A control plane stopped gracefully (SIGTERM: the platform deletes or restarts it) leaves the
+/// etcd cluster while it still can, when the members that stay keep a quorum of their own (a
+/// majority of them answers with a leader); the last member, or one whose leaving would cost the
+/// rest their quorum, stays. Without this, replacing the only control plane (a second one
+/// joins, the first is deleted) would leave two members of which one is gone: no quorum, so not
+/// even that member's removal could be committed. Returns whether it left; its data directory
+/// is then useless (etcd refuses to start a removed member) and is removed after the member
+/// stopped ([`forget_left_member`]), so a restart joins as a new member.
+pub async fn leave_on_shutdown(node: &crate::context::NodeContext) -> bool {
+    let Some(store) = node.shared.etcd() else {
+        return false;
+    };
+    match tokio::time::timeout(LEAVE_WITHIN, leave(node, store)).await {
+        Ok(Ok(left)) => left,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "stopping: the etcd member stays (could not leave)");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                "stopping: the etcd member stays (leaving took longer than {LEAVE_WITHIN:?})"
+            );
+            false
+        }
+    }
+}
+
+async fn leave(node: &crate::context::NodeContext, store: &Store) -> Result<bool, EtcdError> {
+    let members = store.members().await?;
+    let Some(me) = members.iter().find(|m| m.name == node.name) else {
+        return Ok(false);
+    };
+    let others: Vec<_> = members
+        .iter()
+        .filter(|m| m.id != me.id && !m.is_learner)
+        .collect();
+    let mut healthy = 0;
+    for member in &others {
+        if let Some(url) = member.client_urls.first() {
+            if matches!(store.status_of(url).await, Ok((_, leader)) if leader != 0) {
+                healthy += 1;
+            }
+        }
+    }
+    if others.is_empty() || healthy * 2 <= others.len() {
+        tracing::info!(
+            others = others.len(),
+            healthy,
+            "stopping: the etcd member stays (the others would have no quorum without it)"
+        );
+        return Ok(false);
+    }
+    store.remove_member(me.id).await?;
+    tracing::info!(member = %node.name, "stopping: left the etcd cluster (a restart joins as a new member)");
+    Ok(true)
+}
+
+/// Removes the data directory of a member that left the cluster (after it stopped).
+pub fn forget_left_member(state_dir: &Path) {
+    let data = state_dir.join("etcd/data");
+    if let Err(e) = std::fs::remove_dir_all(&data) {
+        tracing::warn!(path = %data.display(), error = %e, "the left member's data stays");
+    }
 }
 
 /// What this control plane last published (the metadata's values).

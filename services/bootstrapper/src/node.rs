@@ -340,8 +340,12 @@ fn stop_daemons_on_sigterm(node: Arc<NodeContext>) -> std::io::Result<()> {
     tokio::spawn(async move {
         term.recv().await;
         tracing::info!("SIGTERM: stopping the supervised daemons");
+        let left = crate::etcd::leave_on_shutdown(&node).await;
         if let Some(daemons) = &node.daemons {
             daemons.supervisor().shutdown(Duration::from_secs(3)).await;
+        }
+        if left {
+            crate::etcd::forget_left_member(&node.state_dir);
         }
         std::process::exit(0);
     });

@@ -165,7 +165,7 @@ impl Store {
     /// died, or forwarded to a leader that died) gets no answer; each attempt gets a short budget,
     /// so the request is sent again soon after a new leader can answer instead of waiting out the
     /// whole timeout.
-    async fn retrying<T, F, Fut>(
+    pub(crate) async fn retrying<T, F, Fut>(
         &self,
         operation: &'static str,
         key: &str,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use constellation_attestation::measurements::AcceptedMeasurements as AcceptedSets;
 use etcd_client::{EventType, WatchOptions};
 
+use crate::client::DEFAULT_REQUEST_TIMEOUT;
 use crate::keys::{self, AcceptedMeasurements, NodeRecord, Value};
 use crate::{Store, StoreError};
 
@@ -135,14 +136,17 @@ impl JoinStateCache {
 }
 
 async fn read_state(store: &Store) -> Result<(JoinState, i64), StoreError> {
-    let mut client = store.raw();
-    let resp = client
-        .get(
-            keys::JOIN_PREFIX,
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .map_err(|e| StoreError::from_etcd("list", keys::JOIN_PREFIX, e))?;
+    // Retried in short attempts like every repeatable read: a request the balancing channel
+    // sends towards a member that is down would otherwise wait for it.
+    let resp = store
+        .retrying("list", keys::JOIN_PREFIX, |mut c| async move {
+            c.get(
+                keys::JOIN_PREFIX,
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+        })
+        .await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
     let mut state = JoinState {
         revision,
@@ -188,10 +192,19 @@ async fn watch_from(
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(*revision + 1);
-    let mut stream = client
-        .watch(keys::JOIN_PREFIX, Some(options))
-        .await
-        .map_err(|e| StoreError::from_etcd("watch", keys::JOIN_PREFIX, e))?;
+    // A watch opened towards a member that is down gets no answer: given up after the request
+    // timeout, the state is read anew and the watch opened again.
+    let mut stream = tokio::time::timeout(
+        DEFAULT_REQUEST_TIMEOUT,
+        client.watch(keys::JOIN_PREFIX, Some(options)),
+    )
+    .await
+    .map_err(|_| StoreError::Unavailable {
+        operation: "watch",
+        key: keys::JOIN_PREFIX.to_owned(),
+        reason: format!("no answer within {DEFAULT_REQUEST_TIMEOUT:?}"),
+    })?
+    .map_err(|e| StoreError::from_etcd("watch", keys::JOIN_PREFIX, e))?;
     while let Some(resp) = stream
         .message()
         .await
