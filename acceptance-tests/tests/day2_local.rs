@@ -501,7 +501,10 @@ fn run(version: TfVersion) {
     assert_eq!(cps.len(), 3, "{cps:?}");
     assert!(!cps.contains(&lost.name));
     let plan = tf.plan(&["-var", "control_planes=3"]);
-    assert_eq!(plan.code, 0, "the repaired cluster matches its configuration:\n{plan}");
+    assert_eq!(
+        plan.code, 0,
+        "the repaired cluster matches its configuration:\n{plan}"
+    );
     assert_all_verified(&tf, &root, &cluster_id, 5);
 
     // 5. Full restart: every process of the cluster dies; apply recovers it.
