@@ -321,6 +321,31 @@ struct Roll<'a> {
     progress: &'a dyn Progress,
 }
 
+/// A replacement control plane that serves no key service must be recovered with the master
+/// secret once the old one goes. Without the secret (write-only, absent from this apply) the
+/// old control plane stays: the caller removes the replacement and the upgrade stops with this
+/// reason, the old and the new measurements staying accepted.
+fn refuse_without_key_service(
+    master_secret: &MasterSecret,
+    new: &str,
+    old: &str,
+) -> Result<(), ClusterError> {
+    if master_secret.bytes().is_some() {
+        return Ok(());
+    }
+    Err(ClusterError::InvalidInput {
+        attribute: crate::diag::AttrPath::attr(&["master_secret_wo"]),
+        reason: format!(
+            "{new} joined but serves no key service after {} s (it received no master \
+             material), so removing {old} would leave no control plane able to hand out keys, \
+             and this apply holds no master secret to recover {new} with (it is write-only). \
+             {old} keeps serving; apply again with master_secret_wo set to the cluster's master \
+             secret to finish the upgrade.",
+            JOINED_KEY_SERVICE_WAIT.as_secs()
+        ),
+    })
+}
+
 impl Roll<'_> {
     fn target(&self) -> &ImageRef {
         self.images.last().expect("the target image")
@@ -335,9 +360,6 @@ impl Roll<'_> {
 
     async fn run(&mut self) -> Result<(), ClusterError> {
         for role in [Role::Worker, Role::ControlPlane] {
-            if role == Role::ControlPlane {
-                self.check_master_secret()?;
-            }
             self.resume_replacements(role).await?;
             let want = match role {
                 Role::Worker => self.spec.worker_count,
@@ -371,41 +393,6 @@ impl Roll<'_> {
             }
         }
         Ok(())
-    }
-
-    /// A replacement control plane receives the master material in its join ticket, but a
-    /// replacement without it (one that joined through a join service holding none) must be
-    /// recovered with the master secret. Without the secret (write-only), control planes are
-    /// not replaced yet: no test shows that path end to end, so stop before the first control
-    /// plane goes.
-    fn check_master_secret(&self) -> Result<(), ClusterError> {
-        let stale = replaced_nodes(&self.cloud.list_nodes(), &self.target().reference);
-        let control_planes: Vec<&String> = stale
-            .iter()
-            .filter(|n| {
-                self.cloud
-                    .node(n)
-                    .is_some_and(|r| r.role == Role::ControlPlane)
-            })
-            .collect();
-        if control_planes.is_empty() || self.spec.secrets.master_secret.bytes().is_some() {
-            return Ok(());
-        }
-        Err(ClusterError::InvalidInput {
-            attribute: crate::diag::AttrPath::attr(&["master_secret_wo"]),
-            reason: format!(
-                "the workers run the new image, but the control planes ({}) are not replaced: \
-                 replacing control planes with a write-only master secret is not supported yet \
-                 (a replacement that does not receive the master material when it joins must \
-                 be recovered with the master secret, which this apply does not hold). The old \
-                 and the new measurements stay accepted; the cluster keeps serving.",
-                control_planes
-                    .iter()
-                    .map(|n| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })
     }
 
     /// Replacements an interrupted apply added: booted again if they do not run, then waited
@@ -475,12 +462,7 @@ impl Roll<'_> {
         ));
         let joined = self.boot_and_join(&new).await;
         if let Err(e) = joined {
-            // Stop here: the replacement goes, the old node stays.
-            let cloud = &mut *self.cloud;
-            tokio::task::block_in_place(|| cloud.delete_node(&new)).map_err(platform_err)?;
-            self.record().steps.retain(|s| s.new != new);
-            store(&self.journal, &self.root)?;
-            return Err(e);
+            return self.abandon(&new, e);
         }
         self.set_phase(&new, StepPhase::Joined, None)?;
         if role == Role::ControlPlane {
@@ -492,6 +474,10 @@ impl Roll<'_> {
                     "{new} serves its key service (master material from its join ticket) and \
                      its join service"
                 ));
+            } else if let Err(e) =
+                refuse_without_key_service(&self.spec.secrets.master_secret, &new, old)
+            {
+                return self.abandon(&new, e);
             } else {
                 self.progress.step(&format!(
                     "{new} does not serve a key service after {} s; it is recovered with the \
@@ -508,6 +494,15 @@ impl Roll<'_> {
             millis as f64 / 1000.0
         ));
         Ok(())
+    }
+
+    /// Stops the upgrade at a replacement: it goes, the old node stays, and `error` says why.
+    fn abandon(&mut self, new: &str, error: ClusterError) -> Result<(), ClusterError> {
+        let cloud = &mut *self.cloud;
+        tokio::task::block_in_place(|| cloud.delete_node(new)).map_err(platform_err)?;
+        self.record().steps.retain(|s| s.new != new);
+        store(&self.journal, &self.root)?;
+        Err(error)
     }
 
     async fn boot_and_join(&mut self, name: &str) -> Result<(), ClusterError> {
@@ -564,7 +559,36 @@ impl Roll<'_> {
 pub(super) mod tests {
     use super::*;
     use constellation_attestation::Measurement;
+    use constellation_common::secret::SecretBytes;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_replacement_without_key_service_keeps_the_old_control_plane_without_the_secret() {
+        let held = MasterSecret::WriteOnly {
+            version: 1,
+            secret: Some(SecretBytes::new(vec![7; 32])),
+        };
+        assert!(refuse_without_key_service(&held, "cp-1", "cp-0").is_ok());
+        let stored = MasterSecret::Stored(SecretBytes::new(vec![7; 32]));
+        assert!(refuse_without_key_service(&stored, "cp-1", "cp-0").is_ok());
+        let absent = MasterSecret::WriteOnly {
+            version: 1,
+            secret: None,
+        };
+        let err = refuse_without_key_service(&absent, "cp-1", "cp-0").unwrap_err();
+        let ClusterError::InvalidInput { attribute, reason } = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            attribute,
+            crate::diag::AttrPath::attr(&["master_secret_wo"])
+        );
+        assert!(
+            reason.contains("cp-1 joined but serves no key service"),
+            "{reason}"
+        );
+        assert!(reason.contains("cp-0 keeps serving"), "{reason}");
+    }
 
     /// An image whose measurements differ from another's by `v`.
     pub(in crate::cluster) fn image(reference: &str, v: u8) -> ImageRef {
