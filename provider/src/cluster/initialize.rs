@@ -17,16 +17,21 @@ pub(super) fn kms_request(kms: &KmsConfig) -> pb::KmsConfig {
         KmsConfig::ClusterManaged => {
             pb::kms_config::Backend::ClusterManaged(pb::ClusterManagedKms {})
         }
-        KmsConfig::Kmip(k) => pb::kms_config::Backend::Kmip(pb::KmipKms {
-            endpoint: k.endpoint.clone(),
-            server_ca_pem: k.server_ca_pem.as_bytes().to_vec(),
-            client_cert_pem: k.client_cert_pem.as_bytes().to_vec(),
-            client_key_pem: k.client_key_pem.expose().to_vec(),
-            kek_id: k.kek_id.clone(),
-        }),
+        KmsConfig::Kmip(k) => pb::kms_config::Backend::Kmip(kmip_request(k)),
     };
     pb::KmsConfig {
         backend: Some(backend),
+    }
+}
+
+/// The KMIP settings as Init and Recover send them.
+pub(super) fn kmip_request(k: &KmipConfig) -> pb::KmipKms {
+    pb::KmipKms {
+        endpoint: k.endpoint.clone(),
+        server_ca_pem: k.server_ca_pem.as_bytes().to_vec(),
+        client_cert_pem: k.client_cert_pem.as_bytes().to_vec(),
+        client_key_pem: k.client_key_pem.expose().to_vec(),
+        kek_id: k.kek_id.clone(),
     }
 }
 

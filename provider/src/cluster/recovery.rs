@@ -61,8 +61,30 @@ pub(super) async fn recover_control_planes(
     if waiting.is_empty() {
         return Ok(());
     }
-    let Some(master_secret) = spec.secrets.master_secret.bytes() else {
-        return Err(no_master_secret(cloud.root(), waiting, spec));
+    // The master secret, or (write-only, with an external KMS) the KMIP credentials with which
+    // each control plane unwraps the copy in its state disk's header.
+    let request = match (spec.secrets.master_secret.bytes(), &spec.kms) {
+        (Some(master_secret), _) => RecoverRequest {
+            version: PROTOCOL_VERSION,
+            master_secret: master_secret.expose().to_vec(),
+            master_salt: spec.secrets.master_secret_salt.expose().to_vec(),
+            kmip: None,
+        },
+        (None, KmsConfig::Kmip(kmip)) => {
+            progress.step(&format!(
+                "no master secret in this apply: the control planes unwrap theirs with the \
+                 external KMS at {}",
+                kmip.endpoint
+            ));
+            RecoverRequest {
+                version: PROTOCOL_VERSION,
+                kmip: Some(super::initialize::kmip_request(kmip)),
+                ..Default::default()
+            }
+        }
+        (None, KmsConfig::ClusterManaged) => {
+            return Err(no_master_secret(cloud.root(), waiting, spec))
+        }
     };
     // Once one is recovered, the others may rejoin through its join service instead.
     let rejoined = |node: &NodeRecord| {
@@ -98,11 +120,7 @@ pub(super) async fn recover_control_planes(
                 }
             };
         let answer = RecoverServiceClient::new(channel)
-            .recover(RecoverRequest {
-                version: PROTOCOL_VERSION,
-                master_secret: master_secret.expose().to_vec(),
-                master_salt: spec.secrets.master_secret_salt.expose().to_vec(),
-            })
+            .recover(request.clone())
             .await;
         match answer {
             Ok(r) => progress.step(&format!("{}: {}", node.name, r.into_inner().message)),

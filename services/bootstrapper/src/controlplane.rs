@@ -64,6 +64,8 @@ pub enum ControlPlaneError {
     Daemons(#[from] DaemonsError),
     #[error("etcd member: {0}")]
     Etcd(#[from] crate::etcd::EtcdError),
+    #[error("state disk header: {0}")]
+    StateDisk(#[from] crate::statedisk::StateDiskError),
 }
 
 /// Where the master secret lives.
@@ -78,20 +80,25 @@ impl KmsChoice {
         use constellation_proto::init::kms_config::Backend;
         match kms.and_then(|k| k.backend) {
             None | Some(Backend::ClusterManaged(_)) => Ok(Self::ClusterManaged),
-            Some(Backend::Kmip(k)) => {
-                if k.endpoint.rsplit_once(':').is_none() {
-                    return Err(format!("KMIP endpoint {:?} is not host:port", k.endpoint));
-                }
-                Ok(Self::Kmip(StoredKmipSettings {
-                    endpoint: k.endpoint,
-                    server_ca_pem: k.server_ca_pem,
-                    client_cert_pem: k.client_cert_pem,
-                    client_key_pem: SecretBytes::new(k.client_key_pem),
-                    kek_id: k.kek_id,
-                }))
-            }
+            Some(Backend::Kmip(k)) => kmip_from_proto(k).map(Self::Kmip),
         }
     }
+}
+
+/// KMIP settings as Init and Recover carry them; the endpoint must be `host:port`.
+pub fn kmip_from_proto(
+    k: constellation_proto::init::KmipKms,
+) -> Result<StoredKmipSettings, String> {
+    if k.endpoint.rsplit_once(':').is_none() {
+        return Err(format!("KMIP endpoint {:?} is not host:port", k.endpoint));
+    }
+    Ok(StoredKmipSettings {
+        endpoint: k.endpoint,
+        server_ca_pem: k.server_ca_pem,
+        client_cert_pem: k.client_cert_pem,
+        client_key_pem: SecretBytes::new(k.client_key_pem),
+        kek_id: k.kek_id,
+    })
 }
 
 /// The secrets Init hands to the control plane.
@@ -173,6 +180,51 @@ fn kmip_settings(
     .map_err(bad)
 }
 
+/// LUKS2 token type of the copy of the KMIP-wrapped master secret in the state disk's header.
+pub const KMIP_WRAPPED_SECRET_TOKEN: &str = "constellation-kmip-wrapped-master-secret";
+
+/// With an external KMS: copies the wrapped master secret (AES-GCM under the KMS's KEK, so
+/// nothing in it is usable without the KMS) into the state disk's LUKS2 header. Recover reads it
+/// there before the disk opens, so the operator can recover with KMIP credentials instead of
+/// the master secret ([`wrapped_secret_from_header`]).
+fn copy_wrapped_secret_to_header(node: &NodeContext) -> Result<(), ControlPlaneError> {
+    let path = node
+        .state_dir
+        .join("keyservice")
+        .join(constellation_keyservice::kmip::WRAPPED_SECRET_FILE);
+    let wrapped = std::fs::read_to_string(&path).map_err(|source| ControlPlaneError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    crate::statedisk::write_token(&node.disk_path(), KMIP_WRAPPED_SECRET_TOKEN, &wrapped)?;
+    tracing::info!("the KMIP-wrapped master secret is copied into the state disk's header");
+    Ok(())
+}
+
+/// Recover with KMIP credentials instead of the master secret: the wrapped copy in the state
+/// disk's header, unwrapped by the KEK the KMS (reached with `kmip`) still grants. `None` when
+/// the header holds no wrapped copy (a cluster-managed master secret).
+pub async fn wrapped_secret_from_header(
+    node: &NodeContext,
+    cluster_name: &str,
+    kmip: StoredKmipSettings,
+) -> Result<Option<MasterSecret>, ControlPlaneError> {
+    let disk = node.disk_path();
+    let Some(wrapped) = crate::statedisk::read_token(&disk, KMIP_WRAPPED_SECRET_TOKEN)? else {
+        return Ok(None);
+    };
+    let backend = KmipBackend::new(
+        kmip_settings(&kmip, cluster_name)?,
+        node.state_dir.join("keyservice"),
+        cluster_name,
+    )?;
+    tracing::info!(
+        endpoint = %backend.endpoint(),
+        "unwrapping the master secret from the state disk's header with the external KMS"
+    );
+    Ok(Some(backend.unwrap_blob(wrapped.as_bytes(), &disk).await?))
+}
+
 /// After a restart: the master secret as the external KMS holds it (the KEK in the KMIP server
 /// unwraps the blob kept since Init), or `None` for a cluster-managed master secret. With an
 /// external KMS, the KMS stays in charge of the cluster: a KEK destroyed there ends recovery.
@@ -203,6 +255,7 @@ pub async fn initialize_material(
     if let KmsChoice::Kmip(kmip) = &kms {
         // What Recover needs to ask the KMS again after a restart.
         kmip.store(&node.state_dir.join("keyservice"))?;
+        copy_wrapped_secret_to_header(node)?;
     }
     say(format!("master secret stored: {}", backend.describe()));
     let pki = ClusterPki::generate(cluster_name, node.clock.as_ref())?;
@@ -489,6 +542,9 @@ pub async fn start_joined_services(
     // its own (as Init and Recover start it) and its join service asks it first.
     let mut others = others;
     if let Some(kmip) = held_master_material(&node)? {
+        if kmip.is_some() {
+            copy_wrapped_secret_to_header(&node)?;
+        }
         daemons(&node)?.start_key_service(
             &pki,
             node.clock.as_ref(),

@@ -11,6 +11,10 @@
 //! With an external KMS (KMIP), one more check before anything starts: the KEK in the KMIP
 //! server must still unwrap the master secret kept since Init, and it must be the one sent.
 //! KMIP unreachable: `Unavailable`, the node keeps waiting and Recover can be sent again.
+//! Such a cluster can also be recovered without the master secret: the request carries KMIP
+//! client credentials instead, and the node unwraps the copy of the wrapped master secret in
+//! its state disk's LUKS2 header with the KEK the KMS grants them; the same proof (the disk
+//! opens, the cluster ID matches) follows.
 //!
 //! What is persisted for this: the cluster PKI under `state/pki` (as Init already did) and a
 //! [`ControlPlaneRecord`] with the cluster name, Kubernetes version and measurement salt. The
@@ -22,6 +26,7 @@ use std::sync::Arc;
 use constellation_common::kdf;
 use constellation_common::limits::{ListenerLimits, WorkGate};
 use constellation_common::secret::SecretBytes;
+use constellation_keyservice::kmip::StoredKmipSettings;
 use constellation_keyservice::MasterSecret;
 use constellation_proto::recover::recover_service_server::RecoverService;
 use constellation_proto::recover::{RecoverRequest, RecoverResponse};
@@ -44,6 +49,19 @@ pub enum RecoverError {
     ShortMasterSecret(usize),
     #[error("master salt must be {SALT_LEN} bytes, got {0}")]
     BadSaltLength(usize),
+    #[error(
+        "send either the master secret and salt or KMIP credentials, not both (got a \
+         {secret_len}-byte master secret and a {salt_len}-byte salt with KMIP credentials)"
+    )]
+    SecretAndKmip { secret_len: usize, salt_len: usize },
+    #[error("KMIP credentials: {0}")]
+    BadKmip(String),
+    #[error(
+        "KMIP credentials were sent, but this node's state disk holds no KMIP-wrapped master \
+         secret (its cluster's master secret is not wrapped by an external KMS): send the \
+         master secret"
+    )]
+    NoWrappedSecret,
     #[error(
         "this node was already recovered (cluster {cluster_id}); Recover is accepted once per boot"
     )]
@@ -88,11 +106,13 @@ impl From<RecoverError> for Status {
         use RecoverError::*;
         let message = e.to_string();
         match e {
-            Version { .. } | ShortMasterSecret(_) | BadSaltLength(_) => {
-                Status::invalid_argument(message)
-            }
+            Version { .. }
+            | ShortMasterSecret(_)
+            | BadSaltLength(_)
+            | SecretAndKmip { .. }
+            | BadKmip(_) => Status::invalid_argument(message),
             AlreadyRecovered { .. } => Status::already_exists(message),
-            NotWaiting { .. } | NeverInitialized | NoControlPlaneRecord => {
+            NotWaiting { .. } | NeverInitialized | NoControlPlaneRecord | NoWrappedSecret => {
                 Status::failed_precondition(message)
             }
             WrongMasterSecret | WrongCluster { .. } | KmsDisagrees => {
@@ -124,18 +144,43 @@ impl RecoverServer {
     }
 }
 
+/// What the operator proves the cluster's master secret with.
+#[derive(Debug)]
+pub enum RecoverProof {
+    /// The master secret and salt themselves.
+    Secret {
+        master: SecretBytes,
+        salt: SecretBytes,
+    },
+    /// Credentials for the external KMS whose KEK wraps the master secret.
+    Kmip(StoredKmipSettings),
+}
+
 /// Checks the request's version and shape before anything else.
-pub fn check_request(r: &RecoverRequest) -> Result<(), RecoverError> {
+pub fn check_request(r: RecoverRequest) -> Result<RecoverProof, RecoverError> {
     if r.version != PROTOCOL_VERSION {
         return Err(RecoverError::Version { found: r.version });
     }
-    if r.master_secret.len() < MASTER_SECRET_MIN_LEN {
-        return Err(RecoverError::ShortMasterSecret(r.master_secret.len()));
+    let master = SecretBytes::new(r.master_secret);
+    let salt = SecretBytes::new(r.master_salt);
+    if let Some(kmip) = r.kmip {
+        if !master.expose().is_empty() || !salt.expose().is_empty() {
+            return Err(RecoverError::SecretAndKmip {
+                secret_len: master.expose().len(),
+                salt_len: salt.expose().len(),
+            });
+        }
+        return controlplane::kmip_from_proto(kmip)
+            .map(RecoverProof::Kmip)
+            .map_err(RecoverError::BadKmip);
     }
-    if r.master_salt.len() != SALT_LEN {
-        return Err(RecoverError::BadSaltLength(r.master_salt.len()));
+    if master.expose().len() < MASTER_SECRET_MIN_LEN {
+        return Err(RecoverError::ShortMasterSecret(master.expose().len()));
     }
-    Ok(())
+    if salt.expose().len() != SALT_LEN {
+        return Err(RecoverError::BadSaltLength(salt.expose().len()));
+    }
+    Ok(RecoverProof::Secret { master, salt })
 }
 
 #[tonic::async_trait]
@@ -144,16 +189,8 @@ impl RecoverService for RecoverServer {
         &self,
         request: Request<RecoverRequest>,
     ) -> Result<Response<RecoverResponse>, Status> {
-        let r = request.into_inner();
-        let checked = check_request(&r);
-        let master = SecretBytes::new(r.master_secret);
-        let salt = SecretBytes::new(r.master_salt);
-        checked?;
-        match self
-            .unlock_gate
-            .run(recover(&self.node, master, salt))
-            .await?
-        {
+        let proof = check_request(request.into_inner())?;
+        match self.unlock_gate.run(recover(&self.node, proof)).await? {
             Ok(message) => {
                 tracing::info!("{message}");
                 Ok(Response::new(RecoverResponse { message }))
@@ -166,11 +203,7 @@ impl RecoverService for RecoverServer {
     }
 }
 
-async fn recover(
-    node: &Arc<NodeContext>,
-    master: SecretBytes,
-    salt: SecretBytes,
-) -> Result<String, RecoverError> {
+async fn recover(node: &Arc<NodeContext>, proof: RecoverProof) -> Result<String, RecoverError> {
     // Exactly once, and only while waiting: both locks are held for the whole recovery (order:
     // phase, then binding), so a join ticket arriving meanwhile is discarded afterwards.
     let phase = node.phase.lock().await;
@@ -200,6 +233,19 @@ async fn recover(
     }
     let record =
         ControlPlaneRecord::load(&node.state_dir)?.ok_or(RecoverError::NoControlPlaneRecord)?;
+    let (master, salt) = match proof {
+        RecoverProof::Secret { master, salt } => (master, salt),
+        RecoverProof::Kmip(kmip) => {
+            match controlplane::wrapped_secret_from_header(node, &record.cluster_name, kmip).await {
+                Ok(Some(unwrapped)) => (unwrapped.secret().clone(), unwrapped.salt().clone()),
+                Ok(None) => return Err(RecoverError::NoWrappedSecret),
+                Err(controlplane::ControlPlaneError::Backend(e)) => {
+                    return Err(RecoverError::Kms(e))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
 
     // The proof: the disk key from this master secret opens the node's existing state disk.
     let uuid = statedisk::uuid(&node.disk_path())
@@ -288,19 +334,60 @@ mod tests {
             version,
             master_secret: vec![1; secret],
             master_salt: vec![2; salt],
+            kmip: None,
         }
+    }
+
+    fn kmip(endpoint: &str) -> Option<constellation_proto::init::KmipKms> {
+        Some(constellation_proto::init::KmipKms {
+            endpoint: endpoint.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn kmip_credentials_replace_the_secret_never_join_it() {
+        let with_kmip = |secret, salt, endpoint| RecoverRequest {
+            kmip: kmip(endpoint),
+            ..req(PROTOCOL_VERSION, secret, salt)
+        };
+        assert!(matches!(
+            check_request(with_kmip(0, 0, "kms:5696")),
+            Ok(RecoverProof::Kmip(k)) if k.endpoint == "kms:5696"
+        ));
+        let both = check_request(with_kmip(32, 32, "kms:5696")).unwrap_err();
+        assert!(matches!(
+            both,
+            RecoverError::SecretAndKmip {
+                secret_len: 32,
+                salt_len: 32
+            }
+        ));
+        assert!(matches!(
+            check_request(with_kmip(0, 32, "kms:5696")),
+            Err(RecoverError::SecretAndKmip { .. })
+        ));
+        let bad = check_request(with_kmip(0, 0, "no-port")).unwrap_err();
+        assert!(bad.to_string().contains("no-port"), "{bad}");
+        for e in [both, bad] {
+            assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
+        }
+        assert_eq!(
+            Status::from(RecoverError::NoWrappedSecret).code(),
+            tonic::Code::FailedPrecondition
+        );
     }
 
     #[test]
     fn version_and_lengths_are_checked_and_errors_map_to_codes() {
-        assert!(check_request(&req(PROTOCOL_VERSION, 32, 32)).is_ok());
+        assert!(check_request(req(PROTOCOL_VERSION, 32, 32)).is_ok());
         let cases = [
             (req(PROTOCOL_VERSION + 1, 32, 32), "protocol version"),
             (req(PROTOCOL_VERSION, 31, 32), "master secret"),
             (req(PROTOCOL_VERSION, 32, 16), "master salt"),
         ];
         for (r, what) in cases {
-            let e = check_request(&r).unwrap_err();
+            let e = check_request(r).unwrap_err();
             assert!(e.to_string().contains(what), "{e}");
             assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
         }

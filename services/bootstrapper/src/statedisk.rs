@@ -313,6 +313,55 @@ pub fn open(path: &Path, key: &[u8], name: &str) -> Result<OpenedVolume, StateDi
     })?
 }
 
+/// LUKS2 has 32 token slots.
+const TOKEN_SLOTS: u32 = 32;
+
+/// The LUKS2 token of type `kind` in the volume header: its `data` string. Tokens are plain
+/// header metadata, readable without a key: only what is safe in the clear belongs there.
+pub fn read_token(path: &Path, kind: &str) -> Result<Option<String>, StateDiskError> {
+    let path = path.to_path_buf();
+    let kind = kind.to_owned();
+    on_worker(move || {
+        let mut device = load_luks2(&path)?;
+        Ok(find_token(&mut device, &kind).map(|(_, data)| data))
+    })?
+}
+
+/// Writes (or replaces) the LUKS2 token of type `kind` carrying `data`; assigned to no keyslot.
+pub fn write_token(path: &Path, kind: &str, data: &str) -> Result<(), StateDiskError> {
+    let path = path.to_path_buf();
+    let token = serde_json::json!({ "type": kind, "keyslots": [], "data": data });
+    let kind = kind.to_owned();
+    on_worker(move || {
+        let mut device = load_luks2(&path)?;
+        let input = match find_token(&mut device, &kind) {
+            Some((slot, _)) => libcryptsetup_rs::TokenInput::ReplaceToken(slot, &token),
+            None => libcryptsetup_rs::TokenInput::AddToken(&token),
+        };
+        device
+            .token_handle()
+            .json_set(input)
+            .map_err(cryptsetup_error("writing a LUKS2 token", &path))?;
+        Ok(())
+    })?
+}
+
+fn find_token(device: &mut CryptDevice, kind: &str) -> Option<(u32, String)> {
+    for slot in 0..TOKEN_SLOTS {
+        let Ok(json) = device.token_handle().json_get(slot) else {
+            continue;
+        };
+        if json.get("type").and_then(|t| t.as_str()) == Some(kind) {
+            let data = json
+                .get("data")
+                .and_then(|d| d.as_str())
+                .unwrap_or_default();
+            return Some((slot, data.to_owned()));
+        }
+    }
+    None
+}
+
 /// The volume's LUKS UUID (the node's disk key ID).
 pub fn uuid(path: &Path) -> Result<Uuid, StateDiskError> {
     let path = path.to_path_buf();

@@ -205,6 +205,7 @@ async fn wrong_master_secret_recover_flood_does_not_starve_the_right_one() {
                     version: PROTOCOL_VERSION,
                     master_secret: vec![0x40 + n as u8; 32],
                     master_salt: MASTER_SALT.to_vec(),
+                    kmip: None,
                 })
                 .await
                 .map(drop)

@@ -11,6 +11,7 @@ use constellation_attest::verify_cluster;
 use constellation_attestation::atls;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
+use constellation_bootstrapper::controlplane::KMIP_WRAPPED_SECRET_TOKEN;
 use constellation_bootstrapper::statedisk;
 use constellation_common::metadata::{ports, Role};
 use constellation_keyservice::testing::PyKmipServer;
@@ -78,6 +79,22 @@ async fn full_control_plane_restart_then_recover_brings_the_cluster_back_with_th
     );
     let log = std::fs::read_to_string(cp.log_path()).unwrap();
     assert!(!log.contains(&hex::encode(wrong)) && !log.contains(&hex::encode(MASTER_SECRET)));
+    // KMIP credentials for a cluster whose master secret no KMS wraps: refused before any KMS
+    // is contacted (nothing listens at this endpoint).
+    let no_kms = kmip_recover_request(KmipKms {
+        endpoint: "127.0.0.1:9".into(),
+        ..Default::default()
+    });
+    let s = recover_with(c.fresh_validator(&cp), &cp, no_kms)
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("holds no KMIP-wrapped master secret"),
+        "{}",
+        s.message()
+    );
+    assert!(!serves(&cp, ports::JOIN), "nothing started");
 
     // The right master secret: the node attests as unbound (PCR 15 = 0) and recovers.
     let started = Instant::now();
@@ -271,7 +288,8 @@ async fn attest_recover_drives_recovery_with_secrets_from_files() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_once_the_kmip_server_is_back() {
+async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_with_kmip_credentials_once_the_kmip_server_is_back(
+) {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut kmip = PyKmipServer::start().unwrap();
     let mut c = TestCluster::new("kmip");
@@ -306,6 +324,23 @@ async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_once_the_kmip_ser
     let (worker_uuid, worker_key) = disk_key(&worker);
     let (cp_uuid, cp_key) = disk_key(&cp);
     statedisk::verify_key(&disk_of(&worker), &worker_key).unwrap();
+    // A copy of the wrapped master secret sits in the state disk's LUKS2 header (readable
+    // without a key, useless without the KMS's KEK).
+    let header_copy = statedisk::read_token(&disk_of(&cp), KMIP_WRAPPED_SECRET_TOKEN)
+        .unwrap()
+        .expect("the wrapped master secret is in the header");
+    assert_eq!(
+        header_copy,
+        std::fs::read_to_string(keyservice_dir.join("kmip-wrapped-master-secret.json")).unwrap()
+    );
+    assert!(!header_copy.contains(&hex::encode(MASTER_SECRET)));
+    let credentials = KmipKms {
+        endpoint: kmip.endpoint(),
+        server_ca_pem: kmip.pki().ca_pem().into_bytes(),
+        client_cert_pem: client.cert_pem.clone().into_bytes(),
+        client_key_pem: client.key_pem.clone().into_bytes(),
+        kek_id: String::new(),
+    };
 
     // The KMIP server goes down, then everything restarts.
     kmip.stop();
@@ -333,11 +368,66 @@ async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_once_the_kmip_ser
     assert!(!log.contains("panicked"), "{log}");
     assert!(!log.contains(&hex::encode(MASTER_SECRET)));
 
-    // The KMIP server is back: the same Recover now succeeds, nothing changed.
+    // KMIP credentials instead of the secret, KMS still down: the same refusal.
+    let s = recover_with(
+        c.fresh_validator(&cp),
+        &cp,
+        kmip_recover_request(credentials.clone()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+
+    // The KMIP server is back: Recover with only the KMIP credentials (no master secret) now
+    // succeeds; the node unwrapped the header's copy, its disk opened, nothing changed.
     kmip.start_again().unwrap();
-    recover(c.fresh_validator(&cp), &cp, &MASTER_SECRET, &MASTER_SALT)
-        .await
-        .unwrap_or_else(|s| panic!("Recover with the KMIP server back refused: {s:?}"));
+    // A tampered header copy does not unwrap (AES-GCM under the KEK): refused, nothing started.
+    let mut tampered: serde_json::Value = serde_json::from_str(&header_copy).unwrap();
+    let flipped = tampered["wrapped"]
+        .as_str()
+        .unwrap()
+        .chars()
+        .enumerate()
+        .map(|(i, ch)| {
+            if i == 0 {
+                if ch == '0' {
+                    '1'
+                } else {
+                    '0'
+                }
+            } else {
+                ch
+            }
+        })
+        .collect::<String>();
+    tampered["wrapped"] = flipped.into();
+    let disk = disk_of(&cp);
+    statedisk::write_token(&disk, KMIP_WRAPPED_SECRET_TOKEN, &tampered.to_string()).unwrap();
+    let s = recover_with(
+        c.fresh_validator(&cp),
+        &cp,
+        kmip_recover_request(credentials.clone()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("unwrap"), "{}", s.message());
+    assert!(!serves(&cp, ports::JOIN), "nothing started");
+    statedisk::write_token(&disk, KMIP_WRAPPED_SECRET_TOKEN, &header_copy).unwrap();
+    let started = Instant::now();
+    recover_with(
+        c.fresh_validator(&cp),
+        &cp,
+        kmip_recover_request(credentials),
+    )
+    .await
+    .unwrap_or_else(|s| panic!("Recover with KMIP credentials refused: {s:?}"));
+    eprintln!("Recover with KMIP credentials took {:?}", started.elapsed());
+    wait_log(
+        &cp,
+        "unwrapping the master secret from the state disk's header",
+    )
+    .await;
     wait_log(&cp, "the external KMS unwraps the same master secret").await;
     assert!(serves(&cp, ports::JOIN));
     let worker = c.cloud().boot(&worker.name).unwrap();

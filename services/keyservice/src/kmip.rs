@@ -445,12 +445,23 @@ impl KmipBackend {
 
     async fn load_wrapped(&self) -> Result<MasterSecret, BackendError> {
         let bytes = read_secret_file(&self.path)?;
+        self.unwrap_blob(&bytes, &self.path).await
+    }
+
+    /// Unwraps a wrapped master secret in the form this backend stores (`source` names where
+    /// it came from in errors, e.g. a copy in the state disk's header): fetches its KEK from
+    /// the KMS and checks the cluster name it is bound to.
+    pub async fn unwrap_blob(
+        &self,
+        bytes: &[u8],
+        source: &Path,
+    ) -> Result<MasterSecret, BackendError> {
         let corrupt = |reason: String| BackendError::CorruptFile {
-            path: self.path.clone(),
+            path: source.to_owned(),
             reason,
         };
         let file: WrappedSecretFile =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(json_error_reason(&e)))?;
+            serde_json::from_slice(bytes).map_err(|e| corrupt(json_error_reason(&e)))?;
         if file.version != FILE_VERSION {
             return Err(corrupt(format!(
                 "version {} is not supported (expected {FILE_VERSION})",
@@ -459,26 +470,26 @@ impl KmipBackend {
         }
         if file.cluster_name != self.cluster_name {
             return Err(BackendError::ClusterMismatch {
-                path: self.path.clone(),
+                path: source.to_owned(),
                 expected: self.cluster_name.clone(),
                 found: file.cluster_name,
             });
         }
-        let nonce_bytes = decode_hex_field(&self.path, "nonce", &file.nonce)?;
+        let nonce_bytes = decode_hex_field(source, "nonce", &file.nonce)?;
         let nonce = Nonce::try_assume_unique_for_key(&nonce_bytes).map_err(|_| {
             corrupt(format!(
                 "nonce is {} bytes, expected {NONCE_LEN}",
                 nonce_bytes.len()
             ))
         })?;
-        let mut wrapped = decode_hex_field(&self.path, "wrapped", &file.wrapped)?;
+        let mut wrapped = decode_hex_field(source, "wrapped", &file.wrapped)?;
 
         let kek = self.fetch_kek(&file.kek_id).await?;
         let key = aead_key(&kek)?;
         let plaintext = key
             .open_in_place(nonce, Aad::from(self.aad(&file.kek_id)), &mut wrapped)
             .map_err(|_| BackendError::UnwrapFailed {
-                path: self.path.clone(),
+                path: source.to_owned(),
                 kek_id: file.kek_id.clone(),
             })?;
         let (len_bytes, rest) = plaintext

@@ -95,6 +95,7 @@ pub fn recover(a: RecoverArgs) -> anyhow::Result<ExitCode> {
                 version: PROTOCOL_VERSION,
                 master_secret,
                 master_salt,
+                kmip: None,
             })
             .await;
         match answer {

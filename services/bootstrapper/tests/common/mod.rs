@@ -18,7 +18,7 @@ use constellation_image::LocalImage;
 use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
 use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_client::InitServiceClient;
-use constellation_proto::init::{InitRequest, InitSuccess, KmsConfig};
+use constellation_proto::init::{InitRequest, InitSuccess, KmipKms, KmsConfig};
 use constellation_proto::recover::recover_service_client::RecoverServiceClient;
 use constellation_proto::recover::{RecoverRequest, RecoverResponse};
 use constellation_proto::PROTOCOL_VERSION;
@@ -224,23 +224,43 @@ pub async fn full_restart(
     first
 }
 
-/// Attests the node as not yet bound (PCR 15 = 0), then sends Recover.
+/// Attests the node as not yet bound (PCR 15 = 0), then sends Recover with the master secret.
 pub async fn recover(
     validator: Arc<QemuVtpmValidator>,
     node: &NodeRecord,
     master_secret: &[u8],
     master_salt: &[u8],
 ) -> Result<RecoverResponse, tonic::Status> {
+    let request = RecoverRequest {
+        version: PROTOCOL_VERSION,
+        master_secret: master_secret.to_vec(),
+        master_salt: master_salt.to_vec(),
+        kmip: None,
+    };
+    recover_with(validator, node, request).await
+}
+
+/// Attests the node as not yet bound (PCR 15 = 0), then sends `request`.
+pub async fn recover_with(
+    validator: Arc<QemuVtpmValidator>,
+    node: &NodeRecord,
+    request: RecoverRequest,
+) -> Result<RecoverResponse, tonic::Status> {
     let config = atls::ClientConfig::server_only(validator).unwrap();
     let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
         .await
         .unwrap_or_else(|e| panic!("attesting {} for Recover: {e}", node.name));
     RecoverServiceClient::new(channel)
-        .recover(RecoverRequest {
-            version: PROTOCOL_VERSION,
-            master_secret: master_secret.to_vec(),
-            master_salt: master_salt.to_vec(),
-        })
+        .recover(request)
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// A Recover that carries KMIP client credentials instead of the master secret.
+pub fn kmip_recover_request(kmip: KmipKms) -> RecoverRequest {
+    RecoverRequest {
+        version: PROTOCOL_VERSION,
+        kmip: Some(kmip),
+        ..Default::default()
+    }
 }
