@@ -16,7 +16,9 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::kmip::{KekSource, KmipSettings, RetryPolicy};
+use crate::kmip::{KekSource, KmipBackend, KmipSettings, RetryPolicy};
+use crate::master::{MasterSecret, MasterSecretBackend};
+use constellation_common::secret::SecretBytes;
 
 /// Path of the PyKMIP server script (Debian package python3-pykmip).
 pub const PYKMIP_SERVER: &str = "/usr/bin/pykmip-server";
@@ -32,6 +34,8 @@ pub enum TestingError {
         #[source]
         source: io::Error,
     },
+    #[error("KMS: {0}")]
+    Kms(#[from] crate::master::BackendError),
     #[error("{PYKMIP_SERVER} did not start listening on 127.0.0.1:{port} within {waited:?}; log:\n{log}")]
     KmipServerDidNotStart {
         port: u16,
@@ -297,6 +301,35 @@ impl PyKmipServer {
     /// The client certificate the server accepts.
     pub fn client_cert(&self) -> &IssuedCert {
         &self.client
+    }
+
+    /// Creates an AES-256 KEK named `name` in this server and returns its KMIP unique
+    /// identifier, for configurations that name an existing KEK. Uses the KMIP backend's own
+    /// Create (wrapping a throwaway secret with the new key in a temporary folder).
+    pub async fn create_kek(&self, name: &str) -> Result<String, TestingError> {
+        #[derive(serde::Deserialize)]
+        struct WrappedKekId {
+            kek_id: String,
+        }
+        let dir = tempfile::tempdir().map_err(io_error("temporary folder for a KEK"))?;
+        let kek = KekSource::Create { name: name.into() };
+        let backend = KmipBackend::new(
+            self.kmip_settings(kek, RetryPolicy::default()),
+            dir.path(),
+            "kek-maker",
+        )?;
+        let throwaway = MasterSecret::new(
+            SecretBytes::new(vec![0x5a; 32]),
+            SecretBytes::new(vec![0xa5; 32]),
+        )?;
+        backend.store(&throwaway).await?;
+        let bytes = fs::read(backend.path()).map_err(io_error("reading the wrapped throwaway"))?;
+        let wrapped: WrappedKekId =
+            serde_json::from_slice(&bytes).map_err(|e| TestingError::Io {
+                what: "parsing the wrapped throwaway".into(),
+                source: io::Error::other(e),
+            })?;
+        Ok(wrapped.kek_id)
     }
 
     /// Settings for a [`crate::kmip::KmipBackend`] talking to this server.
