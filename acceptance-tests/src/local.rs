@@ -201,6 +201,42 @@ pub fn modified_binary(dir: &Path, boot: &Path, tag: &str) -> PathBuf {
     path
 }
 
+/// Panics (failing the test) unless `run` succeeded, with the last lines of every node's
+/// bootstrapper log and its daemons' logs under `root/nodes` (the cluster is torn down after
+/// a failure, taking the logs with it).
+pub fn ok_or_node_logs(run: crate::TfRun, root: &Path) -> crate::TfRun {
+    if run.code == 0 {
+        return run;
+    }
+    const TAIL: usize = 25;
+    let mut logs = String::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for node in std::fs::read_dir(root.join("nodes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        files.push(node.path().join("bootstrapper.log"));
+        let daemons = std::fs::read_dir(node.path().join("daemons"))
+            .into_iter()
+            .flatten();
+        files.extend(
+            daemons
+                .flatten()
+                .map(|d| d.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "log")),
+        );
+    }
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(TAIL)..].join("\n");
+        logs.push_str(&format!("\n==> {} <==\n{tail}\n", file.display()));
+    }
+    panic!("terraform {:?} failed:\n{run}\nnode logs:{logs}", run.args);
+}
+
 /// On a failed assertion, still tear the cluster down so no node process outlives the test.
 pub struct Cleanup<'a>(pub &'a Terraform, pub &'a str);
 

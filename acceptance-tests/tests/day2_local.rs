@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acceptance_tests::local::{
-    assert_all_verified, cluster_in_state, journal, modified_binary, nodes, processes_mentioning,
-    sibling_binary, verify_node, write_measurements, Cleanup, Node, ONE_CLUSTER_AT_A_TIME,
+    assert_all_verified, cluster_in_state, journal, modified_binary, nodes, ok_or_node_logs,
+    processes_mentioning, sibling_binary, verify_node, write_measurements, Cleanup, Node,
+    ONE_CLUSTER_AT_A_TIME,
 };
 use acceptance_tests::{hcl, Terraform, TfVersion, REQUIRED_PROVIDERS};
 use constellation_common::metadata::ports;
@@ -308,7 +309,7 @@ fn run(version: TfVersion) {
     let upgrade = tf.apply(&["-var", "image=v2"]);
     stop.store(true, Ordering::Relaxed);
     let seen = watcher.join().expect("verification loop");
-    let upgrade = upgrade.ok();
+    let upgrade = ok_or_node_logs(upgrade, &root);
     let after: BTreeSet<String> = nodes(&root).into_iter().map(|n| n.name).collect();
     assert!(
         before.is_disjoint(&after),
@@ -427,7 +428,7 @@ fn run(version: TfVersion) {
     );
     let mixed: BTreeSet<PathBuf> = nodes(&root).into_iter().map(|n| n.image_dir).collect();
     assert_eq!(mixed.len(), 2, "killed mid-upgrade: both images run");
-    let resumed = tf.apply(&["-var", "image=v1"]).ok();
+    let resumed = ok_or_node_logs(tf.apply(&["-var", "image=v1"]), &root);
     eprintln!(
         "{version:?}: the apply after the kill finished the upgrade in {:?}",
         resumed.elapsed
@@ -475,7 +476,7 @@ fn run(version: TfVersion) {
     // 4. Loss of a control plane: three control planes (etcd keeps its quorum after losing one
     //    of three; a two-member etcd that lost one has none), the first one's processes and
     //    folder go.
-    tf.apply(&["-var", "control_planes=3"]).ok();
+    ok_or_node_logs(tf.apply(&["-var", "control_planes=3"]), &root);
     assert_all_verified(&tf, &root, &cluster_id, 5);
     let lost = nodes(&root)
         .into_iter()
@@ -488,7 +489,7 @@ fn run(version: TfVersion) {
     std::fs::remove_dir_all(root.join("nodes").join(&lost.name)).unwrap();
     let plan = tf.plan(&["-var", "control_planes=3"]);
     assert_eq!(plan.code, 2, "a lost control plane is drift:\n{plan}");
-    let repaired = tf.apply(&["-var", "control_planes=3"]).ok();
+    let repaired = ok_or_node_logs(tf.apply(&["-var", "control_planes=3"]), &root);
     eprintln!(
         "{version:?}: replacing a lost control plane took {:?}",
         repaired.elapsed
@@ -515,7 +516,7 @@ fn run(version: TfVersion) {
     std::thread::sleep(Duration::from_millis(200));
     let plan = tf.plan(&["-var", "control_planes=3"]);
     assert_eq!(plan.code, 2, "a stopped cluster is drift:\n{plan}");
-    let recovered = tf.apply(&["-var", "control_planes=3"]).ok();
+    let recovered = ok_or_node_logs(tf.apply(&["-var", "control_planes=3"]), &root);
     eprintln!(
         "{version:?}: recovering 3 control planes and 2 workers took {:?}",
         recovered.elapsed
