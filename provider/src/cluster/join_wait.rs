@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use constellation_attestation::Measurements;
 use constellation_common::metadata::Role;
-use constellation_common::node_status::{DaemonState, NodePhase, ETCD_DAEMON};
+use constellation_common::node_status::{DaemonState, NodePhase, ETCD_DAEMON, JOIN_SERVICE_DAEMON};
 use constellation_common::refusal::{Refusal, RefusalCheck};
 use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
@@ -36,8 +36,10 @@ pub(super) fn reports_joined(cloud: &dyn Cloud, node: &NodeRecord) -> bool {
 }
 
 /// Why a control plane that attests with the cluster ID is not counted as joined yet: where
-/// the other control planes run etcd members, its own member must run too (it is added in the
-/// background after the join), or losing another control plane could cost the quorum.
+/// the other control planes run etcd members, its own member must run and vote (it is added as
+/// a learner after the join and promoted once it caught up; a learner does not count towards
+/// the quorum), or losing another control plane could cost the quorum. Its join service starts
+/// only after the promotion, so a ready join service is the sign.
 pub(super) fn etcd_member_pending(cloud: &dyn Cloud, node: &NodeRecord) -> Option<String> {
     if node.role != Role::ControlPlane {
         return None;
@@ -51,13 +53,21 @@ pub(super) fn etcd_member_pending(cloud: &dyn Cloud, node: &NodeRecord) -> Optio
     if !uses_etcd {
         return None;
     }
-    match cloud
-        .node_status(node)
-        .and_then(|s| s.daemon(ETCD_DAEMON).map(|d| d.state.clone()))
-    {
-        Some(DaemonState::Ready) => None,
-        Some(state) => Some(format!("its etcd member is not ready yet ({state:?})")),
-        None => Some("its etcd member has not been added to the cluster yet".into()),
+    let status = cloud.node_status(node);
+    let state = |name: &str| {
+        status
+            .as_ref()
+            .and_then(|s| s.daemon(name).map(|d| d.state.clone()))
+    };
+    match (state(ETCD_DAEMON), state(JOIN_SERVICE_DAEMON)) {
+        (Some(DaemonState::Ready), Some(DaemonState::Ready)) => None,
+        (Some(DaemonState::Ready), _) => Some(
+            "its etcd member runs but is not promoted to voter yet (its join service starts \
+             after the promotion)"
+                .into(),
+        ),
+        (Some(state), _) => Some(format!("its etcd member is not ready yet ({state:?})")),
+        (None, _) => Some("its etcd member has not been added to the cluster yet".into()),
     }
 }
 

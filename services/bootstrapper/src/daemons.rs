@@ -40,7 +40,7 @@ use crate::supervisor::{Backoff, DaemonFile, DaemonSpec, Probe, Supervisor, Supe
 /// Daemon names (status, logs) and their binaries `constellation-<name>`.
 pub const VERIFY: &str = "verify";
 pub const KEY_SERVICE: &str = "keyservice";
-pub const JOIN_SERVICE: &str = "joinservice";
+pub const JOIN_SERVICE: &str = constellation_common::node_status::JOIN_SERVICE_DAEMON;
 
 /// How often the supervisor probes readiness and the join service's policy is refreshed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);

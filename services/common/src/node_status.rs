@@ -42,6 +42,11 @@ pub enum NodePhase {
 /// The name of a control plane's supervised etcd member in [`NodeStatus::daemons`].
 pub const ETCD_DAEMON: &str = "etcd";
 
+/// The name of a control plane's supervised join service in [`NodeStatus::daemons`]. On a
+/// control plane that joined an etcd cluster it starts only once its etcd member was promoted
+/// from learner to voter.
+pub const JOIN_SERVICE_DAEMON: &str = "joinservice";
+
 /// One status report of one bootstrapper process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
