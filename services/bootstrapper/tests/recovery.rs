@@ -369,13 +369,11 @@ async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_with_kmip_credent
     assert!(!log.contains(&hex::encode(MASTER_SECRET)));
 
     // KMIP credentials instead of the secret, KMS still down: the same refusal.
-    let s = recover_with(
-        c.fresh_validator(&cp),
-        &cp,
-        kmip_recover_request(credentials.clone()),
-    )
-    .await
-    .unwrap_err();
+    let recover_through_kms = || {
+        let request = kmip_recover_request(credentials.clone());
+        recover_with(c.fresh_validator(&cp), &cp, request)
+    };
+    let s = recover_through_kms().await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
 
     // The KMIP server is back: Recover with only the KMIP credentials (no master secret) now
@@ -383,45 +381,21 @@ async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_with_kmip_credent
     kmip.start_again().unwrap();
     // A tampered header copy does not unwrap (AES-GCM under the KEK): refused, nothing started.
     let mut tampered: serde_json::Value = serde_json::from_str(&header_copy).unwrap();
-    let flipped = tampered["wrapped"]
-        .as_str()
-        .unwrap()
-        .chars()
-        .enumerate()
-        .map(|(i, ch)| {
-            if i == 0 {
-                if ch == '0' {
-                    '1'
-                } else {
-                    '0'
-                }
-            } else {
-                ch
-            }
-        })
-        .collect::<String>();
-    tampered["wrapped"] = flipped.into();
+    let mut wrapped = tampered["wrapped"].as_str().unwrap().to_owned();
+    let flipped = if wrapped.starts_with('0') { "1" } else { "0" };
+    wrapped.replace_range(0..1, flipped);
+    tampered["wrapped"] = wrapped.into();
     let disk = disk_of(&cp);
     statedisk::write_token(&disk, KMIP_WRAPPED_SECRET_TOKEN, &tampered.to_string()).unwrap();
-    let s = recover_with(
-        c.fresh_validator(&cp),
-        &cp,
-        kmip_recover_request(credentials.clone()),
-    )
-    .await
-    .unwrap_err();
+    let s = recover_through_kms().await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
     assert!(s.message().contains("unwrap"), "{}", s.message());
     assert!(!serves(&cp, ports::JOIN), "nothing started");
     statedisk::write_token(&disk, KMIP_WRAPPED_SECRET_TOKEN, &header_copy).unwrap();
     let started = Instant::now();
-    recover_with(
-        c.fresh_validator(&cp),
-        &cp,
-        kmip_recover_request(credentials),
-    )
-    .await
-    .unwrap_or_else(|s| panic!("Recover with KMIP credentials refused: {s:?}"));
+    recover_through_kms()
+        .await
+        .unwrap_or_else(|s| panic!("Recover with KMIP credentials refused: {s:?}"));
     eprintln!("Recover with KMIP credentials took {:?}", started.elapsed());
     wait_log(
         &cp,
