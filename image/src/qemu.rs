@@ -41,7 +41,8 @@ pub const EVENTLOG_BEGIN: &str = "===CONSTELLATION-EVENTLOG-BEGIN===";
 pub const EVENTLOG_END: &str = "===CONSTELLATION-EVENTLOG-END===";
 
 /// Modules the node needs (dependencies are added): virtio devices, firmware config, and
-/// device-mapper crypt/integrity with the ciphers dm-crypt's aes-xts-plain64 needs. The TPM
+/// device-mapper crypt/integrity with the ciphers dm-crypt's aes-xts-plain64 and its HMAC-SHA256
+/// integrity (authenc) need. The TPM
 /// CRB/TIS drivers are built into Debian's cloud kernel.
 pub const MODULES: &[&str] = &[
     "virtio_pci",
@@ -53,6 +54,7 @@ pub const MODULES: &[&str] = &[
     "dm_integrity",
     "ecb",
     "xts",
+    "authenc",
 ];
 
 /// Kernel command line of the node image. OVMF appends ` initrd=initrd` when it passes it.

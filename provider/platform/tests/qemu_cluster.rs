@@ -1,6 +1,7 @@
 //! A real cluster of QEMU VMs: one control plane and one worker boot the node image under
 //! OVMF with their own swtpm; the control plane is attested over aTLS (through its host
-//! forward) against the image's precalculated measurements and initialized; the worker joins
+//! forward) against the image's precalculated measurements and initialized (state volumes with
+//! dm-crypt and dm-integrity); the worker joins
 //! through the control plane's join service; both attest with PCR 15 = the cluster ID; the
 //! state disk files on the host hold no known secret; a rebooted worker rejoins and mounts its
 //! existing volume; destroy leaves no process and no file.
@@ -106,6 +107,12 @@ async fn a_control_plane_and_a_worker_vm_form_a_cluster_on_encrypted_disks() {
         assert!(
             !contains(&disk[..4096], b"constellation-first-boot"),
             "node {}: the volume was re-keyed",
+            node.name
+        );
+        // The LUKS2 header's segment carries dm-integrity with HMAC-SHA256 sector tags.
+        assert!(
+            contains(&disk[..64 << 10], b"hmac(sha256)"),
+            "node {}: the volume has integrity protection",
             node.name
         );
         for (what, secret) in [

@@ -65,7 +65,13 @@ pub(crate) async fn adopt_disk_key(
         let initial = first_boot_keys().get(&disk).cloned();
         let fresh = initial.is_some();
         if let Some(initial) = initial {
-            statedisk::rekey(&disk, initial.as_slice(), &key, KdfSettings::default())?;
+            statedisk::rekey_with(
+                &disk,
+                initial.as_slice(),
+                &key,
+                KdfSettings::default(),
+                integrity(vm),
+            )?;
             first_boot_keys().remove(&disk);
             match std::fs::remove_file(&marker) {
                 Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
@@ -81,7 +87,7 @@ pub(crate) async fn adopt_disk_key(
         let name = statedisk::mapper_name_of(&disk)?;
         let opened = statedisk::open(&disk, &key, &name)?;
         if vm {
-            crate::vm::mount_state_volume(&opened, fresh, &state_dir)?;
+            crate::vm::mount_state_volume(&disk, &opened, fresh, &state_dir)?;
         }
         Ok(opened)
     })
@@ -119,13 +125,25 @@ pub(crate) fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
         }
     }
     let first_boot = FirstBootKey::new(rand::random());
-    let uuid = statedisk::format(
+    let uuid = statedisk::format_with(
         &path,
         STATE_DISK_BYTES,
         first_boot.as_slice(),
         KdfSettings::default(),
+        integrity(node.vm.is_some()),
     )?;
     first_boot_keys().insert(path, first_boot);
     tracing::info!(%uuid, "formatted the state disk with a first-boot key (memory only)");
     Ok(())
+}
+
+/// A VM's state volume carries integrity tags (dm-integrity, HMAC-SHA256); the local platform's
+/// file-backed volume cannot (the host has no device-mapper to format or open one) and is never
+/// opened for data anyway.
+fn integrity(vm: bool) -> statedisk::Integrity {
+    if vm {
+        statedisk::Integrity::HmacSha256
+    } else {
+        statedisk::Integrity::None
+    }
 }

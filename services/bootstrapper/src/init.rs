@@ -209,15 +209,13 @@ async fn initialize(
 
     let kms = KmsChoice::from_proto(r.kms).map_err(Status::invalid_argument)?;
 
-    // Key this node's state disk with its disk key, as a join ticket would. With files, the
-    // disk is bound first; with etcd, once the member runs (it needs the cluster PKI), still
-    // before any join service could hand the disk's key to another node.
+    // Key this node's state disk with its disk key, as a join ticket would, then bind the disk
+    // to this node: with files once the keyed volume is mounted (in a VM the binding folder is
+    // on it), with etcd once the member runs (it needs the cluster PKI); either way before any
+    // join service could hand the disk's key to another node.
     let uuid = statedisk::uuid(&node.disk_path())
         .map_err(|e| Status::internal(e.to_string()))?
         .to_string();
-    if !node.shared.is_etcd() {
-        bind_own_disk(node, &uuid).await?;
-    }
     let disk_key = kdf::derive_key(
         master.expose(),
         master_salt.expose(),
@@ -229,6 +227,9 @@ async fn initialize(
         .await
         .map_err(|e| Status::internal(format!("keying the state disk: {e}")))?;
     say("state disk keyed with this node's disk key".to_owned());
+    if !node.shared.is_etcd() {
+        bind_own_disk(node, &uuid).await?;
+    }
 
     let secrets = ControlPlaneSecrets {
         master_secret: master,

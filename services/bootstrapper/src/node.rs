@@ -199,11 +199,11 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     });
     // The local platform: the control planes' etcd cluster (a member per control plane, from
     // Init, a control-plane join or Recover on). A VM's image carries no etcd yet: its disk
-    // bindings stay in a folder of its own (outside the state folder, which the state volume is
-    // mounted over).
+    // bindings live in the state folder, on the encrypted state volume once it is mounted
+    // (the folder is made again on the volume then; nothing binds a disk before).
     let shared = match &cfg.vm {
         Some(_) => {
-            let dir = cfg.node_dir.join("disk-bindings");
+            let dir = state_dir.join(crate::vm::DISK_BINDINGS_DIR);
             SharedState::Files {
                 bindings: Arc::new(FileDiskBindings::open(&dir)?),
                 dir,

@@ -17,9 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::LazyLock;
 
-use libcryptsetup_rs::consts::flags::{CryptActivate, CryptPbkdf, CryptVolumeKey};
-use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
-use libcryptsetup_rs::{CryptDevice, CryptInit, CryptPbkdfType, Either, LibcryptErr};
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptPbkdf, CryptVolumeKey, CryptWipe};
+use libcryptsetup_rs::consts::vals::{CryptKdf, CryptWipePattern, EncryptionFormat};
+use libcryptsetup_rs::{
+    CryptDevice, CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptPbkdfType, Either,
+    LibcryptErr,
+};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -27,6 +30,46 @@ use zeroize::Zeroizing;
 pub const CIPHER: (&str, &str) = ("aes", "xts-plain64");
 /// Volume key length in bytes (512 bits: two AES-256 keys for XTS).
 pub const VOLUME_KEY_BYTES: usize = 64;
+/// Sector size of a volume with integrity protection: one HMAC tag per 4 KiB.
+const INTEGRITY_SECTOR_BYTES: u32 = 4096;
+
+/// Whether the volume's sectors carry authentication tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// Confidentiality only (aes-xts-plain64): a changed sector reads as noise, unnoticed.
+    None,
+    /// dm-integrity with an HMAC-SHA256 tag per 4 KiB sector, keyed by 256 more bits of the
+    /// volume key (Constellation's choice, aes-xts + hmac-sha256): a sector changed, or copied
+    /// from elsewhere on the disk, fails to read instead of reading as noise. A sector never
+    /// written has no valid tag, so a new volume is written once ([`initialize_tags`]).
+    HmacSha256,
+}
+
+impl Integrity {
+    fn volume_key_bytes(self) -> usize {
+        match self {
+            Self::None => VOLUME_KEY_BYTES,
+            Self::HmacSha256 => VOLUME_KEY_BYTES + 32,
+        }
+    }
+
+    fn luks2_params(self) -> Option<CryptParamsLuks2> {
+        match self {
+            Self::None => None,
+            Self::HmacSha256 => Some(CryptParamsLuks2 {
+                pbkdf: None,
+                integrity: Some("hmac(sha256)".into()),
+                integrity_params: None,
+                data_alignment: 0,
+                data_device: None,
+                sector_size: INTEGRITY_SECTOR_BYTES,
+                label: None,
+                subsystem: None,
+            }),
+        }
+    }
+}
+
 /// Device-mapper control node.
 pub const DEVICE_MAPPER_CONTROL: &str = "/dev/mapper/control";
 /// The kernel's list of misc devices; it names "device-mapper" when dm is built in or loaded.
@@ -165,6 +208,17 @@ pub fn format(
     key: &[u8],
     kdf: KdfSettings,
 ) -> Result<Uuid, StateDiskError> {
+    format_with(path, size_bytes, key, kdf, Integrity::None)
+}
+
+/// [`format`] with the given sector [`Integrity`] (with integrity: on a device-mapper host).
+pub fn format_with(
+    path: &Path,
+    size_bytes: u64,
+    key: &[u8],
+    kdf: KdfSettings,
+    integrity: Integrity,
+) -> Result<Uuid, StateDiskError> {
     let key = owned_key(key)?;
     prepare_backing_file(path, size_bytes)?;
     let path = path.to_path_buf();
@@ -172,22 +226,7 @@ pub fn format(
         if load_luks2(&path).is_ok() {
             return Err(StateDiskError::AlreadyFormatted { path });
         }
-        let mut device = init(&path)?;
-        let pbkdf = kdf.pbkdf_type();
-        device
-            .settings_handle()
-            .set_pbkdf_type(&pbkdf)
-            .map_err(cryptsetup_error("setting PBKDF", &path))?;
-        device
-            .context_handle()
-            .format::<()>(
-                EncryptionFormat::Luks2,
-                CIPHER,
-                None,
-                Either::Right(VOLUME_KEY_BYTES),
-                None,
-            )
-            .map_err(cryptsetup_error("formatting LUKS2", &path))?;
+        let mut device = write_header(&path, None, kdf, integrity)?;
         device
             .keyslot_handle()
             .add_by_key(None, None, &key, CryptVolumeKey::empty())
@@ -204,6 +243,93 @@ pub fn format(
             .map_err(cryptsetup_error("reading UUID", &path))?;
         tracing::info!(path = %path.display(), %uuid, ?kdf, "formatted LUKS2 state disk");
         Ok(uuid)
+    })?
+}
+
+/// A LUKS2 header with a new random volume key (and, with integrity, a dm-integrity
+/// superblock), no keyslot yet.
+fn write_header(
+    path: &Path,
+    uuid: Option<Uuid>,
+    kdf: KdfSettings,
+    integrity: Integrity,
+) -> Result<CryptDevice, StateDiskError> {
+    let mut device = init(path)?;
+    device
+        .settings_handle()
+        .set_pbkdf_type(&kdf.pbkdf_type())
+        .map_err(cryptsetup_error("setting PBKDF", path))?;
+    let key = Either::Right(integrity.volume_key_bytes());
+    let formatted = match integrity.luks2_params() {
+        None => {
+            device
+                .context_handle()
+                .format::<()>(EncryptionFormat::Luks2, CIPHER, uuid, key, None)
+        }
+        Some(params) => {
+            let mut params: CryptParamsLuks2Ref<'_> = (&params)
+                .try_into()
+                .map_err(cryptsetup_error("integrity parameters", path))?;
+            device.context_handle().format(
+                EncryptionFormat::Luks2,
+                CIPHER,
+                uuid,
+                key,
+                Some(&mut params),
+            )
+        }
+    };
+    formatted.map_err(cryptsetup_error("writing a LUKS2 header", path))?;
+    Ok(device)
+}
+
+/// Writes zeros over the whole opened volume `mapper_path` of `path`, so that every sector of
+/// a volume with [`Integrity::HmacSha256`] carries a valid tag (a sector never written fails
+/// to read, which the file system would meet). Done once per volume key, before `mkfs`.
+pub fn initialize_tags(path: &Path, mapper_path: &Path) -> Result<(), StateDiskError> {
+    let path = path.to_path_buf();
+    let mapper_path = mapper_path.to_path_buf();
+    on_worker(move || {
+        let length = fs::metadata(&mapper_path)
+            .and_then(|_| {
+                let mut file = fs::File::open(&mapper_path)?;
+                io::Seek::seek(&mut file, io::SeekFrom::End(0))
+            })
+            .map_err(|source| StateDiskError::Io {
+                operation: "measuring",
+                path: mapper_path.clone(),
+                source,
+            })?;
+        let mut device = load_luks2(&path)?;
+        device
+            .wipe_handle()
+            .wipe::<()>(
+                &mapper_path,
+                CryptWipePattern::Zero,
+                0,
+                length,
+                1 << 20,
+                CryptWipe::empty(),
+                None,
+                None,
+            )
+            .map_err(cryptsetup_error("writing the integrity tags", &mapper_path))?;
+        tracing::info!(volume = %mapper_path.display(), bytes = length, "integrity tags initialized");
+        Ok(())
+    })?
+}
+
+/// The volume's integrity algorithm, e.g. `hmac(sha256)`; `None` without integrity.
+pub fn integrity_of(path: &Path) -> Result<Option<String>, StateDiskError> {
+    let path = path.to_path_buf();
+    on_worker(move || {
+        let mut device = load_luks2(&path)?;
+        Ok(device
+            .status_handle()
+            .get_integrity_info()
+            .ok()
+            .map(|i| i.integrity)
+            .filter(|i| !i.is_empty()))
     })?
 }
 
@@ -415,6 +541,17 @@ pub fn rekey(
     new_key: &[u8],
     kdf: KdfSettings,
 ) -> Result<u32, StateDiskError> {
+    rekey_with(path, old_key, new_key, kdf, Integrity::None)
+}
+
+/// [`rekey`] to a new header with the given sector [`Integrity`].
+pub fn rekey_with(
+    path: &Path,
+    old_key: &[u8],
+    new_key: &[u8],
+    kdf: KdfSettings,
+    integrity: Integrity,
+) -> Result<u32, StateDiskError> {
     let old_key = owned_key(old_key)?;
     let new_key = owned_key(new_key)?;
     let path = path.to_path_buf();
@@ -430,21 +567,7 @@ pub fn rekey(
             .map_err(cryptsetup_error("reading UUID", &path))?;
         drop(device);
         // A new header over the old one (libcryptsetup wipes the old keyslots area with it).
-        let mut device = init(&path)?;
-        device
-            .settings_handle()
-            .set_pbkdf_type(&kdf.pbkdf_type())
-            .map_err(cryptsetup_error("setting PBKDF", &path))?;
-        device
-            .context_handle()
-            .format::<()>(
-                EncryptionFormat::Luks2,
-                CIPHER,
-                Some(uuid),
-                Either::Right(VOLUME_KEY_BYTES),
-                None,
-            )
-            .map_err(cryptsetup_error("writing a new LUKS2 header", &path))?;
+        let mut device = write_header(&path, Some(uuid), kdf, integrity)?;
         let new_slot = device
             .keyslot_handle()
             .add_by_key(None, None, &new_key, CryptVolumeKey::empty())

@@ -13,12 +13,12 @@
 //! `attacks_qemu_disk.rs`):
 //! - Whether the disk still has its first-boot key is read from the LUKS2 header's label
 //!   ([`statedisk::FIRST_BOOT_LABEL`]): the guest has no other storage that survives a reboot.
-//! - dm-crypt only (aes-xts-plain64, 512-bit volume key), no dm-integrity yet: integrity tags
-//!   must be initialized by writing the whole device, once after formatting and again after the
-//!   re-key (which replaces the volume key); that cost under TCG has not been measured.
-//! - The join service's disk bindings live in the node folder on the guest's tmpfs, outside
-//!   the state volume (they are written before the volume is mounted): a rebooted control plane
-//!   forgets them.
+//! - dm-crypt (aes-xts-plain64) with dm-integrity (HMAC-SHA256 per 4 KiB sector,
+//!   [`statedisk::Integrity::HmacSha256`]): a changed sector fails to read. The tags are
+//!   written once per volume key, after the re-key (the first-boot volume is never opened, so
+//!   it is not written), before `mkfs`.
+//! - The join service's disk bindings (the control plane's join state) live in
+//!   [`DISK_BINDINGS_DIR`] on the state volume, made there when the volume is mounted.
 //! - The node's phase file is read before the volume is mounted, so a rebooted control-plane VM
 //!   starts as uninitialized (serves Init, not Recover); a rebooted worker rejoins and mounts
 //!   its existing volume.
@@ -37,6 +37,9 @@ use crate::statedisk::{self, OpenedVolume, StateDiskError, VolumeKind};
 pub const GUEST_TCTI: &str = "device:/dev/tpmrm0";
 pub const GUEST_STATE_DEVICE: &str = "/dev/vda";
 pub const GUEST_NODE_DIR: &str = "/run/constellation";
+/// The folder of the join service's disk bindings in the state folder (on the state volume).
+pub const DISK_BINDINGS_DIR: &str = "disk-bindings";
+
 /// The file system tool the node image ships.
 const MKFS: &str = "mkfs.ext4";
 /// How often the console reporter looks for a new status.
@@ -119,6 +122,7 @@ fn mounted(dir: &Path) -> bool {
 /// new volume key, so it reads as noise) makes the file system first. A volume that is not
 /// fresh is never formatted: a mount failure then is an error, not a reason to erase it.
 pub fn mount_state_volume(
+    device: &Path,
     opened: &OpenedVolume,
     fresh: bool,
     state_dir: &Path,
@@ -132,6 +136,8 @@ pub fn mount_state_volume(
         return Ok(());
     }
     if fresh {
+        // A new volume key: no sector has a valid integrity tag yet.
+        statedisk::initialize_tags(device, mapper_path)?;
         // Lazy inode-table and journal init: the volume's blocks are written when used, not
         // now (under TCG every written block costs).
         run(Command::new(MKFS)
@@ -147,10 +153,12 @@ pub fn mount_state_volume(
         .args(["-t", "ext4", "-o", "nosuid,nodev,noexec"])
         .arg(mapper_path)
         .arg(state_dir))?;
-    constellation_common::secret_file::ensure_private_dir(state_dir).map_err(|e| VmError::Io {
-        path: state_dir.to_owned(),
-        source: e.into(),
-    })?;
+    for dir in [state_dir.to_owned(), state_dir.join(DISK_BINDINGS_DIR)] {
+        constellation_common::secret_file::ensure_private_dir(&dir).map_err(|e| VmError::Io {
+            path: dir.clone(),
+            source: e.into(),
+        })?;
+    }
     // The status on the volume is an earlier boot's (the pid cannot tell: a guest's boot is
     // deterministic); this boot reports its own next.
     let stale = state_dir.join(STATUS_FILE);
