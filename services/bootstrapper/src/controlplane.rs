@@ -206,13 +206,31 @@ fn copy_wrapped_secret_to_header(node: &NodeContext) -> Result<(), ControlPlaneE
 /// the header holds no wrapped copy (a cluster-managed master secret).
 pub async fn wrapped_secret_from_header(
     node: &NodeContext,
-    cluster_name: &str,
+    cluster_name: Option<&str>,
     kmip: StoredKmipSettings,
 ) -> Result<Option<MasterSecret>, ControlPlaneError> {
+    /// The cluster a wrapped secret is bound to (its AAD), for a node whose control-plane
+    /// record is still on its closed state volume (a VM).
+    #[derive(serde::Deserialize)]
+    struct BoundTo {
+        cluster_name: String,
+    }
     let disk = node.disk_path();
     let Some(wrapped) = crate::statedisk::read_token(&disk, KMIP_WRAPPED_SECRET_TOKEN)? else {
         return Ok(None);
     };
+    let cluster_name = match cluster_name {
+        Some(name) => name.to_owned(),
+        None => {
+            serde_json::from_str::<BoundTo>(&wrapped)
+                .map_err(|e| constellation_keyservice::BackendError::CorruptFile {
+                    path: disk.clone(),
+                    reason: format!("the wrapped master secret in its header: {e}"),
+                })?
+                .cluster_name
+        }
+    };
+    let cluster_name = cluster_name.as_str();
     let backend = KmipBackend::new(
         kmip_settings(&kmip, cluster_name)?,
         node.state_dir.join("keyservice"),

@@ -42,7 +42,7 @@ use crate::kubernetes::NoneInstaller;
 use crate::policy::{ClusterValidator, Scope};
 use crate::recover::RecoverServer;
 use crate::state::{ControlPlaneRecord, NodeState, Phase, StateError};
-use crate::statedisk::{self, StateDiskError};
+use crate::statedisk::{self, StateDiskError, VolumeKind};
 use crate::tpm_mux::{self, TpmMux};
 
 /// Longest pause between two join attempts.
@@ -251,17 +251,26 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     // Every listener of the node: the documented defaults (constellation_common::limits).
     let limits = ListenerLimits::default();
     if me.role == Role::ControlPlane {
-        let serves = if state.phase == Phase::Uninitialized {
+        // A restarted control plane holds no master secret: either a join service (another
+        // control plane) or the operator's Recover brings it back. In a VM its phase and
+        // record are on the state volume, still closed: a volume keyed with a disk key says
+        // the node was initialized or joined.
+        let restarted = match &node.vm {
+            Some(_) => statedisk::volume_kind(&node.disk_path())? == VolumeKind::Keyed,
+            None => {
+                state.phase != Phase::Uninitialized
+                    && ControlPlaneRecord::load(&node.state_dir)?.is_some()
+            }
+        };
+        let serves = if restarted {
+            let recover = RecoverServiceServer::new(RecoverServer::new(node.clone(), &limits))
+                .max_decoding_message_size(limits.max_message_bytes);
+            Some(("Recover", tonic::service::Routes::new(recover)))
+        } else if state.phase == Phase::Uninitialized {
             // Serve Init (server-attested aTLS); other control planes may also let us join.
             let init = InitServiceServer::new(InitServer::new(node.clone(), &limits))
                 .max_decoding_message_size(limits.max_message_bytes);
             Some(("Init", tonic::service::Routes::new(init)))
-        } else if ControlPlaneRecord::load(&node.state_dir)?.is_some() {
-            // A restarted control plane: it holds no master secret. Either a join service
-            // (another control plane) or the operator's Recover brings it back.
-            let recover = RecoverServiceServer::new(RecoverServer::new(node.clone(), &limits))
-                .max_decoding_message_size(limits.max_message_bytes);
-            Some(("Recover", tonic::service::Routes::new(recover)))
         } else {
             None
         };

@@ -206,17 +206,13 @@ impl RecoverService for RecoverServer {
 async fn recover(node: &Arc<NodeContext>, proof: RecoverProof) -> Result<String, RecoverError> {
     // Exactly once, and only while waiting: both locks are held for the whole recovery (order:
     // phase, then binding), so a join ticket arriving meanwhile is discarded afterwards.
-    let phase = node.phase.lock().await;
+    let mut phase = node.phase.lock().await;
     let mut binding = node.binding.lock().await;
-    let expected = phase
-        .cluster_id()
-        .ok_or(RecoverError::NeverInitialized)?
-        .to_owned();
     match *binding {
         Binding::Unbound => {}
         Binding::Recovered => {
             return Err(RecoverError::AlreadyRecovered {
-                cluster_id: expected,
+                cluster_id: phase.cluster_id().unwrap_or_default().to_owned(),
             })
         }
         Binding::Initialized => return Err(RecoverError::NotWaiting { how: "initialized" }),
@@ -231,12 +227,20 @@ async fn recover(node: &Arc<NodeContext>, proof: RecoverProof) -> Result<String,
             })
         }
     }
-    let record =
-        ControlPlaneRecord::load(&node.state_dir)?.ok_or(RecoverError::NoControlPlaneRecord)?;
+    // On the local platform the phase and record are readable now; in a VM they are on the
+    // state volume, read once the proof below opened it.
+    let early_record = ControlPlaneRecord::load(&node.state_dir)?;
+    if node.vm.is_none() {
+        phase.cluster_id().ok_or(RecoverError::NeverInitialized)?;
+        early_record
+            .as_ref()
+            .ok_or(RecoverError::NoControlPlaneRecord)?;
+    }
     let (master, salt) = match proof {
         RecoverProof::Secret { master, salt } => (master, salt),
         RecoverProof::Kmip(kmip) => {
-            match controlplane::wrapped_secret_from_header(node, &record.cluster_name, kmip).await {
+            let cluster_name = early_record.as_ref().map(|r| r.cluster_name.as_str());
+            match controlplane::wrapped_secret_from_header(node, cluster_name, kmip).await {
                 Ok(Some(unwrapped)) => (unwrapped.secret().clone(), unwrapped.salt().clone()),
                 Ok(None) => return Err(RecoverError::NoWrappedSecret),
                 Err(controlplane::ControlPlaneError::Backend(e)) => {
@@ -270,6 +274,29 @@ async fn recover(node: &Arc<NodeContext>, proof: RecoverProof) -> Result<String,
         keyslot = opened.keyslot(),
         "state disk unlocked with the disk key derived from the recovered master secret"
     );
+    if node.vm.is_some() {
+        // The volume holds the node's phase and control-plane record: mount it (never
+        // formatted: it is not fresh) and read them.
+        let state_dir = node.state_dir.clone();
+        let disk = node.disk_path();
+        tokio::task::spawn_blocking(move || {
+            crate::vm::mount_state_volume(&disk, &opened, false, &state_dir)
+        })
+        .await
+        .map_err(|e| RecoverError::Disk(DiskKeyError::Worker(e.to_string())))?
+        .map_err(|e| RecoverError::Disk(DiskKeyError::Volume(e)))?;
+        *phase = NodeState::load(&node.state_dir)?;
+    }
+    let expected = phase
+        .cluster_id()
+        .ok_or(RecoverError::NeverInitialized)?
+        .to_owned();
+    let record = match early_record {
+        Some(record) => record,
+        None => {
+            ControlPlaneRecord::load(&node.state_dir)?.ok_or(RecoverError::NoControlPlaneRecord)?
+        }
+    };
 
     let measurement_salt = hex::decode(&record.measurement_salt)
         .ok()

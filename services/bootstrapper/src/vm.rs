@@ -19,9 +19,10 @@
 //!   it is not written), before `mkfs`.
 //! - The join service's disk bindings (the control plane's join state) live in
 //!   [`DISK_BINDINGS_DIR`] on the state volume, made there when the volume is mounted.
-//! - The node's phase file is read before the volume is mounted, so a rebooted control-plane VM
-//!   starts as uninitialized (serves Init, not Recover); a rebooted worker rejoins and mounts
-//!   its existing volume.
+//! - The node's phase file is on the volume, closed at boot: a control-plane VM whose volume
+//!   is keyed with a disk key was initialized or joined, so it serves Recover, which opens and
+//!   mounts the volume with the derived disk key and only then reads the phase and record; a
+//!   rebooted worker rejoins and mounts its existing volume.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -17,6 +17,8 @@ use constellation_platform::{Cloud, NodeRecord, QemuCloud};
 use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_client::InitServiceClient;
 use constellation_proto::init::{ClusterManagedKms, InitRequest, KmsConfig};
+use constellation_proto::recover::recover_service_client::RecoverServiceClient;
+use constellation_proto::recover::RecoverRequest;
 use constellation_proto::PROTOCOL_VERSION;
 
 pub const MASTER_SECRET: [u8; 32] = [0x5a; 32];
@@ -168,6 +170,28 @@ pub async fn init(node: &NodeRecord, measurements: &Measurements) -> (Vec<u8>, D
         }
     }
     panic!("Init stream ended without success")
+}
+
+/// Attests a control plane that waits for Recover (PCR 15 still zero) and sends it the
+/// master secret; returns the node's answer.
+pub async fn recover(node: &NodeRecord, measurements: &Measurements) -> String {
+    let validator = QemuVtpmValidator::new(vec![pinned(node)], measurements.clone());
+    let config = ClientConfig::server_only(Arc::new(validator)).unwrap();
+    let endpoint = node.endpoint(constellation_common::metadata::ports::BOOTSTRAPPER);
+    let (channel, _verdict) = atls::channel(&endpoint, config)
+        .await
+        .unwrap_or_else(|e| panic!("control plane {} must attest for Recover: {e}", node.name));
+    RecoverServiceClient::new(channel)
+        .recover(RecoverRequest {
+            version: PROTOCOL_VERSION,
+            master_secret: MASTER_SECRET.to_vec(),
+            master_salt: MASTER_SALT.to_vec(),
+            kmip: None,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("Recover refused: {s:?}"))
+        .into_inner()
+        .message
 }
 
 /// Builds the node image into `scratch` and creates an empty QEMU cluster from it; returns the
