@@ -65,6 +65,9 @@ struct KmipJson {
 /// The spec as applied, secrets aside (they are top-level fields of the journal).
 #[derive(Clone, Serialize, Deserialize)]
 struct SpecJson {
+    /// Absent in journals of providers that knew only the local platform.
+    #[serde(default = "local_platform")]
+    platform: String,
     image_reference: String,
     measurements: Measurements,
     control_plane_count: u32,
@@ -82,6 +85,10 @@ struct SpecJson {
     node_cidr: String,
     kubernetes_version: String,
     kmip: Option<KmipJson>,
+}
+
+fn local_platform() -> String {
+    Platform::Local.as_str().to_owned()
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -192,7 +199,7 @@ impl Journal {
         let s = j.spec;
         let spec = ClusterSpec {
             name: j.cluster_name,
-            platform: Platform::Local,
+            platform: s.platform.parse().map_err(|_| field("platform"))?,
             image: ImageRef {
                 reference: s.image_reference,
                 measurements: s.measurements,
@@ -277,6 +284,7 @@ impl Journal {
             measurement_salt: hex::encode(s.secrets.measurement_salt.expose()),
             init_secret: hex::encode(self.init_secret.expose()),
             spec: SpecJson {
+                platform: s.platform.as_str().to_owned(),
                 image_reference: s.image.reference.clone(),
                 measurements: s.image.measurements.clone(),
                 control_plane_count: s.control_plane_count,
@@ -396,6 +404,24 @@ pub(crate) mod tests {
         j.store(dir.path()).unwrap();
         let back = Journal::load(dir.path()).unwrap().unwrap();
         assert_eq!(back, j);
+        // The platform is recorded (a qemu cluster's journal must not read back as local).
+        let mut qemu = j.clone();
+        qemu.spec.platform = Platform::Qemu;
+        qemu.store(dir.path()).unwrap();
+        assert_eq!(
+            Journal::load(dir.path()).unwrap().unwrap().spec.platform,
+            Platform::Qemu
+        );
+        // A journal of an older provider has no platform: it was local.
+        let path = Journal::path(dir.path());
+        let mut old: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        old["spec"].as_object_mut().unwrap().remove("platform");
+        std::fs::write(&path, old.to_string()).unwrap();
+        assert_eq!(
+            Journal::load(dir.path()).unwrap().unwrap().spec.platform,
+            Platform::Local
+        );
         let debug = format!("{back:?}");
         assert!(!debug.contains(&hex::encode([1u8; 32])), "{debug}");
         assert!(!debug.contains("key"), "{debug}");
