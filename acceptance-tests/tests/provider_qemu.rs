@@ -7,6 +7,8 @@
 //!   the image's PCRs, PCR 15 = the cluster ID);
 //! - the provider reported each node's boot phases (firmware, kernel, bootstrapper up);
 //! - a worker VM's QEMU process killed out of band shows in the plan and apply repairs it;
+//! - scaling up boots, attests and joins another worker VM; scaling down removes it (QEMU,
+//!   swtpm, folder); `terraform import` from the cluster URI gives a state with no diff;
 //! - destroy leaves no QEMU, swtpm or metadata process and no file.
 //!
 //! A second test boots an image whose initrd was changed by one byte after its PCRs were
@@ -32,9 +34,11 @@ fn config() -> String {
         .with(&["kubeconfig_path = \"${path.module}/kubeconfig\""]);
     cluster.image_reference =
         "coalesce(var.image_reference, constellation_image.img.reference)".into();
+    cluster.worker_count = "var.workers".into();
     format!(
-        "{}{}{}{OUTPUTS}",
+        "{}{}{}{}{OUTPUTS}",
         hcl::variable("image_reference", "string", "null"),
+        hcl::variable("workers", "number", "1"),
         hcl::image("img", "qemu", "v0.1.0", "BOOT"),
         cluster.hcl()
     )
@@ -130,7 +134,8 @@ fn assert_nothing_left(root: &Path) {
 }
 
 #[test]
-fn a_qemu_cluster_applies_verifies_repairs_drift_and_destroys_clean_terraform_1_15() {
+fn a_qemu_cluster_applies_verifies_repairs_drift_scales_imports_and_destroys_clean_terraform_1_15()
+{
     let _serial = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -204,6 +209,44 @@ fn a_qemu_cluster_applies_verifies_repairs_drift_and_destroys_clean_terraform_1_
         "the worker runs in a new QEMU process"
     );
     assert_all_verified(&tf, &root, &cluster_id, 2);
+
+    // Scale up: a second worker VM boots, attests and joins; scale down: it goes, QEMU,
+    // swtpm and folder included.
+    let before: Vec<String> = vms(&root).into_iter().map(|n| n.name).collect();
+    let up = tf.apply(&["-var", "workers=2"]).ok();
+    eprintln!("scale up to 2 workers took {:?}", up.elapsed);
+    assert_all_verified(&tf, &root, &cluster_id, 3);
+    let added = vms(&root)
+        .into_iter()
+        .find(|n| !before.contains(&n.name))
+        .expect("a new worker VM");
+    tf.apply(&["-var", "workers=1"]).ok();
+    assert_all_verified(&tf, &root, &cluster_id, 2);
+    assert!(
+        !vms(&root).iter().any(|n| n.name == added.name),
+        "the added worker is gone again"
+    );
+    let node_dir = root.join("nodes").join(&added.name);
+    assert!(
+        processes_mentioning(&node_dir.display().to_string()).is_empty(),
+        "no process (QEMU, swtpm) of the removed worker is left"
+    );
+    assert!(!node_dir.exists(), "its folder is removed");
+    assert_eq!(tf.plan(&[]).code, 0, "plan after scale down");
+
+    // Import from the URI rebuilds a state with no diff.
+    tf.state_rm("constellation_cluster.c").ok();
+    let uri = format!(
+        "constellation-cluster://?platform=qemu&name=qacc&cluster_dir={}&kubeconfig_path=./kubeconfig",
+        root.display()
+    );
+    tf.import("constellation_cluster.c", &uri, &[]).ok();
+    let plan = tf.plan(&[]);
+    assert_eq!(
+        plan.code, 0,
+        "plan after import must show no changes:\n{plan}"
+    );
+    assert_eq!(tf.output("cluster_id").as_str(), Some(cluster_id.as_str()));
 
     tf.destroy(&[]).ok();
     assert_nothing_left(&root);
