@@ -101,7 +101,9 @@ fn remove_sockets(socket: &Path, state_dir: &Path) {
     let _ = std::fs::remove_file(ctrl_path(socket));
     if let Some(dir) = socket.parent() {
         if dir != state_dir {
-            let _ = std::fs::remove_dir(dir);
+            // Our private short folder: other sockets beside swtpm's (a TPM multiplexer's,
+            // whose process may have been killed) go with it.
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

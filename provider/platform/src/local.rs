@@ -625,7 +625,7 @@ fn boot_one(
             return Err(PlatformError::NodeStart {
                 node: record.name.clone(),
                 timeout: START_TIMEOUT,
-                log: process::log_tail(&record.log_path(), 20),
+                log: process::log_failure(&record.log_path(), 20),
             });
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -84,6 +84,21 @@ pub fn log_tail(log: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Why a process ended, from its log: the last `n` lines from where its fatal error begins
+/// (`Error: ...` from an error returned by `main`, or a panic), so a stack trace after it does
+/// not push the reason out of view; the plain tail when there is none.
+pub fn log_failure(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let fatal = lines.iter().rposition(|l| {
+        l.starts_with("Error: ") || l.starts_with("Error:") || l.contains("panicked at")
+    });
+    match fatal {
+        Some(start) => lines[start..lines.len().min(start + n)].join("\n"),
+        None => lines[lines.len().saturating_sub(n)..].join("\n"),
+    }
+}
+
 /// True if one of the command-line arguments `args` (NUL-separated) is `dir` or names a path
 /// inside it (also as the value of an `x=<path>` option, as swtpm takes them).
 fn mentions_dir(args: &[u8], dir: &str) -> bool {
@@ -159,5 +174,37 @@ mod tests {
             &args(&["swtpm", "dir=/c/nodes/acc-worker-10/tpm"]),
             dir
         ));
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_excerpt_starts_at_the_error_not_in_the_backtrace() {
+        let log = std::env::temp_dir().join(format!(
+            "constellation-log-failure-{}-{:x}.log",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let mut text = String::from("starting\nError: socket path too long\n\nStack backtrace:\n");
+        for i in 0..40 {
+            text.push_str(&format!("  {i}: frame\n"));
+        }
+        std::fs::write(&log, &text).unwrap();
+        let excerpt = log_failure(&log, 5);
+        assert!(
+            excerpt.starts_with("Error: socket path too long"),
+            "{excerpt}"
+        );
+        assert_eq!(excerpt.lines().count(), 5);
+        assert!(
+            !log_tail(&log, 5).contains("Error:"),
+            "the plain tail misses it"
+        );
+        std::fs::write(&log, "a\nb\nc\n").unwrap();
+        assert_eq!(log_failure(&log, 2), "b\nc");
+        let _ = std::fs::remove_file(&log);
     }
 }

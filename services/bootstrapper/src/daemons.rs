@@ -37,6 +37,9 @@ use constellation_keyservice::kmip::StoredKmipSettings;
 
 use crate::supervisor::{Backoff, DaemonFile, DaemonSpec, Probe, Supervisor, SupervisorError};
 
+/// The KMS v2 plugin's socket file (as short as the TPM multiplexer's `mux.sock`).
+const KMS_SOCKET: &str = "kms.sock";
+
 /// Daemon names (status, logs) and their binaries `constellation-<name>`.
 pub const VERIFY: &str = "verify";
 pub const KEY_SERVICE: &str = "keyservice";
@@ -142,6 +145,10 @@ pub struct NodeDaemons {
     binaries: PathBuf,
     /// `<node>/daemons`: configuration, policy and logs.
     dir: PathBuf,
+    /// Where the daemons' unix sockets go: beside the TPM's socket on the local platform (a
+    /// private folder the launcher chose short enough for a unix socket path, at most 107
+    /// bytes, however deep the node folder is), else the daemons folder.
+    socket_dir: PathBuf,
     state_dir: PathBuf,
     tcti: String,
     ip: IpAddr,
@@ -164,10 +171,14 @@ impl NodeDaemons {
             PROBE_INTERVAL,
             move |health| status.set_daemons(health),
         );
+        let socket_dir = crate::tpm_mux::swtpm_socket(&tcti)
+            .and_then(|socket| socket.parent().map(Path::to_owned))
+            .unwrap_or_else(|| dir.clone());
         Self {
             supervisor,
             binaries,
             dir,
+            socket_dir,
             state_dir: state_dir.to_owned(),
             tcti,
             ip,
@@ -250,7 +261,7 @@ impl NodeDaemons {
         let mut config = ConfigFile {
             listen: Some(SocketAddr::new(self.ip, ports::KEY_SERVICE)),
             state_dir: Some(self.state_dir.clone()),
-            kms_socket: Some(self.dir.join("kmsplugin.sock")),
+            kms_socket: Some(self.kms_socket()),
             backend: Some(BackendKind::ClusterManaged),
             cluster_name: Some(cluster_name.to_owned()),
             kmip_endpoint: None,
@@ -281,7 +292,7 @@ impl NodeDaemons {
     /// The KMS v2 plugin socket the key service daemon serves (for the API server's
     /// `EncryptionConfiguration`).
     pub fn kms_socket(&self) -> PathBuf {
-        self.dir.join("kmsplugin.sock")
+        self.socket_dir.join(KMS_SOCKET)
     }
 
     /// The join service daemon, its policy in etcd or (files) kept current from `metadata`.

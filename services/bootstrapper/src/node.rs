@@ -176,8 +176,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     // A swtpm serves one connection at a time: on a control plane the bootstrapper and two
     // daemons share the node's TPM through the multiplexer (a VM's kernel has /dev/tpmrm0).
     let tcti = match (&cfg.vm, me.role, tpm_mux::swtpm_socket(&cfg.tcti)) {
-        (None, Role::ControlPlane, Some(_)) => {
-            TpmMux::start(&cfg.tcti, &cfg.node_dir.join(tpm_mux::MUX_SOCKET))?.tcti()
+        (None, Role::ControlPlane, Some(swtpm)) => {
+            TpmMux::start(&cfg.tcti, &tpm_mux::mux_socket_beside(&swtpm))?.tcti()
         }
         _ => cfg.tcti.clone(),
     };

@@ -21,7 +21,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The multiplexer's socket next to the node's swtpm socket.
-pub const MUX_SOCKET: &str = "tpm-mux.sock";
+pub const MUX_SOCKET: &str = "mux.sock";
+
+/// Where the multiplexer listens: beside the swtpm's data socket, in the same private (0700)
+/// folder. The launcher chose that folder short enough for `swtpm.sock.ctrl` (a unix socket
+/// path has at most 107 bytes: a deep node folder gets one under the temporary directory), so
+/// `mux.sock.ctrl`, shorter, fits too.
+pub fn mux_socket_beside(swtpm_socket: &Path) -> PathBuf {
+    swtpm_socket.with_file_name(MUX_SOCKET)
+}
 /// swtpm's (and the TCTI's) suffix of the control socket.
 const CTRL_SUFFIX: &str = ".ctrl";
 /// Header of a TPM 2.0 command or response: tag (2), size (4), command or response code (4).
@@ -396,8 +404,8 @@ mod tests {
         );
         assert_eq!(swtpm_socket("device:/dev/tpmrm0"), None);
         assert_eq!(
-            swtpm_tcti(Path::new("/n/tpm-mux.sock")),
-            "swtpm:path=/n/tpm-mux.sock"
+            swtpm_tcti(Path::new("/n/mux.sock")),
+            "swtpm:path=/n/mux.sock"
         );
     }
 

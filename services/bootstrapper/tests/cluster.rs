@@ -536,3 +536,45 @@ async fn new_measurements_apply_to_the_next_join_without_a_restart() {
         "{cp_log}"
     );
 }
+
+/// A cluster deep in a project folder, as `make demo` puts it under `examples/local/`: the node
+/// folders are too deep for a unix socket path (at most 107 bytes) inside them, yet the control
+/// plane's TPM multiplexer and KMS v2 plugin socket work (they live beside the swtpm socket, in
+/// the short private folder the launcher chose), so Init succeeds and a worker joins.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_deep_in_a_project_folder_serves_its_unix_sockets() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let deep = "project-folder-".repeat(6);
+    let mut c = TestCluster::nested("deep", &deep);
+    let cp = c
+        .cloud()
+        .create_nodes(Role::ControlPlane, 1)
+        .unwrap()
+        .remove(0);
+    let worker = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
+    assert!(
+        cp.dir.join("mux.sock.ctrl").as_os_str().len() > 107,
+        "the node folder is deep enough: {}",
+        cp.dir.display()
+    );
+    let ok = common::init(c.fresh_validator(&cp), &cp).await;
+    let all = c.cloud().list_nodes();
+    wait_joined(&c, &all, &worker, &ok.cluster_id).await;
+
+    let config = std::fs::read_to_string(
+        cp.dir
+            .join("kubernetes")
+            .join(constellation_bootstrapper::controlplane::ENCRYPTION_CONFIGURATION_FILE),
+    )
+    .unwrap();
+    let socket = config
+        .split("unix://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|s| s.trim_matches(|c| c == '"' || c == '\''))
+        .expect("the KMS plugin endpoint")
+        .to_owned();
+    assert!(socket.len() <= 107, "{socket}");
+    std::os::unix::net::UnixStream::connect(&socket)
+        .unwrap_or_else(|e| panic!("the KMS v2 plugin socket {socket} accepts: {e}"));
+}

@@ -41,6 +41,12 @@ impl Drop for TestCluster {
 
 impl TestCluster {
     pub fn new(name: &str) -> Self {
+        Self::nested(name, "")
+    }
+
+    /// A cluster whose folder is `nested` deeper in the temporary folder (node folders too deep
+    /// for a unix socket path inside them, as under a user's project folder).
+    pub fn nested(name: &str, nested: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let image = LocalImage::assemble(
             &dir.path().join("image"),
@@ -55,7 +61,7 @@ impl TestCluster {
             measurements_json: image.measurements.to_json(),
             image_dir: image.dir.clone(),
         };
-        let cloud = LocalCloud::create(&dir.path().join("cluster"), settings).unwrap();
+        let cloud = LocalCloud::create(&dir.path().join(nested).join("cluster"), settings).unwrap();
         Self {
             cloud: Some(cloud),
             image,
