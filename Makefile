@@ -30,14 +30,14 @@ export CHECKPOINT_DISABLE := 1
 export CONSTELLATION_TERRAFORM_1_0 := $(TF103)
 export CONSTELLATION_TERRAFORM_1_15 := $(TF115)
 
-.PHONY: help install install-apt install-terraform install-deploy image-kernel build test test-deploy lint bench fuzz demo demo-down demo-qemu bench-qemu _bench-qemu-apply clean
+.PHONY: help install install-apt install-terraform install-deploy image-kernel build test test-deploy test-demo lint bench fuzz demo demo-down demo-qemu bench-qemu _bench-qemu-apply clean
 
 help:
 	@echo "make demo       install what is missing, build, bring up a local cluster with Terraform"
 	@echo "make demo-down  destroy the demo cluster (no process left behind)"
 	@echo "                PLATFORM=qemu (or make demo-qemu): the same with QEMU VMs (examples/qemu)"
 	@echo "make bench-qemu terraform apply of examples/qemu, time split by boot phase"
-	@echo "make test       install what is missing, build, run every test (incl. acceptance tests)"
+	@echo "make test       install what is missing, build, run every test (incl. acceptance tests and the demo)"
 	@echo "make lint       rustfmt check + clippy -D warnings"
 	@echo "make bench      run the benchmarks and print figures (see docs/SPECIFICATION.md)"
 	@echo "make fuzz       longer property-test runs of every parser"
@@ -118,6 +118,13 @@ build: install
 
 test: install build test-deploy
 	$(CARGO) test --workspace --locked --no-fail-fast
+	$(MAKE) test-demo
+
+# The quick start itself, from this checkout's path: make demo, then make demo-down (torn down
+# also when the demo fails, which then fails the target).
+test-demo:
+	$(MAKE) demo PLATFORM=local || { $(MAKE) demo-down PLATFORM=local; exit 1; }
+	$(MAKE) demo-down PLATFORM=local
 
 # The Helm chart: helm lint --strict, rendered and validated (strict schemas) for k8s 1.30 and 1.37.
 # The daemons' OCI images: written by constellation-oci, checked with skopeo and umoci.
