@@ -546,12 +546,7 @@ async fn a_cluster_deep_in_a_project_folder_serves_its_unix_sockets() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let deep = "project-folder-".repeat(6);
     let mut c = TestCluster::nested("deep", &deep);
-    let cp = c
-        .cloud()
-        .create_nodes(Role::ControlPlane, 1)
-        .unwrap()
-        .remove(0);
-    let worker = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
+    let (cp, worker) = c.control_plane_and_worker();
     assert!(
         cp.dir.join("mux.sock.ctrl").as_os_str().len() > 107,
         "the node folder is deep enough: {}",

@@ -85,12 +85,7 @@ async fn kms_round_trip(socket: &Path) {
 async fn each_daemon_killed_during_a_join_storm_is_restarted_and_no_key_is_lost() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut c = TestCluster::new("supervise");
-    let cp = c
-        .cloud()
-        .create_nodes(Role::ControlPlane, 1)
-        .unwrap()
-        .remove(0);
-    let early = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
+    let (cp, early) = c.control_plane_and_worker();
     let ok = init(c.fresh_validator(&cp), &cp).await;
     let all = c.cloud().list_nodes();
     wait_joined(&c, &all, &early, &ok.cluster_id).await;

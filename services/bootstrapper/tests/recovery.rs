@@ -26,12 +26,7 @@ use common::*;
 async fn full_control_plane_restart_then_recover_brings_the_cluster_back_with_the_same_keys() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut c = TestCluster::new("recover");
-    let cp = c
-        .cloud()
-        .create_nodes(Role::ControlPlane, 1)
-        .unwrap()
-        .remove(0);
-    let worker = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
+    let (cp, worker) = c.control_plane_and_worker();
     let ok = init(c.fresh_validator(&cp), &cp).await;
     let cluster_id = ok.cluster_id.clone();
     let all = c.cloud().list_nodes();
@@ -293,12 +288,7 @@ async fn kmip_cluster_restarts_with_the_same_keys_and_recovers_with_kmip_credent
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut kmip = PyKmipServer::start().unwrap();
     let mut c = TestCluster::new("kmip");
-    let cp = c
-        .cloud()
-        .create_nodes(Role::ControlPlane, 1)
-        .unwrap()
-        .remove(0);
-    let worker = c.cloud().create_nodes(Role::Worker, 1).unwrap().remove(0);
+    let (cp, worker) = c.control_plane_and_worker();
     let client = kmip.client_cert().clone();
     let kms = KmsConfig {
         backend: Some(Backend::Kmip(KmipKms {

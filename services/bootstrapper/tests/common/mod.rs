@@ -13,9 +13,10 @@ use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_bootstrapper::statedisk;
 use constellation_common::kdf;
-use constellation_common::metadata::ports;
+use constellation_common::metadata::{ports, Role};
 use constellation_image::LocalImage;
 use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
+use constellation_platform::Cloud as _;
 use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_client::InitServiceClient;
 use constellation_proto::init::{InitRequest, InitSuccess, KmipKms, KmsConfig};
@@ -71,6 +72,21 @@ impl TestCluster {
 
     pub fn cloud(&mut self) -> &mut LocalCloud {
         self.cloud.as_mut().unwrap()
+    }
+
+    /// Boots one control plane and one worker.
+    pub fn control_plane_and_worker(&mut self) -> (NodeRecord, NodeRecord) {
+        let cp = self
+            .cloud()
+            .create_nodes(Role::ControlPlane, 1)
+            .unwrap()
+            .remove(0);
+        let worker = self
+            .cloud()
+            .create_nodes(Role::Worker, 1)
+            .unwrap()
+            .remove(0);
+        (cp, worker)
     }
 
     /// A validator for a fresh node: the image's measurements (PCR 15 = 0) and the node's AK.
