@@ -9,6 +9,8 @@
 //! - a worker VM's QEMU process killed out of band shows in the plan and apply repairs it;
 //! - scaling up boots, attests and joins another worker VM; scaling down removes it (QEMU,
 //!   swtpm, folder); `terraform import` from the cluster URI gives a state with no diff;
+//! - every VM killed: apply boots them, recovers the control plane with Recover (its state is
+//!   on its encrypted volume) and the worker rejoins, with the same cluster ID;
 //! - destroy leaves no QEMU, swtpm or metadata process and no file.
 //!
 //! A second test boots an image whose initrd was changed by one byte after its PCRs were
@@ -247,6 +249,32 @@ fn a_qemu_cluster_applies_verifies_repairs_drift_scales_imports_and_destroys_cle
         "plan after import must show no changes:\n{plan}"
     );
     assert_eq!(tf.output("cluster_id").as_str(), Some(cluster_id.as_str()));
+
+    // Every VM dies (a full restart): apply boots them, the control plane waits for Recover
+    // (its volume is keyed; its state is on it), apply attests it and sends Recover, and the
+    // worker rejoins; both attest with the same cluster ID.
+    for vm in vms(&root) {
+        let killed = Command::new("kill")
+            .args(["-KILL", &vm.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(killed.success());
+    }
+    let plan = tf.plan(&[]);
+    assert_eq!(plan.code, 2, "a stopped cluster is drift:\n{plan}");
+    let recovered = tf.apply(&[]).ok();
+    eprintln!(
+        "recovery of the QEMU cluster after every VM died took {:?}",
+        recovered.elapsed
+    );
+    let progress = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        progress.contains("restarted and waits for Recover")
+            && progress.contains("recovered cluster"),
+        "apply recovered the control plane with Recover:\n{recovered}"
+    );
+    assert_eq!(tf.plan(&[]).code, 0, "plan after recovery");
+    assert_all_verified(&tf, &root, &cluster_id, 2);
 
     tf.destroy(&[]).ok();
     assert_nothing_left(&root);

@@ -8,7 +8,7 @@
 
 use constellation_attestation::Measurements;
 use constellation_common::metadata::{ports, Role};
-use constellation_common::node_status::NodePhase;
+use constellation_common::node_status::{NodePhase, JOIN_SERVICE_DAEMON, KEY_SERVICE_DAEMON};
 use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
 use constellation_proto::recover::recover_service_client::RecoverServiceClient;
@@ -147,13 +147,20 @@ pub(super) async fn recover_control_planes(
     Ok(())
 }
 
-/// A control plane's key service accepts connections: it holds the master secret (it ran
-/// Init, was recovered, or joined with the master material in its join ticket).
-fn serves_key_service(node: &NodeRecord) -> bool {
-    let addr = std::net::SocketAddr::new(node.ip, ports::KEY_SERVICE);
+/// The supervised daemon `daemon` of `node` reports ready in the node's status. A TCP probe
+/// of its port would not do: QEMU's user-mode host forward accepts every connection on the
+/// host side whether or not the guest listens.
+fn daemon_ready(cloud: &dyn Cloud, node: &NodeRecord, daemon: &str) -> bool {
     node.is_alive()
-        && std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300))
-            .is_ok()
+        && cloud
+            .node_status(node)
+            .is_some_and(|s| s.daemon(daemon).is_some_and(|d| d.is_ready()))
+}
+
+/// A control plane's key service is ready: it holds the master secret (it ran Init, was
+/// recovered, or joined with the master material in its join ticket).
+fn serves_key_service(cloud: &dyn Cloud, node: &NodeRecord) -> bool {
+    daemon_ready(cloud, node, KEY_SERVICE_DAEMON)
 }
 
 /// How long a control plane that joined gets to serve its key service (master material from
@@ -174,12 +181,7 @@ pub(super) async fn wait_serving_keys(
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let serving = cloud.node(name).is_some_and(|n| {
-            serves_key_service(n)
-                && std::net::TcpStream::connect_timeout(
-                    &std::net::SocketAddr::new(n.ip, ports::JOIN),
-                    std::time::Duration::from_millis(300),
-                )
-                .is_ok()
+            serves_key_service(cloud, n) && daemon_ready(cloud, n, JOIN_SERVICE_DAEMON)
         });
         if serving {
             return true;
@@ -209,7 +211,7 @@ pub(super) async fn ensure_key_service(
         .into_iter()
         .filter(|n| n.role == Role::ControlPlane)
         .collect();
-    if control_planes.is_empty() || control_planes.iter().any(serves_key_service) {
+    if control_planes.is_empty() || control_planes.iter().any(|n| serves_key_service(cloud, n)) {
         return Ok(Vec::new());
     }
     let mut waiting = waiting_for_recover(cloud);

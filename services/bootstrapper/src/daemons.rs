@@ -42,7 +42,7 @@ const KMS_SOCKET: &str = "kms.sock";
 
 /// Daemon names (status, logs) and their binaries `constellation-<name>`.
 pub const VERIFY: &str = "verify";
-pub const KEY_SERVICE: &str = "keyservice";
+pub const KEY_SERVICE: &str = constellation_common::node_status::KEY_SERVICE_DAEMON;
 pub const JOIN_SERVICE: &str = constellation_common::node_status::JOIN_SERVICE_DAEMON;
 
 /// How often the supervisor probes readiness and the join service's policy is refreshed.

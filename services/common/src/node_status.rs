@@ -47,6 +47,11 @@ pub const ETCD_DAEMON: &str = "etcd";
 /// from learner to voter.
 pub const JOIN_SERVICE_DAEMON: &str = "joinservice";
 
+/// The name of a control plane's supervised key service in [`NodeStatus::daemons`]. It runs only
+/// while the node holds the master secret (it ran Init, was recovered, or joined with the master
+/// material in its join ticket).
+pub const KEY_SERVICE_DAEMON: &str = "keyservice";
+
 /// One status report of one bootstrapper process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
