@@ -15,11 +15,22 @@ while read -r m; do
   insmod "/lib/modules/$m" 2>/dev/null || echo "constellation-init: insmod $m failed"
 done < /etc/modules.order
 ip link set lo up
+# The cluster network (firmware config entry, unmeasured like cloud metadata): the NIC with
+# that MAC gets the node's address; every other NIC asks the platform's DHCP.
+cluster_net=/sys/firmware/qemu_fw_cfg/by_name/opt/org.constellation/cluster-net/raw
+cluster_mac=
+cluster_cidr=
+if [ -r "$cluster_net" ]; then
+  read -r cluster_mac cluster_cidr < "$cluster_net" || true
+fi
 for dev in /sys/class/net/*; do
   ifname=${dev##*/}
   [ "$ifname" = lo ] && continue
   ip link set "$ifname" up
-  if udhcpc -i "$ifname" -q -n -t 10 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1; then
+  if [ -n "$cluster_mac" ] && [ "$(cat "$dev/address")" = "$cluster_mac" ]; then
+    ip addr add "$cluster_cidr" dev "$ifname"
+    echo "constellation-init: cluster net $ifname $cluster_cidr"
+  elif udhcpc -i "$ifname" -q -n -t 10 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1; then
     echo "constellation-init: net $ifname $(ip -4 -o addr show dev "$ifname" | awk '{print $4}')"
   else
     echo "constellation-init: no DHCP lease on $ifname"

@@ -146,7 +146,8 @@ impl NodeImageInputs {
                 .filter(|p| p.is_file())
                 .collect(),
             busybox: PathBuf::from("/bin/busybox"),
-            extra_binaries: vec![PathBuf::from("/sbin/mkfs.ext4")],
+            // etcd (Debian's etcd-server): a control plane's member of the cluster store.
+            extra_binaries: vec![PathBuf::from("/sbin/mkfs.ext4"), PathBuf::from(ETCD_BINARY)],
             dlopen_libraries: vec![PathBuf::from(
                 "/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0",
             )],
@@ -760,7 +761,59 @@ pub struct VmConfig {
     /// The bootstrapper's arguments, one per line: a file QEMU exposes as the firmware config
     /// entry [`FW_CFG_BOOTSTRAPPER_ARGS`], which the image's init passes on.
     pub bootstrapper_args: Option<PathBuf>,
+    /// A second NIC on the cluster's own network segment, shared by the cluster's VMs.
+    pub cluster_nic: Option<ClusterNic>,
 }
+
+/// A VM's NIC on its cluster's network: an Ethernet segment that QEMU carries as UDP multicast
+/// on the host's loopback interface (`-netdev socket,mcast=...,localaddr=127.0.0.1`), so every
+/// VM of the cluster reaches every other, including VMs started later, with no switch process
+/// and nothing leaving the machine. The guest's init gives the NIC with `mac` the address
+/// `address/prefix` (firmware config entry [`FW_CFG_CLUSTER_NET`]; unmeasured, like cloud
+/// metadata).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNic {
+    /// The cluster's multicast group and port (239.0.0.0/8, organization-local scope).
+    pub group: std::net::SocketAddrV4,
+    pub mac: [u8; 6],
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl ClusterNic {
+    fn mac_string(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "-netdev".into(),
+            format!("socket,id=cluster,mcast={},localaddr=127.0.0.1", self.group),
+            "-device".into(),
+            format!(
+                "virtio-net-pci,netdev=cluster,mac={},romfile=",
+                self.mac_string()
+            ),
+            "-fw_cfg".into(),
+            format!(
+                "name={FW_CFG_CLUSTER_NET},string={} {}/{}",
+                self.mac_string(),
+                self.address,
+                self.prefix
+            ),
+        ]
+    }
+}
+
+/// Firmware config entry naming the cluster NIC and its address: `<mac> <address>/<prefix>`.
+pub const FW_CFG_CLUSTER_NET: &str = "opt/org.constellation/cluster-net";
+
+/// Debian's etcd server, put into the image as `usr/sbin/etcd`.
+pub const ETCD_BINARY: &str = "/usr/bin/etcd";
 
 /// Firmware config entry holding the bootstrapper's arguments (not measured: the node treats
 /// it as it would cloud metadata).
@@ -833,6 +886,9 @@ impl VmConfig {
                 "name={FW_CFG_BOOTSTRAPPER_ARGS},file={}",
                 args.display()
             ));
+        }
+        if let Some(nic) = &self.cluster_nic {
+            a.extend(nic.args());
         }
         a.extend(["-kernel".into(), self.kernel.display().to_string()]);
         a.extend(["-initrd".into(), self.initrd.display().to_string()]);

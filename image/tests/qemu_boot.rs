@@ -168,6 +168,7 @@ fn boot(image: &NodeImage) -> Boot {
         user_net: Some(String::new()),
         state_disk: Some(disk),
         bootstrapper_args: Some(args),
+        cluster_nic: None,
     };
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")

@@ -3,16 +3,19 @@
 //! the node's private TPM folder), a raw virtio state disk file, and user-mode networking that
 //! stays on this machine.
 //!
-//! Networking (`-netdev user,restrict=on`: the guest reaches nothing but the forwards below):
-//! - Every guest network is `10.42.0.0/24`; node *i* has the guest address `10.42.0.(16+i)`
-//!   (its DHCP lease, `dhcpstart`), which is the address the metadata lists for it. Inside
-//!   every guest, that address means that node.
-//! - The node's ports ([`ports`]) are forwarded from a loopback address of its own on the host
-//!   (127.a.b.c, [`NodeRecord::ip`]): the provider attests and initializes through them.
-//! - Peers: in a guest, the join port of every control plane known when the VM starts is a
-//!   `guestfwd` that relays (host busybox `nc`) to that control plane's host forward. A VM does
-//!   not reach control planes added after it started (until it is restarted).
-//! - Metadata: `10.42.0.250:80` is a `guestfwd` that runs `cat` of the cluster's metadata file
+//! Networking: two NICs per VM, neither reaching anything beyond this machine.
+//! - The cluster network ([`image::ClusterNic`]): one Ethernet segment per cluster, carried by
+//!   QEMU as UDP multicast on the host's loopback interface (a group and port chosen at random
+//!   when the cluster is created). Node *i* has the address `10.42.0.(16+i)` on it, which is the
+//!   address the metadata lists for it: every node reaches every other directly (joins, the
+//!   control planes' etcd peers), including nodes started after it. What crosses it is TLS
+//!   (aTLS, etcd's mutual TLS); like the host forwards, it is open to local users of the host,
+//!   which the threat model treats as untrusted anyway.
+//! - The platform link (`-netdev user,restrict=on`, `10.0.2.0/24`, DHCP): the node's ports
+//!   ([`ports`]) are forwarded from a loopback address of its own on the host (127.a.b.c,
+//!   [`NodeRecord::ip`]) to its cluster address, through which the provider attests and
+//!   initializes; and the metadata endpoint.
+//! - Metadata: `10.0.2.100:80` is a `guestfwd` that runs `cat` of the cluster's metadata file
 //!   for each connection ([`METADATA_ENDPOINT`]): guests always read the current node list (so a
 //!   control plane sees workers added later) and cannot change it. No server process runs.
 //!
@@ -44,13 +47,24 @@ const CONSOLE_FILE: &str = "console.log";
 const STATE_DISK_FILE: &str = "state.img";
 const VARS_FILE: &str = "OVMF_VARS.fd";
 const ARGS_FILE: &str = "bootstrapper-args";
-/// Size of a node's state disk (sparse on the host).
-pub const STATE_DISK_BYTES: u64 = 128 << 20;
-/// The guests' network and the metadata endpoint on it.
+/// Size of a node's state disk (sparse on the host). A control plane's holds its etcd member,
+/// whose write-ahead log preallocates 64 MB segments (the current one and a spare): 128 MiB
+/// would not hold them. Every byte costs at Init or join (the integrity tags are written once),
+/// so a worker's disk stays small.
+pub fn state_disk_bytes(role: Role) -> u64 {
+    match role {
+        Role::ControlPlane => 256 << 20,
+        Role::Worker => 128 << 20,
+    }
+}
+/// The cluster network: node addresses `10.42.0.(16+i)/24`.
 const GUEST_NET: [u8; 3] = [10, 42, 0];
+const GUEST_PREFIX: u8 = 24;
 const GUEST_FIRST_HOST: u32 = 16;
 const GUEST_MAX_NODES: u32 = 200;
-pub const METADATA_ENDPOINT: &str = "10.42.0.250:80";
+/// The platform link (QEMU user-mode networking), its DHCP range and the metadata endpoint on it.
+const PLATFORM_LINK: &str = "net=10.0.2.0/24,host=10.0.2.2,dhcpstart=10.0.2.15";
+pub const METADATA_ENDPOINT: &str = "10.0.2.100:80";
 /// How long a node gets from QEMU start to its bootstrapper's first status (TCG boots of a
 /// few VMs sharing two cores take most of a minute).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -89,6 +103,22 @@ struct PlatformState {
     accel: QemuAccel,
     next_index: u32,
     nodes: Vec<QemuNode>,
+    /// The cluster network's multicast group and port.
+    cluster_group: std::net::SocketAddrV4,
+}
+
+/// A random multicast group in 239.192.0.0/14 (organization-local scope) and a random port in
+/// the dynamic range: two clusters on one host share a segment with negligible probability.
+fn random_cluster_group() -> std::net::SocketAddrV4 {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let group = Ipv4Addr::new(
+        239,
+        192 + rng.gen_range(0..4),
+        rng.gen(),
+        rng.gen_range(1..255),
+    );
+    std::net::SocketAddrV4::new(group, rng.gen_range(49152..65535))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +170,7 @@ impl QemuCloud {
                 accel,
                 next_index: 0,
                 nodes: Vec::new(),
+                cluster_group: random_cluster_group(),
             },
         };
         cloud.save()?;
@@ -252,14 +283,8 @@ impl QemuCloud {
     /// The `-netdev user` options of a node: its DHCP address, host forwards of its ports, the
     /// metadata endpoint and relays to the other control planes' join ports.
     fn user_net(&self, node: &QemuNode) -> String {
-        let [a, b, c] = GUEST_NET;
         let guest = node.guest_ip;
-        let mut opts = vec![
-            "restrict=on".to_owned(),
-            format!("net={a}.{b}.{c}.0/24"),
-            format!("host={a}.{b}.{c}.2"),
-            format!("dhcpstart={guest}"),
-        ];
+        let mut opts = vec!["restrict=on".to_owned(), PLATFORM_LINK.to_owned()];
         for port in FORWARDED {
             opts.push(format!(
                 "hostfwd=tcp:{}:{port}-{guest}:{port}",
@@ -270,19 +295,18 @@ impl QemuCloud {
             "guestfwd=tcp:{METADATA_ENDPOINT}-cmd:cat {}",
             self.metadata_path().display()
         ));
-        for peer in &self.state.nodes {
-            if peer.record.role != Role::ControlPlane || peer.record.name == node.record.name {
-                continue;
-            }
-            opts.push(format!(
-                "guestfwd=tcp:{}:{}-cmd:busybox nc {} {}",
-                peer.guest_ip,
-                ports::JOIN,
-                peer.record.ip,
-                ports::JOIN
-            ));
-        }
         opts.join(",")
+    }
+
+    /// The node's NIC on the cluster network: its MAC ends in its address's last byte.
+    fn cluster_nic(&self, node: &QemuNode) -> image::ClusterNic {
+        let [a, b, c, d] = node.guest_ip.octets();
+        image::ClusterNic {
+            group: self.state.cluster_group,
+            mac: [0x52, 0x54, 0x00, a, b ^ c, d],
+            address: node.guest_ip,
+            prefix: GUEST_PREFIX,
+        }
     }
 
     /// Starts a node's VM: pins (or checks) its TPM's attestation key, starts its vTPM and QEMU.
@@ -321,7 +345,7 @@ impl QemuCloud {
         let disk = Self::state_disk_path(&record);
         if !disk.exists() {
             std::fs::File::create(&disk)
-                .and_then(|f| f.set_len(STATE_DISK_BYTES))
+                .and_then(|f| f.set_len(state_disk_bytes(record.role)))
                 .map_err(io_err(&disk))?;
         }
         let args_file = record.dir.join(ARGS_FILE);
@@ -357,6 +381,7 @@ impl QemuCloud {
             user_net: Some(self.user_net(&node)),
             state_disk: Some(disk),
             bootstrapper_args: Some(args_file),
+            cluster_nic: Some(self.cluster_nic(&node)),
         };
         let console = Self::console_path(&record);
         // A fresh console per boot: every status line in it is this boot's.

@@ -110,17 +110,6 @@ pub(super) fn decode_spec(v: &Value, d: &mut Decoder) -> Option<ClusterSpec> {
             "a cluster needs at least one control-plane node",
         );
     }
-    if platform == Some(Platform::Qemu) && control_plane_count.is_some_and(|n| n > 1) {
-        d.error(
-            &p(&["control_plane_count"]),
-            QEMU_CONTROL_PLANES,
-            "platform \"qemu\" runs one control plane (not supported yet: more than one). Its \
-             control planes would share no state: the node image carries no etcd yet, and a \
-             VM reaches only the control planes that existed when it started, so each control \
-             plane's join service would keep its own disk-to-node bindings. Use \
-             control_plane_count = 1, or platform \"local\" (etcd among its control planes).",
-        );
-    }
     let worker_count = d.req_uint(v.get("worker_count"), &p(&["worker_count"]), MAX_NODES);
     let attestation = decode_attestation(v.get("attestation"), d);
     let network = decode_network(v.get("network_config"), d);
@@ -619,17 +608,12 @@ pub(super) fn decode_outputs(v: &Value, d: &mut Decoder) -> Option<ClusterOutput
 /// The summary of the "no control plane" refusal of a configuration.
 const NO_CONTROL_PLANE: &str = "Invalid control_plane_count";
 
-/// The summary of the "one control plane on qemu" refusal of a configuration.
-const QEMU_CONTROL_PLANES: &str = "More than one control plane on qemu";
-
 pub(super) fn decode_state(v: &Value, private: &[u8]) -> Result<ClusterState, Diagnostics> {
     let mut d = Decoder::new();
     let spec = decode_spec(v, &mut d);
     // A refreshed state records the observed healthy counts: no control plane after every one
     // went down (a full restart) is a fact to repair, not a configuration to refuse.
-    d.diagnostics
-        .0
-        .retain(|e| e.summary != NO_CONTROL_PLANE && e.summary != QEMU_CONTROL_PLANES);
+    d.diagnostics.0.retain(|e| e.summary != NO_CONTROL_PLANE);
     let outputs = decode_outputs(v, &mut d);
     let state = d.finish(spec.zip(outputs))?;
     let private: PrivateState = if private.is_empty() {

@@ -530,13 +530,6 @@ pub(crate) mod tests {
                 Box::new(|v| v.set("control_plane_count", Value::Number(0.0))),
             ),
             (
-                "control_plane_count",
-                Box::new(|v| {
-                    v.set("platform", Value::string("qemu"));
-                    v.set("control_plane_count", Value::Number(2.0));
-                }),
-            ),
-            (
                 "worker_count",
                 Box::new(|v| v.set("worker_count", Value::Number(101.0))),
             ),

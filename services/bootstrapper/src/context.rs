@@ -10,7 +10,7 @@ use constellation_attestation::variant::VariantIssuer;
 use constellation_attestation::Clock;
 use constellation_common::metadata::Metadata;
 use constellation_common::node_status::NodePhase;
-use constellation_joinservice::{DiskBindings, EtcdDiskBindings, FileDiskBindings};
+use constellation_joinservice::{DiskBindings, EtcdDiskBindings};
 use constellation_store::Store;
 use tokio::sync::Mutex;
 
@@ -43,44 +43,27 @@ pub struct NodeContext {
     pub vm: Option<crate::vm::VmSettings>,
 }
 
-/// Where the cluster's control planes keep their shared state.
-pub enum SharedState {
-    /// The control planes' etcd cluster (the local platform): each control plane runs a member
-    /// ([`crate::etcd`]); the client is set once this node's member runs.
-    Etcd {
-        client: Box<std::sync::OnceLock<Store>>,
-        /// Held while the member is being started (at boot, Init, a join or Recover).
-        starting: tokio::sync::Mutex<()>,
-    },
-    /// A folder every join service of the cluster opens (the QEMU platform, whose node image
-    /// carries no etcd yet); the policy goes to the join service in files.
-    Files {
-        dir: PathBuf,
-        bindings: Arc<FileDiskBindings>,
-    },
+/// Where the cluster's control planes keep their shared state: the control planes' etcd
+/// cluster. Each control plane runs a member ([`crate::etcd`]); the client is set once this
+/// node's member runs.
+#[derive(Default)]
+pub struct SharedState {
+    pub client: std::sync::OnceLock<Store>,
+    /// Held while the member is being started (at boot, Init, a join or Recover).
+    pub starting: tokio::sync::Mutex<()>,
 }
 
 impl SharedState {
-    pub fn is_etcd(&self) -> bool {
-        matches!(self, Self::Etcd { .. })
-    }
-
     /// The etcd client, once this node's member runs.
     pub fn etcd(&self) -> Option<&Store> {
-        match self {
-            Self::Etcd { client, .. } => client.get(),
-            Self::Files { .. } => None,
-        }
+        self.client.get()
     }
 
     /// The disk bindings as this node reaches them; `None` while its etcd member is not started.
     pub fn disk_bindings(&self) -> Option<Arc<dyn DiskBindings>> {
-        match self {
-            Self::Etcd { client, .. } => client.get().map(|store| {
-                Arc::new(EtcdDiskBindings::new(store.clone())) as Arc<dyn DiskBindings>
-            }),
-            Self::Files { bindings, .. } => Some(bindings.clone() as Arc<dyn DiskBindings>),
-        }
+        self.client
+            .get()
+            .map(|store| Arc::new(EtcdDiskBindings::new(store.clone())) as Arc<dyn DiskBindings>)
     }
 }
 

@@ -416,7 +416,7 @@ async fn wait_ready(
 
 /// Where this control plane's join service finds its policy and the disk bindings: in etcd
 /// (this node's member started first, or found running: Init starts it before anything is
-/// claimed) with a client certificate of its own, or in files (the QEMU platform).
+/// claimed) with a client certificate of its own.
 async fn join_service_shared(
     node: &Arc<NodeContext>,
     pki: &ClusterPki,
@@ -424,20 +424,13 @@ async fn join_service_shared(
     how: MemberStart,
     say: &(dyn Fn(String) + Send + Sync),
 ) -> Result<JoinServiceShared, ControlPlaneError> {
-    match &node.shared {
-        crate::context::SharedState::Files { dir, .. } => Ok(JoinServiceShared::Files {
-            disk_bindings_dir: dir.clone(),
-        }),
-        crate::context::SharedState::Etcd { .. } => {
-            let endpoints = crate::etcd::start_member(node, pki, cluster_name, how, say).await?;
-            let credentials =
-                pki.etcd_client_cert(&format!("joinservice-{}", node.name), node.clock.as_ref())?;
-            Ok(JoinServiceShared::Etcd {
-                endpoints,
-                credentials,
-            })
-        }
-    }
+    let endpoints = crate::etcd::start_member(node, pki, cluster_name, how, say).await?;
+    let credentials =
+        pki.etcd_client_cert(&format!("joinservice-{}", node.name), node.clock.as_ref())?;
+    Ok(JoinServiceShared {
+        endpoints,
+        credentials,
+    })
 }
 
 /// Starts the key service and the join service daemons on this node's address, the join
@@ -481,7 +474,6 @@ pub async fn start_services(
     .await?;
     daemons.start_join_service(
         &node.name,
-        node.metadata.clone(),
         JoinServiceInputs {
             cluster_name: material.cluster_name.clone(),
             api_server_endpoint: me.endpoint(ports::KUBE_API),
@@ -500,7 +492,7 @@ pub async fn start_services(
         say,
     )
     .await;
-    if node.shared.is_etcd() && !crate::etcd::member_ready(daemons.supervisor()) {
+    if !crate::etcd::member_ready(daemons.supervisor()) {
         // Without quorum (control planes still down) the join service cannot read its policy
         // yet; it becomes ready once enough etcd members are back.
         say(format!(
@@ -578,7 +570,6 @@ pub async fn start_joined_services(
     let shared = join_service_shared(&node, &pki, &cluster_name, MemberStart::Join, &say).await?;
     daemons(&node)?.start_join_service(
         &node.name,
-        node.metadata.clone(),
         JoinServiceInputs {
             cluster_name,
             api_server_endpoint: config.api_server_endpoint,

@@ -9,12 +9,10 @@
 //!   too), and a worker's TPM then has one client.
 //! - The key service starts after Init or Recover (the node holds the master secret); its TLS
 //!   files are issued from the cluster's key-service CA.
-//! - The join service starts after Init, Recover or a control-plane join. On the local platform
-//!   it reads its policy (the accepted measurements and the node directory) and claims disk
+//! - The join service starts after Init, Recover or a control-plane join. It reads its policy (the accepted measurements and the node directory) and claims disk
 //!   bindings in the control planes' etcd ([`crate::etcd`] publishes the metadata there and the
 //!   daemon follows it with a watch); its etcd client certificate (etcd CA) is written into the
-//!   state folder. On the QEMU platform (no etcd in the image yet) its policy is written into
-//!   files whenever the metadata changes, and the daemon reloads them without a restart.
+//!   state folder.
 //!
 //! The binaries are found in the bootstrapper's daemon directory (next to its executable by
 //! default, `--daemon-dir` otherwise).
@@ -25,10 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use constellation_attestation::Clock;
-use constellation_common::metadata::{ports, Metadata};
+use constellation_common::metadata::ports;
 use constellation_common::node_status::{DaemonHealth, NodePhase, NodeStatus};
 use constellation_common::secret::SecretBytes;
-use constellation_common::secret_file;
 use constellation_daemon::logging::LogFormat;
 use constellation_daemon::settings::DaemonSettingsFile;
 use constellation_joinservice::pki::{ClusterPki, PkiError, ServiceCredentials};
@@ -45,11 +42,8 @@ pub const VERIFY: &str = "verify";
 pub const KEY_SERVICE: &str = constellation_common::node_status::KEY_SERVICE_DAEMON;
 pub const JOIN_SERVICE: &str = constellation_common::node_status::JOIN_SERVICE_DAEMON;
 
-/// How often the supervisor probes readiness and the join service's policy is refreshed.
+/// How often the supervisor probes readiness.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// The join service admits a node only once its AK is in the policy it reads, so a node the
-/// platform just added waits up to this plus the daemon's reload interval.
-const POLICY_REFRESH: Duration = Duration::from_millis(100);
 /// The supervised daemons drain for at most this long on SIGTERM.
 const SHUTDOWN_GRACE_SECS: u64 = 2;
 /// How often the daemons check their reloadable files.
@@ -64,8 +58,6 @@ pub enum DaemonsError {
     Pki(#[from] PkiError),
     #[error("metadata: {0}")]
     Metadata(#[from] constellation_common::metadata::MetadataError),
-    #[error("join service policy file {path}: {message}")]
-    Policy { path: PathBuf, message: String },
 }
 
 /// The node's status file: the phase the bootstrapper reached, its daemons' health and the etcd
@@ -128,15 +120,11 @@ pub struct JoinServiceInputs {
     pub shared: JoinServiceShared,
 }
 
-/// Where the join service daemon finds its policy and the disk bindings.
-pub enum JoinServiceShared {
-    /// The control planes' etcd members, with this client's credentials (etcd CA).
-    Etcd {
-        endpoints: Vec<String>,
-        credentials: constellation_store::EtcdCredentials,
-    },
-    /// Policy files kept current from the metadata, and the disk-bindings folder.
-    Files { disk_bindings_dir: PathBuf },
+/// Where the join service daemon finds its policy and the disk bindings: the control planes'
+/// etcd members, with this client's credentials (etcd CA).
+pub struct JoinServiceShared {
+    pub endpoints: Vec<String>,
+    pub credentials: constellation_store::EtcdCredentials,
 }
 
 /// The node's supervised daemons.
@@ -295,11 +283,10 @@ impl NodeDaemons {
         self.socket_dir.join(KMS_SOCKET)
     }
 
-    /// The join service daemon, its policy in etcd or (files) kept current from `metadata`.
+    /// The join service daemon, its policy and disk bindings in etcd.
     pub fn start_join_service(
         &self,
         node_name: &str,
-        metadata: Arc<dyn Metadata>,
         inputs: JoinServiceInputs,
     ) -> Result<(), DaemonsError> {
         use constellation_joinservice::config::{
@@ -316,51 +303,22 @@ impl NodeDaemons {
                 inputs.measurement_secret.expose().to_vec(),
             ),
         ];
-        let (mut etcd_endpoints, mut measurements_file, mut nodes_file, mut disk_bindings_dir) =
-            (None, None, None, None);
-        match inputs.shared {
-            JoinServiceShared::Etcd {
-                endpoints,
-                credentials,
-            } => {
-                files.push(DaemonFile::bytes(
-                    self.state_dir.join(ETCD_CA),
-                    credentials.ca_cert_pem.into_bytes(),
-                ));
-                files.push(DaemonFile::bytes(
-                    self.state_dir.join(ETCD_CLIENT_CERT),
-                    credentials.cert_pem.into_bytes(),
-                ));
-                files.push(DaemonFile::bytes(
-                    self.state_dir.join(ETCD_CLIENT_KEY),
-                    credentials.key_pem.expose().to_vec(),
-                ));
-                etcd_endpoints = Some(endpoints);
-            }
-            JoinServiceShared::Files {
-                disk_bindings_dir: dir,
-            } => {
-                let policy = PolicyFiles {
-                    measurements: self.dir.join("policy/measurements.json"),
-                    nodes: self.dir.join("policy/nodes.yaml"),
-                };
-                // Written before the first start and whenever the metadata changes.
-                let mut last = policy.refresh(metadata.as_ref(), None)?;
-                let refreshing = policy.clone();
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(POLICY_REFRESH).await;
-                        match refreshing.refresh(metadata.as_ref(), Some(&last)) {
-                            Ok(now) => last = now,
-                            Err(e) => tracing::warn!("join service policy not refreshed: {e}"),
-                        }
-                    }
-                });
-                measurements_file = Some(policy.measurements);
-                nodes_file = Some(policy.nodes);
-                disk_bindings_dir = Some(dir);
-            }
-        }
+        let JoinServiceShared {
+            endpoints,
+            credentials,
+        } = inputs.shared;
+        files.push(DaemonFile::bytes(
+            self.state_dir.join(ETCD_CA),
+            credentials.ca_cert_pem.into_bytes(),
+        ));
+        files.push(DaemonFile::bytes(
+            self.state_dir.join(ETCD_CLIENT_CERT),
+            credentials.cert_pem.into_bytes(),
+        ));
+        files.push(DaemonFile::bytes(
+            self.state_dir.join(ETCD_CLIENT_KEY),
+            credentials.key_pem.expose().to_vec(),
+        ));
         let config = ConfigFile {
             listen: Some(SocketAddr::new(self.ip, ports::JOIN)),
             state_dir: Some(self.state_dir.clone()),
@@ -372,53 +330,13 @@ impl NodeDaemons {
             kubernetes_version: Some(inputs.kubernetes_version),
             token_ttl_secs: Some(inputs.token_ttl.as_secs()),
             tcti: Some(self.tcti.clone()),
-            etcd_endpoints,
-            measurements_file,
-            nodes_file,
-            disk_bindings_dir,
+            etcd_endpoints: Some(endpoints),
+            measurements_file: None,
+            nodes_file: None,
+            disk_bindings_dir: None,
             daemon: self.settings(HEALTH_PORT),
         };
         self.start(JOIN_SERVICE, HEALTH_PORT, &config, files)
-    }
-}
-
-/// The join service's hot-reloaded policy files.
-#[derive(Debug, Clone)]
-struct PolicyFiles {
-    measurements: PathBuf,
-    nodes: PathBuf,
-}
-
-impl PolicyFiles {
-    /// Writes the metadata's measurements and node list unless they equal `last`; returns what
-    /// is on disk now.
-    fn refresh(
-        &self,
-        metadata: &dyn Metadata,
-        last: Option<&(String, String)>,
-    ) -> Result<(String, String), DaemonsError> {
-        let cluster = metadata.cluster()?;
-        let nodes = serde_yaml::to_string(&cluster.nodes).map_err(|e| DaemonsError::Policy {
-            path: self.nodes.clone(),
-            message: e.to_string(),
-        })?;
-        let now = (cluster.measurements_json, nodes);
-        if last == Some(&now) {
-            return Ok(now);
-        }
-        for (path, text) in [(&self.measurements, &now.0), (&self.nodes, &now.1)] {
-            let err = |message: String| DaemonsError::Policy {
-                path: path.clone(),
-                message,
-            };
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
-            }
-            secret_file::write_private_atomic(path, text.as_bytes())
-                .map_err(|e| err(e.to_string()))?;
-        }
-        tracing::info!("join service policy written from the metadata");
-        Ok(now)
     }
 }
 

@@ -57,8 +57,6 @@ pub enum EtcdError {
     Metadata(#[from] constellation_common::metadata::MetadataError),
     #[error("this node runs no supervised daemons (not a control plane)")]
     NotAControlPlane,
-    #[error("this node keeps its shared state in files, not in etcd")]
-    NotEtcd,
     #[error("etcd learner {0} was not promoted in time (it keeps replicating; the other control planes promote it once it caught up)")]
     NotPromoted(String),
 }
@@ -385,9 +383,7 @@ async fn start_member_now(
     how: MemberStart,
     say: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), EtcdError> {
-    let crate::context::SharedState::Etcd { client, starting } = &node.shared else {
-        return Err(EtcdError::NotEtcd);
-    };
+    let crate::context::SharedState { client, starting } = &node.shared;
     let _starting = starting.lock().await;
     if client.get().is_some() {
         return Ok(());
@@ -472,7 +468,7 @@ async fn start_member_now(
 /// unlocked, like the cluster PKI Recover needs.) Runs in the background; failures are logged,
 /// and the join or Recover that follows starts the member again.
 pub fn restart_member_at_boot(node: &Arc<crate::context::NodeContext>) {
-    if !node.shared.is_etcd() || !has_data(&node.state_dir) {
+    if !has_data(&node.state_dir) {
         return;
     }
     let record = match crate::state::ControlPlaneRecord::load(&node.state_dir) {

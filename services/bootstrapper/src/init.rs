@@ -227,9 +227,6 @@ async fn initialize(
         .await
         .map_err(|e| Status::internal(format!("keying the state disk: {e}")))?;
     say("state disk keyed with this node's disk key".to_owned());
-    if !node.shared.is_etcd() {
-        bind_own_disk(node, &uuid).await?;
-    }
 
     let secrets = ControlPlaneSecrets {
         master_secret: master,
@@ -242,19 +239,17 @@ async fn initialize(
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
     material.kubernetes_version = r.kubernetes_version.clone();
-    if node.shared.is_etcd() {
-        crate::etcd::start_member(
-            node,
-            &material.pki,
-            &r.cluster_name,
-            crate::etcd::MemberStart::Init,
-            say,
-        )
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        bind_own_disk(node, &uuid).await?;
-        say("bound this node's state disk to it in etcd".to_owned());
-    }
+    crate::etcd::start_member(
+        node,
+        &material.pki,
+        &r.cluster_name,
+        crate::etcd::MemberStart::Init,
+        say,
+    )
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?;
+    bind_own_disk(node, &uuid).await?;
+    say("bound this node's state disk to it in etcd".to_owned());
     ControlPlaneRecord {
         cluster_name: r.cluster_name.clone(),
         kubernetes_version: r.kubernetes_version.clone(),

@@ -24,7 +24,6 @@ use constellation_common::node_status::NodePhase;
 use constellation_common::secret::SecretBytes;
 use constellation_joinservice::pki::{write_pki_files, PkiError, PkiFile};
 use constellation_joinservice::ticket::JoinTicketConfig;
-use constellation_joinservice::FileDiskBindings;
 use constellation_proto::init::init_service_server::InitServiceServer;
 use constellation_proto::join::join_service_client::JoinServiceClient;
 use constellation_proto::join::{IssueJoinTicketRequest, IssueJoinTicketResponse};
@@ -197,23 +196,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             status.clone(),
         )
     });
-    // The local platform: the control planes' etcd cluster (a member per control plane, from
-    // Init, a control-plane join or Recover on). A VM's image carries no etcd yet: its disk
-    // bindings live in the state folder, on the encrypted state volume once it is mounted
-    // (the folder is made again on the volume then; nothing binds a disk before).
-    let shared = match &cfg.vm {
-        Some(_) => {
-            let dir = state_dir.join(crate::vm::DISK_BINDINGS_DIR);
-            SharedState::Files {
-                bindings: Arc::new(FileDiskBindings::open(&dir)?),
-                dir,
-            }
-        }
-        None => SharedState::Etcd {
-            client: Box::default(),
-            starting: Mutex::new(()),
-        },
-    };
+    // The control planes' etcd cluster (a member per control plane, from Init, a
+    // control-plane join or Recover on). In a VM its data directory is on the encrypted state
+    // volume, so it starts only once the volume is mounted.
+    let shared = SharedState::default();
     let state = NodeState::load(&state_dir)?;
     tracing::info!(node = %cfg.name, role = me.role.as_str(), ip = %me.ip, phase = ?state.phase, "bootstrapper starting");
 

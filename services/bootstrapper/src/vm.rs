@@ -17,8 +17,9 @@
 //!   [`statedisk::Integrity::HmacSha256`]): a changed sector fails to read. The tags are
 //!   written once per volume key, after the re-key (the first-boot volume is never opened, so
 //!   it is not written), before `mkfs`.
-//! - The join service's disk bindings (the control plane's join state) live in
-//!   [`DISK_BINDINGS_DIR`] on the state volume, made there when the volume is mounted.
+//! - A control plane's etcd member (the control planes' shared join state: disk bindings,
+//!   policy) keeps its data directory on the state volume, so it starts only once the volume is
+//!   mounted (Init, a join, Recover).
 //! - The node's phase file is on the volume, closed at boot: a control-plane VM whose volume
 //!   is keyed with a disk key was initialized or joined, so it serves Recover, which opens and
 //!   mounts the volume with the derived disk key and only then reads the phase and record; a
@@ -38,8 +39,6 @@ use crate::statedisk::{self, OpenedVolume, StateDiskError, VolumeKind};
 pub const GUEST_TCTI: &str = "device:/dev/tpmrm0";
 pub const GUEST_STATE_DEVICE: &str = "/dev/vda";
 pub const GUEST_NODE_DIR: &str = "/run/constellation";
-/// The folder of the join service's disk bindings in the state folder (on the state volume).
-pub const DISK_BINDINGS_DIR: &str = "disk-bindings";
 
 /// The file system tool the node image ships.
 const MKFS: &str = "mkfs.ext4";
@@ -154,12 +153,10 @@ pub fn mount_state_volume(
         .args(["-t", "ext4", "-o", "nosuid,nodev,noexec"])
         .arg(mapper_path)
         .arg(state_dir))?;
-    for dir in [state_dir.to_owned(), state_dir.join(DISK_BINDINGS_DIR)] {
-        constellation_common::secret_file::ensure_private_dir(&dir).map_err(|e| VmError::Io {
-            path: dir.clone(),
-            source: e.into(),
-        })?;
-    }
+    constellation_common::secret_file::ensure_private_dir(state_dir).map_err(|e| VmError::Io {
+        path: state_dir.to_owned(),
+        source: e.into(),
+    })?;
     // The status on the volume is an earlier boot's (the pid cannot tell: a guest's boot is
     // deterministic); this boot reports its own next.
     let stale = state_dir.join(STATUS_FILE);
