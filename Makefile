@@ -213,7 +213,11 @@ _bench-qemu-apply:
 # folder reaches pgrep through the environment so this recipe's own shell does not match.
 demo-down: export DEMO_CLUSTER_DIR := $(DEMO_CLUSTER)
 demo-down: install
-	@if [ -d $(DEMO_DIR)/.terraform ]; then $(DEMO_TF) destroy -auto-approve -input=false; \
+	@# The plugin mirror is shared by both examples: a demo of the other platform since this one's
+	@# init replaced the provider binary there, so re-init (new lock) before destroying.
+	@if [ -d $(DEMO_DIR)/.terraform ]; then rm -f $(DEMO_DIR)/.terraform.lock.hcl; \
+	  $(DEMO_TF) init -input=false -plugin-dir=$(DEMO_MIRROR) >/dev/null && \
+	  $(DEMO_TF) destroy -auto-approve -input=false; \
 	  else echo "demo-down: examples/$(PLATFORM) was never initialized; nothing to destroy"; fi
 	@left=$$(pgrep -af -- "$$DEMO_CLUSTER_DIR" || true); \
 	if [ -n "$$left" ]; then echo "demo-down: processes still running:" >&2; echo "$$left" >&2; exit 1; fi; \
