@@ -18,14 +18,7 @@ use constellation_platform::{Cloud, QemuCloud};
 async fn a_state_disk_copied_into_another_vm_is_refused_its_key_and_not_mounted() {
     let scratch = Scratch::new("stolen-disk");
     let (mut cluster, measurements, _) = new_cluster(&scratch);
-    let mut names = cluster.add(Role::ControlPlane, 1);
-    names.extend(cluster.add(Role::Worker, 1));
-    let booted: Vec<_> = cluster
-        .cloud()
-        .boot_many(&names)
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|e| panic!("boot: {e}")))
-        .collect();
+    let booted = cluster.add_and_boot(1, 1);
     let (cp, victim) = (booted[0].clone(), booted[1].clone());
     let (cluster_id, _, _) = init(&cp, &measurements).await;
     let cluster_hex = hex::encode(&cluster_id);
@@ -44,11 +37,9 @@ async fn a_state_disk_copied_into_another_vm_is_refused_its_key_and_not_mounted(
     )
     .unwrap();
     let thief = cluster
-        .cloud()
-        .boot_many(std::slice::from_ref(&thief.name))
+        .boot(std::slice::from_ref(&thief.name))
         .pop()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("thief boots: {e}"));
+        .unwrap();
 
     let status = {
         wait_status(&mut cluster, &thief, "a refused join", |s| {

@@ -19,9 +19,8 @@ use common::*;
 use constellation_attest::verify_cluster;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
-use constellation_common::metadata::Role;
 use constellation_common::node_status::NodePhase;
-use constellation_platform::{process, Cloud, NodeRecord, QemuCloud};
+use constellation_platform::{process, Cloud, QemuCloud};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_and_a_worker_vm_form_a_cluster_on_encrypted_disks() {
@@ -37,14 +36,7 @@ async fn a_control_plane_and_a_worker_vm_form_a_cluster_on_encrypted_disks() {
 
     // Both VMs boot at once; the worker retries its join until the control plane serves it.
     let t_boot = Instant::now();
-    let mut names = cluster.add(Role::ControlPlane, 1);
-    names.extend(cluster.add(Role::Worker, 1));
-    let booted: Vec<NodeRecord> = cluster
-        .cloud()
-        .boot_many(&names)
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|e| panic!("boot: {e}")))
-        .collect();
+    let booted = cluster.add_and_boot(1, 1);
     let boot_time = t_boot.elapsed();
     let (cp, worker) = (booted[0].clone(), booted[1].clone());
     assert_eq!(

@@ -38,14 +38,7 @@ async fn three_control_plane_vms_share_one_etcd_cluster_and_survive_the_loss_of_
     m.0.remove(&CLUSTER_ID_PCR);
 
     let t_boot = Instant::now();
-    let mut names = cluster.add(Role::ControlPlane, 3);
-    names.extend(cluster.add(Role::Worker, 1));
-    let booted: Vec<NodeRecord> = cluster
-        .cloud()
-        .boot_many(&names)
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|e| panic!("boot: {e}")))
-        .collect();
+    let booted = cluster.add_and_boot(3, 1);
     let boot_time = t_boot.elapsed();
     let (cps, worker) = (booted[..3].to_vec(), booted[3].clone());
 
@@ -73,12 +66,7 @@ async fn three_control_plane_vms_share_one_etcd_cluster_and_survive_the_loss_of_
         .expect("halt a control plane");
     let t_loss = Instant::now();
     let added = cluster.add(Role::Worker, 1);
-    let late = cluster
-        .cloud()
-        .boot_many(&added)
-        .pop()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("boot: {e}"));
+    let late = cluster.boot(&added).pop().unwrap();
     wait_status(
         &mut cluster,
         &late,
@@ -104,12 +92,7 @@ async fn three_control_plane_vms_share_one_etcd_cluster_and_survive_the_loss_of_
         .into_iter()
         .map(|n| n.name)
         .collect();
-    let rebooted: Vec<NodeRecord> = cluster
-        .cloud()
-        .boot_many(&all)
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|e| panic!("reboot: {e}")))
-        .collect();
+    let rebooted = cluster.boot(&all);
     let control_planes: Vec<&NodeRecord> = rebooted
         .iter()
         .filter(|n| n.role == Role::ControlPlane)

@@ -108,6 +108,26 @@ impl Cluster {
         self.0.as_mut().unwrap()
     }
 
+    /// Boots (or reboots) the nodes `names` at once and waits until each is up; panics naming
+    /// the failure.
+    pub fn boot(&mut self, names: &[String]) -> Vec<NodeRecord> {
+        self.cloud()
+            .boot_many(names)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("boot: {e}")))
+            .collect()
+    }
+
+    /// Adds `count` control planes and `workers` workers and boots them all at once.
+    pub fn add_and_boot(&mut self, control_planes: usize, workers: usize) -> Vec<NodeRecord> {
+        let mut names = self.add(
+            constellation_common::metadata::Role::ControlPlane,
+            control_planes,
+        );
+        names.extend(self.add(constellation_common::metadata::Role::Worker, workers));
+        self.boot(&names)
+    }
+
     /// Adds `count` node records of `role` booting the cluster's image (not started).
     pub fn add(&mut self, role: constellation_common::metadata::Role, count: usize) -> Vec<String> {
         let image = self.cloud().settings().image_dir.clone();
