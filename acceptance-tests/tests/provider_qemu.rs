@@ -11,6 +11,8 @@
 //!   swtpm, folder); `terraform import` from the cluster URI gives a state with no diff;
 //! - every VM killed: apply boots them, recovers the control plane with Recover (its state is
 //!   on its encrypted volume) and the worker rejoins, with the same cluster ID;
+//! - a rolling upgrade to another image folder replaces every VM, worker first, with the same
+//!   cluster ID;
 //! - destroy leaves no QEMU, swtpm or metadata process and no file.
 //!
 //! A second test boots an image whose initrd was changed by one byte after its PCRs were
@@ -276,8 +278,47 @@ fn a_qemu_cluster_applies_verifies_repairs_drift_scales_imports_and_destroys_cle
     assert_eq!(tf.plan(&[]).code, 0, "plan after recovery");
     assert_all_verified(&tf, &root, &cluster_id, 2);
 
+    // Rolling upgrade to another image folder (a copy: the same measurements): the plan names
+    // the VMs it replaces, the worker first; each replacement VM boots the new image and joins
+    // (the control plane's replacement becomes an etcd member and takes the master material
+    // from its join ticket) before the VM it replaces goes.
+    let current = PathBuf::from(tf.output("image_reference").as_str().unwrap());
+    let next = tf.scratch().join("next-image");
+    copy_image(&current, &next);
+    let var = format!("image_reference={}", next.display());
+    let before: Vec<String> = vms(&root).into_iter().map(|n| n.name).collect();
+    let plan = tf.plan(&["-var", &var]);
+    let text = plan.all().replace('\n', " ");
+    assert!(
+        text.contains("Rolling image upgrade") && before.iter().all(|n| text.contains(n)),
+        "the plan names the VMs the upgrade replaces:\n{plan}"
+    );
+    let upgrade = tf.apply(&["-var", &var]).ok();
+    eprintln!(
+        "rolling upgrade of the QEMU cluster (2 VMs replaced) took {:?}",
+        upgrade.elapsed
+    );
+    let after = vms(&root);
+    assert!(
+        after
+            .iter()
+            .all(|n| !before.contains(&n.name) && n.image_dir == next),
+        "every VM is replaced by one booting the new image: before {before:?}, after {after:?}"
+    );
+    assert_eq!(tf.output("cluster_id").as_str(), Some(cluster_id.as_str()));
+    assert_eq!(tf.plan(&["-var", &var]).code, 0, "plan after the upgrade");
+    assert_all_verified(&tf, &root, &cluster_id, 2);
+
     tf.destroy(&[]).ok();
     assert_nothing_left(&root);
+}
+
+/// Copies a QEMU node image folder (kernel, initrd, manifest).
+fn copy_image(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for file in ["vmlinuz", "initrd.cpio", "node-image.json"] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
 }
 
 /// Changes one byte of the init script's first comment inside the initrd (the node boots the
@@ -326,10 +367,7 @@ fn a_vm_whose_initrd_changed_after_measurement_is_refused_naming_the_pcr_terrafo
     tf.apply(&["-target=constellation_image.img"]).ok();
     let original = PathBuf::from(tf.output("image_reference").as_str().unwrap());
     let tampered = tf.scratch().join("tampered-image");
-    std::fs::create_dir(&tampered).unwrap();
-    for file in ["vmlinuz", "initrd.cpio", "node-image.json"] {
-        std::fs::copy(original.join(file), tampered.join(file)).unwrap();
-    }
+    copy_image(&original, &tampered);
     change_one_initrd_byte(&tampered);
 
     let reference = format!("image_reference={}", tampered.display());
