@@ -14,7 +14,7 @@
 //! - Whether the disk still has its first-boot key is read from the LUKS2 header's label
 //!   ([`statedisk::FIRST_BOOT_LABEL`]): the guest has no other storage that survives a reboot.
 //! - dm-crypt (aes-xts-plain64) with dm-integrity (HMAC-SHA256 per 4 KiB sector,
-//!   [`statedisk::Integrity::HmacSha256`]): a changed sector fails to read. The tags are
+//!   [`statedisk::Integrity::HmacSha256`]): by design a changed sector fails to read. The tags are
 //!   written once per volume key, after the re-key (the first-boot volume is never opened, so
 //!   it is not written), before `mkfs`.
 //! - A control plane's etcd member (the control planes' shared join state: disk bindings,
