@@ -336,13 +336,11 @@ fn an_initrd_changed_after_measurement_fails_pcr_9() {
     let dir = tempfile::tempdir().unwrap();
     let (image, _) = build(dir.path());
     let pre = image.precalculate(Path::new(qemu::OVMF_CODE)).unwrap();
-    // Change one byte of the init script's comment: the guest still boots and reports.
+    // Change one byte of the gzip header's modification time (RFC 1952: bytes 4-7), which the
+    // kernel's decompressor ignores: the guest boots the same and reports.
     let mut initrd = std::fs::read(image.initrd_path()).unwrap();
-    let at = initrd
-        .windows(26)
-        .position(|w| w == b"Init of the Constellation ")
-        .expect("init script inside the initrd");
-    initrd[at] = b'i';
+    assert_eq!(initrd[..3], [0x1f, 0x8b, 8], "the initrd is gzip (deflate)");
+    initrd[4] ^= 1;
     std::fs::write(image.initrd_path(), &initrd).unwrap();
     let boot = boot(&image);
     let err = pre
