@@ -103,7 +103,9 @@ struct PlatformState {
     accel: QemuAccel,
     next_index: u32,
     nodes: Vec<QemuNode>,
-    /// The cluster network's multicast group and port.
+    /// The cluster network's multicast group and port (a cluster folder from before the cluster
+    /// network gets one when it is opened; its VMs get the NIC at their next boot).
+    #[serde(default = "random_cluster_group")]
     cluster_group: std::net::SocketAddrV4,
 }
 
