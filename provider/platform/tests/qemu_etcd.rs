@@ -25,9 +25,7 @@ use constellation_platform::{Cloud, NodeRecord};
 fn serving_member(s: &NodeStatus, cluster_hex: &str, members: usize) -> bool {
     s.cluster_id() == Some(cluster_hex)
         && s.etcd_members.len() == members
-        && [ETCD_DAEMON, JOIN_SERVICE_DAEMON]
-            .iter()
-            .all(|d| s.daemon(d).is_some_and(|h| h.is_ready()))
+        && s.daemons_ready(&[ETCD_DAEMON, JOIN_SERVICE_DAEMON])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -147,20 +147,20 @@ pub(super) async fn recover_control_planes(
     Ok(())
 }
 
-/// The supervised daemon `daemon` of `node` reports ready in the node's status. A TCP probe
-/// of its port would not do: QEMU's user-mode host forward accepts every connection on the
-/// host side whether or not the guest listens.
-fn daemon_ready(cloud: &dyn Cloud, node: &NodeRecord, daemon: &str) -> bool {
+/// The supervised daemons `daemons` of `node` report ready in the node's status (one read of
+/// it). A TCP probe of their ports would not do: QEMU's user-mode host forward accepts every
+/// connection on the host side whether or not the guest listens.
+fn daemons_ready(cloud: &dyn Cloud, node: &NodeRecord, daemons: &[&str]) -> bool {
     node.is_alive()
         && cloud
             .node_status(node)
-            .is_some_and(|s| s.daemon(daemon).is_some_and(|d| d.is_ready()))
+            .is_some_and(|s| s.daemons_ready(daemons))
 }
 
 /// A control plane's key service is ready: it holds the master secret (it ran Init, was
 /// recovered, or joined with the master material in its join ticket).
 fn serves_key_service(cloud: &dyn Cloud, node: &NodeRecord) -> bool {
-    daemon_ready(cloud, node, KEY_SERVICE_DAEMON)
+    daemons_ready(cloud, node, &[KEY_SERVICE_DAEMON])
 }
 
 /// How long a control plane that joined gets to serve its key service (master material from
@@ -180,9 +180,9 @@ pub(super) async fn wait_serving_keys(
 ) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let serving = cloud.node(name).is_some_and(|n| {
-            serves_key_service(cloud, n) && daemon_ready(cloud, n, JOIN_SERVICE_DAEMON)
-        });
+        let serving = cloud
+            .node(name)
+            .is_some_and(|n| daemons_ready(cloud, n, &[KEY_SERVICE_DAEMON, JOIN_SERVICE_DAEMON]));
         if serving {
             return true;
         }

@@ -9,8 +9,9 @@
 //!   too), and a worker's TPM then has one client.
 //! - The key service starts after Init or Recover (the node holds the master secret); its TLS
 //!   files are issued from the cluster's key-service CA.
-//! - The join service starts after Init, Recover or a control-plane join. It reads its policy (the accepted measurements and the node directory) and claims disk
-//!   bindings in the control planes' etcd ([`crate::etcd`] publishes the metadata there and the
+//! - The join service starts after Init, Recover or a control-plane join. It reads its policy
+//!   (the accepted measurements and the node directory) and claims disk bindings in the
+//!   control planes' etcd ([`crate::etcd`] publishes the metadata there and the
 //!   daemon follows it with a watch); its etcd client certificate (etcd CA) is written into the
 //!   state folder.
 //!

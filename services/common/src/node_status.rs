@@ -158,6 +158,13 @@ impl NodeStatus {
         self.daemons.iter().find(|d| d.name == name)
     }
 
+    /// Every daemon in `names` runs and its readiness endpoint answers 200.
+    pub fn daemons_ready(&self, names: &[&str]) -> bool {
+        names
+            .iter()
+            .all(|name| self.daemon(name).is_some_and(DaemonHealth::is_ready))
+    }
+
     /// Replaces the status file in `state_dir` atomically (a reader never sees half a file).
     pub fn write(&self, state_dir: &Path) -> Result<(), NodeStatusError> {
         let path = state_dir.join(STATUS_FILE);
@@ -261,6 +268,11 @@ mod tests {
         assert!(read.daemon("keyservice").unwrap().is_ready());
         assert_eq!(read.daemon("joinservice").unwrap().restarts, 2);
         assert!(read.daemon("verify").is_none());
+        // Ready only when every named daemon runs and is ready: a backing-off or a missing
+        // one is not.
+        assert!(read.daemons_ready(&["keyservice"]));
+        assert!(!read.daemons_ready(&["keyservice", "joinservice"]));
+        assert!(!read.daemons_ready(&["keyservice", "verify"]));
     }
 
     #[test]
