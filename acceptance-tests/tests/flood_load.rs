@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use acceptance_tests::local::{processes_mentioning, sibling_binary, ONE_CLUSTER_AT_A_TIME};
+use constellation_attest::bootstrapper_client::{self, attest_bootstrapper};
 use constellation_attest::verify_cluster;
 use constellation_attestation::atls;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
@@ -32,7 +33,6 @@ use constellation_common::metadata::{ports, Role};
 use constellation_image::LocalImage;
 use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
 use constellation_platform::Cloud;
-use constellation_proto::init::init_response::Kind;
 use constellation_proto::init::init_service_client::InitServiceClient;
 use constellation_proto::init::InitRequest;
 use constellation_proto::verify::verify_service_client::VerifyServiceClient;
@@ -352,22 +352,14 @@ async fn honest_work(name: &str, flooded: bool) -> Figures {
 
     // The honest Init.
     let started = Instant::now();
-    let config = atls::ClientConfig::server_only(c.fresh_validator(&cp)).unwrap();
-    let (channel, _) = atls::channel(&cp.endpoint(ports::BOOTSTRAPPER), config)
+    let (channel, _) =
+        attest_bootstrapper(&cp.endpoint(ports::BOOTSTRAPPER), c.fresh_validator(&cp))
+            .await
+            .expect("the honest client attests the control plane");
+    let cluster_id = bootstrapper_client::init(channel, init_request(INIT_SECRET), |_| {})
         .await
-        .expect("the honest client attests the control plane");
-    let mut stream = InitServiceClient::new(channel)
-        .init(init_request(INIT_SECRET))
-        .await
-        .expect("the right Init is accepted")
-        .into_inner();
-    let mut cluster_id = None;
-    while let Some(msg) = stream.message().await.expect("Init streams") {
-        if let Some(Kind::Success(s)) = msg.kind {
-            cluster_id = Some(s.cluster_id);
-        }
-    }
-    let cluster_id = cluster_id.expect("Init succeeded");
+        .expect("the right Init succeeds")
+        .cluster_id;
     let init = started.elapsed();
     if flooded {
         flood.connections(&cp.endpoint(ports::JOIN));

@@ -1,7 +1,9 @@
 //! Clients of the nodes' APIs, used by the `attest` CLI, the provider and the tests: the
-//! verification service ([`verify`]). The attestation crate stays the network-free trust
-//! core; everything that dials a node over gRPC lives here.
+//! verification service ([`verify_client`]) and the bootstrapper's Init and Recover
+//! ([`bootstrapper_client`]). The attestation crate stays the network-free trust core;
+//! everything that dials a node over gRPC lives here.
 
-pub mod verify;
+pub mod bootstrapper_client;
+pub mod verify_client;
 
-pub use verify::{verify_cluster, VerifyError};
+pub use verify_client::{verify_cluster, VerifyError};

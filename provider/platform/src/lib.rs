@@ -22,6 +22,7 @@ pub use qemu::QemuCloud;
 use std::path::Path;
 use std::time::Duration;
 
+use constellation_attestation::Variant;
 use constellation_common::metadata::{ports, Role};
 use constellation_common::node_status::NodeStatus;
 
@@ -47,6 +48,9 @@ pub enum BootPhase {
 pub trait Cloud: Send + Sync + std::fmt::Debug {
     /// The cluster folder.
     fn root(&self) -> &Path;
+    /// The attestation variant this platform's nodes produce evidence for; the provider
+    /// validates them with it and refuses a configuration that names another.
+    fn attestation_variant(&self) -> Variant;
     /// The cluster-wide settings published to the nodes.
     fn settings(&self) -> &ClusterSettings;
     /// Replaces the settings and republishes the nodes' metadata.

@@ -633,9 +633,17 @@ fn boot_one(
     Ok(record)
 }
 
+/// A local node is a bootstrapper process with its own swtpm as its TPM: a vTPM guest.
+pub const NODE_VARIANT: constellation_attestation::Variant =
+    constellation_attestation::Variant::QemuVtpm;
+
 impl Cloud for LocalCloud {
     fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn attestation_variant(&self) -> constellation_attestation::Variant {
+        NODE_VARIANT
     }
 
     fn settings(&self) -> &ClusterSettings {

@@ -546,9 +546,17 @@ pub fn console_phase(console: &str) -> BootPhase {
     }
 }
 
+/// A QEMU node is a VM whose TPM is a swtpm over QEMU's TPM CRB device, without SEV-SNP.
+pub const NODE_VARIANT: constellation_attestation::Variant =
+    constellation_attestation::Variant::QemuVtpm;
+
 impl Cloud for QemuCloud {
     fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn attestation_variant(&self) -> constellation_attestation::Variant {
+        NODE_VARIANT
     }
 
     fn settings(&self) -> &ClusterSettings {

@@ -1,12 +1,12 @@
 //! Init of the first control plane: attest it against the image's measurements, then send the
 //! secrets.
 
-use constellation_attestation::atls::{self, AtlsError, ClientConfig};
+use constellation_attest::bootstrapper_client::{self, attest_bootstrapper, InitError};
 use constellation_attestation::{validator_for, ValidatorPolicy};
 use constellation_common::metadata::ports;
 use constellation_common::secret::SecretBytes;
 use constellation_platform::local::NodeRecord;
-use constellation_proto::init::{self as pb, init_service_client::InitServiceClient};
+use constellation_proto::init as pb;
 use constellation_proto::PROTOCOL_VERSION;
 
 use super::model::*;
@@ -47,20 +47,15 @@ pub(super) async fn attested_bootstrapper(
     node: &NodeRecord,
     measurements: &constellation_attestation::Measurements,
 ) -> Result<tonic::transport::Channel, ClusterError> {
-    let policy = ValidatorPolicy::pinned(vec![pinned_ak(node)?], measurements.clone());
-    let validator = validator_for(variant, policy).map_err(|e| ClusterError::Attestation {
+    let attestation = |reason: String| ClusterError::Attestation {
         node: node.name.clone(),
-        reason: e.to_string(),
-    })?;
-    let attestation = |e: AtlsError| ClusterError::Attestation {
-        node: node.name.clone(),
-        reason: e.to_string(),
+        reason,
     };
-    let config = ClientConfig::server_only(validator).map_err(attestation)?;
-    let endpoint = node.endpoint(ports::BOOTSTRAPPER);
-    let (channel, _verdict) = atls::channel(&endpoint, config)
+    let policy = ValidatorPolicy::pinned(vec![pinned_ak(node)?], measurements.clone());
+    let validator = validator_for(variant, policy).map_err(|e| attestation(e.to_string()))?;
+    let (channel, _verdict) = attest_bootstrapper(&node.endpoint(ports::BOOTSTRAPPER), validator)
         .await
-        .map_err(attestation)?;
+        .map_err(|e| attestation(e.to_string()))?;
     Ok(channel)
 }
 
@@ -93,47 +88,25 @@ pub(super) async fn initialize(
         kms: Some(kms_request(&spec.kms)),
         api_server_cert_sans: Vec::new(),
     };
-    let init_failed = |s: tonic::Status| {
-        if s.code() == tonic::Code::AlreadyExists {
-            return ClusterError::AlreadyInitialized {
-                node: node.name.clone(),
-                message: s.message().to_owned(),
-            };
-        }
-        ClusterError::Init(format!(
-            "node {}: {:?}: {}",
-            node.name,
-            s.code(),
-            s.message()
-        ))
-    };
-    let mut stream = InitServiceClient::new(channel)
-        .init(request)
-        .await
-        .map_err(init_failed)?
-        .into_inner();
-    while let Some(msg) = stream.message().await.map_err(init_failed)? {
-        match msg.kind {
-            Some(pb::init_response::Kind::Log(line)) => {
-                progress.step(&format!("{}: {}", node.name, line.message))
-            }
-            Some(pb::init_response::Kind::Success(s)) => {
-                return Ok(ClusterOutputs {
-                    cluster_id: hex::encode(&s.cluster_id),
-                    owner_id: hex::encode(&s.owner_id),
-                    kubeconfig: SecretBytes::new(s.kubeconfig),
-                    cluster_ca_certificate: pem_string("CA certificate", s.ca_cert_pem)?,
-                    client_certificate: pem_string("client certificate", s.client_cert_pem)?,
-                    client_key: SecretBytes::new(s.client_key_pem),
-                    host: s.endpoint,
-                    init_secret: init_secret.clone(),
-                });
-            }
-            None => {}
-        }
-    }
-    Err(ClusterError::Init(format!(
-        "node {}: the Init stream ended without InitSuccess",
-        node.name
-    )))
+    let success = bootstrapper_client::init(channel, request, |line| {
+        progress.step(&format!("{}: {}", node.name, line))
+    })
+    .await
+    .map_err(|e| match e {
+        InitError::AlreadyInitialized { message } => ClusterError::AlreadyInitialized {
+            node: node.name.clone(),
+            message,
+        },
+        e => ClusterError::Init(format!("node {}: {e}", node.name)),
+    })?;
+    Ok(ClusterOutputs {
+        cluster_id: hex::encode(&success.cluster_id),
+        owner_id: hex::encode(&success.owner_id),
+        kubeconfig: SecretBytes::new(success.kubeconfig),
+        cluster_ca_certificate: pem_string("CA certificate", success.ca_cert_pem)?,
+        client_certificate: pem_string("client certificate", success.client_cert_pem)?,
+        client_key: SecretBytes::new(success.client_key_pem),
+        host: success.endpoint,
+        init_secret: init_secret.clone(),
+    })
 }

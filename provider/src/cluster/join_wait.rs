@@ -139,7 +139,13 @@ pub(super) async fn wait_joined(
         let (ready, waiting): (Vec<NodeRecord>, Vec<NodeRecord>) = pending
             .into_iter()
             .partition(|n| attest_all || reports_joined(cloud, n));
-        let results = check_nodes(&ready, measurements, cluster_id).await;
+        let results = check_nodes(
+            cloud.attestation_variant(),
+            &ready,
+            measurements,
+            cluster_id,
+        )
+        .await;
         let mut still = Vec::new();
         let mut last_reason = String::new();
         let waiting = waiting.into_iter().map(|n| {

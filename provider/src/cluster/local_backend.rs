@@ -533,7 +533,13 @@ impl LocalBackend {
         let prior = &rolled;
         // Which nodes need a reboot: dead or not attesting with the cluster ID.
         let nodes = cloud.list_nodes();
-        let health = check_nodes(&nodes, &prior.spec.image.measurements, &cluster_id).await;
+        let health = check_nodes(
+            cloud.attestation_variant(),
+            &nodes,
+            &prior.spec.image.measurements,
+            &cluster_id,
+        )
+        .await;
         let mut reboot = Vec::new();
         let mut healthy = Vec::new();
         for (node, result) in nodes.into_iter().zip(health) {
@@ -551,7 +557,13 @@ impl LocalBackend {
         // New measurements are the cluster's join configuration for every node, old and new:
         // refuse a set that a running node no longer satisfies instead of publishing it.
         if spec.image.measurements != prior.spec.image.measurements {
-            let check = check_nodes(&healthy, &spec.image.measurements, &cluster_id).await;
+            let check = check_nodes(
+                cloud.attestation_variant(),
+                &healthy,
+                &spec.image.measurements,
+                &cluster_id,
+            )
+            .await;
             let strand: Vec<String> = healthy
                 .iter()
                 .zip(check)
@@ -723,7 +735,13 @@ impl ClusterBackend for LocalBackend {
             let nodes = cloud.list_nodes();
             let cluster_id = cluster_id_bytes(&state.outputs)?;
             let mut unhealthy = Vec::new();
-            let health = check_nodes(&nodes, &state.spec.image.measurements, &cluster_id).await;
+            let health = check_nodes(
+                cloud.attestation_variant(),
+                &nodes,
+                &state.spec.image.measurements,
+                &cluster_id,
+            )
+            .await;
             for (node, result) in nodes.iter().zip(health) {
                 if let Err(reason) = result {
                     unhealthy.push(UnhealthyNode {
@@ -929,6 +947,7 @@ mod tests {
     #[tokio::test]
     async fn a_dead_node_is_unhealthy_without_network_calls() {
         let reason = check_node(
+            constellation_attestation::Variant::QemuVtpm,
             &record("c-worker-1", Role::Worker),
             &Measurements::default(),
             &[0; 32],

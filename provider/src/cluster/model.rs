@@ -40,6 +40,14 @@ impl Platform {
             Platform::Qemu => "qemu",
         }
     }
+
+    /// The attestation variant this platform's nodes produce evidence for.
+    pub fn attestation_variant(self) -> constellation_attestation::Variant {
+        match self {
+            Platform::Local => constellation_platform::local::NODE_VARIANT,
+            Platform::Qemu => constellation_platform::qemu::NODE_VARIANT,
+        }
+    }
 }
 
 impl FromStr for Platform {

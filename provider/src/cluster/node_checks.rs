@@ -24,6 +24,7 @@ pub(super) fn pinned_ak(node: &NodeRecord) -> Result<AkPublicKey, ClusterError> 
 /// Checks one running node: its process is alive and it attests, pinned to its own AK, with
 /// the measurements (PCR 15 excluded) and PCR 15 = `cluster_id`. Err is the reason.
 pub(super) async fn check_node(
+    variant: Variant,
     node: &NodeRecord,
     measurements: &Measurements,
     cluster_id: &[u8],
@@ -34,9 +35,8 @@ pub(super) async fn check_node(
     let ak = pinned_ak(node).map_err(|e| e.to_string())?;
     let mut m = measurements.clone();
     m.0.remove(&CLUSTER_ID_PCR);
-    // The local platform's nodes attest with qemu-vtpm (`check_variant`).
-    let validator = validator_for(Variant::QemuVtpm, ValidatorPolicy::pinned(vec![ak], m))
-        .map_err(|e| e.to_string())?;
+    let validator =
+        validator_for(variant, ValidatorPolicy::pinned(vec![ak], m)).map_err(|e| e.to_string())?;
     verify_cluster(&node.endpoint(ports::VERIFY), &*validator, Some(cluster_id))
         .await
         .map(|_| ())
@@ -48,11 +48,17 @@ pub(super) fn cluster_id_bytes(outputs: &ClusterOutputs) -> Result<Vec<u8>, Clus
         .map_err(|e| ClusterError::PlatformState(format!("cluster_id is not hex: {e}")))
 }
 
+/// The configured attestation variant is the one the platform's nodes produce: a cluster
+/// whose nodes could never pass its validator is refused before anything is created.
 pub(super) fn check_variant(spec: &ClusterSpec) -> Result<(), ClusterError> {
-    if spec.attestation.variant != Variant::QemuVtpm {
+    let produced = spec.platform.attestation_variant();
+    if spec.attestation.variant != produced {
         return Err(ClusterError::Unsupported {
             what: format!("attestation variant {}", spec.attestation.variant),
-            reason: "the local platform's nodes attest with qemu-vtpm".into(),
+            reason: format!(
+                "the {} platform's nodes attest with {produced}",
+                spec.platform.as_str()
+            ),
         });
     }
     Ok(())
@@ -60,6 +66,7 @@ pub(super) fn check_variant(spec: &ClusterSpec) -> Result<(), ClusterError> {
 
 /// Checks `nodes` concurrently; one result per node, in order.
 pub(super) async fn check_nodes(
+    variant: Variant,
     nodes: &[NodeRecord],
     measurements: &Measurements,
     cluster_id: &[u8],
@@ -67,7 +74,7 @@ pub(super) async fn check_nodes(
     let mut set = tokio::task::JoinSet::new();
     for (i, node) in nodes.iter().enumerate() {
         let (node, m, id) = (node.clone(), measurements.clone(), cluster_id.to_vec());
-        set.spawn(async move { (i, check_node(&node, &m, &id).await) });
+        set.spawn(async move { (i, check_node(variant, &node, &m, &id).await) });
     }
     let mut out: Vec<Result<(), String>> = vec![Err("not checked".into()); nodes.len()];
     while let Some(done) = set.join_next().await {
@@ -77,4 +84,28 @@ pub(super) async fn check_nodes(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_the_platform_cannot_produce_is_refused_before_anything_is_created() {
+        for platform in [Platform::Local, Platform::Qemu] {
+            let mut spec = crate::cluster::journal::tests::spec();
+            spec.platform = platform;
+            spec.attestation.variant = platform.attestation_variant();
+            assert!(check_variant(&spec).is_ok(), "{platform:?}");
+            spec.attestation.variant = Variant::AwsSevSnp;
+            match check_variant(&spec) {
+                Err(ClusterError::Unsupported { what, reason }) => {
+                    assert!(what.contains("aws-sev-snp"), "{what}");
+                    assert!(reason.contains(platform.as_str()), "{reason}");
+                    assert!(reason.contains("qemu-vtpm"), "{reason}");
+                }
+                other => panic!("{platform:?}: {other:?}"),
+            }
+        }
+    }
 }

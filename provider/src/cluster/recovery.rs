@@ -6,12 +6,12 @@
 //! by opening its existing state disk with the derived key, binds PCR 15 to the same cluster
 //! ID and starts its key and join services; the workers then rejoin on their own.
 
+use constellation_attest::bootstrapper_client::{self, RecoverError};
 use constellation_attestation::Measurements;
 use constellation_common::metadata::{ports, Role};
 use constellation_common::node_status::{NodePhase, JOIN_SERVICE_DAEMON, KEY_SERVICE_DAEMON};
 use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
-use constellation_proto::recover::recover_service_client::RecoverServiceClient;
 use constellation_proto::recover::RecoverRequest;
 use constellation_proto::PROTOCOL_VERSION;
 
@@ -119,27 +119,16 @@ pub(super) async fn recover_control_planes(
                     continue;
                 }
             };
-        let answer = RecoverServiceClient::new(channel)
-            .recover(request.clone())
-            .await;
-        match answer {
-            Ok(r) => progress.step(&format!("{}: {}", node.name, r.into_inner().message)),
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition
-                ) =>
-            {
-                progress.step(&format!(
-                    "{} no longer waits for Recover: {}",
-                    node.name,
-                    s.message()
-                ))
-            }
-            Err(s) => {
+        match bootstrapper_client::recover(channel, request.clone()).await {
+            Ok(r) => progress.step(&format!("{}: {}", node.name, r.message)),
+            Err(RecoverError::NotWaiting { message }) => progress.step(&format!(
+                "{} no longer waits for Recover: {message}",
+                node.name
+            )),
+            Err(e) => {
                 return Err(ClusterError::Node {
                     node: node.name.clone(),
-                    reason: format!("Recover was refused: {:?}: {}", s.code(), s.message()),
+                    reason: e.to_string(),
                 })
             }
         }

@@ -111,8 +111,9 @@ impl From<RecoverError> for Status {
             | BadSaltLength(_)
             | SecretAndKmip { .. }
             | BadKmip(_) => Status::invalid_argument(message),
-            AlreadyRecovered { .. } => Status::already_exists(message),
-            NotWaiting { .. } | NeverInitialized | NoControlPlaneRecord | NoWrappedSecret => {
+            // ALREADY_EXISTS means exactly "this node does not wait for Recover" (recover.proto).
+            AlreadyRecovered { .. } | NotWaiting { .. } => Status::already_exists(message),
+            NeverInitialized | NoControlPlaneRecord | NoWrappedSecret => {
                 Status::failed_precondition(message)
             }
             WrongMasterSecret | WrongCluster { .. } | KmsDisagrees => {
@@ -402,6 +403,12 @@ mod tests {
         assert_eq!(
             Status::from(RecoverError::NoWrappedSecret).code(),
             tonic::Code::FailedPrecondition
+        );
+        // ALREADY_EXISTS only for "not waiting": clients treat it as nothing to do, so a
+        // failure must never map to it.
+        assert_eq!(
+            Status::from(RecoverError::NotWaiting { how: "initialized" }).code(),
+            tonic::Code::AlreadyExists
         );
     }
 

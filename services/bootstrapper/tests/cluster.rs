@@ -6,6 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use constellation_attest::bootstrapper_client::{
+    self, attest_bootstrapper, AttestError, InitError,
+};
 use constellation_attest::{verify_cluster, VerifyError};
 use constellation_attestation::atls::{self, AtlsError};
 use constellation_attestation::measurements::{Digest, Measurement, Measurements, CLUSTER_ID_PCR};
@@ -17,8 +20,6 @@ use constellation_common::metadata::{ports, Role};
 use constellation_image::LocalImage;
 use constellation_platform::local::NodeRecord;
 use constellation_platform::Cloud;
-use constellation_proto::init::init_response::Kind;
-use constellation_proto::init::init_service_client::InitServiceClient;
 use constellation_proto::init::{InitRequest, InitSuccess};
 use constellation_proto::PROTOCOL_VERSION;
 
@@ -53,30 +54,20 @@ async fn init_at(
     endpoint: &str,
     req: InitRequest,
 ) -> Result<(InitSuccess, Vec<String>), InitFailure> {
-    let config = atls::ClientConfig::server_only(validator).unwrap();
-    let (channel, _) = atls::channel(endpoint, config)
+    let (channel, _) = attest_bootstrapper(endpoint, validator)
         .await
         .map_err(InitFailure::Attestation)?;
-    let mut stream = InitServiceClient::new(channel)
-        .init(req)
-        .await
-        .map_err(InitFailure::Status)?
-        .into_inner();
     let mut lines = Vec::new();
-    while let Some(msg) = stream.message().await.map_err(InitFailure::Status)? {
-        match msg.kind {
-            Some(Kind::Log(l)) => lines.push(l.message),
-            Some(Kind::Success(s)) => return Ok((s, lines)),
-            None => {}
-        }
-    }
-    panic!("init stream ended without success; lines: {lines:?}")
+    let success = bootstrapper_client::init(channel, req, |l| lines.push(l.to_owned()))
+        .await
+        .map_err(InitFailure::Init)?;
+    Ok((success, lines))
 }
 
 #[derive(Debug)]
 enum InitFailure {
-    Attestation(AtlsError),
-    Status(tonic::Status),
+    Attestation(AttestError),
+    Init(InitError),
 }
 
 fn expected_cluster_id() -> [u8; 32] {
@@ -96,7 +87,7 @@ async fn init_over_atls_binds_the_node_to_the_cluster() {
 
     // Wrong init secret: refused before anything happens.
     match init(validator.clone(), &cp, request(b"not the secret")).await {
-        Err(InitFailure::Status(s)) => {
+        Err(InitFailure::Init(InitError::Refused(s))) => {
             assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
             assert!(s.message().contains("init secret"), "{}", s.message());
         }
@@ -146,7 +137,10 @@ async fn init_over_atls_binds_the_node_to_the_cluster() {
 
     // A second Init is refused: the node no longer attests as fresh (PCR 15 changed)...
     match init(validator.clone(), &cp, request(INIT_SECRET)).await {
-        Err(InitFailure::Attestation(AtlsError::Rejected(ValidationError::Measurements(m)))) => {
+        Err(InitFailure::Attestation(AttestError::Refused {
+            source: AtlsError::Rejected(ValidationError::Measurements(m)),
+            ..
+        })) => {
             assert!(m.to_string().contains("PCR[15]"), "{m}")
         }
         other => panic!("second init not refused by attestation: {other:?}"),
@@ -156,7 +150,9 @@ async fn init_over_atls_binds_the_node_to_the_cluster() {
     lax.0.remove(&CLUSTER_ID_PCR);
     let lax = Arc::new(QemuVtpmValidator::new(vec![ak(&cp)], lax));
     match init(lax, &cp, request(INIT_SECRET)).await {
-        Err(InitFailure::Status(s)) => assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s:?}"),
+        Err(InitFailure::Init(InitError::AlreadyInitialized { message })) => {
+            assert!(message.contains("already"), "{message}")
+        }
         other => panic!("second init accepted: {other:?}"),
     }
 
@@ -249,9 +245,14 @@ async fn replayed_evidence_of_a_genuine_node_gets_no_init_secret() {
     )
     .await;
     match replayed {
-        Err(InitFailure::Attestation(AtlsError::Rejected(ValidationError::Quote(
-            QuoteError::NonceMismatch { expected, found },
-        )))) => assert_ne!(expected, found),
+        Err(InitFailure::Attestation(AttestError::Refused {
+            source:
+                AtlsError::Rejected(ValidationError::Quote(QuoteError::NonceMismatch {
+                    expected,
+                    found,
+                })),
+            ..
+        })) => assert_ne!(expected, found),
         other => panic!("replayed evidence must be rejected at the quote's nonce: {other:?}"),
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -276,7 +277,10 @@ async fn a_node_from_a_modified_binary_fails_attestation_before_any_secret_is_se
         .create_node_from_image(Role::ControlPlane, &other.dir)
         .unwrap();
     match init(c.fresh_validator(&cp), &cp, request(INIT_SECRET)).await {
-        Err(InitFailure::Attestation(AtlsError::Rejected(ValidationError::Measurements(m)))) => {
+        Err(InitFailure::Attestation(AttestError::Refused {
+            source: AtlsError::Rejected(ValidationError::Measurements(m)),
+            ..
+        })) => {
             let text = m.to_string();
             assert!(
                 text.contains("PCR[4]"),

@@ -198,7 +198,7 @@ async fn shared_state(
                         let cache = JoinStateCache::start(store.clone())
                             .await
                             .map_err(|e| e.to_string())?;
-                        Ok((cache, store))
+                        Ok::<_, String>((cache, store))
                     }
                 })
                 .await

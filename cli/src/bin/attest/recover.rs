@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use constellation_attestation::atls::{self, AtlsError, ClientConfig};
+use constellation_attest::bootstrapper_client::{self, attest_bootstrapper, AttestError};
 use constellation_attestation::measurements::Measurements;
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::{validator_for, ValidatorPolicy, Variant};
-use constellation_proto::recover::recover_service_client::RecoverServiceClient;
 use constellation_proto::recover::RecoverRequest;
 use constellation_proto::PROTOCOL_VERSION;
 
@@ -66,52 +65,45 @@ pub fn recover(a: RecoverArgs) -> anyhow::Result<ExitCode> {
     let master_secret = read_secret(&a.master_secret_file)?;
     let master_salt = read_secret(&a.salt_file)?;
     let validator = validator_for(a.variant, ValidatorPolicy::pinned(vec![ak], measurements))?;
-    let config = ClientConfig::server_only(validator)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut checks = Vec::new();
     let extra = runtime.block_on(async {
-        let (channel, ak_fingerprint) = match atls::channel(&a.endpoint, config).await {
+        let (channel, ak_fingerprint) = match attest_bootstrapper(&a.endpoint, validator).await {
             Ok((channel, verdict)) => {
                 checks.push(Check::pass("reachable"));
                 checks.push(Check::pass("attestation"));
                 (channel, hex::encode(verdict.ak_fingerprint))
             }
-            Err(e) => {
-                let unreachable = matches!(e, AtlsError::Io(_) | AtlsError::Timeout(_));
-                if unreachable {
-                    checks.push(Check::fail("reachable", e.to_string()));
-                } else {
-                    checks.push(Check::pass("reachable"));
-                    checks.push(Check::fail("attestation", e.to_string()));
-                }
+            Err(e @ AttestError::Unreachable { .. }) => {
+                checks.push(Check::fail("reachable", e.to_string()));
+                return None;
+            }
+            Err(e @ AttestError::Refused { .. }) => {
+                checks.push(Check::pass("reachable"));
+                checks.push(Check::fail("attestation", e.to_string()));
                 return None;
             }
         };
-        let answer = RecoverServiceClient::new(channel)
-            .recover(RecoverRequest {
-                version: PROTOCOL_VERSION,
-                master_secret,
-                master_salt,
-                kmip: None,
-            })
-            .await;
-        match answer {
+        let request = RecoverRequest {
+            version: PROTOCOL_VERSION,
+            master_secret,
+            master_salt,
+            kmip: None,
+        };
+        match bootstrapper_client::recover(channel, request).await {
             Ok(r) => {
                 checks.push(Check::pass("recover"));
                 Some(serde_json::json!({
                     "endpoint": a.endpoint,
                     "ak_fingerprint": ak_fingerprint,
-                    "message": r.into_inner().message,
+                    "message": r.message,
                 }))
             }
-            Err(s) => {
-                checks.push(Check::fail(
-                    "recover",
-                    format!("{:?}: {}", s.code(), s.message()),
-                ));
+            Err(e) => {
+                checks.push(Check::fail("recover", e.to_string()));
                 None
             }
         }

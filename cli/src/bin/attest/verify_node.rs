@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use constellation_attest::verify::{verify_cluster, VerifyError};
+use constellation_attest::{verify_cluster, VerifyError};
 use constellation_attestation::measurements::Measurements;
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::{validator_for, ValidatorPolicy, Variant};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use constellation_attestation::atls::{self, ClientConfig};
+use constellation_attest::bootstrapper_client::{self, attest_bootstrapper};
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
 use constellation_attestation::Measurements;
@@ -14,12 +14,10 @@ use constellation_common::node_status::NodeStatus;
 use constellation_image::qemu::{self as image, NodeImage, NodeImageInputs};
 use constellation_platform::local::ClusterSettings;
 use constellation_platform::{Cloud, NodeRecord, QemuCloud};
-use constellation_proto::init::init_response::Kind;
-use constellation_proto::init::init_service_client::InitServiceClient;
 use constellation_proto::init::{ClusterManagedKms, InitRequest, KmsConfig};
-use constellation_proto::recover::recover_service_client::RecoverServiceClient;
 use constellation_proto::recover::RecoverRequest;
 use constellation_proto::PROTOCOL_VERSION;
+use tonic::transport::Channel;
 
 pub const MASTER_SECRET: [u8; 32] = [0x5a; 32];
 pub const MASTER_SALT: [u8; 32] = [0x17; 32];
@@ -154,63 +152,56 @@ pub fn luks_uuid(disk: &[u8]) -> String {
     String::from_utf8(raw[..raw.iter().position(|b| *b == 0).unwrap()].to_vec()).unwrap()
 }
 
+/// A channel to `node`'s bootstrapper once it attested as not yet bound (PCR 15 still zero).
+async fn attested(node: &NodeRecord, measurements: &Measurements, why: &str) -> Channel {
+    let validator = QemuVtpmValidator::new(vec![pinned(node)], measurements.clone());
+    let endpoint = node.endpoint(constellation_common::metadata::ports::BOOTSTRAPPER);
+    let (channel, _verdict) = attest_bootstrapper(&endpoint, Arc::new(validator))
+        .await
+        .unwrap_or_else(|e| panic!("control plane {} must attest for {why}: {e}", node.name));
+    channel
+}
+
 pub async fn init(node: &NodeRecord, measurements: &Measurements) -> (Vec<u8>, Duration, Duration) {
     let start = Instant::now();
-    let validator = QemuVtpmValidator::new(vec![pinned(node)], measurements.clone());
-    let config = ClientConfig::server_only(Arc::new(validator)).unwrap();
-    let endpoint = node.endpoint(constellation_common::metadata::ports::BOOTSTRAPPER);
-    let (channel, _verdict) = atls::channel(&endpoint, config)
-        .await
-        .unwrap_or_else(|e| panic!("control plane {} must attest: {e}", node.name));
+    let channel = attested(node, measurements, "Init").await;
     let attested = start.elapsed();
-    let mut stream = InitServiceClient::new(channel)
-        .init(InitRequest {
-            version: PROTOCOL_VERSION,
-            master_secret: MASTER_SECRET.to_vec(),
-            master_salt: MASTER_SALT.to_vec(),
-            measurement_salt: vec![0x33; 32],
-            init_secret: INIT_SECRET.to_vec(),
-            cluster_name: "qc".into(),
-            kubernetes_version: "v1.31.1".into(),
-            kms: Some(KmsConfig {
-                backend: Some(
-                    constellation_proto::init::kms_config::Backend::ClusterManaged(
-                        ClusterManagedKms {},
-                    ),
+    let request = InitRequest {
+        version: PROTOCOL_VERSION,
+        master_secret: MASTER_SECRET.to_vec(),
+        master_salt: MASTER_SALT.to_vec(),
+        measurement_salt: vec![0x33; 32],
+        init_secret: INIT_SECRET.to_vec(),
+        cluster_name: "qc".into(),
+        kubernetes_version: "v1.31.1".into(),
+        kms: Some(KmsConfig {
+            backend: Some(
+                constellation_proto::init::kms_config::Backend::ClusterManaged(
+                    ClusterManagedKms {},
                 ),
-            }),
-            ..Default::default()
-        })
+            ),
+        }),
+        ..Default::default()
+    };
+    let success = bootstrapper_client::init(channel, request, |_| {})
         .await
-        .expect("Init accepted")
-        .into_inner();
-    while let Some(msg) = stream.message().await.expect("Init stream") {
-        if let Some(Kind::Success(s)) = msg.kind {
-            return (s.cluster_id, attested, start.elapsed() - attested);
-        }
-    }
-    panic!("Init stream ended without success")
+        .unwrap_or_else(|e| panic!("Init of {}: {e}", node.name));
+    (success.cluster_id, attested, start.elapsed() - attested)
 }
 
 /// Attests a control plane that waits for Recover (PCR 15 still zero) and sends it the
 /// master secret; returns the node's answer.
 pub async fn recover(node: &NodeRecord, measurements: &Measurements) -> String {
-    let validator = QemuVtpmValidator::new(vec![pinned(node)], measurements.clone());
-    let config = ClientConfig::server_only(Arc::new(validator)).unwrap();
-    let endpoint = node.endpoint(constellation_common::metadata::ports::BOOTSTRAPPER);
-    let (channel, _verdict) = atls::channel(&endpoint, config)
+    let channel = attested(node, measurements, "Recover").await;
+    let request = RecoverRequest {
+        version: PROTOCOL_VERSION,
+        master_secret: MASTER_SECRET.to_vec(),
+        master_salt: MASTER_SALT.to_vec(),
+        kmip: None,
+    };
+    bootstrapper_client::recover(channel, request)
         .await
-        .unwrap_or_else(|e| panic!("control plane {} must attest for Recover: {e}", node.name));
-    RecoverServiceClient::new(channel)
-        .recover(RecoverRequest {
-            version: PROTOCOL_VERSION,
-            master_secret: MASTER_SECRET.to_vec(),
-            master_salt: MASTER_SALT.to_vec(),
-            kmip: None,
-        })
-        .await
-        .unwrap_or_else(|s| panic!("Recover refused: {s:?}"))
-        .into_inner()
+        .unwrap_or_else(|e| panic!("{e}"))
         .message
 }
 

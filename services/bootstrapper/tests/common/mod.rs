@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use constellation_attest::bootstrapper_client::{self, attest_bootstrapper, RecoverError};
 use constellation_attest::verify_cluster;
-use constellation_attestation::atls;
 use constellation_attestation::measurements::CLUSTER_ID_PCR;
 use constellation_attestation::tpm::AkPublicKey;
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmValidator;
@@ -17,10 +17,7 @@ use constellation_common::metadata::{ports, Role};
 use constellation_image::LocalImage;
 use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord};
 use constellation_platform::Cloud as _;
-use constellation_proto::init::init_response::Kind;
-use constellation_proto::init::init_service_client::InitServiceClient;
 use constellation_proto::init::{InitRequest, InitSuccess, KmipKms, KmsConfig};
-use constellation_proto::recover::recover_service_client::RecoverServiceClient;
 use constellation_proto::recover::{RecoverRequest, RecoverResponse};
 use constellation_proto::PROTOCOL_VERSION;
 
@@ -154,31 +151,23 @@ pub async fn init_with_kms(
     node: &NodeRecord,
     kms: Option<KmsConfig>,
 ) -> InitSuccess {
-    let config = atls::ClientConfig::server_only(validator).unwrap();
-    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
+    let (channel, _) = attest_bootstrapper(&node.endpoint(ports::BOOTSTRAPPER), validator)
         .await
         .unwrap();
-    let mut stream = InitServiceClient::new(channel)
-        .init(InitRequest {
-            version: PROTOCOL_VERSION,
-            master_secret: MASTER_SECRET.to_vec(),
-            master_salt: MASTER_SALT.to_vec(),
-            measurement_salt: vec![0x33; 32],
-            init_secret: INIT_SECRET.to_vec(),
-            cluster_name: "test".into(),
-            kubernetes_version: "v1.31.1".into(),
-            kms,
-            ..Default::default()
-        })
+    let request = InitRequest {
+        version: PROTOCOL_VERSION,
+        master_secret: MASTER_SECRET.to_vec(),
+        master_salt: MASTER_SALT.to_vec(),
+        measurement_salt: vec![0x33; 32],
+        init_secret: INIT_SECRET.to_vec(),
+        cluster_name: "test".into(),
+        kubernetes_version: "v1.31.1".into(),
+        kms,
+        ..Default::default()
+    };
+    bootstrapper_client::init(channel, request, |_| {})
         .await
-        .unwrap()
-        .into_inner();
-    while let Some(msg) = stream.message().await.unwrap() {
-        if let Some(Kind::Success(s)) = msg.kind {
-            return s;
-        }
-    }
-    panic!("init stream ended without success")
+        .unwrap_or_else(|e| panic!("Init of {}: {e}", node.name))
 }
 
 pub async fn wait_log(node: &NodeRecord, needle: &str) -> String {
@@ -252,7 +241,7 @@ pub async fn recover(
     node: &NodeRecord,
     master_secret: &[u8],
     master_salt: &[u8],
-) -> Result<RecoverResponse, tonic::Status> {
+) -> Result<RecoverResponse, RecoverError> {
     let request = RecoverRequest {
         version: PROTOCOL_VERSION,
         master_secret: master_secret.to_vec(),
@@ -267,15 +256,11 @@ pub async fn recover_with(
     validator: Arc<QemuVtpmValidator>,
     node: &NodeRecord,
     request: RecoverRequest,
-) -> Result<RecoverResponse, tonic::Status> {
-    let config = atls::ClientConfig::server_only(validator).unwrap();
-    let (channel, _) = atls::channel(&node.endpoint(ports::BOOTSTRAPPER), config)
+) -> Result<RecoverResponse, RecoverError> {
+    let (channel, _) = attest_bootstrapper(&node.endpoint(ports::BOOTSTRAPPER), validator)
         .await
         .unwrap_or_else(|e| panic!("attesting {} for Recover: {e}", node.name));
-    RecoverServiceClient::new(channel)
-        .recover(request)
-        .await
-        .map(tonic::Response::into_inner)
+    bootstrapper_client::recover(channel, request).await
 }
 
 /// A Recover that carries KMIP client credentials instead of the master secret.

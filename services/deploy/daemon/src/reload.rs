@@ -54,20 +54,22 @@ pub fn spawn(
 
 /// Retries `load` every `interval` until it succeeds, logging each new reason once; gives up
 /// only when `stop` returns true (shutdown began), with `None`.
-pub async fn until_loaded<T, F>(
+pub async fn until_loaded<T, E, F>(
     what: &'static str,
     interval: Duration,
     stop: impl Fn() -> bool,
     mut load: impl FnMut() -> F,
 ) -> Option<T>
 where
-    F: std::future::Future<Output = Result<T, String>>,
+    F: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
 {
     let mut last = String::new();
     loop {
         match load().await {
             Ok(value) => return Some(value),
             Err(reason) => {
+                let reason = reason.to_string();
                 if reason != last {
                     tracing::warn!(what, %reason, "not loaded yet; retrying");
                     last = reason;

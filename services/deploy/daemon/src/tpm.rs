@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use constellation_attestation::variant::{issuer_for, VariantIssuer};
+use constellation_attestation::variant::{issuer_for, FactoryError, VariantIssuer};
 use constellation_attestation::Variant;
 
 /// The SEV-SNP guest report device; its presence makes this an SNP guest.
@@ -37,27 +37,52 @@ impl PlatformFacts {
     }
 }
 
+/// Why this daemon has no attestation variant to issue on its platform.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoVariantError {
+    #[error(
+        "{SEV_GUEST_DEVICE} exists: a SEV-SNP guest, whose variants (aws-sev-snp, \
+         azure-sev-snp) this daemon cannot issue yet"
+    )]
+    SevSnpGuest,
+    #[error("no TPM: no attestation variant this daemon can issue")]
+    NoTpm,
+}
+
+/// Why the daemon's attestation issuer did not open (no secret in it).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenIssuerError {
+    #[error(transparent)]
+    NoVariant(#[from] NoVariantError),
+    #[error("TPM {tcti:?}: {source}")]
+    Tpm {
+        tcti: String,
+        #[source]
+        source: FactoryError,
+    },
+}
+
 /// The variant these facts imply: a TPM without an SNP guest device is a vTPM guest (QEMU, or
 /// the local platform's swtpm): `qemu-vtpm`. An SNP guest's variants need a report device
 /// driver this code base does not have, so it is refused with the reason rather than
 /// attested as something else.
-pub fn detect_variant(facts: &PlatformFacts) -> Result<Variant, String> {
+pub fn detect_variant(facts: &PlatformFacts) -> Result<Variant, NoVariantError> {
     if facts.sev_guest {
-        return Err(format!(
-            "{SEV_GUEST_DEVICE} exists: a SEV-SNP guest, whose variants (aws-sev-snp, azure-sev-snp) this daemon cannot issue yet"
-        ));
+        return Err(NoVariantError::SevSnpGuest);
     }
     if !facts.tpm {
-        return Err("no TPM: no attestation variant this daemon can issue".to_owned());
+        return Err(NoVariantError::NoTpm);
     }
     Ok(Variant::QemuVtpm)
 }
 
-/// Opens the TPM at `tcti` with the variant the platform implies and loads its attestation key;
-/// the error says why (not secret).
-pub fn open_issuer(tcti: &str) -> Result<VariantIssuer, String> {
+/// Opens the TPM at `tcti` with the variant the platform implies and loads its attestation key.
+pub fn open_issuer(tcti: &str) -> Result<VariantIssuer, OpenIssuerError> {
     let variant = detect_variant(&PlatformFacts::probe(tcti))?;
-    issuer_for(variant, tcti).map_err(|e| format!("TPM {tcti:?} ({variant}): {e}"))
+    issuer_for(variant, tcti).map_err(|source| OpenIssuerError::Tpm {
+        tcti: tcti.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -75,12 +100,15 @@ mod tests {
             sev_guest: true,
             tpm: true,
         };
-        assert!(detect_variant(&snp).unwrap_err().contains("SEV-SNP"));
+        assert_eq!(detect_variant(&snp), Err(NoVariantError::SevSnpGuest));
+        assert!(NoVariantError::SevSnpGuest
+            .to_string()
+            .contains(SEV_GUEST_DEVICE));
         let none = PlatformFacts {
             sev_guest: false,
             tpm: false,
         };
-        assert!(detect_variant(&none).unwrap_err().contains("no TPM"));
+        assert_eq!(detect_variant(&none), Err(NoVariantError::NoTpm));
         assert!(!PlatformFacts::probe("device:/nonexistent/tpmrm0").tpm);
         assert!(PlatformFacts::probe("swtpm:host=127.0.0.1,port=1").tpm);
     }
