@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+pub mod cluster_harness;
 pub mod hcl;
-pub mod local;
-pub mod secrets;
+pub mod secret_leaks;
 
 /// Provider address used by every test configuration.
 pub const PROVIDER_SOURCE: &str = "edgelesssys/constellation";

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acceptance_tests::local::{
+use acceptance_tests::cluster_harness::{
     assert_all_verified, cluster_in_state, journal, modified_binary, nodes, ok_or_node_logs,
     processes_mentioning, sibling_binary, verify_node, write_measurements, Cleanup, Node,
     ONE_CLUSTER_AT_A_TIME,

@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acceptance_tests::local::{processes_mentioning, sibling_binary, ONE_CLUSTER_AT_A_TIME};
+use acceptance_tests::cluster_harness::{
+    processes_mentioning, sibling_binary, ONE_CLUSTER_AT_A_TIME,
+};
 use constellation_attest::bootstrapper_client::{self, attest_bootstrapper};
 use constellation_attest::verify_cluster;
 use constellation_attestation::atls;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use acceptance_tests::local::{
+use acceptance_tests::cluster_harness::{
     assert_all_verified, cluster_in_state, journal, nodes, processes_mentioning, sibling_binary,
     tampered_binary, Cleanup, Node, PlatformJson, ONE_CLUSTER_AT_A_TIME,
 };

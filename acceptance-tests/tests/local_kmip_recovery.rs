@@ -11,11 +11,11 @@
 
 use std::path::Path;
 
-use acceptance_tests::local::{
+use acceptance_tests::cluster_harness::{
     assert_all_verified, cluster_in_state, nodes, processes_mentioning, sibling_binary, Cleanup,
     ONE_CLUSTER_AT_A_TIME,
 };
-use acceptance_tests::secrets::{hex_lower, leaks, random_secret};
+use acceptance_tests::secret_leaks::{hex_lower, leaks, random_secret};
 use acceptance_tests::{hcl, Terraform, TfVersion, REQUIRED_PROVIDERS};
 use constellation_keyservice::testing::PyKmipServer;
 

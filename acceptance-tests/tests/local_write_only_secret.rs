@@ -11,11 +11,11 @@
 
 use std::path::Path;
 
-use acceptance_tests::local::{
+use acceptance_tests::cluster_harness::{
     assert_all_verified, cluster_in_state, journal, modified_binary, nodes, sibling_binary,
     Cleanup, ONE_CLUSTER_AT_A_TIME,
 };
-use acceptance_tests::secrets::{files_under, hex_lower, leaks, random_secret};
+use acceptance_tests::secret_leaks::{files_under, hex_lower, leaks, random_secret};
 use acceptance_tests::{hcl, Terraform, TfVersion, REQUIRED_PROVIDERS};
 
 /// One control plane and one worker of image `var.image` (v1 or v2); the master secret

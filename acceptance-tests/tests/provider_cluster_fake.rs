@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use acceptance_tests::secrets::{files_under, leaks, random_secret};
+use acceptance_tests::secret_leaks::{files_under, leaks, random_secret};
 use acceptance_tests::{hcl, Terraform, TfVersion, REQUIRED_PROVIDERS};
 use constellation_attestation::snp::{AbiVersion, SnpSettings, Tcb};
 

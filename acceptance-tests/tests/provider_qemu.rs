@@ -25,7 +25,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use acceptance_tests::local::{
+use acceptance_tests::cluster_harness::{
     processes_mentioning, sibling_binary, verify_node, write_measurements, Cleanup, Node,
     ONE_CLUSTER_AT_A_TIME,
 };

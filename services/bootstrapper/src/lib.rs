@@ -1,5 +1,6 @@
 //! The bootstrapper: the node daemon that initializes or joins a cluster.
 
+pub mod cluster_validator;
 pub mod context;
 pub mod controlplane;
 pub mod daemons;
@@ -8,7 +9,6 @@ pub mod etcd;
 pub mod init;
 pub mod kubernetes;
 pub mod node;
-pub mod policy;
 pub mod recover;
 pub mod state;
 pub mod statedisk;

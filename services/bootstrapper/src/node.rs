@@ -31,6 +31,7 @@ use constellation_proto::recover::recover_service_server::RecoverServiceServer;
 use constellation_proto::PROTOCOL_VERSION;
 use tokio::sync::Mutex;
 
+use crate::cluster_validator::{ClusterValidator, Scope};
 use crate::context::{extend_cluster_id, report};
 pub use crate::context::{Binding, NodeContext, SharedState};
 use crate::daemons::{NodeDaemons, StatusBoard};
@@ -38,7 +39,6 @@ pub use crate::disk_key::DiskKeyError;
 use crate::disk_key::{adopt_disk_key, ensure_state_disk};
 use crate::init::InitServer;
 use crate::kubernetes::NoneInstaller;
-use crate::policy::{ClusterValidator, Scope};
 use crate::recover::RecoverServer;
 use crate::state::{ControlPlaneRecord, NodeState, Phase, StateError};
 use crate::statedisk::{self, StateDiskError, VolumeKind};

@@ -6,7 +6,7 @@
 //! ([`ticket::AttestedPeer`]) into each request's extensions.
 
 pub mod attested_peer;
-pub mod collateral;
+pub mod collateral_cache;
 pub mod config;
 pub mod disk_bindings;
 pub mod keyclient;
@@ -16,7 +16,7 @@ pub mod ticket;
 pub mod token;
 
 pub use attested_peer::AttestedPeerInterceptor;
-pub use collateral::{CollateralCache, CollateralFetcher};
+pub use collateral_cache::{CollateralCache, CollateralFetcher};
 pub use disk_bindings::{
     Claim, DiskBindings, DiskOwner, DiskUuid, EtcdDiskBindings, FileDiskBindings,
 };

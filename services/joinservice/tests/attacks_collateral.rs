@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use constellation_attestation::snp::{
     AttestationReport, CollateralError, CpuId, SigningKey, VekRequest, VekSource,
 };
-use constellation_joinservice::collateral::{CollateralCache, CollateralLimits};
+use constellation_joinservice::collateral_cache::{CollateralCache, CollateralLimits};
 use snp_support::{azure_collateral, azure_report, LocalFetcher, ManualClock, AZURE_VALID_AT};
 
 const TTL: Duration = Duration::from_secs(600);

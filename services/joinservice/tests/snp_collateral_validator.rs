@@ -20,7 +20,7 @@ use constellation_attestation::variant::azure_sev_snp::{
 };
 use constellation_attestation::variant::qemu_vtpm::QemuVtpmEvidence;
 use constellation_attestation::{Measurements, ValidationError, Validator, Variant};
-use constellation_joinservice::collateral::{Collateral, CollateralCache, CollateralLimits};
+use constellation_joinservice::collateral_cache::{Collateral, CollateralCache, CollateralLimits};
 use snp_support::*;
 
 const TTL: Duration = Duration::from_secs(3600);

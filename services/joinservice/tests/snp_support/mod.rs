@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use constellation_attestation::snp::{VekRequest, REPORT_LEN};
 use constellation_attestation::{Clock, FixedClock};
-use constellation_joinservice::collateral::{Collateral, CollateralFetcher, FetchError};
+use constellation_joinservice::collateral_cache::{Collateral, CollateralFetcher, FetchError};
 use tokio::sync::watch;
 
 pub use constellation_attestation::testing::real_evidence::{

@@ -10,7 +10,7 @@ use std::time::Duration;
 use constellation_attestation::snp::{
     AttestationReport, CollateralError, SigningKey, SnpError, VekRequest, VekSource,
 };
-use constellation_joinservice::collateral::{CollateralCache, Freshness};
+use constellation_joinservice::collateral_cache::{CollateralCache, Freshness};
 use snp_support::{azure_collateral, azure_report, LocalFetcher, ManualClock, AZURE_VALID_AT};
 
 const TTL: Duration = Duration::from_secs(600);
