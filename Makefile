@@ -12,6 +12,8 @@ TF115     := $(TOOLS)/terraform-1.15.5/terraform
 TF115_VENV:= $(TOOLS)/terraform-1.15.5/venv
 # Helm (helm-python-sdk bundles Helm's Go SDK) and kubernetes-validate (ships the k8s schemas).
 DEPLOY_VENV := $(TOOLS)/deploy-venv
+# cargo-machete: `make lint` fails on a dependency no crate uses.
+MACHETE   := $(TOOLS)/cargo-machete/bin/cargo-machete
 NULL_VER  := 2.1.2
 NULL_PROVIDER := $(TOOLS)/null-mirror/registry.terraform.io/hashicorp/null/$(NULL_VER)/linux_amd64/terraform-provider-null_v$(NULL_VER)_x4
 APT_PKGS  := swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin libcryptsetup-dev \
@@ -133,9 +135,15 @@ test-deploy: install
 	$(CARGO) build --locked -p constellation-oci -p constellation-joinservice -p constellation-keyservice -p constellation-verify --bins
 	services/deploy/oci/check_images.sh $(ROOT)/target/debug $(ROOT)/target/oci
 
-lint: install
+lint: install $(MACHETE)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(MACHETE)
+	@# kmip-protocol's TLS connectors would compile OpenSSL: the KMIP TLS session is rustls.
+	@! grep -q '^name = "openssl-sys"$$' Cargo.lock || { echo "lint: openssl-sys is back in Cargo.lock"; exit 1; }
+
+$(MACHETE):
+	$(CARGO) install --locked --version 0.9.2 --root $(TOOLS)/cargo-machete cargo-machete
 
 bench: install
 	$(CARGO) bench --workspace --locked

@@ -3,11 +3,12 @@
 //! `<state_dir>/kmip-wrapped-master-secret.json`; after a restart the KEK is fetched with KMIP Get
 //! and the blob unwrapped.
 //!
-//! kmip-protocol is synchronous: every KMIP exchange runs in `spawn_blocking`, one TLS session per
-//! attempt, with bounded retries and exponential backoff when the server cannot be reached.
-//! The TLS session is rustls (aws-lc-rs provider) rather than the crate's openssl connector because
-//! that connector switches on the crate's TTLV diagnostics, which `trace!`-log every response —
-//! including the KEK returned by Get.
+//! Every KMIP exchange is synchronous and runs in `spawn_blocking`, one TLS session per attempt,
+//! with bounded retries and exponential backoff when the server cannot be reached. The TLS
+//! session is rustls (aws-lc-rs provider). kmip-protocol only builds the TTLV request messages
+//! and kmip-ttlv parses the responses (size-capped, no TTLV diagnostics, which would log the KEK
+//! returned by Get); the exchange itself is [`KmipSession::request`], because the crate's own
+//! client module compiles only with one of its TLS connectors (OpenSSL or rustls 0.19).
 
 use std::fmt;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -17,12 +18,16 @@ use std::time::Duration;
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use constellation_common::secret::SecretBytes;
-use kmip_protocol::client::{Client, ClientBuilder, Error as KmipError};
 use kmip_protocol::types::common::{
-    CryptographicAlgorithm, CryptographicUsageMask, KeyMaterial, ObjectType,
+    CryptographicAlgorithm, CryptographicUsageMask, KeyCompressionType, KeyFormatType, KeyMaterial,
+    ObjectType, UniqueIdentifier,
 };
-use kmip_protocol::types::request::{Attribute, RequestPayload, TemplateAttribute};
-use kmip_protocol::types::response::{ManagedObject, ResponsePayload};
+use kmip_protocol::types::request::{
+    Attribute, KeyWrappingSpecification, RequestPayload, TemplateAttribute,
+};
+use kmip_protocol::types::response::{
+    ManagedObject, ResponseMessage, ResponsePayload, ResultReason, ResultStatus,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use serde::{Deserialize, Serialize};
@@ -104,7 +109,92 @@ struct KmipConnection {
     io_timeout: Duration,
 }
 
-type KmipClient = Client<StreamOwned<ClientConnection, TcpStream>>;
+/// Largest KMIP response read (a KEK Get answer is a few hundred bytes): a server that announces
+/// more is refused before its bytes are buffered.
+const MAX_RESPONSE_BYTES: u32 = 64 * 1024;
+
+/// One TLS session with the KMIP server.
+struct KmipSession {
+    stream: StreamOwned<ClientConnection, TcpStream>,
+}
+
+impl KmipSession {
+    /// Sends one request (a single batch item, no credentials: the TLS client certificate
+    /// authenticates) and returns the payload of its successful answer.
+    fn request(
+        &mut self,
+        operation: &'static str,
+        payload: RequestPayload,
+    ) -> Result<ResponsePayload, AttemptError> {
+        use std::io::Write as _;
+        let sent = payload.operation();
+        let bytes = kmip_protocol::request::to_vec(payload, None).map_err(|e| {
+            AttemptError::Fatal(BackendError::KmipSetup(format!("{operation} request: {e}")))
+        })?;
+        self.stream
+            .write_all(&bytes)
+            .and_then(|()| self.stream.flush())
+            .map_err(|e| AttemptError::Transient(format!("{operation}: sending: {e}")))?;
+        let response = read_response(operation, &mut self.stream)?;
+        answer_payload(operation, sent, response)
+    }
+}
+
+/// Reads one TTLV response message, at most [`MAX_RESPONSE_BYTES`].
+fn read_response(
+    operation: &'static str,
+    reader: impl std::io::Read,
+) -> Result<ResponseMessage, AttemptError> {
+    let config = kmip_ttlv::Config::new().with_max_bytes(MAX_RESPONSE_BYTES);
+    kmip_ttlv::from_reader(reader, &config).map_err(|e| match e.kind() {
+        kmip_ttlv::error::ErrorKind::IoError(io) => {
+            AttemptError::Transient(format!("{operation}: reading the response: {io}"))
+        }
+        _ => rejected(operation, format!("malformed response: {e}")),
+    })
+}
+
+fn rejected(operation: &'static str, reason: String) -> AttemptError {
+    AttemptError::Rejected { operation, reason }
+}
+
+/// The payload of a response to one request of operation `sent`: exactly one batch item, which
+/// succeeded and answers that operation; otherwise why not (the server's reason included).
+fn answer_payload(
+    operation: &'static str,
+    sent: kmip_protocol::types::common::Operation,
+    response: ResponseMessage,
+) -> Result<ResponsePayload, AttemptError> {
+    let [item] = <[_; 1]>::try_from(response.batch_items).map_err(|items: Vec<_>| {
+        rejected(
+            operation,
+            format!(
+                "expected one batch item in the response, got {}",
+                items.len()
+            ),
+        )
+    })?;
+    match item.result_status {
+        ResultStatus::Success => {}
+        status => {
+            let reason = match item.result_reason {
+                Some(ResultReason::ItemNotFound) => "item not found".to_owned(),
+                Some(reason) => format!("{reason:?}"),
+                None => format!("{status:?}"),
+            };
+            let message = item.result_message.unwrap_or_default();
+            return Err(rejected(operation, format!("{reason}: {message}")));
+        }
+    }
+    if item.operation != Some(sent) {
+        return Err(rejected(
+            operation,
+            format!("the response answers {:?}, not {sent:?}", item.operation),
+        ));
+    }
+    item.payload
+        .ok_or_else(|| rejected(operation, "the response carries no payload".to_owned()))
+}
 
 /// Outcome of one failed attempt: worth retrying or not.
 enum AttemptError {
@@ -120,7 +210,7 @@ enum AttemptError {
 }
 
 impl KmipConnection {
-    fn open(&self) -> Result<KmipClient, AttemptError> {
+    fn open(&self) -> Result<KmipSession, AttemptError> {
         let addrs = (self.host.as_str(), self.port)
             .to_socket_addrs()
             .map_err(|e| AttemptError::Transient(format!("resolving {}: {e}", self.endpoint)))?;
@@ -158,13 +248,14 @@ impl KmipConnection {
                 }
             })?;
         }
-        // Default reader config: no TTLV diagnostics, so nothing secret is logged.
-        Ok(ClientBuilder::new(StreamOwned::new(tls, tcp)).build())
+        Ok(KmipSession {
+            stream: StreamOwned::new(tls, tcp),
+        })
     }
 
     /// KMIP Create of an AES-256 key named `name`, then Activate; returns its unique identifier.
     fn create_kek(&self, name: &str) -> Result<String, AttemptError> {
-        let client = self.open()?;
+        let mut session = self.open()?;
         // The name goes inside `unnamed(...)`: a template name makes PyKMIP refuse the request
         // ("Attribute templates are not supported").
         let request = RequestPayload::Create(
@@ -176,23 +267,37 @@ impl KmipConnection {
                 Attribute::CryptographicUsageMask(CryptographicUsageMask::Encrypt),
             ]),
         );
-        let id = match client.do_request(request).map_err(classify("Create"))? {
+        let id = match session.request("Create", request)? {
             ResponsePayload::Create(created) => created.unique_identifier.0,
             _ => {
-                return Err(AttemptError::Rejected {
-                    operation: "Create",
-                    reason: "response is not a Create payload".into(),
-                })
+                return Err(rejected(
+                    "Create",
+                    "response is not a Create payload".into(),
+                ))
             }
         };
-        client.activate_key(&id).map_err(classify("Activate"))?;
-        Ok(id)
+        let activate = RequestPayload::Activate(Some(UniqueIdentifier(id.clone())));
+        match session.request("Activate", activate)? {
+            ResponsePayload::Activate(_) => Ok(id),
+            _ => Err(rejected(
+                "Activate",
+                "response is not an Activate payload".into(),
+            )),
+        }
     }
 
     /// KMIP Get of the KEK; it must be 32 raw bytes.
     fn get_kek(&self, kek_id: &str) -> Result<Zeroizing<Vec<u8>>, AttemptError> {
-        let client = self.open()?;
-        let response = client.get_key(kek_id).map_err(classify("Get"))?;
+        let mut session = self.open()?;
+        let get = RequestPayload::Get(
+            Some(UniqueIdentifier(kek_id.to_owned())),
+            Option::<KeyFormatType>::None,
+            Option::<KeyCompressionType>::None,
+            Option::<KeyWrappingSpecification>::None,
+        );
+        let ResponsePayload::Get(response) = session.request("Get", get)? else {
+            return Err(rejected("Get", "response is not a Get payload".into()));
+        };
         let bad_kek = |reason: String| {
             AttemptError::Fatal(BackendError::BadKek {
                 endpoint: self.endpoint.clone(),
@@ -220,19 +325,6 @@ impl KmipConnection {
             )));
         }
         Ok(bytes)
-    }
-}
-
-fn classify(operation: &'static str) -> impl Fn(KmipError) -> AttemptError {
-    move |error| {
-        if error.is_connection_error() {
-            AttemptError::Transient(format!("{operation}: {error}"))
-        } else {
-            AttemptError::Rejected {
-                operation,
-                reason: error.to_string(),
-            }
-        }
     }
 }
 
@@ -630,5 +722,116 @@ impl StoredKmipSettings {
             ),
             kek_id: file.kek_id.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmip_protocol::types::common::Operation;
+    use kmip_protocol::types::response::{ActivateResponsePayload, BatchItem, ResponseHeader};
+
+    fn item(status: ResultStatus, operation: Operation) -> BatchItem {
+        BatchItem {
+            operation: Some(operation),
+            unique_batch_item_id: None,
+            result_status: status,
+            result_reason: None,
+            result_message: None,
+            payload: None,
+            message_extension: None,
+        }
+    }
+
+    fn message(batch_items: Vec<BatchItem>) -> ResponseMessage {
+        ResponseMessage {
+            header: ResponseHeader {
+                protocol_version: kmip_protocol::types::response::ProtocolVersion {
+                    major: 1,
+                    minor: 0,
+                },
+                timestamp: 0,
+                batch_count: batch_items.len() as i32,
+            },
+            batch_items,
+        }
+    }
+
+    fn reason(result: Result<ResponsePayload, AttemptError>) -> String {
+        match result {
+            Err(AttemptError::Rejected { reason, .. }) => reason,
+            Err(AttemptError::Transient(r)) => panic!("transient, expected rejected: {r}"),
+            Err(AttemptError::Fatal(e)) => panic!("fatal, expected rejected: {e}"),
+            Ok(p) => panic!("accepted: {p:?}"),
+        }
+    }
+
+    #[test]
+    fn only_one_successful_answer_to_the_operation_sent_is_accepted() {
+        let activated = || {
+            let mut ok = item(ResultStatus::Success, Operation::Activate);
+            ok.payload = Some(ResponsePayload::Activate(ActivateResponsePayload {
+                unique_identifier: UniqueIdentifier("kek-1".into()),
+            }));
+            ok
+        };
+        assert!(matches!(
+            answer_payload("Activate", Operation::Activate, message(vec![activated()])),
+            Ok(ResponsePayload::Activate(_))
+        ));
+        let two = message(vec![activated(), activated()]);
+        let r = reason(answer_payload("Activate", Operation::Activate, two));
+        assert!(r.contains("one batch item") && r.contains('2'), "{r}");
+        let r = reason(answer_payload(
+            "Activate",
+            Operation::Activate,
+            message(vec![]),
+        ));
+        assert!(r.contains("got 0"), "{r}");
+        let r = reason(answer_payload(
+            "Get",
+            Operation::Get,
+            message(vec![activated()]),
+        ));
+        assert!(r.contains("Activate") && r.contains("not Get"), "{r}");
+        let empty = item(ResultStatus::Success, Operation::Activate);
+        let r = reason(answer_payload(
+            "Activate",
+            Operation::Activate,
+            message(vec![empty]),
+        ));
+        assert!(r.contains("no payload"), "{r}");
+    }
+
+    #[test]
+    fn a_failed_operation_carries_the_servers_reason_and_message() {
+        let mut failed = item(ResultStatus::OperationFailed, Operation::Get);
+        failed.result_reason = Some(ResultReason::ItemNotFound);
+        failed.result_message = Some("no object with id kek-9".into());
+        let r = reason(answer_payload("Get", Operation::Get, message(vec![failed])));
+        assert!(r.contains("item not found") && r.contains("kek-9"), "{r}");
+        let pending = item(ResultStatus::OperationPending, Operation::Get);
+        let r = reason(answer_payload(
+            "Get",
+            Operation::Get,
+            message(vec![pending]),
+        ));
+        assert!(r.contains("OperationPending"), "{r}");
+    }
+
+    #[test]
+    fn an_oversized_or_truncated_response_is_refused_without_reading_it() {
+        // A response message (tag 0x42007B, structure) announcing 1 MiB of content.
+        let mut oversized = vec![0x42, 0x00, 0x7B, 0x01];
+        oversized.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        let r = reason(read_response("Get", &oversized[..]).map(|_| unreachable!()));
+        assert!(r.contains("exceeds the configured limit"), "{r}");
+        // The header alone, then the connection ends: an I/O failure, worth a retry.
+        let mut truncated = vec![0x42, 0x00, 0x7B, 0x01];
+        truncated.extend_from_slice(&64u32.to_be_bytes());
+        assert!(matches!(
+            read_response("Get", &truncated[..]),
+            Err(AttemptError::Transient(_))
+        ));
     }
 }
