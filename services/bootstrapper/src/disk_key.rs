@@ -23,6 +23,8 @@ pub enum DiskKeyError {
     Worker(String),
     #[error("state volume: {0}")]
     Volume(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    StateDir(#[from] constellation_common::secret_file::SecretFileError),
 }
 
 /// Name of the marker file present while the state disk is keyed with its first-boot key.
@@ -98,7 +100,7 @@ pub(crate) async fn adopt_disk_key(
 /// Formats the state disk with a first-boot key held only in memory, unless the disk already
 /// carries the node's disk key. A disk whose first-boot key died with an earlier process (the
 /// marker is still there) was never opened, so it holds nothing: it is formatted anew.
-pub(crate) fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
+pub(crate) fn ensure_state_disk(node: &NodeContext) -> Result<(), DiskKeyError> {
     constellation_common::secret_file::ensure_private_dir(&node.state_dir)?;
     let path = node.disk_path();
     let marker = node.first_boot_marker();
@@ -120,7 +122,9 @@ pub(crate) fn ensure_state_disk(node: &NodeContext) -> anyhow::Result<()> {
         crate::vm::clear_state_device(&path)?;
     } else {
         match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                return Err(DiskKeyError::Io { path, source })
+            }
             _ => {}
         }
     }

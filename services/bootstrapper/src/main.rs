@@ -98,5 +98,5 @@ async fn main() -> anyhow::Result<()> {
             daemon_dir,
         },
     };
-    constellation_bootstrapper::node::run(config).await
+    Ok(constellation_bootstrapper::node::run(config).await?)
 }

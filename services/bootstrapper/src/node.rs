@@ -165,8 +165,43 @@ fn refusal_of_status(status: &tonic::Status) -> Option<Refusal> {
     Some(Refusal::new(check, status.message()))
 }
 
+/// Why the node could not start (it then exits; the platform shows this message).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeStartError {
+    #[error("metadata: {0}")]
+    Metadata(#[from] constellation_common::metadata::MetadataError),
+    #[error("TPM multiplexer: {0}")]
+    TpmMux(#[from] crate::tpm_mux::TpmMuxError),
+    #[error("the cluster's attestation variant: {0}")]
+    Variant(#[from] constellation_attestation::variant::UnknownVariant),
+    #[error("attestation issuer: {0}")]
+    Issuer(#[from] constellation_attestation::variant::FactoryError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("node state: {0}")]
+    State(#[from] StateError),
+    #[error("SIGTERM handler: {0}")]
+    Signal(std::io::Error),
+    #[error("state disk: {0}")]
+    Disk(#[from] crate::disk_key::DiskKeyError),
+    #[error("state disk: {0}")]
+    StateDisk(#[from] StateDiskError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("aTLS server: {0}")]
+    Atls(#[from] AtlsError),
+    #[error("verification service: {0}")]
+    VerifyDaemon(#[from] crate::daemons::DaemonsError),
+}
+
 /// Runs the node until the process is stopped.
-pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+pub async fn run(cfg: NodeConfig) -> Result<(), NodeStartError> {
     let metadata: Arc<dyn Metadata> = match &cfg.vm {
         Some(vm) => Arc::new(TcpMetadata::new(vm.metadata_endpoint, &cfg.name)),
         None => Arc::new(FileMetadata::new(&cfg.metadata_path, &cfg.name)),
@@ -184,7 +219,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let variant: Variant = metadata.cluster()?.attestation_variant.parse()?;
     let issuer = Arc::new(issuer_for(variant, &tcti)?);
     let state_dir = cfg.node_dir.join("state");
-    std::fs::create_dir_all(&state_dir)?;
+    std::fs::create_dir_all(&state_dir).map_err(|source| NodeStartError::Io {
+        path: state_dir.clone(),
+        source,
+    })?;
     let status = Arc::new(StatusBoard::new(state_dir.clone()));
     let daemons = (me.role == Role::ControlPlane).then(|| {
         NodeDaemons::new(
@@ -227,7 +265,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
 
     report(&node, NodePhase::Started);
-    stop_daemons_on_sigterm(node.clone())?;
+    stop_daemons_on_sigterm(node.clone()).map_err(NodeStartError::Signal)?;
 
     // The state disk exists from first boot on, keyed with a throwaway key until the node gets
     // its real disk key (Init derives it, a join ticket carries it).
@@ -262,7 +300,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         };
         if let Some((what, routes)) = serves {
             let addr = SocketAddr::new(me.ip, ports::BOOTSTRAPPER);
-            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeStartError::Listen { addr, source })?;
             let config = atls::ServerConfig::server_only(issuer.clone())?.with_limits(limits);
             tokio::spawn(async move {
                 if let Err(e) = limits
@@ -291,7 +331,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     }
     match &node.daemons {
         Some(daemons) => daemons.start_verify()?,
-        None => start_verification_service(&me, issuer, limits).await?,
+        None => start_verification_service(&me, issuer, limits)
+            .await
+            .map_err(|source| NodeStartError::Listen {
+                addr: SocketAddr::new(me.ip, ports::VERIFY),
+                source,
+            })?,
     }
     if serves_init_or_recover
         && node
@@ -302,7 +347,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     {
         std::future::pending::<()>().await;
     }
-    join_loop(node).await
+    match join_loop(node).await {}
 }
 
 /// The verification service: a supervised daemon on control planes, inside the bootstrapper on
@@ -348,7 +393,7 @@ fn stop_daemons_on_sigterm(node: Arc<NodeContext>) -> std::io::Result<()> {
 }
 
 /// Joins through any control-plane node's join service, retrying with jitter.
-async fn join_loop(node: Arc<NodeContext>) -> anyhow::Result<()> {
+async fn join_loop(node: Arc<NodeContext>) -> std::convert::Infallible {
     let mut attempt: u32 = 0;
     loop {
         if node.phase.lock().await.phase != Phase::Uninitialized && attempt == 0 {
@@ -533,7 +578,7 @@ async fn apply_ticket(
 async fn serve_joins(
     node: &Arc<NodeContext>,
     ticket: IssueJoinTicketResponse,
-) -> anyhow::Result<()> {
+) -> Result<(), crate::controlplane::ControlPlaneError> {
     let cluster_name = node.metadata.cluster()?.cluster_name;
     let config = JoinTicketConfig {
         measurement_salt: SecretBytes::new(ticket.measurement_salt),
