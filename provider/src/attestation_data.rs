@@ -145,12 +145,14 @@ fn decode_inputs(config: &Value, d: &mut Decoder) -> Option<(Variant, Option<Str
         });
     let image = d.opt_string(config.get("image"), &path("image"));
     if let (Some(variant), Some(Some(_))) = (variant, &image) {
-        if variant != Variant::QemuVtpm {
+        // An image folder is for the local or the qemu platform; both produce one variant.
+        let produced = crate::cluster::model::Platform::Local.attestation_variant();
+        if variant != produced {
             d.error(
                 &path("image"),
                 "Image not supported for this variant",
                 format!(
-                    "`image` takes a local image folder, and local images attest with qemu-vtpm, not {variant}"
+                    "`image` takes a local image folder, and local images attest with {produced}, not {variant}"
                 ),
             );
             return None;

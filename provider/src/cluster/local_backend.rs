@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use constellation_attestation::Variant;
 use constellation_common::metadata::Role;
 use constellation_common::secret::SecretBytes;
 use constellation_platform::local::{ClusterSettings, LocalCloud, NodeRecord, PlatformError};
@@ -119,7 +118,7 @@ fn new_settings(spec: &ClusterSpec) -> ClusterSettings {
     ClusterSettings {
         cluster_name: spec.name.clone(),
         init_secret_hash: String::new(),
-        attestation_variant: Variant::QemuVtpm.as_str().to_owned(),
+        attestation_variant: spec.attestation.variant.as_str().to_owned(),
         measurements_json: spec.image.measurements.to_json(),
         image_dir: PathBuf::from(&spec.image.reference),
     }
