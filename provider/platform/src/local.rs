@@ -64,7 +64,7 @@ pub enum PlatformError {
         pinned: String,
         found: String,
     },
-    #[error("node {node} did not come up within {timeout:?}; last log lines:\n{log}")]
+    #[error("node {node} did not come up (waited at most {timeout:?}); last log lines:\n{log}")]
     NodeStart {
         node: String,
         timeout: Duration,

@@ -28,7 +28,8 @@ pub fn running(pid: u32, marker: &str) -> bool {
 }
 
 /// Starts `program args` detached (own process group, stdin closed, output appended to `log`)
-/// and returns its pid. A thread reaps it if it exits while the launcher still runs.
+/// and returns its pid. A thread reaps it if it exits while the launcher still runs and notes
+/// its exit status in `log`.
 pub fn spawn_detached(
     program: &Path,
     args: &[String],
@@ -49,8 +50,16 @@ pub fn spawn_detached(
     }
     let mut child = cmd.spawn()?;
     let pid = child.id();
+    let (log, name) = (log.to_owned(), program.display().to_string());
     std::thread::spawn(move || {
-        let _ = child.wait();
+        // A process that ends while the launcher runs leaves its exit status in its log, so a
+        // boot failure shows how it ended even when it printed nothing.
+        if let Ok(status) = child.wait() {
+            if let Ok(mut f) = OpenOptions::new().append(true).open(&log) {
+                use std::io::Write as _;
+                let _ = writeln!(f, "[launcher] {name} (pid {pid}) exited: {status}");
+            }
+        }
     });
     Ok(pid)
 }

@@ -416,10 +416,16 @@ impl QemuCloud {
                 return Ok(());
             }
             if Instant::now() > deadline || !record.is_alive() {
+                // Which part ended (the VM or its vTPM) when the console does not say.
+                let ended = match (record.bootstrapper_alive(), record.swtpm.as_ref()) {
+                    (false, _) => "\n[the VM's QEMU process is not running]",
+                    (true, Some(swtpm)) if !swtpm.is_alive() => "\n[the VM's swtpm is not running]",
+                    _ => "",
+                };
                 return Err(PlatformError::NodeStart {
                     node: record.name.clone(),
                     timeout: BOOT_TIMEOUT,
-                    log: self.console_tail(record, 30),
+                    log: format!("{}{ended}", self.console_tail(record, 30)),
                 });
             }
             std::thread::sleep(Duration::from_millis(200));
